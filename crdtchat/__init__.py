@@ -1,0 +1,1 @@
+"""crdtchat: local-first LLM conversations as Yjs-compatible CRDT documents."""

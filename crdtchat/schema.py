@@ -1,0 +1,152 @@
+"""The document schema of DESIGN.md §2 as names and pydantic models.
+
+Anything in a CRDT may have been written by any peer, so every read goes through these
+models: a value that does not fit is reported and skipped, never trusted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION = 1
+
+# Root type names: fixed by the wire contract, JS clients read them by these names.
+META = "canonical.meta"
+SETTINGS = "canonical.settings"
+TOOLS = "canonical.tools"
+MESSAGES = "canonical.messages"
+DERIVED = "derived.entries"
+LEASES = "transport.leases"
+STREAMS = "transport.streams"
+CANCEL = "transport.cancel"
+REGENERATE = "transport.regenerate"
+DRAFTS = "transport.drafts"
+READ = "transport.read"
+
+CANONICAL_ROOTS = (META, SETTINGS, TOOLS, MESSAGES)
+DERIVED_ROOTS = (DERIVED,)
+TRANSPORT_ROOTS = (LEASES, STREAMS, CANCEL, REGENERATE, DRAFTS, READ)
+MAP_ROOTS = (META, SETTINGS, TOOLS, DERIVED, *TRANSPORT_ROOTS)
+ALL_ROOTS = (*CANONICAL_ROOTS, *DERIVED_ROOTS, *TRANSPORT_ROOTS)
+
+Role = Literal["system", "user", "assistant", "tool"]
+Status = Literal["complete", "incomplete", "cancelled", "error"]
+DerivedKind = Literal["provider_state", "hidden", "usage", "kv_checkpoint", "title", "summary"]
+
+ROOM_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Model(BaseModel):
+    # Unknown keys are ignored so that a newer peer's additions do not make us drop its data.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ToolCall(_Model):
+    id: NonEmpty
+    name: NonEmpty
+    arguments: str  # a JSON string, as the providers send it
+
+
+class FileRef(_Model):
+    sha256: Sha256Hex
+    name: str
+    mime: str
+    size: Annotated[int, Field(ge=0)]
+
+
+class ModelRef(_Model):
+    provider: str
+    api: str
+    model: str
+
+
+class Message(_Model):
+    """One entry of `canonical.messages`, as every reader must see it."""
+
+    id: NonEmpty
+    role: Role
+    author: str
+    parent: str | None = None
+    created_at: float = 0.0
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = None
+    files: tuple[FileRef, ...] | None = None
+    model: ModelRef | None = None
+    status: Status | None = None
+    error: str | None = None
+
+
+class ToolSpec(_Model):
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Settings(_Model):
+    system: str = ""
+    provider: str | None = None
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Meta(_Model):
+    schema_: int = Field(default=SCHEMA_VERSION, alias="schema")
+    created_at: float | None = None
+    title: str | None = None
+
+
+class DerivedEntry(_Model):
+    """Provider state that saves time or tokens; always safe to throw away."""
+
+    kind: DerivedKind
+    message_id: str
+    prefix_hash: str
+    provider: str
+    api: str
+    model: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = 0.0
+    expires_at: float | None = None
+    producer: str = ""
+
+
+class Lease(_Model):
+    holder: NonEmpty
+    turn_id: NonEmpty
+    expires_at: float
+
+
+class CancelRequest(_Model):
+    by: str
+    at: float
+
+
+class RegenerateRequest(_Model):
+    n: Annotated[int, Field(ge=1)]
+    by: str
+    at: float
+
+
+class Problem(_Model):
+    """A value in the document that readers skip, and why."""
+
+    root: str
+    key: str | int
+    reason: str
+
+
+def assistant_turn_id(answered_id: str, number: int) -> str:
+    """The id of answer `number` (1-based) to `answered_id`.
+
+    Deterministic, so two workers answering the same request write the same id and readers
+    keep only the first (DESIGN §2): this is what makes "exactly one visible reply" hold.
+    """
+    if number < 1:
+        raise ValueError("answer numbers start at 1")
+    return f"{answered_id}~a{number}"

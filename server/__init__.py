@@ -1,0 +1,1 @@
+"""The crdtchat relay: y-websocket over websockets, SQLite persistence, roles."""
