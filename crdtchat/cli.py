@@ -1,0 +1,88 @@
+"""`crdtchat` command line (DESIGN §6).
+
+Only argument parsing lives here; each command's work is in the module that owns it, imported
+lazily so that `crdtchat token` does not load the relay or a model.
+Exit status: 0 success, 2 bad usage, 1 failure with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr with exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crdtchat", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the relay")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--data", default="./crdtchat-data", help="directory of the SQLite store")
+    serve.add_argument(
+        "--max-frame", type=int, default=8 * 1024 * 1024, help="largest accepted frame, bytes"
+    )
+
+    token = commands.add_parser("token", help="print a signed token")
+    token.add_argument("--room", required=True, help="a room name, or * for every room")
+    token.add_argument("--role", required=True, choices=["reader", "writer", "worker"])
+    token.add_argument("--sub", required=True, help="the person or worker it is issued to")
+    token.add_argument("--ttl", type=float, default=30 * 24 * 3600, help="seconds until expiry")
+
+    worker = commands.add_parser("worker", help="run the LLM worker peer")
+    worker.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    worker.add_argument(
+        "--provider", default="local", choices=["local", "openai", "openai-chat", "anthropic"]
+    )
+    worker.add_argument("--model", default=None)
+
+    chat = commands.add_parser("chat", help="the terminal chat client")
+    chat.add_argument("room")
+    chat.add_argument("--relay", default="ws://127.0.0.1:8765")
+
+    commands.add_parser("demo", help="relay, local worker and a chat in one command")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from server.main import serve_command
+
+        return serve_command(args)
+    if args.command == "token":
+        from crdtchat.tokens import token_command
+
+        return token_command(args)
+    if args.command == "worker":
+        from crdtchat.worker.main import worker_command
+
+        return worker_command(args)
+    if args.command == "chat":
+        from crdtchat.tui.main import chat_command
+
+        return chat_command(args)
+    if args.command == "demo":
+        from crdtchat.demo import demo_command
+
+        return demo_command(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 on bad usage
+    try:
+        return run(args)
+    except CommandError as error:
+        print(f"crdtchat {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
