@@ -270,6 +270,10 @@ class Conversation:
         self.messages.append(self._message_map(message, Text(content)))
         return message
 
+    def append_message(self, message: Message) -> None:
+        """Append an already validated message as it is, author included (for imports)."""
+        self.messages.append(self._message_map(message, Text(message.content)))
+
     def _checked_message(self, **fields: Any) -> Message:
         try:
             message = Message.model_validate(fields)
