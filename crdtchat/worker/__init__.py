@@ -1,0 +1,1 @@
+"""The LLM worker peer (DESIGN §5)."""

@@ -1,0 +1,208 @@
+"""Answering one message: lease, stream, commit (DESIGN §5).
+
+The turn owns three helper tasks for its lifetime: a flusher that moves buffered text into
+`transport.streams` every `flush_interval` (peers see text arrive without one update per
+token), a lease renewer, and a cancel watcher. All of them stop when the turn ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from crdtchat.document import Conversation, Waiting
+from crdtchat.providers.base import (
+    DiscardDerived,
+    Finished,
+    Provider,
+    ProviderError,
+    StreamReset,
+    TextDelta,
+    ToolCallDone,
+    TurnRequest,
+    Usage,
+)
+from crdtchat.schema import Message, ModelRef, ToolCall
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    lease_ttl: float = 30.0
+    flush_interval: float = 0.1
+
+
+@dataclass
+class _Progress:
+    text: list[str] = field(default_factory=list)
+    unflushed: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finished: Finished | None = None
+
+    def add(self, text: str) -> None:
+        self.text.append(text)
+        self.unflushed.append(text)
+
+    def reset(self) -> None:
+        self.text.clear()
+        self.unflushed.clear()
+        self.tool_calls.clear()
+
+
+class Changes:
+    """Wakes async waiters when the document changes; fed by a pycrdt observer."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self, *_: object) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def build_request(
+    conversation: Conversation,
+    waiting: Waiting,
+    provider: Provider,
+    model: str,
+    conversation_id: str,
+) -> TurnRequest:
+    """The thread up to the answered message, with the derived state still usable for it."""
+    thread = conversation.thread(waiting.message.id)
+    usable, stale = conversation.usable_derived(
+        thread, provider=provider.name, api=provider.api, model=model
+    )
+    for key in stale:
+        conversation.discard_derived(key)
+    settings = conversation.settings
+    return TurnRequest(
+        conversation_id=conversation_id,
+        model=model,
+        system=settings.system,
+        tools=conversation.tools,
+        thread=thread,
+        prefix_hashes=conversation.prefix_hashes(thread),
+        derived=usable,
+        params=settings.params,
+    )
+
+
+async def serve_turn(
+    conversation: Conversation,
+    waiting: Waiting,
+    provider: Provider,
+    *,
+    model: str,
+    changes: Changes,
+    conversation_id: str = "",
+    settings: TurnSettings = TurnSettings(),
+    on_claimed: Callable[[], Awaitable[None]] | None = None,
+) -> Message | None:
+    """Answer `waiting` once; returns the committed message, or None if someone else has it."""
+    turn_id = waiting.turn_id
+    holder = conversation.author
+    answered = waiting.message.id
+    if conversation.view.get(turn_id) is not None:
+        return None
+    if not conversation.claim_lease(answered, turn_id, holder=holder, ttl=settings.lease_ttl):
+        return None
+    if on_claimed is not None:
+        await on_claimed()  # e.g. wait until the relay stored the lease, then re-check
+        lease = conversation.lease(answered)
+        if lease is None or lease.holder != holder:
+            return None
+
+    model_ref = ModelRef(provider=provider.name, api=provider.api, model=model)
+    conversation.start_stream(turn_id, parent=answered)
+    progress = _Progress()
+    cancelled = False
+
+    def flush() -> None:
+        if progress.unflushed:
+            conversation.append_stream(turn_id, "".join(progress.unflushed))
+            progress.unflushed.clear()
+
+    async with anyio.create_task_group() as helpers:
+
+        async def flusher() -> None:
+            while True:
+                await anyio.sleep(settings.flush_interval)
+                flush()
+
+        async def renewer() -> None:
+            while True:
+                await anyio.sleep(settings.lease_ttl / 3)
+                conversation.renew_lease(answered, holder=holder, ttl=settings.lease_ttl)
+
+        async def generate(scope: anyio.CancelScope) -> None:
+            request = build_request(conversation, waiting, provider, model, conversation_id)
+            try:
+                async for event in provider.stream_turn(request):
+                    if isinstance(event, TextDelta):
+                        progress.add(event.text)
+                    elif isinstance(event, ToolCallDone):
+                        progress.tool_calls.append(event.call)
+                    elif isinstance(event, StreamReset):
+                        progress.reset()
+                        conversation.reset_stream(turn_id)
+                    elif isinstance(event, DiscardDerived):
+                        conversation.discard_derived(event.key)
+                    elif isinstance(event, Finished):
+                        progress.finished = event
+            except ProviderError as error:
+                progress.finished = Finished(status="error", error=str(error))
+            scope.cancel()
+
+        async def watch_cancel(scope: anyio.CancelScope) -> None:
+            nonlocal cancelled
+            while not conversation.cancel_requested(turn_id):
+                await changes.wait()
+            cancelled = True
+            scope.cancel()
+
+        helpers.start_soon(flusher)
+        helpers.start_soon(renewer)
+        with anyio.CancelScope() as work:
+            async with anyio.create_task_group() as turn:
+                turn.start_soon(generate, work)
+                turn.start_soon(watch_cancel, work)
+        helpers.cancel_scope.cancel()
+
+    finished = progress.finished
+    if cancelled:
+        finished = Finished(status="cancelled", usage=finished.usage if finished else Usage())
+    elif finished is None:
+        finished = Finished(status="incomplete", error="the provider ended without finishing")
+    if conversation.view.get(turn_id) is not None:  # another worker committed first
+        conversation.streams.pop(turn_id, None)
+        conversation.release_lease(answered, holder=holder)
+        return None
+    usage = finished.usage
+    derived = [(d.kind, d.data, d.expires_at) for d in finished.derived]
+    derived.append(("usage", _usage_data(usage), None))
+    return conversation.commit_turn(
+        answered,
+        turn_id,
+        model=model_ref,
+        status=finished.status,
+        content="".join(progress.text),
+        tool_calls=progress.tool_calls or None,
+        error=finished.error,
+        derived=derived,
+    )
+
+
+def _usage_data(usage: Usage) -> dict[str, object]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+    }
