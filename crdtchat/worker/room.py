@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RoomSettings:
     idle_after: float = 30.0
-    turn: TurnSettings = TurnSettings()
+    turn: TurnSettings = field(default_factory=TurnSettings)
 
 
 def watch(conversation: Conversation, changes: Changes) -> list[object]:
