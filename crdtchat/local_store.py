@@ -1,0 +1,259 @@
+"""A replica's own SQLite file: its copy of one document, and what the relay has not stored yet.
+
+The file is an append-only log of updates (local and remote) that is compacted, every so often,
+into one snapshot row; a separate table holds the ids of local updates that the relay has not
+acknowledged as durably stored, so that "pending" survives a restart. WAL mode, `synchronous=FULL`:
+a batch that returned is on disk.
+
+`LocalStore` is blocking and single-threaded; `AsyncLocalStore` runs it on one worker thread at a
+time so that the event loop never waits on SQLite or on compaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.to_thread
+from pycrdt import Doc
+
+SCHEMA_VERSION = 1
+DEFAULT_COMPACT_EVERY = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (local_id INTEGER PRIMARY KEY);
+"""
+
+
+class LocalStoreError(RuntimeError):
+    """The file is not a crdtchat replica store, or is from a newer version."""
+
+
+@dataclass(frozen=True)
+class AppendLocal:
+    local_id: int
+    update: bytes
+
+
+@dataclass(frozen=True)
+class AppendRemote:
+    update: bytes
+
+
+@dataclass(frozen=True)
+class MarkDurable:
+    up_to: int
+
+
+StoreOp = AppendLocal | AppendRemote | MarkDurable
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What a replica starts from."""
+
+    update: bytes  # the whole stored document as one update (b"" when there is none)
+    pending: tuple[int, ...]  # local ids not yet acknowledged by the relay
+    next_local_id: int
+    log_rows: int
+
+
+class LocalStore:
+    """Blocking access to one replica file; use it from one thread at a time."""
+
+    def __init__(self, path: str | Path, *, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
+        if compact_every < 2:
+            raise ValueError("compact_every must be at least 2")
+        self.path = Path(path)
+        self.compact_every = compact_every
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            with self._transaction():
+                # Not executescript(): it would commit the surrounding transaction.
+                for statement in _SCHEMA.strip().split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                version = self._meta("schema")
+                if version is None:
+                    self._set_meta("schema", SCHEMA_VERSION)
+                    self._set_meta("next_local_id", 1)
+                elif version > SCHEMA_VERSION:
+                    raise LocalStoreError(
+                        f"{self.path} has store schema {version}; this crdtchat knows "
+                        f"{SCHEMA_VERSION}"
+                    )
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise LocalStoreError(f"{self.path} is not a usable replica store: {error}") from error
+        except BaseException:
+            self._db.close()
+            raise
+        self._log_rows = self._count_rows()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self._db)
+
+    def _meta(self, key: str) -> int | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _count_rows(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM updates").fetchone()[0])
+
+    # -- API -------------------------------------------------------------------------------
+
+    @property
+    def log_rows(self) -> int:
+        """Rows in the update log (a compacted store has one)."""
+        return self._log_rows
+
+    def load(self) -> StoredState:
+        """The stored document merged into one update, with the pending local ids."""
+        rows = [bytes(r[0]) for r in self._db.execute("SELECT data FROM updates ORDER BY id")]
+        pending = tuple(r[0] for r in self._db.execute("SELECT local_id FROM pending ORDER BY 1"))
+        next_local_id = self._meta("next_local_id") or 1
+        return StoredState(_merge(rows), pending, next_local_id, len(rows))
+
+    def write(self, ops: Sequence[StoreOp]) -> None:
+        """Apply `ops` in order, in one transaction; compact afterwards if the log is long."""
+        if not ops:
+            return
+        added = 0
+        with self._transaction():
+            next_local_id = self._meta("next_local_id") or 1
+            for op in ops:
+                if isinstance(op, AppendLocal):
+                    self._db.execute("INSERT INTO updates (data) VALUES (?)", (op.update,))
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO pending (local_id) VALUES (?)", (op.local_id,)
+                    )
+                    next_local_id = max(next_local_id, op.local_id + 1)
+                    added += 1
+                elif isinstance(op, AppendRemote):
+                    self._db.execute("INSERT INTO updates (data) VALUES (?)", (op.update,))
+                    added += 1
+                elif isinstance(op, MarkDurable):
+                    self._db.execute("DELETE FROM pending WHERE local_id <= ?", (op.up_to,))
+                else:
+                    raise TypeError(f"not a store operation: {op!r}")
+            self._set_meta("next_local_id", next_local_id)
+        self._log_rows += added
+        if self._log_rows >= self.compact_every:
+            self.compact()
+
+    def compact(self) -> None:
+        """Replace the log by one snapshot of the document (deleted content garbage-collected).
+
+        Runs in one transaction: a crash leaves either the old log or the snapshot.
+        """
+        with self._transaction():
+            rows = self._db.execute("SELECT id, data FROM updates ORDER BY id").fetchall()
+            if len(rows) <= 1:
+                self._log_rows = len(rows)
+                return
+            snapshot = _merge([bytes(data) for _, data in rows])
+            last_id = rows[-1][0]
+            self._db.execute("DELETE FROM updates WHERE id <= ?", (last_id,))
+            self._db.execute("INSERT INTO updates (data) VALUES (?)", (snapshot,))
+        self._log_rows = 1
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType
+    ) -> None:
+        self.close()
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+def _merge(updates: list[bytes]) -> bytes:
+    """One update equivalent to all of `updates`, with deleted content garbage-collected.
+
+    Goes through a scratch document (not pycrdt.merge_updates) so that a compacted store holds
+    what the document holds, not its whole history.
+    """
+    if not updates:
+        return b""
+    doc: Doc = Doc()
+    for update in updates:
+        doc.apply_update(update)
+    return doc.get_update()
+
+
+class AsyncLocalStore:
+    """`LocalStore` for async code: every call runs on a worker thread, one at a time."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self._limiter = anyio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, *, compact_every: int = DEFAULT_COMPACT_EVERY
+    ) -> AsyncLocalStore:
+        store = await anyio.to_thread.run_sync(
+            lambda: LocalStore(path, compact_every=compact_every)
+        )
+        return cls(store)
+
+    async def load(self) -> StoredState:
+        return await anyio.to_thread.run_sync(self.store.load, limiter=self._limiter)
+
+    async def write(self, ops: Sequence[StoreOp]) -> None:
+        # Shielded: a write that started finishes, so the file never lags what we reported.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.store.write, list(ops), limiter=self._limiter)
+
+    async def compact(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.store.compact, limiter=self._limiter)
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.store.close, limiter=self._limiter)
