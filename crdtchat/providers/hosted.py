@@ -1,0 +1,220 @@
+"""The one place where hosted providers touch the network.
+
+Each hosted provider is a request builder plus a sans-I/O stream parser; this module runs
+them: POST with `stream: true`, map the HTTP status to retry / recover / fail, feed the body
+through the SSE decoder into the parser, and retry a cut stream (announcing `StreamReset`
+first). Errors the caller can act on are not raised: they end the turn with a `Finished`
+whose `error` is one readable line, as `base.Provider` promises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from crdtchat.providers.base import (
+    Finished,
+    StreamReset,
+    TextDelta,
+    ToolCallDone,
+    TurnEvent,
+)
+from crdtchat.providers.retry import RetryableStreamError, RetryPolicy
+from crdtchat.providers.sse import SSEDecoder, SSEEvent
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HttpFailure",
+    "Recovery",
+    "StreamParser",
+    "describe_failure",
+    "env_setting",
+    "stream_call",
+]
+
+# Reads may legitimately pause (reasoning models think before the first token); connects may not.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=15.0, read=300.0, write=60.0, pool=30.0)
+USER_AGENT = "crdtchat/0.1"
+MAX_RECOVERIES = 4
+
+
+class StreamParser(Protocol):
+    """What `stream_call` needs from a provider's sans-I/O parser."""
+
+    def feed(self, event: SSEEvent) -> list[TurnEvent]:
+        """Turn one SSE event into zero or more turn events (a `Finished` ends the turn)."""
+        ...
+
+    def end_of_stream(self) -> list[TurnEvent]:
+        """The body ended: return `[Finished]` if that is a normal end, `[]` if it was a cut."""
+        ...
+
+
+@dataclass(frozen=True)
+class HttpFailure:
+    """A non-2xx answer, kept whole so providers can recognise their specific errors."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def error_object(self) -> dict[str, Any]:
+        """The `error` object of either vendor's error body, or {} if there is none."""
+        doc = self.json()
+        if isinstance(doc, dict):
+            err = doc.get("error")
+            if isinstance(err, dict):
+                return err
+        return {}
+
+
+@dataclass
+class Recovery:
+    """How a provider answers a failure it knows how to fix: events to yield, a new body."""
+
+    events: list[TurnEvent]
+    body: dict[str, Any]
+
+
+def env_setting(env: Mapping[str, str] | None, name: str) -> str | None:
+    """An environment variable, empty counted as unset (like the SDKs)."""
+    source = os.environ if env is None else env
+    value = source.get(name)
+    return value or None
+
+
+def describe_failure(failure: HttpFailure, *, key_var: str | None = None) -> str:
+    """One readable line for an HTTP error from either vendor."""
+    err = failure.error_object()
+    message = err.get("message") if isinstance(err.get("message"), str) else None
+    kind = err.get("code") or err.get("type")
+    if message is None:
+        text = failure.body.decode("utf-8", errors="replace").strip()
+        message = text[:300] if text else httpx.codes.get_reason_phrase(failure.status)
+    head = f"HTTP {failure.status}" + (f" {kind}" if isinstance(kind, str) and kind else "")
+    hint = ""
+    if failure.status in (401, 403) and key_var:
+        hint = f" (check {key_var})"
+    elif failure.status == 404:
+        hint = " (unknown model or endpoint?)"
+    return f"{head}: {message}{hint}"
+
+
+async def stream_call(
+    *,
+    url: str,
+    headers: Mapping[str, str],
+    body: dict[str, Any],
+    new_parser: Callable[[], StreamParser],
+    policy: RetryPolicy,
+    describe: Callable[[HttpFailure], str],
+    recover: Callable[[HttpFailure], Recovery | None] | None = None,
+    client: httpx.AsyncClient | None = None,
+    timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+) -> AsyncIterator[TurnEvent]:
+    """POST `body` and stream its events; retries and recovery happen here, once per call.
+
+    `recover` is consulted on a non-retryable failure before giving up: a provider uses it to
+    drop a dead handle (yielding `DiscardDerived`) and replay with a fuller body. Each recovery
+    must drop something, so it cannot loop; `MAX_RECOVERIES` is a backstop all the same.
+    """
+    request_headers = {
+        "accept": "text/event-stream",
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        **headers,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=timeout))
+        failures = 0
+        recoveries = 0
+        while True:
+            parser = new_parser()
+            failure: HttpFailure | None = None
+            cut: str | None = None
+            got_stream = False
+            streamed = False
+            try:
+                async with client.stream("POST", url, headers=request_headers, json=body) as resp:
+                    if not 200 <= resp.status_code < 300:
+                        failure = HttpFailure(resp.status_code, resp.headers, await resp.aread())
+                    else:
+                        got_stream = True
+                        decoder = SSEDecoder()
+                        async for chunk in resp.aiter_bytes():
+                            for sse in decoder.feed(chunk):
+                                for event in parser.feed(sse):
+                                    yield event
+                                    if isinstance(event, Finished):
+                                        return
+                                    streamed = streamed or isinstance(
+                                        event, TextDelta | ToolCallDone
+                                    )
+                        for sse in decoder.close():
+                            for event in parser.feed(sse):
+                                yield event
+                                if isinstance(event, Finished):
+                                    return
+                        tail = parser.end_of_stream()
+                        for event in tail:
+                            yield event
+                        if tail:
+                            return
+                        cut = "the server ended the stream before its final event"
+            except RetryableStreamError as exc:
+                cut = f"the server reported an error mid-stream: {exc}"
+            except httpx.TransportError as exc:
+                detail = str(exc) or type(exc).__name__
+                cut = f"{type(exc).__name__}: {detail}"
+
+            if failure is not None:
+                if recover is not None and recoveries < MAX_RECOVERIES:
+                    recovery = recover(failure)
+                    if recovery is not None:
+                        recoveries += 1
+                        for event in recovery.events:
+                            yield event
+                        body = recovery.body
+                        continue
+                if policy.retryable_status(failure.status, failure.headers):
+                    failures += 1
+                    delay = policy.next_delay(failures, failure.headers)
+                    if delay is not None:
+                        await policy.sleep(delay)
+                        continue
+                    yield Finished(
+                        status="error",
+                        error=f"{describe(failure)} (gave up after {failures} attempts)",
+                    )
+                    return
+                yield Finished(status="error", error=describe(failure))
+                return
+
+            assert cut is not None
+            failures += 1
+            delay = policy.next_delay(failures)
+            if delay is not None:
+                if streamed:
+                    yield StreamReset(reason=f"retrying after a cut stream: {cut}")
+                await policy.sleep(delay)
+                continue
+            if got_stream:
+                yield Finished(status="incomplete", error=f"stream cut: {cut}")
+            else:
+                yield Finished(
+                    status="error", error=f"cannot reach {url} after {failures} attempts: {cut}"
+                )
+            return
