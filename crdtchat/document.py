@@ -98,6 +98,10 @@ class Conversation:
         self.drafts = get_map(schema.DRAFTS)
         self.read_marks = get_map(schema.READ)
         self.view = MessageView(self.messages)
+        # Messages appended inside a transaction that is still open: the view sees them only
+        # when it commits, but later appends in the same transaction may follow them.
+        self._pending: dict[str, Message] = {}
+        self.view.on_change(self._pending.clear)
 
     def _root_map(self, name: str) -> Map:
         return self.doc.get(name, type=Map)
@@ -251,10 +255,10 @@ class Conversation:
     ) -> Message:
         """Append a message; by default it follows the end of the current thread."""
         if isinstance(parent, _FollowCurrentThread):
-            last = self.view.last()
+            last = self._last()
             parent = None if last is None else last.id
         message = self._checked_message(
-            id=message_id or _new_id(),
+            id=_new_id() if message_id is None else message_id,
             role=role,
             author=self.author,
             parent=parent,
@@ -267,21 +271,39 @@ class Conversation:
             status=status,
             error=error,
         )
-        self.messages.append(self._message_map(message, Text(content)))
+        self._write_message(message)
         return message
 
     def append_message(self, message: Message) -> None:
         """Append an already validated message as it is, author included (for imports)."""
-        self.messages.append(self._message_map(message, Text(message.content)))
+        self._write_message(message)
+
+    def _write_message(self, message: Message) -> None:
+        self._pending[message.id] = message
+        try:
+            self.messages.append(self._message_map(message, Text(message.content)))
+        except BaseException:
+            self._pending.pop(message.id, None)
+            raise
+
+    def _lookup(self, message_id: str) -> Message | None:
+        """An accepted message, or one appended earlier in the transaction still open."""
+        message = self.view.get(message_id)
+        return message if message is not None else self._pending.get(message_id)
+
+    def _last(self) -> Message | None:
+        if self._pending:
+            return next(reversed(self._pending.values()))
+        return self.view.last()
 
     def _checked_message(self, **fields: Any) -> Message:
         try:
             message = Message.model_validate(fields)
         except ValidationError as error:
             raise ConversationError(str(error)) from error
-        if message.parent is not None and self.view.get(message.parent) is None:
+        if message.parent is not None and self._lookup(message.parent) is None:
             raise ConversationError(f"parent {message.parent!r} is not a message here")
-        if self.view.get(message.id) is not None:
+        if self._lookup(message.id) is not None:
             raise ConversationError(f"a message {message.id!r} exists already")
         if message.role == "assistant":
             if message.tool_call_id is not None:
@@ -404,17 +426,28 @@ class Conversation:
             if message.role == "user" or (
                 message.role == "tool" and self._tool_results_complete(message)
             ):
-                waiting.append(Waiting(message, 1))
+                waiting.append(Waiting(message, self._free_answer_number(message.id, 1)))
         for message_id, request in self.regenerate_requests().items():
             message = self.view.get(message_id)
             if message is None or message.role not in ("user", "tool"):
                 continue
             answers = len(self.assistant_answers(message_id))
             if answers and request.n > answers:
-                waiting.append(Waiting(message, answers + 1))
+                waiting.append(Waiting(message, self._free_answer_number(message_id, answers + 1)))
         position = self.view.index.position_of
         waiting.sort(key=lambda w: position[w.message.id])
         return waiting
+
+    def _free_answer_number(self, message_id: str, number: int) -> int:
+        """`number`, or the next one whose turn id no message has taken yet.
+
+        Any peer may have written a message with the id the next answer would get; a worker
+        must not then be stuck committing a turn id that exists. Every replica skips the
+        same ids, so workers still agree on the turn id.
+        """
+        while self.view.get(assistant_turn_id(message_id, number)) is not None:
+            number += 1
+        return number
 
     def _tool_results_complete(self, tool_message: Message) -> bool:
         """Every call of the assistant message before it has its result on this path."""
@@ -485,8 +518,8 @@ class Conversation:
         for key, entry in self.derived_entries().items():
             if entry.message_id not in hashes or (wanted and entry.kind not in wanted):
                 continue
-            if entry.kind in ("usage", "title", "summary"):
-                continue  # records, not state to reuse
+            if wanted is None and entry.kind in ("usage", "title", "summary"):
+                continue  # records, not state to reuse, unless asked for by kind
             if (
                 entry.prefix_hash == hashes[entry.message_id]
                 and (entry.provider, entry.api, entry.model) == (provider, api, model)
