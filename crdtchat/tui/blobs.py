@@ -1,0 +1,74 @@
+"""Uploading an attachment's bytes to the relay's blob store; the document keeps only a FileRef.
+
+The bytes are addressed by their SHA-256, so an upload is idempotent and the reference in a
+message can be checked by anyone who downloads the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from crdtchat.schema import FileRef
+
+MAX_ATTACHMENT = 32 * 1024 * 1024
+
+
+class BlobError(RuntimeError):
+    """The file could not be read or the relay did not store it; the text says which."""
+
+
+def http_base(relay_url: str) -> str:
+    """`ws://host:port/...` → `http://host:port` (wss → https)."""
+    parts = urlsplit(relay_url)
+    scheme = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise BlobError(f"not a relay URL: {relay_url!r}")
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+class BlobUploader:
+    """PUT /blobs/<sha256> on the relay, with the token that also opens the room."""
+
+    def __init__(self, relay_url: str, token: str, *, timeout: float = 60.0) -> None:
+        self.base = http_base(relay_url)
+        self.token = token
+        self.timeout = timeout
+
+    async def upload(self, path: Path) -> FileRef:
+        data = await anyio.to_thread.run_sync(_read, path)
+        digest = hashlib.sha256(data).hexdigest()
+        url = f"{self.base}/blobs/{digest}"
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.put(
+                    url,
+                    content=data,
+                    headers={"Authorization": f"Bearer {self.token}"},
+                    params={"token": self.token},
+                )
+        except httpx.HTTPError as error:
+            raise BlobError(f"upload of {path.name} failed: {error}") from error
+        if response.status_code not in (200, 201, 204):
+            reason = response.text.strip().splitlines()[0] if response.text.strip() else ""
+            raise BlobError(
+                f"relay refused {path.name}: HTTP {response.status_code} {reason}".rstrip()
+            )
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileRef(sha256=digest, name=path.name, mime=mime, size=len(data))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_ATTACHMENT:
+            raise BlobError(f"{path} is {size} bytes; the limit is {MAX_ATTACHMENT}")
+        return path.read_bytes()
+    except OSError as error:
+        raise BlobError(f"cannot read {path}: {error.strerror or error}") from error

@@ -1,0 +1,150 @@
+"""`crdtchat chat ROOM`: open this device's replica of the room and run the chat screen.
+
+The author is the subject of the token (DESIGN §4): the relay refuses writes in any other
+name, so the client never asks for one. The replica's SQLite file lives under
+`$CRDTCHAT_HOME` (default `~/.local/share/crdtchat`), one per room and device, locked while
+in use: two clients on one machine get two device names instead of sharing pending state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import anyio
+
+from crdtchat.cli import CommandError
+from crdtchat.document import Conversation
+from crdtchat.schema import ROOM_NAME
+from crdtchat.tui.app import ChatApp
+from crdtchat.tui.blobs import BlobUploader
+from crdtchat.tui.link import ReplicaLink
+from crdtchat.tui.presence import local_state
+
+TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
+HOME_VARIABLE = "CRDTCHAT_HOME"
+DEVICE_VARIABLE = "CRDTCHAT_DEVICE"
+MAX_DEVICES_PER_HOST = 16
+
+
+@dataclass(frozen=True)
+class TokenSubject:
+    room: str
+    role: str
+    sub: str
+
+
+def read_token_subject(token: str) -> TokenSubject:
+    """The claims a client needs, read without the secret (the relay checks the signature).
+
+    A token is `v1.<base64url JSON payload>.<signature>` (crdtchat.tokens).
+    """
+    parts = token.strip().split(".")
+    if len(parts) != 3 or parts[0] != "v1":
+        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token")
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError) as error:
+        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token ({error})") from None
+    if not isinstance(payload, dict):
+        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token")
+    room, role, sub = payload.get("room"), payload.get("role"), payload.get("sub")
+    if not (isinstance(room, str) and isinstance(role, str) and isinstance(sub, str) and sub):
+        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token (missing claims)")
+    return TokenSubject(room=room, role=role, sub=sub)
+
+
+def data_home() -> Path:
+    configured = os.environ.get(HOME_VARIABLE)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "crdtchat"
+
+
+@contextlib.contextmanager
+def claim_device(home: Path, room: str, device: str) -> Iterator[tuple[str, Path]]:
+    """A device name free on this machine for `room`, with its store path, locked until exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, MAX_DEVICES_PER_HOST + 1):
+        name = device if attempt == 1 else f"{device}-{attempt}"
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        store = home / f"{room}@{safe}.sqlite"
+        lock: IO[bytes] = open(store.with_suffix(".lock"), "wb")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        try:
+            yield name, store
+        finally:
+            lock.close()
+        return
+    raise CommandError(f"{MAX_DEVICES_PER_HOST} clients of room {room} already run here")
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    room: str = args.room
+    relay: str = args.relay
+    if not ROOM_NAME.match(room):
+        raise CommandError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
+    if not relay.startswith(("ws://", "wss://")):
+        raise CommandError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
+    token = os.environ.get(TOKEN_VARIABLE, "").strip()
+    if not token:
+        raise CommandError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token`)")
+    subject = read_token_subject(token)
+    if subject.room not in ("*", room):
+        raise CommandError(f"the token is for room {subject.room!r}, not {room!r}")
+    device = os.environ.get(DEVICE_VARIABLE) or socket.gethostname() or "device"
+    home = data_home()
+    with claim_device(home, room, device) as (device_name, store_path):
+        _log_to(home / "chat.log")
+        anyio.run(_run, relay, room, token, subject, device_name, store_path, backend="asyncio")
+    return 0
+
+
+async def _run(
+    relay: str, room: str, token: str, subject: TokenSubject, device: str, store_path: Path
+) -> None:
+    from crdtchat.replica import Replica  # lazily: keeps `crdtchat --help` light
+
+    conversation = Conversation(author=subject.sub)
+    async with Replica(
+        relay,
+        room,
+        token,
+        doc=conversation.doc,
+        store_path=store_path,
+        presence=local_state(subject.sub, device, False),
+    ) as replica:
+        app = ChatApp(
+            conversation,
+            ReplicaLink(replica),
+            room=room,
+            device=device,
+            uploader=BlobUploader(relay, token),
+            read_only=subject.role == "reader",
+        )
+        await app.run_async()
+
+
+def _log_to(path: Path) -> None:
+    """The screen belongs to Textual: warnings go to a file, not over the chat."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
