@@ -421,8 +421,9 @@ _HANDLERS = {
 
 
 def _signature_refused(failure: HttpFailure) -> bool:
-    err = failure.error_object()
-    return failure.status == 400 and "signature" in str(err.get("message") or "")
+    """A 400 about a thinking block: its signature (or redacted data) is not valid here."""
+    message = str(failure.error_object().get("message") or "")
+    return failure.status == 400 and ("signature" in message or "thinking" in message)
 
 
 class AnthropicProvider:
