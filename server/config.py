@@ -1,0 +1,28 @@
+"""Relay settings, with the defaults `crdtchat serve` uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    secret: str
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data: Path = Path("./crdtchat-data")
+    max_frame: int = 8 * MIB  # websockets max_size: larger frames close the connection (1009)
+    rate_messages: float = 500.0  # per connection: sustained wire messages per second ...
+    rate_burst: float = 5000.0  # ... and how many may come at once
+    rate_bytes: float = 64 * MIB  # per connection: sustained bytes per second (burst: 2 frames)
+    idle_unload: float = 60.0  # seconds a room without connections stays in memory
+    compact_updates: int = 1000  # compact a room's log after this many updates ...
+    compact_min_bytes: int = 256 * 1024  # ... or this many bytes, or its snapshot's size
+    max_blob: int = 64 * MIB
+    max_in_flight: int = 1024  # updates of one connection waiting for their commit
+    max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed
+    ping_interval: float = 30.0
+    open_timeout: float = 60.0  # also bounds one blob upload

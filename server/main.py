@@ -1,0 +1,169 @@
+"""`crdtchat serve`: run the relay until SIGTERM or SIGINT, then shut down gracefully.
+
+Shutdown order matters for "everything accepted is on disk": stop accepting and close every
+connection (each connection's settler drains what it accepted), then let every room flush and
+compact, then close the store, whose thread commits whatever is still queued.
+
+Options beyond DESIGN §6 (`--rate`, `--idle-unload`, ...) are read with defaults when the
+`crdtchat` parser does not define them; `python -m server.main` accepts all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import anyio
+from websockets.asyncio.server import serve
+
+from crdtchat.tokens import SECRET_VARIABLE
+from server.blobs import BlobStore
+from server.config import RelayConfig
+from server.http import HttpEndpoints, connection_class
+from server.metrics import Metrics
+from server.relay import Relay
+from server.room import RoomManager
+from server.store import Store, StoreError
+
+log = logging.getLogger("crdtchat.relay")
+
+# argparse destination -> RelayConfig field, for the options beyond DESIGN §6.
+_EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
+    "rate": ("rate_messages", float, "sustained messages per second per connection"),
+    "burst": ("rate_burst", float, "messages a connection may send at once"),
+    "byte_rate": ("rate_bytes", float, "sustained bytes per second per connection"),
+    "idle_unload": ("idle_unload", float, "seconds an unused room stays in memory"),
+    "compact_updates": ("compact_updates", int, "compact a room's log after this many updates"),
+    "compact_bytes": ("compact_min_bytes", int, "... or after this many bytes"),
+    "max_blob": ("max_blob", int, "largest blob upload, bytes"),
+}
+
+
+def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
+    values: dict[str, object] = {
+        "secret": secret,
+        "host": args.host,
+        "port": args.port,
+        "data": Path(args.data),
+        "max_frame": args.max_frame,
+    }
+    for dest, (field, _, _) in _EXTRA_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[field] = value
+    known = {f.name for f in fields(RelayConfig)}
+    return RelayConfig(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
+
+
+async def run_relay(
+    config: RelayConfig,
+    stop: anyio.Event,
+    on_listening: Callable[[str, int], None] | None = None,
+) -> None:
+    """Serve until `stop` is set, then shut down in order."""
+    metrics = Metrics()
+    endpoints = HttpEndpoints(
+        config.secret, BlobStore(config.data / "blobs", config.max_blob), metrics
+    )
+    async with (
+        Store(config.data, on_write_latency=metrics.store_write_seconds.observe) as store,
+        anyio.create_task_group() as tg,
+    ):
+        rooms = RoomManager(store, metrics, config)
+        await tg.start(rooms.run)
+        relay = Relay(config, rooms, endpoints, metrics)
+        try:
+            async with serve(
+                relay.handle,
+                config.host,
+                config.port,
+                process_request=relay.process_request,
+                create_connection=connection_class(endpoints),
+                max_size=config.max_frame,
+                ping_interval=config.ping_interval,
+                ping_timeout=config.ping_interval,
+                open_timeout=config.open_timeout,
+                compression=None,
+                server_header="crdtchat-relay",
+            ) as server:
+                host, port = server.sockets[0].getsockname()[:2]
+                if on_listening is not None:
+                    on_listening(host, port)
+                await stop.wait()
+                log.info("shutting down")
+                server.close(code=1001, reason="relay shutting down")
+        finally:
+            rooms.close()
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`crdtchat serve`: exit 0 after a graceful shutdown, 1 with a reason on failure."""
+    secret = os.environ.get(SECRET_VARIABLE, "")
+    if not secret:
+        print(f"crdtchat serve: {SECRET_VARIABLE} is not set", file=sys.stderr)
+        return 1
+    config = config_from_args(args, secret)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+    def announce(host: str, port: int) -> None:
+        print(f"crdtchat relay listening on ws://{host}:{port}", flush=True)
+
+    async def main() -> None:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s", signal.Signals(signum).name)
+                        stop.set()
+                        return
+
+            tg.start_soon(watch_signals)
+            await run_relay(config, stop, announce)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    except BaseException as error:
+        leaf = _single_leaf(error)
+        if isinstance(leaf, OSError | StoreError):
+            print(f"crdtchat serve: {leaf}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _single_leaf(error: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, or the group itself."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server.main", description="crdtchat relay")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--data", default="./crdtchat-data")
+    parser.add_argument("--max-frame", type=int, default=8 * 1024 * 1024)
+    for dest, (_, kind, help_text) in _EXTRA_OPTIONS.items():
+        parser.add_argument("--" + dest.replace("_", "-"), type=kind, default=None, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve_command(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The roles of DESIGN §4 as rules over the changes one incoming update makes.
+
+The relay applies an update to its live document while deep observers on every root record
+what changed (`server.livedoc`); this module judges that record. Every change to a live shared
+type raises an event on that type, and every type lives under a root, so a root's deep observer
+sees every visible change below it; an event the rules cannot read (for example a sequence
+insert into a Map root) is refused where the role has only partial rights. Types created in
+the same update raise no events of their own, so whatever is inserted is judged whole, at the
+place where it is inserted.
+
+Rules per root (anything not listed is refused):
+
+- canonical.meta, canonical.settings, canonical.tools: writer, any change.
+- canonical.messages: writer appends user/tool/system messages authored by its subject and
+  edits the text of its subject's messages; worker appends assistant messages authored by its
+  subject and may change its own assistant messages except id/role/author/parent.
+- derived.entries: worker, any change; writer, deleting entries only.
+- transport.leases, transport.streams: worker, any change.
+- transport.cancel, transport.regenerate: writer, any change; worker, deleting entries only.
+- transport.drafts: writer, its own entry only (the key is its subject).
+- transport.read: writer, any change.
+
+Readers may not change the document at all. Nobody deletes canonical messages, and nobody
+inserts subdocuments (the relay could not see inside them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
+
+from pycrdt import Array, ArrayEvent, Doc, Map, MapEvent, Text, TextEvent
+from pydantic import ValidationError
+
+from crdtchat import schema
+from crdtchat.schema import Message
+
+
+class Access(Enum):
+    FULL = "full"
+    DELETE_ONLY = "delete-only"
+    OWN_KEY = "own-key"
+    MESSAGES = "messages"
+
+
+RULES: dict[str, dict[str, Access]] = {
+    "reader": {},
+    "writer": {
+        schema.META: Access.FULL,
+        schema.SETTINGS: Access.FULL,
+        schema.TOOLS: Access.FULL,
+        schema.MESSAGES: Access.MESSAGES,
+        schema.DERIVED: Access.DELETE_ONLY,
+        schema.CANCEL: Access.FULL,
+        schema.REGENERATE: Access.FULL,
+        schema.DRAFTS: Access.OWN_KEY,
+        schema.READ: Access.FULL,
+    },
+    "worker": {
+        schema.MESSAGES: Access.MESSAGES,
+        schema.DERIVED: Access.FULL,
+        schema.LEASES: Access.FULL,
+        schema.STREAMS: Access.FULL,
+        schema.CANCEL: Access.DELETE_ONLY,
+        schema.REGENERATE: Access.DELETE_ONLY,
+    },
+}
+
+MESSAGE_ROLES: dict[str, frozenset[str]] = {
+    "writer": frozenset({"user", "tool", "system"}),
+    "worker": frozenset({"assistant"}),
+}
+_FIXED_MESSAGE_KEYS = frozenset({"id", "role", "author", "parent"})
+
+Event = ArrayEvent | MapEvent | TextEvent
+
+
+def _has_subdoc(values: Iterable[Any]) -> bool:
+    return any(isinstance(value, Doc) for value in values)
+
+
+def _event_values(event: Any) -> list[Any]:
+    """Values an event inserts, to look for subdocuments."""
+    if isinstance(event, MapEvent):
+        return [change.get("newValue") for change in event.keys.values()]
+    delta = getattr(event, "delta", None) or []
+    values: list[Any] = []
+    for op in delta:
+        inserted = op.get("insert")
+        if isinstance(inserted, list):
+            values.extend(inserted)
+    return values
+
+
+def check_message(value: Any, role: str, sub: str) -> str | None:
+    """Why `value` may not stand in canonical.messages as written by (`role`, `sub`), if so."""
+    if not isinstance(value, Map):
+        return "a message must be a Map"
+    content = value.get("content")
+    if content is not None and not isinstance(content, Text):
+        return "message content must be a Text"
+    try:
+        message = Message.model_validate(value.to_py())
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "message"
+        return f"invalid message: {where}: {first.get('msg', 'invalid')}"
+    if message.author != sub:
+        return f"message author must be the token subject {sub!r}, not {message.author!r}"
+    if message.role not in MESSAGE_ROLES[role]:
+        return f"a {role} may not write {message.role} messages"
+    return None
+
+
+def _check_messages(event: Event, role: str, sub: str, messages: Callable[[], Array]) -> str | None:
+    path = list(event.path)
+    if not path:
+        if not isinstance(event, ArrayEvent):
+            return "canonical.messages changed in a way that is not an array insert"
+        inserted = False
+        for op in event.delta:
+            if "delete" in op:
+                return "canonical messages cannot be deleted"
+            if "insert" in op:
+                inserted = True
+                for value in op["insert"]:
+                    reason = check_message(value, role, sub)
+                    if reason is not None:
+                        return reason
+        if not inserted:
+            return "canonical.messages changed in a way that is not a message append"
+        return None
+    index = path[0]
+    array = messages()
+    if not isinstance(index, int) or not 0 <= index < len(array):
+        return "change inside canonical.messages at an unknown position"
+    message = array[index]
+    if not isinstance(message, Map):
+        return "change inside an entry of canonical.messages that is not a message"
+    author = message.get("author")
+    if author != sub:
+        return f"only its author may change message {message.get('id')!r}"
+    if path[1:] == ["content"] and isinstance(event, TextEvent):
+        return None
+    if len(path) == 1 and isinstance(event, MapEvent):
+        keys = set(event.keys)
+        if not keys:
+            return "a message changed in a way that is not a key change"
+        if role == "writer" and keys != {"content"}:
+            return "a writer may change only the text of its messages"
+        fixed = keys & _FIXED_MESSAGE_KEYS
+        if fixed:
+            return f"message keys {sorted(fixed)} cannot change"
+        return check_message(message, role, sub)
+    return "unexpected change inside a message"
+
+
+def _check_root(
+    root: str, access: Access, event: Event, role: str, sub: str, messages: Callable[[], Array]
+) -> str | None:
+    if _has_subdoc(_event_values(event)):
+        return "subdocuments are not allowed"
+    if access is Access.FULL:
+        return None
+    if access is Access.MESSAGES:
+        return _check_messages(event, role, sub, messages)
+    path = list(event.path)
+    if access is Access.DELETE_ONLY:
+        if path or not isinstance(event, MapEvent) or not event.keys:
+            return f"a {role} may only delete entries of {root}"
+        for key, change in event.keys.items():
+            if change.get("action") != "delete":
+                return f"a {role} may only delete entries of {root} (not write {key!r})"
+        return None
+    if access is Access.OWN_KEY:
+        if path:
+            keys = [path[0]]
+        elif isinstance(event, MapEvent) and event.keys:
+            keys = list(event.keys)
+        else:
+            return f"{root} changed in a way that is not a key change"
+        for key in keys:
+            if key != sub:
+                return f"a {role} may only write its own entry {sub!r} of {root}, not {key!r}"
+        return None
+    raise AssertionError(access)
+
+
+def check_changes(
+    role: str,
+    sub: str,
+    changes: Iterable[tuple[str, Event]],
+    messages: Callable[[], Array],
+) -> str | None:
+    """The reason to refuse an update that made `changes` (root name, event), or None.
+
+    `messages` returns the live canonical.messages array (after the update), to look up the
+    author of a message whose text or keys changed.
+    """
+    rules = RULES.get(role)
+    if rules is None:
+        return f"unknown role {role!r}"
+    for root, event in changes:
+        access = rules.get(root)
+        if access is None:
+            if role == "reader":
+                return "a reader may not change the document"
+            return f"a {role} may not write {root}"
+        reason = _check_root(root, access, event, role, sub, messages)
+        if reason is not None:
+            return reason
+    return None

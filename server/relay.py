@@ -1,0 +1,186 @@
+"""The websocket side of the relay: who may connect, and one task group per connection.
+
+URL: `ws://HOST:PORT/<room>?token=<token>[&ext=ack]`. The token is checked before the upgrade
+(HTTP 400/401/403 with the reason otherwise). `ext=ack` turns on the Ack extension for that
+connection (DESIGN §3: extensions only for clients that asked).
+
+Each connection runs two tasks: the reader, which decodes frames and hands every message to the
+room synchronously, and the settler, which finishes the results in order once the store has
+committed them (broadcast, Ack, AuthDenied, sync step 2 replies). When the connection ends the
+settler still drains what was accepted, so an update accepted just before a disconnect still
+reaches everyone else. Bad input closes only the offending connection (1008 policy violation,
+1003 for text frames, 1009 from websockets for frames over --max-frame), with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from crdtchat.schema import ROOM_NAME
+from crdtchat.tokens import TokenClaims, TokenError, verify_token
+from crdtchat.wire import WireError, decode_frame
+from server.config import RelayConfig
+from server.http import HttpEndpoints, make_response
+from server.metrics import Metrics
+from server.ratelimit import ConnectionLimits
+from server.room import Peer, PeerViolation, Pending, Room, RoomManager, RoomUnavailable
+
+log = logging.getLogger("crdtchat.relay")
+
+_MAX_REASON_BYTES = 123  # RFC 6455: a close reason fits in a control frame
+
+
+@dataclass(frozen=True)
+class Target:
+    room: str
+    claims: TokenClaims
+    want_ack: bool
+
+
+def _close_reason(text: str) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= _MAX_REASON_BYTES:
+        return text
+    return raw[: _MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+class Relay:
+    def __init__(
+        self, config: RelayConfig, rooms: RoomManager, http: HttpEndpoints, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.rooms = rooms
+        self.http = http
+        self.metrics = metrics
+
+    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if self.http.is_http_path(url.path):
+            return await self.http.get(request, url)
+        room = unquote(url.path[1:])
+        if not ROOM_NAME.match(room):
+            return make_response(400, "the path must be /<room>, 1-128 of A-Za-z0-9._-\n")
+        query = parse_qs(url.query)
+        token = (query.get("token") or [""])[0]
+        if not token:
+            return make_response(401, "a token is required: ?token=...\n")
+        try:
+            claims = verify_token(self.config.secret, token, room)
+        except TokenError as error:
+            status = 403 if error.reason == "wrong room" else 401
+            return make_response(status, f"token refused: {error.reason}\n")
+        extensions = {ext for value in query.get("ext", []) for ext in value.split(",")}
+        conn.target = Target(room, claims, want_ack="ack" in extensions)  # type: ignore[attr-defined]
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        target: Target = ws.target  # type: ignore[attr-defined]
+        self.metrics.connections += 1
+        try:
+            try:
+                room = await self.rooms.acquire(target.room)
+            except RoomUnavailable as error:
+                await ws.close(1011, _close_reason(str(error)))
+                return
+            try:
+                await self._serve(ws, room, Peer(ws, target.claims, target.want_ack))
+            finally:
+                room.release()
+        finally:
+            self.metrics.connections -= 1
+
+    async def _serve(self, ws: ServerConnection, room: Room, peer: Peer) -> None:
+        send, receive = anyio.create_memory_object_stream[Pending](self.config.max_in_flight)
+        room.join(peer)
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._close_on_request, peer)
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(self._settle, room, peer, receive)
+                    async with send:
+                        await self._read(ws, room, peer, send)
+                outer.cancel_scope.cancel()
+        finally:
+            room.leave(peer)
+
+    async def _close_on_request(self, peer: Peer) -> None:
+        await peer.close_requested.wait()
+        log.warning("closing %r: %s", peer, peer.close_reason)
+        self.metrics.closed_connections[_metric_reason(peer.close_reason)] += 1
+        await peer.ws.close(peer.close_code, _close_reason(peer.close_reason))
+
+    async def _settle(
+        self, room: Room, peer: Peer, receive: MemoryObjectReceiveStream[Pending]
+    ) -> None:
+        async with receive:
+            async for item in receive:
+                more = receive.statistics().current_buffer_used > 0
+                await room.settle(peer, item, more)
+
+    async def _read(
+        self, ws: ServerConnection, room: Room, peer: Peer, send: MemoryObjectSendStream[Pending]
+    ) -> None:
+        config = self.config
+        limits = ConnectionLimits(
+            config.rate_messages, config.rate_burst, config.rate_bytes, 2 * config.max_frame
+        )
+        try:
+            async for frame in ws:
+                if isinstance(frame, str):
+                    await self._reject(peer, 1003, "text frames are not part of the protocol")
+                    return
+                self.metrics.bytes_in += len(frame)
+                try:
+                    messages = decode_frame(frame)
+                except WireError as error:
+                    await self._reject(peer, 1008, f"malformed frame: {error}")
+                    return
+                over = limits.admit(len(messages), len(frame))
+                if over is not None:
+                    await self._reject(peer, 1008, over)
+                    return
+                for message in messages:
+                    try:
+                        item = room.handle(peer, message)
+                    except PeerViolation as violation:
+                        await self._reject(peer, violation.code, violation.reason)
+                        return
+                    if item is not None:
+                        await send.send(item)
+        except ConnectionClosed as closed:
+            if closed.sent is not None and closed.sent.code == 1009:
+                log.warning("closed %r: frame larger than %d bytes", peer, config.max_frame)
+                self.metrics.closed_connections["frame_too_big"] += 1
+            elif closed.rcvd is None and closed.sent is None:
+                log.info("connection %r lost", peer)
+
+    async def _reject(self, peer: Peer, code: int, reason: str) -> None:
+        log.warning("closing %r (%d): %s", peer, code, reason)
+        self.metrics.closed_connections[_metric_reason(reason)] += 1
+        await peer.ws.close(code, _close_reason(reason))
+
+
+def _metric_reason(reason: str) -> str:
+    if reason.startswith(("malformed", "state vector")):
+        return "malformed_frame"
+    if reason.startswith("rate limit"):
+        return "rate_limit"
+    if reason.startswith("update could not"):
+        return "undecodable_update"
+    if reason.startswith("text frames"):
+        return "text_frame"
+    if reason.startswith("token expired"):
+        return "token_expired"
+    if reason.startswith("client too slow"):
+        return "too_slow"
+    if reason.startswith("relay storage"):
+        return "storage_failure"
+    return "other"

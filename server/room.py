@@ -1,0 +1,464 @@
+"""Rooms: one conversation's live document, awareness and connected peers, and their lifetime.
+
+`Room.handle` is the protocol core for one incoming message: synchronous, so the live document
+changes in the order messages arrive, and it returns what must happen once the store has caught
+up (`WriteDone`, `Reply`, `Refusal`). Each connection settles those in order in its own task,
+which is where broadcasts and acknowledgements happen: an update reaches other peers, and its
+sender's Ack, only after the commit that holds it. Broadcast frames are encoded once and the
+same bytes are written to every peer.
+
+`RoomManager` loads a room on first use, keeps it while peers are connected and for a grace
+period after the last one leaves, then flushes it (compacting its log) and drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from pycrdt import Awareness, Doc
+from websockets.asyncio.server import ServerConnection, broadcast
+
+from crdtchat.tokens import TokenClaims
+from crdtchat.wire import (
+    Ack,
+    AuthDenied,
+    AwarenessEntry,
+    AwarenessMessage,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    WireError,
+    WireMessage,
+    decode_awareness,
+    encode_awareness,
+    encode_message,
+)
+from server.config import RelayConfig
+from server.livedoc import Accepted, LiveDoc, UndecodableUpdate
+from server.metrics import Metrics
+from server.store import Store, StoreError
+
+log = logging.getLogger("crdtchat.relay.room")
+
+
+class PeerViolation(Exception):
+    """The peer broke the protocol; close its connection with this code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class RoomUnavailable(Exception):
+    """The room cannot be opened now (store failure, relay shutting down)."""
+
+
+class Peer:
+    """One websocket connection in a room."""
+
+    def __init__(self, ws: ServerConnection, claims: TokenClaims, want_ack: bool) -> None:
+        self.ws = ws
+        self.claims = claims
+        self.want_ack = want_ack
+        self.awareness_ids: set[int] = set()
+        self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
+        self.acked = 0
+        self.failed = False
+        self.close_requested = anyio.Event()
+        self.close_code = 1000
+        self.close_reason = ""
+
+    def request_close(self, code: int, reason: str) -> None:
+        if not self.close_requested.is_set():
+            self.close_code = code
+            self.close_reason = reason
+            self.close_requested.set()
+
+    def __repr__(self) -> str:
+        return f"<peer {self.claims.sub}/{self.claims.role} {self.ws.remote_address}>"
+
+
+@dataclass(frozen=True)
+class WriteDone:
+    """An update is settled once `future` (its commit, or the last one before it) is done."""
+
+    future: asyncio.Future[None] | None
+    frame: bytes | None  # the update to broadcast, None when it changed nothing
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply that may only leave after `future`: it can contain not yet committed changes."""
+
+    future: asyncio.Future[None] | None
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+
+
+Pending = WriteDone | Reply | Refusal
+
+
+class RoomState(Enum):
+    LOADING = "loading"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Room:
+    def __init__(self, name: str, store: Store, metrics: Metrics, config: RelayConfig) -> None:
+        self.name = name
+        self.store = store
+        self.metrics = metrics
+        self.config = config
+        self.state = RoomState.LOADING
+        self.error: str | None = None
+        self.peers: dict[ServerConnection, Peer] = {}
+        self.refs = 0
+        self.ready = anyio.Event()  # set when open, or when loading failed
+        self.finished = anyio.Event()
+        self.live = LiveDoc()
+        self.awareness = Awareness(Doc())
+        self.awareness.set_local_state(None)  # the relay itself is not present
+        self.awareness.observe(self._on_awareness)
+        self._next_seq = 1
+        self._last_write: asyncio.Future[None] | None = None
+        self._log_length = 0
+        self._log_bytes = 0
+        self._snapshot_bytes = 0
+        self._stopping = False
+        self._failed = False
+        self._wake = anyio.Event()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            stored = await self.store.load(self.name)
+            self.live = LiveDoc(stored.state)
+        except (StoreError, ValueError) as error:
+            self.error = f"room {self.name!r} could not be loaded: {error}"
+            log.error("%s", self.error)
+            self.state = RoomState.CLOSED
+            self.ready.set()
+            task_status.started()
+            return
+        self._next_seq = stored.next_seq
+        self._log_length = stored.log_length
+        self._log_bytes = stored.log_bytes
+        self._snapshot_bytes = len(stored.state)
+        self.metrics.room_loads += 1
+        if self._should_compact():
+            self._compact(self._next_seq - 1)
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.awareness.start)
+            self.state = RoomState.OPEN
+            self.ready.set()
+            task_status.started()
+            await self._live_until_done()
+            self.state = RoomState.CLOSING
+            tg.cancel_scope.cancel()
+        await self._flush()
+        self.state = RoomState.CLOSED
+
+    async def _live_until_done(self) -> None:
+        while not (self._stopping or self._failed):
+            wake = self._wake = anyio.Event()
+            if self.refs == 0:
+                with anyio.move_on_after(self.config.idle_unload) as scope:
+                    await wake.wait()
+                if scope.cancelled_caught and self.refs == 0:
+                    log.info("room %s idle, unloading", self.name)
+                    self.metrics.room_unloads += 1
+                    return
+            else:
+                await wake.wait()
+
+    async def _flush(self) -> None:
+        if self._failed:
+            return
+        if self._last_write is not None:
+            try:
+                await asyncio.shield(self._last_write)
+            except StoreError:
+                return
+        if self._log_length:
+            future = self._compact(self._next_seq - 1)
+            with contextlib.suppress(StoreError):
+                await asyncio.shield(future)
+
+    def attach(self) -> None:
+        self.refs += 1
+        self._wake.set()
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def fail(self, reason: str) -> None:
+        """The store lost a write: close every peer, drop the room, reload it from disk later."""
+        if self._failed:
+            return
+        self._failed = True
+        log.error("room %s failed: %s", self.name, reason)
+        for peer in self.peers.values():
+            peer.failed = True
+            peer.request_close(1011, "relay storage failed")
+        self._wake.set()
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def send(self, peer: Peer, frame: bytes) -> None:
+        self._send_many([peer], frame)
+
+    def broadcast(self, frame: bytes, exclude: Peer | None = None) -> int:
+        targets = [peer for peer in self.peers.values() if peer is not exclude]
+        self._send_many(targets, frame)
+        return len(targets)
+
+    def _send_many(self, peers: Iterable[Peer], frame: bytes) -> None:
+        connections = []
+        limit = self.config.max_write_buffer
+        for peer in peers:
+            transport = peer.ws.transport
+            if transport is not None and transport.get_write_buffer_size() > limit:
+                peer.request_close(1008, "client too slow: send buffer full")
+                continue
+            connections.append(peer.ws)
+        if connections:
+            broadcast(connections, frame)
+            self.metrics.bytes_out += len(frame) * len(connections)
+
+    def join(self, peer: Peer) -> None:
+        self.peers[peer.ws] = peer
+        self.send(peer, encode_message(SyncStep1(self.live.state_vector())))
+        entries = self._awareness_entries()
+        if entries:
+            self.send(peer, encode_message(AwarenessMessage(encode_awareness(entries))))
+
+    def leave(self, peer: Peer) -> None:
+        self.peers.pop(peer.ws, None)
+        gone = [cid for cid in peer.awareness_ids if cid in self.awareness.states]
+        if gone:
+            self.awareness.remove_awareness_states(gone, "close")
+            self._broadcast_removal(gone)
+
+    # -- awareness -----------------------------------------------------------------------
+
+    def _awareness_entries(self) -> list[AwarenessEntry]:
+        own = self.awareness.client_id
+        meta = self.awareness.meta
+        return [
+            AwarenessEntry(cid, int(meta[cid]["clock"]), json.dumps(state, separators=(",", ":")))
+            for cid, state in self.awareness.states.items()
+            if cid != own and cid in meta
+        ]
+
+    def _broadcast_removal(self, client_ids: list[int]) -> None:
+        meta = self.awareness.meta
+        entries = [AwarenessEntry(cid, int(meta[cid]["clock"]), "null") for cid in client_ids]
+        self.broadcast(encode_message(AwarenessMessage(encode_awareness(entries))))
+
+    def _on_awareness(self, topic: str, change: tuple[dict[str, Any], Any]) -> None:
+        changes, origin = change
+        if topic == "update" and origin == "timeout" and changes["removed"]:
+            for peer in self.peers.values():
+                peer.awareness_ids.difference_update(changes["removed"])
+            self._broadcast_removal(list(changes["removed"]))
+
+    # -- the protocol core ---------------------------------------------------------------
+
+    def handle(self, peer: Peer, message: WireMessage) -> Pending | None:
+        """Apply one message from `peer`; raises PeerViolation for input that ends the peer."""
+        if isinstance(message, SyncStep2 | SyncUpdate):
+            return self._handle_update(peer, message.update)
+        if isinstance(message, SyncStep1):
+            try:
+                update = self.live.update_since(message.state_vector)
+            except WireError as error:
+                raise PeerViolation(1008, str(error)) from None
+            return Reply(self._last_write, encode_message(SyncStep2(update)))
+        if isinstance(message, AwarenessMessage):
+            self._handle_awareness(peer, message.payload)
+            return None
+        if isinstance(message, QueryAwareness):
+            entries = self._awareness_entries()
+            self.send(peer, encode_message(AwarenessMessage(encode_awareness(entries))))
+            return None
+        # AuthDenied, Ack and extensions are relay-to-client messages: nothing to do.
+        return None
+
+    def _handle_update(self, peer: Peer, update: bytes) -> Pending:
+        self.metrics.updates_in += 1
+        claims = peer.claims
+        if claims.exp <= time.time():
+            raise PeerViolation(1008, "token expired")
+        try:
+            outcome = self.live.apply(update, claims.role, claims.sub)
+        except UndecodableUpdate as error:
+            raise PeerViolation(1008, str(error)) from None
+        if not isinstance(outcome, Accepted):
+            self.metrics.refused_writes += 1
+            log.info("room %s: refused update from %r: %s", self.name, peer, outcome.reason)
+            return Refusal(outcome.reason)
+        if not outcome.delta:
+            return WriteDone(self._last_write, None)
+        seq = self._next_seq
+        self._next_seq += 1
+        future = self.store.append(self.name, seq, outcome.delta)
+        self._last_write = future
+        self._log_length += 1
+        self._log_bytes += len(outcome.delta)
+        if self._should_compact():
+            self._compact(seq)
+        return WriteDone(future, encode_message(SyncUpdate(outcome.delta)))
+
+    def _handle_awareness(self, peer: Peer, payload: bytes) -> None:
+        try:
+            entries = decode_awareness(payload)
+        except WireError as error:
+            raise PeerViolation(1008, f"malformed awareness update: {error}") from None
+        self.metrics.awareness_in += 1
+        self.awareness.apply_awareness_update(payload, peer)
+        for entry in entries:
+            if entry.removed:
+                peer.awareness_ids.discard(entry.client_id)
+            else:
+                peer.awareness_ids.add(entry.client_id)
+        self.broadcast(encode_message(AwarenessMessage(payload)))
+
+    # -- compaction ----------------------------------------------------------------------
+
+    def _should_compact(self) -> bool:
+        if self._log_length == 0:
+            return False
+        if self._log_length >= self.config.compact_updates:
+            return True
+        return self._log_bytes >= max(self.config.compact_min_bytes, self._snapshot_bytes)
+
+    def _compact(self, upto_seq: int) -> asyncio.Future[None]:
+        """Snapshot the live document (it holds every accepted update up to `upto_seq`)."""
+        snapshot = self.live.compact()
+        self._snapshot_bytes = len(snapshot)
+        self._log_length = 0
+        self._log_bytes = 0
+        future = self.store.compact(self.name, upto_seq, snapshot)
+        future.add_done_callback(self._compacted)
+        return future
+
+    def _compacted(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            log.error("room %s: compaction failed (the log is kept): %s", self.name, error)
+        else:
+            self.metrics.compactions += 1
+
+    # -- settling, per connection --------------------------------------------------------
+
+    async def settle(self, peer: Peer, item: Pending, more_queued: bool) -> None:
+        """Finish one pending item of `peer`, in order; `more_queued` delays the Ack."""
+        if peer.failed:
+            return
+        if isinstance(item, Refusal):
+            self._ack(peer)
+            self.send(peer, encode_message(AuthDenied(item.reason)))
+            peer.settled += 1
+        else:
+            if item.future is not None:
+                try:
+                    await asyncio.shield(item.future)
+                except StoreError as error:
+                    peer.failed = True
+                    self.fail(str(error))
+                    return
+            if isinstance(item, Reply):
+                self.send(peer, item.frame)
+            else:
+                if item.frame is not None:
+                    self.metrics.updates_stored += 1
+                    self.metrics.updates_out += self.broadcast(item.frame, exclude=peer)
+                peer.settled += 1
+        if not more_queued:
+            self._ack(peer)
+
+    def _ack(self, peer: Peer) -> None:
+        if peer.want_ack and peer.settled > peer.acked:
+            peer.acked = peer.settled
+            self.send(peer, encode_message(Ack(peer.settled)))
+
+
+class RoomManager:
+    """Owns every room's task; `run` returns after `close` once every room is flushed."""
+
+    def __init__(self, store: Store, metrics: Metrics, config: RelayConfig) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.config = config
+        self.rooms: dict[str, Room] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        self._closed = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await self._closed.wait()
+            for room in list(self.rooms.values()):
+                room.stop()
+
+    def close(self) -> None:
+        self._closing = True
+        self._closed.set()
+
+    async def acquire(self, name: str) -> Room:
+        """The open room `name`, loaded if needed, with one more reference."""
+        while True:
+            if self._closing or self._tg is None:
+                raise RoomUnavailable("relay shutting down")
+            room = self.rooms.get(name)
+            if room is None:
+                room = Room(name, self.store, self.metrics, self.config)
+                self.rooms[name] = room
+                self.metrics.rooms = len(self.rooms)
+                self._tg.start_soon(self._run_room, room)
+            await room.ready.wait()
+            if room.state is RoomState.OPEN:
+                room.attach()
+                return room
+            if room.error is not None:
+                raise RoomUnavailable(room.error)
+            await room.finished.wait()
+
+    async def _run_room(self, room: Room) -> None:
+        try:
+            await room.run()
+        finally:
+            if self.rooms.get(room.name) is room:
+                del self.rooms[room.name]
+            self.metrics.rooms = len(self.rooms)
+            room.ready.set()
+            room.finished.set()

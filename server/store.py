@@ -1,0 +1,308 @@
+"""Durable room storage: one SQLite database (WAL) in the relay's data directory.
+
+Each room is a snapshot (a merged Yjs update) plus a log of the updates accepted since, in
+order. All SQLite work runs on one dedicated thread that owns the connection, so the event loop
+never blocks on disk. Writes queued while a commit is in progress are committed together in the
+next transaction (group commit): a burst of N updates costs one fsync, not N, and each caller's
+future resolves only after the COMMIT that contains its row returned (synchronous=FULL), which
+is what "durable" means to the relay: an update is broadcast or acknowledged only after that.
+Operations run in the order they were queued, so a load sees every write queued before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pycrdt import merge_updates
+
+log = logging.getLogger("crdtchat.relay.store")
+
+DB_NAME = "relay.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS updates (
+    room TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+    room TEXT PRIMARY KEY,
+    upto INTEGER NOT NULL,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(RuntimeError):
+    """The store could not do what was asked; the room must not pretend it did."""
+
+
+@dataclass(frozen=True)
+class StoredRoom:
+    """What the store holds for a room, merged into one update for loading."""
+
+    state: bytes  # merge of the snapshot and every logged update; b"" for a new room
+    log_length: int  # updates in the log after the snapshot
+    log_bytes: int
+    next_seq: int
+
+
+@dataclass(frozen=True)
+class RoomStats:
+    snapshot_bytes: int
+    log_length: int
+    log_bytes: int
+
+
+@dataclass
+class _Op:
+    kind: str  # "append" | "compact" | "load" | "stats"
+    room: str
+    future: asyncio.Future[Any]
+    seq: int = 0
+    data: bytes = b""
+    queued_at: float = 0.0
+
+
+_STOP = object()
+
+
+class Store:
+    """Use as `async with Store(directory) as store:`; closing commits everything queued."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        on_write_latency: Callable[[float], None] | None = None,
+    ) -> None:
+        self.path = Path(directory) / DB_NAME
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._on_write_latency = on_write_latency
+        self.closed = False
+
+    async def __aenter__(self) -> Store:
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._stopped = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="crdtchat-store", daemon=True
+        )
+        self._thread.start()
+        await ready
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.put(_STOP)
+        assert self._stopped is not None
+        await asyncio.shield(self._stopped)
+
+    # -- the event loop side -------------------------------------------------------------
+
+    def _submit(self, op: _Op) -> asyncio.Future[Any]:
+        if self.closed:
+            raise StoreError("the store is closed")
+        self._queue.put(op)
+        return op.future
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        return self._loop.create_future()
+
+    def append(self, room: str, seq: int, update: bytes) -> asyncio.Future[None]:
+        """Queue one accepted update; the future resolves once it is committed."""
+        return self._submit(
+            _Op(
+                "append",
+                room,
+                self._new_future(),
+                seq=seq,
+                data=update,
+                queued_at=time.perf_counter(),
+            )
+        )
+
+    def compact(self, room: str, upto_seq: int, snapshot: bytes) -> asyncio.Future[None]:
+        """Replace the room's snapshot and every logged update up to `upto_seq` by `snapshot`,
+        which must contain all of them (the room's document state right after `upto_seq`)."""
+        return self._submit(_Op("compact", room, self._new_future(), seq=upto_seq, data=snapshot))
+
+    async def load(self, room: str) -> StoredRoom:
+        return await self._submit(_Op("load", room, self._new_future()))
+
+    async def stats(self, room: str) -> RoomStats:
+        return await self._submit(_Op("stats", room, self._new_future()))
+
+    # -- the store thread ----------------------------------------------------------------
+
+    def _deliver(
+        self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+    ) -> None:
+        for future, value, error in results:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+    def _post(self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        if not results:
+            return
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, results)
+        except RuntimeError:  # the loop is gone: nobody is waiting any more
+            log.warning("store results dropped: event loop closed")
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            self._post([(ready, None, StoreError(f"cannot open {self.path}: {error}"))])
+            self._post([(self._stopped, None, None)])  # type: ignore[list-item]
+            return
+        self._post([(ready, None, None)])
+        try:
+            self._serve(db)
+        finally:
+            db.close()
+            self._post([(self._stopped, None, None)])  # type: ignore[list-item]
+
+    def _serve(self, db: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[_Op] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(item, _Op)
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._process(db, batch)
+
+    def _process(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
+        writes: list[_Op] = []
+        for op in batch:
+            if op.kind in ("append", "compact"):
+                writes.append(op)
+                continue
+            self._commit(db, writes)
+            writes = []
+            self._post([self._read(db, op)])
+        self._commit(db, writes)
+
+    def _commit(self, db: sqlite3.Connection, writes: list[_Op]) -> None:
+        if not writes:
+            return
+        error: BaseException | None = None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in writes:
+                if op.kind == "append":
+                    db.execute(
+                        "INSERT INTO updates (room, seq, data) VALUES (?, ?, ?)",
+                        (op.room, op.seq, op.data),
+                    )
+                else:
+                    db.execute("DELETE FROM updates WHERE room = ? AND seq <= ?", (op.room, op.seq))
+                    db.execute(
+                        "INSERT OR REPLACE INTO snapshots (room, upto, data) VALUES (?, ?, ?)",
+                        (op.room, op.seq, op.data),
+                    )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("store commit of %d writes failed: %s", len(writes), exc)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            error = StoreError(f"store write failed: {exc}")
+        done = time.perf_counter()
+        if error is None and self._on_write_latency is not None:
+            latencies = [done - op.queued_at for op in writes if op.kind == "append"]
+            callback = self._on_write_latency
+            if latencies and self._loop is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(_observe_all, callback, latencies)
+        self._post([(op.future, None, error) for op in writes])
+
+    def _read(
+        self, db: sqlite3.Connection, op: _Op
+    ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+        try:
+            if op.kind == "load":
+                return op.future, self._load(db, op.room), None
+            if op.kind == "stats":
+                return op.future, self._stats(db, op.room), None
+            raise AssertionError(op.kind)
+        except (sqlite3.Error, ValueError) as exc:
+            return op.future, None, StoreError(f"cannot read room {op.room!r}: {exc}")
+
+    def _load(self, db: sqlite3.Connection, room: str) -> StoredRoom:
+        row = db.execute("SELECT upto, data FROM snapshots WHERE room = ?", (room,)).fetchone()
+        upto, snapshot = (0, None) if row is None else (int(row[0]), bytes(row[1]))
+        rows = db.execute(
+            "SELECT seq, data FROM updates WHERE room = ? AND seq > ? ORDER BY seq",
+            (room, upto),
+        ).fetchall()
+        updates = [bytes(data) for _, data in rows]
+        last = max([upto, *(int(seq) for seq, _ in rows)])
+        parts = ([snapshot] if snapshot is not None else []) + updates
+        if not parts:
+            state = b""
+        elif len(parts) == 1:
+            state = parts[0]
+        else:
+            state = merge_updates(*parts)
+        return StoredRoom(
+            state=state,
+            log_length=len(updates),
+            log_bytes=sum(len(u) for u in updates),
+            next_seq=last + 1,
+        )
+
+    def _stats(self, db: sqlite3.Connection, room: str) -> RoomStats:
+        row = db.execute("SELECT length(data) FROM snapshots WHERE room = ?", (room,)).fetchone()
+        count, total = db.execute(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM updates WHERE room = ?",
+            (room,),
+        ).fetchone()
+        return RoomStats(
+            snapshot_bytes=0 if row is None else int(row[0]),
+            log_length=int(count),
+            log_bytes=int(total),
+        )
+
+
+def _observe_all(callback: Callable[[float], None], values: list[float]) -> None:
+    for value in values:
+        callback(value)
