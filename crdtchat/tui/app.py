@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import anyio
 from pycrdt import Subscription
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -43,6 +44,20 @@ MAX_SHOWN = 200  # messages rendered at the end of a long thread; the rest is su
 
 class UserError(Exception):
     """Something the person asked for that cannot be done; shown, never raised further."""
+
+
+class Signal:
+    """Wakes every waiter once per `notify`; lets tests and embedders wait for a redraw."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 class Uploader(Protocol):
@@ -91,6 +106,7 @@ class ChatApp(App[None]):
         self._dirty: set[str] = set()
         self._refresh_queued = False
         self._unsubscribe: list[Callable[[], None]] = []
+        self.updated = Signal()  # notified after every redraw of the thread or status lines
         self.title = f"crdtchat · {room}"
 
     # -- layout and lifecycle --------------------------------------------------------------
@@ -167,6 +183,7 @@ class ChatApp(App[None]):
         except Exception as error:  # a peer wrote something we did not foresee: show it, go on
             log.exception("refresh failed")
             self.notice(f"display error: {error}", error=True)
+        self.updated.notify()
 
     async def _refresh_thread(self) -> None:
         conversation = self.conversation
@@ -242,6 +259,7 @@ class ChatApp(App[None]):
 
     def notice(self, text: str, *, error: bool = False) -> None:
         self.query_one("#notice", Line).say(text, error=error)
+        self.updated.notify()
 
     # -- the composer ----------------------------------------------------------------------
 

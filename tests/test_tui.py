@@ -1,0 +1,276 @@
+"""The terminal chat client, driven headless through Textual's Pilot.
+
+Single-client tests share one in-process document between the app and the worker's
+`Conversation` (the worker code writes into it exactly as it does over a relay). The model is
+a scripted stand-in, the external boundary; the worker's own turn logic is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from crdtchat.document import Conversation
+from crdtchat.providers.base import Finished, TextDelta, TurnEvent, TurnRequest
+from crdtchat.schema import ModelRef, assistant_turn_id
+from crdtchat.tui.app import ChatApp
+from crdtchat.tui.link import DetachedLink
+from crdtchat.tui.widgets import Line, ThreadView
+from crdtchat.worker.turn import Changes, serve_turn
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+MODEL = ModelRef(provider="scripted", api="test", model="m")
+
+
+class ScriptedModel:
+    """Yields the pieces it is given, then waits for `release` (if any) before finishing."""
+
+    name = "scripted"
+    api = "test"
+
+    def __init__(self, pieces: list[str], *, release: anyio.Event | None = None) -> None:
+        self.pieces = pieces
+        self.release = release
+
+    async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        for piece in self.pieces:
+            yield TextDelta(piece)
+        if self.release is not None:
+            await self.release.wait()
+        yield Finished(status="complete")
+
+
+def make_app(conversation: Conversation, device: str = "laptop") -> ChatApp:
+    return ChatApp(conversation, DetachedLink(conversation.doc), room="room-1", device=device)
+
+
+def thread_texts(app: ChatApp) -> list[str]:
+    return app.query_one("#thread", ThreadView).texts()
+
+
+def line(app: ChatApp, name: str) -> str:
+    return app.query_one(f"#{name}", Line).text
+
+
+async def until(app: ChatApp, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `predicate()` holds, re-checking after each redraw of the app."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await app.updated.wait()
+
+
+async def submit(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
+    """Put `text` in the composer (as a paste would) and press enter."""
+    pilot.app.query_one("#composer").value = text
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_sending_appends_a_message_and_clears_the_composer() -> None:
+    conversation = Conversation.create(author="alice")
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await pilot.press(*"hello there")
+        assert conversation.draft() == "hello there"  # the composer is the shared draft
+        await pilot.press("enter")
+        await pilot.pause()
+
+        [message] = conversation.current_thread()
+        assert (message.role, message.author, message.content) == ("user", "alice", "hello there")
+        assert app.query_one("#composer").value == ""
+        assert conversation.draft() == ""
+        assert thread_texts(app)[0].startswith("#1 you")
+        assert thread_texts(app)[0].endswith("hello there")
+        assert conversation.read_mark("alice") == message.id
+
+        await submit(pilot, "and more")
+        assert [m.content for m in conversation.current_thread()] == ["hello there", "and more"]
+        assert len(thread_texts(app)) == 2
+
+
+async def test_streaming_reply_grows_then_becomes_the_committed_message() -> None:
+    conversation = Conversation.create(author="alice")
+    worker = Conversation(conversation.doc, author="worker-1")
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await submit(pilot, "tell me a story")
+        [question] = conversation.current_thread()
+        turn = assistant_turn_id(question.id, 1)
+
+        worker.start_stream(turn, parent=question.id)
+        await until(app, lambda: len(thread_texts(app)) == 2)
+        assert "writing…" in thread_texts(app)[1]
+        seen = ""
+        for piece in ("Once", " upon", " a time"):
+            worker.append_stream(turn, piece)
+            seen += piece
+            await until(app, lambda seen=seen: thread_texts(app)[-1].endswith(seen + "▌"))
+
+        worker.commit_turn(question.id, turn, model=MODEL, status="complete")
+        await until(app, lambda: "writing…" not in thread_texts(app)[-1])
+        texts = thread_texts(app)
+        assert len(texts) == 2  # the stream turned into the message; nothing shows twice
+        assert texts[1].startswith("#2 assistant · scripted/m")
+        assert texts[1].endswith("Once upon a time")
+
+
+async def test_regenerate_asks_for_another_answer_and_shows_it() -> None:
+    conversation = Conversation.create(author="alice")
+    worker = Conversation(conversation.doc, author="worker-1")
+    question = conversation.append("user", "pick a number")
+    first = worker.commit_turn(
+        question.id, assistant_turn_id(question.id, 1), model=MODEL, status="complete", content="4"
+    )
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await until(app, lambda: len(thread_texts(app)) == 2)
+        await submit(pilot, "/regen")
+        assert conversation.regenerate_requests()[question.id].n == 2
+        assert "asked for answer 2 to #1" in line(app, "notice")
+
+        [waiting] = worker.waiting_for_reply()
+        assert waiting.answer_number == 2
+        second = await serve_turn(
+            worker, waiting, ScriptedModel(["7"]), model="m", changes=Changes()
+        )
+        assert second is not None and second.id != first.id
+        await until(app, lambda: thread_texts(app)[-1].endswith("\n7"))
+        assert "[branch 2/2]" in thread_texts(app)[-1]
+        assert question.id not in conversation.regenerate_requests()
+
+        # the key binding does the same
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert conversation.regenerate_requests()[question.id].n == 3
+
+
+async def test_cancel_stops_the_reply_being_streamed() -> None:
+    conversation = Conversation.create(author="alice")
+    worker = Conversation(conversation.doc, author="worker-1")
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await submit(pilot, "/cancel")
+        assert "no reply is being written" in line(app, "notice")  # an error, shown
+
+        await submit(pilot, "write forever")
+        [waiting] = worker.waiting_for_reply()
+        changes = Changes()
+        subscription = worker.cancels.observe(lambda _event: changes.notify())
+        result = []
+        async with anyio.create_task_group() as tasks:
+
+            async def run_worker() -> None:
+                model = ScriptedModel(["partial answer"], release=anyio.Event())
+                result.append(await serve_turn(worker, waiting, model, model="m", changes=changes))
+
+            tasks.start_soon(run_worker)
+            await until(app, lambda: thread_texts(app)[-1].endswith("partial answer▌"))
+            await pilot.press("ctrl+g")
+            await until(app, lambda: "cancel requested" in line(app, "notice"))
+        worker.cancels.unobserve(subscription)
+
+        [message] = result
+        assert message is not None and message.status == "cancelled"
+        assert message.content == "partial answer"
+        await until(app, lambda: "cancelled" in thread_texts(app)[-1])
+        assert thread_texts(app)[-1].startswith("#2 assistant")
+
+
+async def test_branch_and_switch_between_branches() -> None:
+    conversation = Conversation.create(author="alice")
+    worker = Conversation(conversation.doc, author="worker-1")
+
+    def answer(question_id: str, text: str) -> None:
+        worker.commit_turn(
+            question_id,
+            assistant_turn_id(question_id, 1),
+            model=MODEL,
+            status="complete",
+            content=text,
+        )
+
+    q1 = conversation.append("user", "first question")
+    answer(q1.id, "first answer")
+    q2 = conversation.append("user", "second question")
+    answer(q2.id, "second answer")
+
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await until(app, lambda: len(thread_texts(app)) == 4)
+
+        await submit(pilot, "/branch 2 nope")  # #2 is the assistant's
+        assert "only user messages can be edited" in line(app, "notice")
+
+        # edit #3 in the composer: it is loaded, changed and sent as a sibling of #3
+        await submit(pilot, "/branch 3")
+        assert app.query_one("#composer").value == "second question"
+        assert "editing #3" in line(app, "status")
+        await pilot.press(*" (reworded)", "enter")
+        await pilot.pause()
+        edited = conversation.current_thread()[-1]
+        assert edited.content == "second question (reworded)"
+        assert edited.parent == q2.parent
+        await until(app, lambda: len(thread_texts(app)) == 3)
+        assert "[branch 2/2]" in thread_texts(app)[-1]
+        answer(edited.id, "reworded answer")
+        await until(app, lambda: thread_texts(app)[-1].endswith("reworded answer"))
+
+        # /branches lists the two leaves, the shown one marked
+        await submit(pilot, "/branches")
+        listing = line(app, "notice").splitlines()
+        assert listing[0].startswith(" 1. 4 messages") and "second answer" in listing[0]
+        assert listing[1].startswith("*2. 4 messages") and "reworded answer" in listing[1]
+
+        # /switch 1: the old branch, a local view choice that new messages follow
+        await submit(pilot, "/switch 1")
+        await until(app, lambda: thread_texts(app)[-1].endswith("second answer"))
+        assert "branch view" in line(app, "status")
+        await submit(pilot, "follow-up on the old branch")
+        follow_up = conversation.current_thread()[-1]
+        assert follow_up.parent == assistant_turn_id(q2.id, 1)
+        worker.append("user", "someone else's newer thread", parent=q1.id)
+        answer(follow_up.id, "old branch continues")
+        await until(app, lambda: thread_texts(app)[-1].endswith("old branch continues"))
+        assert len(thread_texts(app)) == 6
+
+        # /follow: back to the shared default, the thread ending at the newest leaf
+        await submit(pilot, "/follow")
+        await until(app, lambda: thread_texts(app)[-1].endswith("old branch continues"))
+        await submit(pilot, "/switch 9")
+        assert "there are" in line(app, "notice")
+
+
+async def test_settings_export_and_errors_are_shown_not_raised(tmp_path: Path) -> None:
+    conversation = Conversation.create(author="alice")
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await submit(pilot, "/model gpt-test")
+        await submit(pilot, "/provider openai")
+        assert (conversation.settings.provider, conversation.settings.model) == (
+            "openai",
+            "gpt-test",
+        )
+        await until(app, lambda: "model: openai/gpt-test" in line(app, "header"))
+
+        await submit(pilot, "/frobnicate")
+        assert "unknown command /frobnicate" in line(app, "notice")
+        assert app.query_one("#composer").value == "/frobnicate"  # kept, to be corrected
+        await pilot.press("ctrl+u")
+
+        await submit(pilot, "a message")
+        target = tmp_path / "out.json"
+        await submit(pilot, f"/export {target}")
+        exported = json.loads(target.read_text())
+        assert [m["content"] for m in exported["messages"]] == ["a message"]
+        assert "exported 1 messages" in line(app, "notice")
+
+        await submit(pilot, f"/export {tmp_path}/missing/dir/out.json")
+        assert "No such file or directory" in line(app, "notice")
+        await submit(pilot, "/attach /nonexistent")
+        assert "need a relay" in line(app, "notice")
+        assert app.is_running
