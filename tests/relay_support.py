@@ -198,10 +198,12 @@ def message_map(msg_id: str, role: str, author: str, text: str, parent: str | No
 class RawClient:
     """A y-websocket client built from crdtchat.wire and a pycrdt Doc, for protocol tests."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, doc: Doc | None = None) -> None:
         self.ws = ws
-        self.doc: Doc = Doc()
+        self.doc: Doc = Doc() if doc is None else doc
         self.roots = declare_roots(self.doc)
+        self.multi_message_frames = 0  # frames from the relay holding more than one message
+        self.sent_log: list[bytes] = []  # payloads of our SyncStep2/SyncUpdate, in order
         self.received: list[WireMessage] = []
         self.denied: list[str] = []
         self.acks: list[int] = []
@@ -234,7 +236,9 @@ class RawClient:
         try:
             async for frame in self.ws:
                 assert isinstance(frame, bytes), "the relay sends binary frames"
-                for message in decode_frame(frame):
+                decoded = decode_frame(frame)
+                self.multi_message_frames += len(decoded) > 1
+                for message in decoded:
                     self.received.append(message)
                     await self._on_message(message)
                 self._notify()
@@ -265,7 +269,10 @@ class RawClient:
                     self.awareness[entry.client_id] = (entry.clock, entry.state)
 
     async def send(self, *messages: WireMessage) -> None:
-        self.sent_updates += sum(isinstance(m, SyncStep2 | SyncUpdate) for m in messages)
+        for m in messages:
+            if isinstance(m, SyncStep2 | SyncUpdate):
+                self.sent_log.append(m.update)
+        self.sent_updates = len(self.sent_log)
         await self.ws.send(encode_frame(messages))
 
     async def send_raw(self, frame: bytes | str) -> None:
@@ -304,9 +311,11 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_client(url: str, *, hello: bool = True) -> AsyncIterator[RawClient]:
+async def raw_client(
+    url: str, *, hello: bool = True, doc: Doc | None = None
+) -> AsyncIterator[RawClient]:
     async with connect(url, max_size=None, compression=None) as ws:
-        client = RawClient(ws)
+        client = RawClient(ws, doc)
         async with anyio.create_task_group() as tg:
             tg.start_soon(client._receive)
             if hello:
