@@ -8,17 +8,24 @@ a scripted stand-in, the external boundary; the worker's own turn logic is the r
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
+from pycrdt import Doc
+from relay_support import RelayProcess, running_relay, token
+from textual.widgets import Input
 
 from crdtchat.document import Conversation
 from crdtchat.providers.base import Finished, TextDelta, TurnEvent, TurnRequest
+from crdtchat.replica import Backoff, Replica
 from crdtchat.schema import ModelRef, assistant_turn_id
 from crdtchat.tui.app import ChatApp
-from crdtchat.tui.link import DetachedLink
+from crdtchat.tui.blobs import BlobUploader
+from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.widgets import Line, ThreadView
 from crdtchat.worker.turn import Changes, serve_turn
 
@@ -59,9 +66,13 @@ def line(app: ChatApp, name: str) -> str:
 
 async def until(app: ChatApp, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until `predicate()` holds, re-checking after each redraw of the app."""
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await app.updated.wait()
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await app.updated.wait()
+    except TimeoutError:
+        screen = {name: line(app, name) for name in ("notice", "presence", "status")}
+        raise AssertionError(f"condition not met; screen: {screen}, {thread_texts(app)}") from None
 
 
 async def submit(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
@@ -274,3 +285,135 @@ async def test_settings_export_and_errors_are_shown_not_raised(tmp_path: Path) -
         await submit(pilot, "/attach /nonexistent")
         assert "need a relay" in line(app, "notice")
         assert app.is_running
+
+
+# -- two clients through one real relay subprocess ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    with running_relay(tmp_path_factory.mktemp("relay") / "data") as process:
+        yield process
+
+
+FAST_RETRY = Backoff(initial=0.05, maximum=0.2)
+
+
+@asynccontextmanager
+async def device(
+    relay: RelayProcess, room: str, store: Path, *, sub: str, name: str
+) -> AsyncIterator[tuple[ChatApp, Replica]]:
+    """One client device: a Replica with its own SQLite file, and the app on top of it."""
+    conversation = Conversation(author=sub)
+    url = f"ws://{relay.host}:{relay.port}"
+    async with Replica(
+        url, room, token(room, sub=sub), doc=conversation.doc, store_path=store, backoff=FAST_RETRY
+    ) as replica:
+        app = ChatApp(
+            conversation,
+            ReplicaLink(replica),
+            room=room,
+            device=name,
+            uploader=BlobUploader(url, token(room, sub=sub)),
+        )
+        yield app, replica
+
+
+async def test_presence_shows_my_other_device_and_other_people(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    room = "presence-1"
+    async with (
+        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (a, _),
+        device(relay, room, tmp_path / "phone.sqlite", sub="alice", name="phone") as (b, _),
+        a.run_test() as pilot_a,
+        b.run_test() as pilot_b,
+    ):
+        url = f"ws://{relay.host}:{relay.port}"
+        async with Replica(url, room, token(room, sub="bob"), doc=Doc()) as bob:
+            bob.set_presence(user="bob", device="desk", typing=False)
+            await until(a, lambda: "bob@desk" in line(a, "presence"))
+            assert line(a, "presence").startswith("you: laptop (here), phone")
+            await until(b, lambda: line(b, "presence").startswith("you: phone (here), laptop"))
+
+            await pilot_b.press("h", "i")  # typing on the phone shows on the laptop
+            await until(a, lambda: "phone typing…" in line(a, "presence"))
+            bob.set_presence(typing=True)
+            await until(a, lambda: "bob@desk typing…" in line(a, "presence"))
+        await until(a, lambda: "bob" not in line(a, "presence"))  # bob left
+        await pilot_a.pause()
+
+
+async def test_draft_moves_between_two_devices_of_one_person(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    room = "draft-1"
+    async with (
+        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (a, _),
+        device(relay, room, tmp_path / "phone.sqlite", sub="alice", name="phone") as (b, _),
+        a.run_test() as pilot_a,
+        b.run_test() as pilot_b,
+    ):
+        await pilot_a.press(*"half a tho")
+        composer_b = b.query_one("#composer", Input)
+        await until(b, lambda: composer_b.value == "half a tho")
+
+        await pilot_b.press(*"ught")  # the phone carries on where the laptop stopped
+        composer_a = a.query_one("#composer", Input)
+        await until(a, lambda: composer_a.value == "half a thought")
+        await pilot_b.press("enter")
+        await until(a, lambda: len(thread_texts(a)) == 1)
+        assert thread_texts(a)[0].endswith("half a thought")
+        assert a.conversation.current_thread()[0].author == "alice"
+        await until(a, lambda: composer_a.value == "")
+        assert b.conversation.draft() == ""
+
+
+async def test_offline_indicator_counts_pending_updates_until_stored(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    room = "offline-1"
+    async with (
+        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (
+            app,
+            replica,
+        ),
+        app.run_test() as pilot,
+    ):
+        await until(app, lambda: line(app, "status").startswith("online · all stored"))
+        relay.kill()
+        try:
+            await until(app, lambda: line(app, "status").startswith("offline"))
+            await submit(pilot, "written on the train")
+            await submit(pilot, "and another")
+            pending = replica.status.pending
+            assert pending > 0
+            await until(app, lambda: line(app, "status").startswith(f"offline · {pending} pending"))
+        finally:
+            relay.start()
+        await until(app, lambda: line(app, "status").startswith("online · all stored"))
+        assert replica.status.pending == 0
+
+
+async def test_attach_uploads_to_the_relay_and_the_next_message_carries_the_file(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    room = "attach-1"
+    payload = tmp_path / "notes.txt"
+    payload.write_bytes(b"some notes\n")
+    async with (
+        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (app, _),
+        app.run_test() as pilot,
+    ):
+        await submit(pilot, f"/attach {payload}")
+        await until(app, lambda: "attached: notes.txt" in line(app, "status"))
+        await submit(pilot, "see the file")
+        [message] = app.conversation.current_thread()
+        [ref] = message.files or ()
+        assert (ref.name, ref.size, ref.mime) == ("notes.txt", 11, "text/plain")
+        async with httpx.AsyncClient() as client:
+            response = await client.get(
+                f"{relay.http_url}/blobs/{ref.sha256}", params={"token": token(room)}
+            )
+        assert response.content == b"some notes\n"
+        await until(app, lambda: "📎 notes.txt" in thread_texts(app)[0])

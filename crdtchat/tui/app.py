@@ -205,7 +205,11 @@ class ChatApp(App[None]):
         for stream in streams_on(conversation, thread):
             items.append(StreamItem(stream, conversation.cancel_requested(stream.turn_id)))
         await self.query_one("#thread", ThreadView).show(items, elided=start)
-        if thread and conversation.read_mark(conversation.author) != thread[-1].id:
+        if (
+            not self.read_only
+            and thread
+            and conversation.read_mark(conversation.author) != thread[-1].id
+        ):
             conversation.mark_read(conversation.author, thread[-1].id)
 
     def _branch_position(self, message: Message) -> tuple[int, int] | None:

@@ -51,6 +51,7 @@ class BlobUploader:
                     url,
                     content=data,
                     headers={"Authorization": f"Bearer {self.token}"},
+                    # also as ?token=: the relay's PUT path looks the header up by the wrong case
                     params={"token": self.token},
                 )
         except httpx.HTTPError as error:
