@@ -170,6 +170,7 @@ def word_pieces(text: str) -> list[str]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # one small write per SSE event: do not wait for ACKs
     server: _HTTPServer
     timeout = 30  # an idle keep-alive connection does not pin a thread for long
 

@@ -474,3 +474,20 @@ def test_parser_events_from_a_recorded_stream() -> None:
     hidden = _parse([RECORDED], store=False)[-1].derived
     assert [d.kind for d in hidden] == ["hidden"]
     assert hidden[0].data["items"][0]["encrypted_content"] == "blob"
+
+
+async def test_closing_the_stream_early_releases_the_connection() -> None:
+    """The worker cancels by no longer iterating; the HTTP stream must close cleanly."""
+    from contextlib import aclosing
+
+    with openai_server() as server:
+        p = provider(server)
+        thread = Thread()
+        thread.user("a fairly long message to stream back")
+        async with aclosing(p.stream_turn(request(thread))) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    break
+        # The provider is still usable afterwards (nothing half-open left behind).
+        turn = await run_turn(p, request(thread))
+        assert turn.finished.status == "complete"
