@@ -26,6 +26,7 @@ from crdtchat.schema import (
     FileRef,
     Lease,
     Message,
+    Meta,
     ModelRef,
     Problem,
     RegenerateRequest,
@@ -236,8 +237,36 @@ class Conversation:
         return list(self.view)
 
     def problems(self) -> list[Problem]:
-        """What readers skip, and why (DESIGN §2: reported, never a crash)."""
-        return self.view.problems()
+        """What readers skip, and why, in every root (DESIGN §2: reported, never a crash)."""
+        found = self.view.problems()
+        for name, model in (
+            (schema.DERIVED, DerivedEntry),
+            (schema.LEASES, Lease),
+            (schema.CANCEL, CancelRequest),
+            (schema.REGENERATE, RegenerateRequest),
+            (schema.TOOLS, ToolSpec),
+        ):
+            for key, raw in json.loads(str(self._root_map(name))).items():
+                reason = _invalid_reason(model, raw)
+                if reason is not None:
+                    found.append(Problem(root=name, key=key, reason=reason))
+        for name, model in ((schema.SETTINGS, Settings), (schema.META, Meta)):
+            for key, value in json.loads(str(self._root_map(name))).items():
+                reason = _invalid_reason(model, {key: value})
+                if reason is not None:
+                    found.append(Problem(root=name, key=key, reason=reason))
+        for turn_id in list(self.streams.keys()):
+            if self.stream_text(turn_id) is None:
+                reason = "a stream is a Map with a Text under 'text'"
+                found.append(Problem(root=schema.STREAMS, key=turn_id, reason=reason))
+        for author in list(self.drafts.keys()):
+            if not isinstance(self.drafts.get(author), Text):
+                found.append(Problem(root=schema.DRAFTS, key=author, reason="a draft is a Text"))
+        for peer, value in json.loads(str(self.read_marks)).items():
+            if not isinstance(value, str):
+                reason = "a read mark is a message id"
+                found.append(Problem(root=schema.READ, key=peer, reason=reason))
+        return found
 
     def append(
         self,
@@ -712,6 +741,16 @@ class Conversation:
 def derived_key(entry: DerivedEntry) -> str:
     """One entry per kind, message and model: a newer one replaces an older one."""
     return f"{entry.kind}:{entry.message_id}:{entry.provider}:{entry.api}:{entry.model}"
+
+
+def _invalid_reason(model: type[BaseModel], raw: Any) -> str | None:
+    try:
+        model.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "value"
+        return f"invalid {where}: {first['msg']}"
+    return None
 
 
 def _valid_entries(root: Map, model: type[ModelT]) -> dict[str, ModelT]:
