@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import Awareness, Doc, Subscription, TransactionEvent
+from pycrdt import Awareness, Doc, Subscription, TransactionEvent, merge_updates
 
 from crdtchat.wire import (
     Ack,
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 REMOTE_ORIGIN = "crdtchat.sync.remote"
 
 _EMPTY_UPDATE = b"\x00\x00"
+# Local updates queued together are merged into SyncUpdates of at most about this size.
+MAX_MERGED_UPDATE = 1024 * 1024
 
 
 class SyncProtocolError(ValueError):
@@ -97,6 +99,12 @@ class PresenceChanged:
     removed: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class _Step2:
+    update: bytes
+    covers_upto: int  # the highest local id pending when it was made
+
+
 SessionEvent = LocalUpdate | RemoteUpdate | Durable | Synced | Denied | PresenceChanged
 
 
@@ -128,7 +136,9 @@ class SyncSession:
             raise ValueError("next_local_id must be larger than every pending id")
         self._next_local_id = max(next_local_id, 1)
         self._events: list[SessionEvent] = []
-        self._outbox: list[WireMessage] = []
+        # Messages waiting for data_to_send(): wire messages as they are, plus our SyncStep2
+        # (with the highest local id it covers) and local updates, which are counted there.
+        self._outbox: list[WireMessage | _Step2 | LocalUpdate] = []
         self._applying_remote = False
         self._remote_changed = False
         self._closed = False
@@ -139,9 +149,9 @@ class SyncSession:
         self._sent = 0
         self._acked = 0
         self._refused: set[int] = set()  # sequence numbers the relay refused
-        # (message seq, local id): a SyncUpdate carries that id; a SyncStep2 (flag True) every
-        # id pending when it was made, i.e. every id still pending up to it.
-        self._inflight: deque[tuple[int, int, bool]] = deque()
+        # (message seq, covers_upto, local ids): a SyncUpdate carries `local ids`; a SyncStep2
+        # carries every id pending when it was made, i.e. every id still pending <= covers_upto.
+        self._inflight: deque[tuple[int, int, tuple[int, ...]]] = deque()
         self._subscription: Subscription = doc.observe(self._on_transaction)
         self._awareness_subscription: str | None = None
         if awareness is not None:
@@ -243,9 +253,40 @@ class SyncSession:
     def data_to_send(self) -> list[WireMessage]:
         """Messages to send now, in this order, on the current connection.
 
-        Sequence numbers are assigned when a message is queued, so the I/O layer must send all
+        Consecutive local updates are merged into one SyncUpdate (fewer messages against the
+        relay's rate limit). Sequence numbers are assigned here, so the I/O layer must send all
         of them, in order, or drop the connection (and call `disconnect`)."""
-        messages, self._outbox = self._outbox, []
+        items, self._outbox = self._outbox, []
+        messages: list[WireMessage] = []
+        batch: list[LocalUpdate] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            if batch:
+                update = (
+                    batch[0].update
+                    if len(batch) == 1
+                    else merge_updates(*(local.update for local in batch))
+                )
+                ids = tuple(local.local_id for local in batch)
+                messages.append(self._count(SyncUpdate(update), 0, ids))
+                batch.clear()
+                size = 0
+
+        for item in items:
+            if isinstance(item, LocalUpdate):
+                if size + len(item.update) > MAX_MERGED_UPDATE:
+                    flush()
+                batch.append(item)
+                size += len(item.update)
+                continue
+            flush()
+            if isinstance(item, _Step2):
+                messages.append(self._count(SyncStep2(item.update), item.covers_upto, ()))
+            else:
+                messages.append(item)
+        flush()
         return messages
 
     def events(self) -> list[SessionEvent]:
@@ -261,7 +302,7 @@ class SyncSession:
             return None
         local = self._record_local(update)
         if self._answered_step1:
-            self._queue_update(local)
+            self._outbox.append(local)
         return local
 
     def receive(self, message: WireMessage) -> None:
@@ -299,8 +340,7 @@ class SyncSession:
             update = self.doc.get_update(state_vector)
         except Exception as error:  # pycrdt raises a bare ValueError/… on a bad state vector
             raise SyncProtocolError(f"undecodable state vector from the relay: {error}") from error
-        high = next(reversed(self._pending), 0)
-        self._send_counted(SyncStep2(update), high, covers_earlier=True)
+        self._outbox.append(_Step2(update, next(reversed(self._pending), 0)))
         self._answered_step1 = True
 
     def _apply_remote(self, update: bytes) -> None:
@@ -331,7 +371,7 @@ class SyncSession:
             return
         local = self._record_local(event.update)
         if self._answered_step1:
-            self._queue_update(local)
+            self._outbox.append(local)
         if self._on_change is not None:
             self._on_change()
 
@@ -342,15 +382,12 @@ class SyncSession:
         self._events.append(local)
         return local
 
-    def _queue_update(self, local: LocalUpdate) -> None:
-        self._send_counted(SyncUpdate(local.update), local.local_id)
-
-    def _send_counted(
-        self, message: SyncStep2 | SyncUpdate, local_id: int, *, covers_earlier: bool = False
-    ) -> None:
+    def _count(
+        self, message: SyncStep2 | SyncUpdate, covers_upto: int, local_ids: tuple[int, ...]
+    ) -> SyncStep2 | SyncUpdate:
         self._sent += 1
-        self._inflight.append((self._sent, local_id, covers_earlier))
-        self._outbox.append(message)
+        self._inflight.append((self._sent, covers_upto, local_ids))
+        return message
 
     def _acknowledge(self, seq: int) -> None:
         if seq > self._sent:
@@ -360,19 +397,18 @@ class SyncSession:
         self._acked = seq
         durable: list[int] = []
         while self._inflight and self._inflight[0][0] <= seq:
-            message_seq, local_id, covers_earlier = self._inflight.popleft()
+            message_seq, covers_upto, local_ids = self._inflight.popleft()
             if message_seq in self._refused:
                 continue
-            if covers_earlier:
-                for pending_id in self._pending:
-                    if pending_id > local_id:
-                        break
-                    durable.append(pending_id)
-                for pending_id in durable:
-                    self._pending.pop(pending_id, None)
-            elif local_id in self._pending:
-                del self._pending[local_id]
-                durable.append(local_id)
+            settled = list(local_ids)
+            for pending_id in self._pending:
+                if pending_id > covers_upto:
+                    break
+                settled.append(pending_id)
+            for local_id in settled:
+                if local_id in self._pending:
+                    del self._pending[local_id]
+                    durable.append(local_id)
         if durable:
             self._events.append(Durable(tuple(sorted(set(durable)))))
 

@@ -219,9 +219,10 @@ def connected(doc: Doc, **kwargs: object) -> SyncSession:
 def test_acks_make_pending_updates_durable_in_order() -> None:
     doc: Doc = Doc()
     session = connected(doc)
+    sent = wire(session.data_to_send())
     for text in ("a", "b", "c"):
         append_message(doc, text)
-    sent = wire(session.data_to_send())
+        sent += wire(session.data_to_send())
     assert [type(m) for m in sent] == [SyncStep1, SyncStep2, SyncUpdate, SyncUpdate, SyncUpdate]
     assert session.pending_count == 3 and not session.durable
     assert session.sent == 4
@@ -232,6 +233,22 @@ def test_acks_make_pending_updates_durable_in_order() -> None:
     assert [e for e in session.events() if isinstance(e, Durable)] == [Durable((1, 2))]
     session.receive(Ack(4))
     assert session.durable and session.acked == 4
+
+
+def test_queued_local_updates_go_out_merged_and_settle_together() -> None:
+    doc: Doc = Doc()
+    session = connected(doc)
+    session.data_to_send()
+    for text in ("a", "b", "c"):
+        append_message(doc, text)
+    (merged,) = wire(session.data_to_send())
+    assert isinstance(merged, SyncUpdate)
+    replica: Doc = Doc()
+    replica.apply_update(merged.update)
+    assert contents(replica) == ["a", "b", "c"]
+    assert session.sent == 2
+    session.receive(Ack(2))
+    assert session.durable
 
 
 def test_step2_covers_every_update_pending_before_it() -> None:
@@ -249,6 +266,19 @@ def test_step2_covers_every_update_pending_before_it() -> None:
     assert session.durable
 
 
+def test_step2_does_not_cover_updates_made_after_it() -> None:
+    doc: Doc = Doc()
+    session = SyncSession(doc)
+    append_message(doc, "before")  # id 1
+    session.connect()
+    session.receive(SyncStep1(b"\x00"))  # SyncStep2 queued: covers id 1
+    append_message(doc, "after")  # id 2, a separate SyncUpdate
+    step1, step2, update = wire(session.data_to_send())
+    assert isinstance(step2, SyncStep2) and isinstance(update, SyncUpdate)
+    session.receive(Ack(1))
+    assert session.pending_ids == (2,)
+
+
 def test_acks_that_lie_are_protocol_errors() -> None:
     session = connected(Doc())
     session.data_to_send()
@@ -262,9 +292,10 @@ def test_acks_that_lie_are_protocol_errors() -> None:
 def test_a_refused_update_stays_pending_and_later_ones_become_durable() -> None:
     doc: Doc = Doc()
     session = connected(doc)
+    session.data_to_send()  # step2 (seq 1)
     for text in ("ok", "forbidden", "ok again"):
         append_message(doc, text)
-    session.data_to_send()  # step2 (seq 1), updates 1..3 (seq 2..4)
+        session.data_to_send()  # updates 1..3 (seq 2..4)
     session.receive(Ack(2))
     session.receive(AuthDenied("writers may not do that"))
     session.receive(Ack(4))
@@ -480,29 +511,36 @@ class SyncMachine(RuleBasedStateMachine):
         if connection is not None:
             connection.to_relay.extend(messages)
 
-    @rule(client=client_ids, text=st.text(min_size=1, max_size=5))
-    def edit(self, client: int, text: str) -> None:
+    @rule(client=client_ids, text=st.text(min_size=1, max_size=5), send=st.booleans())
+    def edit(self, client: int, text: str, send: bool) -> None:
         self.edits += 1
         append_message(self.docs[client], f"{client}:{self.edits}:{text}")
         self._collect(client)
-        self._flush_client(client)
+        if send:  # otherwise it waits, and goes out merged with later ones
+            self._flush_client(client)
 
-    @rule(client=client_ids)
-    def edit_text_of_an_existing_message(self, client: int) -> None:
+    @rule(client=client_ids, send=st.booleans())
+    def edit_text_of_an_existing_message(self, client: int, send: bool) -> None:
         root = messages_root(self.docs[client])
         if len(root):
             text = root[len(root) - 1]["content"]
             text += "+"
             self._collect(client)
-            self._flush_client(client)
+            if send:
+                self._flush_client(client)
 
-    @rule(client=client_ids)
-    def forbidden_edit(self, client: int) -> None:
+    @rule(client=client_ids, send=st.booleans())
+    def forbidden_edit(self, client: int, send: bool) -> None:
         self.docs[client].get("forbidden", type=Map)[f"k{self.edits}"] = client
         self.edits += 1
         before = set(self.local_updates)
         self._collect(client)
         self.forbidden_ids |= set(self.local_updates) - before
+        if send:
+            self._flush_client(client)
+
+    @rule(client=client_ids)
+    def send_queued(self, client: int) -> None:
         self._flush_client(client)
 
     @precondition(lambda self: len(self.relay.connections) < CLIENTS)
