@@ -57,9 +57,7 @@ def _tool_input(arguments: str) -> Any:
         return {"_raw_arguments": arguments}
 
 
-def anthropic_messages(
-    system: str, thread: Sequence[Message]
-) -> tuple[str, list[dict[str, Any]]]:
+def anthropic_messages(system: str, thread: Sequence[Message]) -> tuple[str, list[dict[str, Any]]]:
     """Anthropic Messages `(system, messages)`.
 
     Anthropic has no system or tool roles inside `messages`, and turns must alternate:
