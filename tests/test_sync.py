@@ -273,7 +273,7 @@ def test_step2_does_not_cover_updates_made_after_it() -> None:
     session.connect()
     session.receive(SyncStep1(b"\x00"))  # SyncStep2 queued: covers id 1
     append_message(doc, "after")  # id 2, a separate SyncUpdate
-    step1, step2, update = wire(session.data_to_send())
+    _, step2, update = wire(session.data_to_send())
     assert isinstance(step2, SyncStep2) and isinstance(update, SyncUpdate)
     session.receive(Ack(1))
     assert session.pending_ids == (2,)
