@@ -27,7 +27,8 @@ from crdtchat.tui.app import ChatApp
 from crdtchat.tui.blobs import BlobUploader
 from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.widgets import Line, ThreadView
-from crdtchat.worker.turn import Changes, serve_turn
+from crdtchat.worker.room import unwatch, watch
+from crdtchat.worker.turn import Changes, TurnSettings, serve_turn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -417,3 +418,66 @@ async def test_attach_uploads_to_the_relay_and_the_next_message_carries_the_file
             )
         assert response.content == b"some notes\n"
         await until(app, lambda: "📎 notes.txt" in thread_texts(app)[0])
+
+
+class GatedModel:
+    """Yields each piece only when the test opens its gate, so every stage can be looked at."""
+
+    name = "scripted"
+    api = "test"
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.gates = [anyio.Event() for _ in pieces]
+        self.finish = anyio.Event()
+
+    async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        for piece, gate in zip(self.pieces, self.gates, strict=True):
+            await gate.wait()
+            yield TextDelta(piece)
+        await self.finish.wait()
+        yield Finished(status="complete")
+
+
+async def test_reply_streams_in_from_a_worker_peer_through_the_relay(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    room = "stream-1"
+    url = f"ws://{relay.host}:{relay.port}"
+    worker = Conversation(author="worker-1")
+    changes = Changes()
+    async with (
+        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (app, _),
+        Replica(url, room, token(room, "worker", sub="worker-1"), doc=worker.doc),
+        app.run_test() as pilot,
+    ):
+        subscriptions = watch(worker, changes)
+        await submit(pilot, "say hello")
+        with anyio.fail_after(10):
+            while not worker.waiting_for_reply():
+                await changes.wait()
+        [waiting] = worker.waiting_for_reply()
+        model = GatedModel(["Hel", "lo ", "world"])
+        async with anyio.create_task_group() as tasks:
+
+            async def run_worker() -> None:
+                await serve_turn(
+                    worker,
+                    waiting,
+                    model,
+                    model="m",
+                    changes=changes,
+                    settings=TurnSettings(flush_interval=0.02),
+                )
+
+            tasks.start_soon(run_worker)
+            shown = ""
+            for piece, gate in zip(model.pieces, model.gates, strict=True):
+                gate.set()
+                shown += piece
+                await until(app, lambda shown=shown: thread_texts(app)[-1].endswith(shown + "▌"))
+            model.finish.set()
+        unwatch(subscriptions)
+        await until(app, lambda: thread_texts(app)[-1].startswith("#2 assistant"))
+        assert thread_texts(app)[-1].endswith("Hello world")
+        assert len(thread_texts(app)) == 2

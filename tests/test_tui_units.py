@@ -13,7 +13,7 @@ from crdtchat.document import Conversation
 from crdtchat.schema import ModelRef, assistant_turn_id
 from crdtchat.tokens import mint_token
 from crdtchat.tui import commands
-from crdtchat.tui.main import claim_device, read_token_subject
+from crdtchat.tui.main import SetupError, claim_device, read_token_subject
 from crdtchat.tui.presence import describe, summarise
 from crdtchat.tui.threads import regeneration_target, shown_thread, streams_on
 
@@ -118,7 +118,7 @@ def test_token_subject_is_read_without_the_secret() -> None:
     assert (subject.room, subject.role, subject.sub) == ("room-1", "writer", "alice")
     payload = base64.urlsafe_b64encode(json.dumps({"room": "r"}).encode()).decode().rstrip("=")
     for bad in ("nonsense", "v1.!!!.sig", f"v1.{payload}.sig"):
-        with pytest.raises(cli.CommandError):
+        with pytest.raises(SetupError):
             read_token_subject(bad)
 
 

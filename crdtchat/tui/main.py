@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,6 @@ from typing import IO
 
 import anyio
 
-from crdtchat.cli import CommandError
 from crdtchat.document import Conversation
 from crdtchat.schema import ROOM_NAME
 from crdtchat.tui.app import ChatApp
@@ -36,6 +36,10 @@ TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
 HOME_VARIABLE = "CRDTCHAT_HOME"
 DEVICE_VARIABLE = "CRDTCHAT_DEVICE"
 MAX_DEVICES_PER_HOST = 16
+
+
+class SetupError(Exception):
+    """Why the client cannot start, in one line for stderr (exit status 1)."""
 
 
 @dataclass(frozen=True)
@@ -52,16 +56,16 @@ def read_token_subject(token: str) -> TokenSubject:
     """
     parts = token.strip().split(".")
     if len(parts) != 3 or parts[0] != "v1":
-        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token")
+        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token")
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (binascii.Error, ValueError) as error:
-        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token ({error})") from None
+        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token ({error})") from None
     if not isinstance(payload, dict):
-        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token")
+        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token")
     room, role, sub = payload.get("room"), payload.get("role"), payload.get("sub")
     if not (isinstance(room, str) and isinstance(role, str) and isinstance(sub, str) and sub):
-        raise CommandError(f"{TOKEN_VARIABLE} is not a crdtchat token (missing claims)")
+        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token (missing claims)")
     return TokenSubject(room=room, role=role, sub=sub)
 
 
@@ -92,22 +96,32 @@ def claim_device(home: Path, room: str, device: str) -> Iterator[tuple[str, Path
         finally:
             lock.close()
         return
-    raise CommandError(f"{MAX_DEVICES_PER_HOST} clients of room {room} already run here")
+    raise SetupError(f"{MAX_DEVICES_PER_HOST} clients of room {room} already run here")
 
 
 def chat_command(args: argparse.Namespace) -> int:
+    # Reported here rather than through crdtchat.cli.CommandError: under `python -m crdtchat.cli`
+    # that class exists twice (as __main__ and as crdtchat.cli) and would escape as a traceback.
+    try:
+        return _chat(args)
+    except SetupError as error:
+        print(f"crdtchat chat: {error}", file=sys.stderr)
+        return 1
+
+
+def _chat(args: argparse.Namespace) -> int:
     room: str = args.room
     relay: str = args.relay
     if not ROOM_NAME.match(room):
-        raise CommandError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
+        raise SetupError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
     if not relay.startswith(("ws://", "wss://")):
-        raise CommandError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
+        raise SetupError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
     token = os.environ.get(TOKEN_VARIABLE, "").strip()
     if not token:
-        raise CommandError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token`)")
+        raise SetupError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token`)")
     subject = read_token_subject(token)
     if subject.room not in ("*", room):
-        raise CommandError(f"the token is for room {subject.room!r}, not {room!r}")
+        raise SetupError(f"the token is for room {subject.room!r}, not {room!r}")
     device = os.environ.get(DEVICE_VARIABLE) or socket.gethostname() or "device"
     home = data_home()
     with claim_device(home, room, device) as (device_name, store_path):
