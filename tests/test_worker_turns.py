@@ -16,6 +16,7 @@ from crdtchat.document import Conversation
 from crdtchat.providers.base import (
     Finished,
     NewDerived,
+    ProviderError,
     TextDelta,
     ToolCallDone,
     TurnEvent,
@@ -23,7 +24,7 @@ from crdtchat.providers.base import (
     Usage,
 )
 from crdtchat.schema import ToolCall, assistant_turn_id
-from crdtchat.worker.room import RoomSettings, serve_room
+from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
 from crdtchat.worker.turn import Changes, TurnSettings, serve_turn
 
 pytestmark = pytest.mark.anyio
@@ -191,19 +192,21 @@ async def test_room_serves_tool_call_round_trip_and_regeneration() -> None:
     question = person.append("user", "use the tool please")
     worker = Conversation(person.doc, author="worker-1")
     model = ScriptedModel(["ok"])
+    pool = ProviderPool("scripted", make=lambda name, model: ScriptedModel(["ok"]))
+    pool._built["scripted"] = model
     settings = RoomSettings(idle_after=0.05)
 
-    assert await serve_room(worker, model, model="m", room="r", settings=settings) == 1
+    assert await serve_room(worker, pool, room="r", settings=settings) == 1
     call_turn = person.current_thread()[-1]
     assert call_turn.tool_calls == (ToolCall(id="call-1", name="clock", arguments="{}"),)
     assert model.requests[0].tools.keys() == {"clock"}
 
     person.append("tool", "12:00", tool_call_id="call-1")
-    assert await serve_room(worker, model, model="m", room="r", settings=settings) == 1
+    assert await serve_room(worker, pool, room="r", settings=settings) == 1
     assert [m.role for m in person.current_thread()] == ["user", "assistant", "tool", "assistant"]
 
     assert person.request_regeneration(question.id) == 2
-    assert await serve_room(worker, model, model="m", room="r", settings=settings) == 1
+    assert await serve_room(worker, pool, room="r", settings=settings) == 1
     answers = person.assistant_answers(question.id)
     assert [m.id for m in answers] == [
         assistant_turn_id(question.id, 1),
@@ -211,3 +214,35 @@ async def test_room_serves_tool_call_round_trip_and_regeneration() -> None:
     ]
     assert person.regenerate_requests() == {}
     assert person.current_thread()[-1].id == assistant_turn_id(question.id, 2)
+
+
+async def test_provider_switch_mid_conversation_and_unbuildable_provider() -> None:
+    person = Conversation.create(author="alice")
+    person.append("user", "first")
+    worker = Conversation(person.doc, author="worker-1")
+    built: list[str] = []
+
+    def make(name: str, *, model: str | None) -> ScriptedModel:
+        if name == "missing":
+            raise ProviderError("provider 'missing' is not available: no key")
+        built.append(name)
+        scripted = ScriptedModel([f"answer from {name}"])
+        scripted.name = name
+        return scripted
+
+    pool = ProviderPool("alpha", make=make)
+    settings = RoomSettings(idle_after=0.05)
+    await serve_room(worker, pool, room="r", settings=settings)
+    person.set_settings(provider="beta", model="beta-large")
+    person.append("user", "second")
+    await serve_room(worker, pool, room="r", settings=settings)
+    person.set_settings(provider="missing")
+    person.append("user", "third")
+    await serve_room(worker, pool, room="r", settings=settings)
+
+    answers = [m for m in person.current_thread() if m.role == "assistant"]
+    assert [a.content for a in answers[:2]] == ["answer from alpha", "answer from beta"]
+    assert [a.model.provider for a in answers[:2]] == ["alpha", "beta"]
+    assert answers[1].model.model == "beta-large"
+    assert answers[2].status == "error" and "no key" in (answers[2].error or "")
+    assert built == ["alpha", "beta"]

@@ -8,13 +8,14 @@ when it expires: that is how a killed worker's turn is taken over.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
 
 from crdtchat.document import Conversation, Waiting
-from crdtchat.providers.base import Provider
+from crdtchat.providers.base import Provider, ProviderError, TurnEvent, TurnRequest
+from crdtchat.providers.registry import make_provider
 from crdtchat.worker.turn import Changes, TurnSettings, serve_turn
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,53 @@ log = logging.getLogger(__name__)
 class RoomSettings:
     idle_after: float = 30.0
     turn: TurnSettings = field(default_factory=TurnSettings)
+
+
+class UnavailableProvider:
+    """Stands in for a provider that could not be built, so the turn records why."""
+
+    api = "unavailable"
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        raise ProviderError(self.reason)
+        yield  # pragma: no cover - makes this an async generator
+
+
+class ProviderPool:
+    """The provider and model for a turn: the conversation's settings, else the worker's.
+
+    Built lazily and kept, so switching a conversation to another provider mid-way just
+    works, and a provider that cannot be built becomes an error turn rather than a crash.
+    """
+
+    def __init__(
+        self,
+        default: str,
+        default_model: str | None = None,
+        make: Callable[..., Provider] = make_provider,
+    ) -> None:
+        self.default = default
+        self.default_model = default_model
+        self._make = make
+        self._built: dict[str, Provider] = {}
+
+    def choose(self, conversation: Conversation) -> tuple[Provider, str]:
+        settings = conversation.settings
+        name = settings.provider or self.default
+        provider = self._built.get(name)
+        if provider is None:
+            model = self.default_model if name == self.default else None
+            try:
+                provider = self._make(name, model=model)
+            except ProviderError as error:
+                return UnavailableProvider(name, str(error)), settings.model or "unknown"
+            self._built[name] = provider
+        model = settings.model or getattr(provider, "model", None) or "default"
+        return provider, model
 
 
 def watch(conversation: Conversation, changes: Changes) -> list[object]:
@@ -42,9 +90,8 @@ def unwatch(subscriptions: list[object]) -> None:
 
 async def serve_room(
     conversation: Conversation,
-    provider: Provider,
+    providers: ProviderPool,
     *,
-    model: str,
     room: str,
     settings: RoomSettings = RoomSettings(),
     on_claimed: Callable[[], Awaitable[None]] | None = None,
@@ -59,6 +106,7 @@ async def serve_room(
 
             async def run(waiting: Waiting) -> None:
                 nonlocal committed
+                provider, model = providers.choose(conversation)
                 try:
                     message = await serve_turn(
                         conversation,
