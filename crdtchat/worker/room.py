@@ -59,6 +59,10 @@ class ProviderPool:
         self._make = make
         self._built: dict[str, Provider] = {}
 
+    def check_default(self) -> None:
+        """Build the worker's own provider now: a typo should fail at start, not per turn."""
+        self._built[self.default] = self._make(self.default, model=self.default_model)
+
     def choose(self, conversation: Conversation) -> tuple[Provider, str]:
         settings = conversation.settings
         name = settings.provider or self.default

@@ -1,0 +1,57 @@
+"""`crdtchat worker`: the LLM worker peer for every room with a message waiting for a reply."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+import anyio
+
+from crdtchat.cli import CommandError
+from crdtchat.providers.base import ProviderError
+from crdtchat.tokens import TokenError, read_claims_unverified
+from crdtchat.worker.feed import FeedRefused
+from crdtchat.worker.room import ProviderPool
+from crdtchat.worker.service import WorkerConfig, run_worker
+
+TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
+
+
+def worker_config(relay_url: str, token: str) -> WorkerConfig:
+    """Checks what can be checked locally, so a bad set-up fails at once with a reason."""
+    if not relay_url.startswith(("ws://", "wss://")):
+        raise CommandError(f"--relay must be a ws:// or wss:// URL, not {relay_url!r}")
+    if not token:
+        raise CommandError(f"{TOKEN_VARIABLE} is not set (mint one with `crdtchat token`)")
+    try:
+        claims = read_claims_unverified(token)
+    except TokenError as error:
+        raise CommandError(f"{TOKEN_VARIABLE}: {error}") from error
+    if claims.role != "worker" or claims.room != "*":
+        raise CommandError(
+            f"{TOKEN_VARIABLE} must be a worker token for every room (--role worker --room '*'),"
+            f" not {claims.role} for {claims.room!r}"
+        )
+    return WorkerConfig(
+        relay_url=relay_url.rstrip("/"),
+        token=token,
+        identity=claims.sub,
+        device=f"worker@{socket.gethostname()}",
+    )
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = worker_config(args.relay, os.environ.get(TOKEN_VARIABLE, ""))
+    try:
+        providers = ProviderPool(args.provider, args.model)
+        providers.check_default()
+    except ProviderError as error:
+        raise CommandError(str(error)) from error
+    try:
+        anyio.run(run_worker, config, providers)
+    except FeedRefused as error:
+        raise CommandError(str(error)) from error
+    return 0

@@ -1,0 +1,86 @@
+"""The worker as a network peer: rooms from the relay's feed, one replica per busy room.
+
+Each room gets its own task and replica for as long as it has work, then is closed; a
+notification that arrives while a room is being served makes it look again once it is done,
+so no request can slip between "idle" and "closed".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+
+from crdtchat.document import Conversation
+from crdtchat.replica import Replica
+from crdtchat.worker.feed import waiting_rooms
+from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    relay_url: str
+    token: str
+    identity: str  # the token's subject: the author of every turn this worker writes
+    device: str = "worker"
+    room: RoomSettings = field(default_factory=RoomSettings)
+    durable_timeout: float = 30.0
+
+
+async def serve_remote_room(room: str, config: WorkerConfig, providers: ProviderPool) -> int:
+    """Serve one room through a replica until idle; returns the turns committed."""
+    conversation = Conversation(author=config.identity)
+    async with Replica(
+        config.relay_url,
+        room,
+        config.token,
+        doc=conversation.doc,
+        presence={"user": config.identity, "device": config.device, "role": "worker"},
+        on_denied=lambda reason: log.error("room %s refused a write: %s", room, reason),
+    ) as replica:
+        await replica.wait_until(lambda status: status.synced)
+
+        async def lease_is_stored() -> None:
+            # The relay orders writes: once it has stored our lease, any lease it stored
+            # before ours has reached us too, and claim_lease's re-check sees who holds it.
+            await replica.wait_until(lambda status: status.durable)
+
+        committed = await serve_room(
+            conversation, providers, room=room, settings=config.room, on_claimed=lease_is_stored
+        )
+        with anyio.move_on_after(config.durable_timeout):
+            await replica.wait_until(lambda status: status.durable)
+        if not replica.status.durable:
+            log.error("room %s: closing with %d writes not stored", room, replica.status.pending)
+    return committed
+
+
+async def run_worker(config: WorkerConfig, providers: ProviderPool) -> None:
+    """Serve every room the relay says is waiting, until cancelled."""
+    open_rooms: set[str] = set()
+    look_again: set[str] = set()
+
+    async with anyio.create_task_group() as rooms:
+
+        async def serve(room: str) -> None:
+            try:
+                while True:
+                    look_again.discard(room)
+                    try:
+                        await serve_remote_room(room, config, providers)
+                    except (OSError, TimeoutError) as error:
+                        log.warning("room %s: %s", room, error)
+                    if room not in look_again:
+                        return
+            finally:
+                open_rooms.discard(room)
+
+        async for room in waiting_rooms(config.relay_url, config.token):
+            if room in open_rooms:
+                look_again.add(room)
+                continue
+            open_rooms.add(room)
+            rooms.start_soon(serve, room)
