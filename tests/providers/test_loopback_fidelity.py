@@ -436,3 +436,41 @@ def test_the_anthropic_sdk_retries_on_our_retry_headers(an) -> None:
     )
     assert message.stop_reason in ("end_turn", "max_tokens")
     assert [r.status for r in server.posts("/v1/messages")] == [529, 200]
+
+
+@pytest.mark.parametrize(
+    ("module", "variable"),
+    [
+        ("crdtchat.loopback.openai_server", "OPENAI_BASE_URL"),
+        ("crdtchat.loopback.anthropic_server", "ANTHROPIC_BASE_URL"),
+    ],
+)
+def test_servers_run_as_python_m_for_demos(module: str, variable: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", "0", "--api-key", KEY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline().strip()
+        name, _, base_url = line.partition("=")
+        assert name == variable, (line, proc.stderr.read() if proc.poll() is not None else "")
+        if variable == "OPENAI_BASE_URL":
+            client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0)
+            assert client.responses.create(model="m", input="demo").output_text.endswith("demo")
+        else:
+            client = anthropic.Anthropic(base_url=base_url, api_key=KEY, max_retries=0)
+            message = client.messages.create(
+                model="m", max_tokens=20, messages=[{"role": "user", "content": "demo"}]
+            )
+            assert message.content[0].text.endswith("demo")
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        proc.stdout.close()
+        proc.stderr.close()
