@@ -72,7 +72,7 @@ class SSEReply:
 class Fault:
     """One injected failure, consumed by the next matching request."""
 
-    kind: Literal["status", "cut", "stream_error"]
+    kind: Literal["status", "cut", "stream_error", "no_stream"]
     status: int = 500
     headers: dict[str, str] = field(default_factory=dict)
     after_events: int = 0
@@ -204,6 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
                 logged.fault = f"status {fault.status}"
                 reply = owner.fault_reply(fault)
             else:
+                if fault is not None and fault.kind == "no_stream":
+                    # Answer as a server without streaming support would: one JSON body.
+                    logged.fault = "no_stream"
+                    logged.body = {**body, "stream": False}
+                    fault = None
                 try:
                     reply = owner.handle(logged)
                 except Exception as exc:  # a bug in the fake must not hang the client
@@ -379,6 +384,12 @@ class LoopbackServer:
                 self._faults.append(
                     Fault("stream_error", after_events=after_events, message=message)
                 )
+
+    def ignore_stream_next(self, n: int = 1) -> None:
+        """The next streaming requests get a plain JSON reply, as from a non-streaming server."""
+        with self._lock:
+            for _ in range(n):
+                self._faults.append(Fault("no_stream"))
 
     def pending_faults(self) -> int:
         with self._lock:

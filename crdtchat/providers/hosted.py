@@ -90,6 +90,10 @@ class Recovery:
     body: dict[str, Any]
 
 
+def _is_event_stream(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
 @functools.cache
 def _ssl_context() -> ssl.SSLContext:
     """One verified TLS context for all calls: building one costs ~70 ms, a client per turn."""
@@ -161,6 +165,16 @@ async def stream_call(
                 async with client.stream("POST", url, headers=request_headers, json=body) as resp:
                     if not 200 <= resp.status_code < 300:
                         failure = HttpFailure(resp.status_code, resp.headers, await resp.aread())
+                    elif not _is_event_stream(resp.headers.get("content-type", "")):
+                        # A server that ignored `stream: true` (or a proxy's HTML page): say so
+                        # rather than reporting a cut stream after pointless retries.
+                        head = (await resp.aread())[:200].decode("utf-8", errors="replace")
+                        yield Finished(
+                            status="error",
+                            error=f"expected an event stream from {url}, got "
+                            f"{resp.headers.get('content-type') or 'no content type'}: {head}",
+                        )
+                        return
                     else:
                         got_stream = True
                         decoder = SSEDecoder()
