@@ -113,7 +113,6 @@ class Relay:
 
     async def _close_on_request(self, peer: Peer) -> None:
         await peer.close_requested.wait()
-        log.warning("closing %r: %s", peer, peer.close_reason)
         self.metrics.closed_connections[_metric_reason(peer.close_reason)] += 1
         await peer.ws.close(peer.close_code, _close_reason(peer.close_reason))
 
@@ -134,27 +133,15 @@ class Relay:
         )
         try:
             async for frame in ws:
-                if isinstance(frame, str):
-                    await self._reject(peer, 1003, "text frames are not part of the protocol")
-                    return
-                self.metrics.bytes_in += len(frame)
-                try:
-                    messages = decode_frame(frame)
-                except WireError as error:
-                    await self._reject(peer, 1008, f"malformed frame: {error}")
-                    return
-                over = limits.admit(len(messages), len(frame))
-                if over is not None:
-                    await self._reject(peer, 1008, over)
-                    return
-                for message in messages:
-                    try:
-                        item = room.handle(peer, message)
-                    except PeerViolation as violation:
-                        await self._reject(peer, violation.code, violation.reason)
-                        return
-                    if item is not None:
-                        await send.send(item)
+                if peer.close_requested.is_set():
+                    # Closing: keep reading (and dropping) frames so that websockets sees the
+                    # peer's close frame behind them instead of waiting for its close timeout.
+                    continue
+                problem = await self._consume(frame, room, peer, send, limits)
+                if problem is not None:
+                    code, reason = problem
+                    log.warning("closing %r (%d): %s", peer, code, reason)
+                    peer.request_close(code, reason)
         except ConnectionClosed as closed:
             if closed.sent is not None and closed.sent.code == 1009:
                 log.warning("closed %r: frame larger than %d bytes", peer, config.max_frame)
@@ -162,10 +149,33 @@ class Relay:
             elif closed.rcvd is None and closed.sent is None:
                 log.info("connection %r lost", peer)
 
-    async def _reject(self, peer: Peer, code: int, reason: str) -> None:
-        log.warning("closing %r (%d): %s", peer, code, reason)
-        self.metrics.closed_connections[_metric_reason(reason)] += 1
-        await peer.ws.close(code, _close_reason(reason))
+    async def _consume(
+        self,
+        frame: bytes | str,
+        room: Room,
+        peer: Peer,
+        send: MemoryObjectSendStream[Pending],
+        limits: ConnectionLimits,
+    ) -> tuple[int, str] | None:
+        """Hand one frame's messages to the room; (code, reason) if the peer must go."""
+        if isinstance(frame, str):
+            return 1003, "text frames are not part of the protocol"
+        self.metrics.bytes_in += len(frame)
+        try:
+            messages = decode_frame(frame)
+        except WireError as error:
+            return 1008, f"malformed frame: {error}"
+        over = limits.admit(len(messages), len(frame))
+        if over is not None:
+            return 1008, over
+        for message in messages:
+            try:
+                item = room.handle(peer, message)
+            except PeerViolation as violation:
+                return violation.code, violation.reason
+            if item is not None:
+                await send.send(item)
+        return None
 
 
 def _metric_reason(reason: str) -> str:

@@ -243,6 +243,7 @@ class Room:
         for peer in peers:
             transport = peer.ws.transport
             if transport is not None and transport.get_write_buffer_size() > limit:
+                log.warning("closing %r: send buffer over %d bytes", peer, limit)
                 peer.request_close(1008, "client too slow: send buffer full")
                 continue
             connections.append(peer.ws)
