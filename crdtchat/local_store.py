@@ -52,7 +52,7 @@ class AppendRemote:
 
 @dataclass(frozen=True)
 class MarkDurable:
-    up_to: int
+    local_ids: tuple[int, ...]
 
 
 StoreOp = AppendLocal | AppendRemote | MarkDurable
@@ -155,7 +155,9 @@ class LocalStore:
                     self._db.execute("INSERT INTO updates (data) VALUES (?)", (op.update,))
                     added += 1
                 elif isinstance(op, MarkDurable):
-                    self._db.execute("DELETE FROM pending WHERE local_id <= ?", (op.up_to,))
+                    self._db.executemany(
+                        "DELETE FROM pending WHERE local_id = ?", [(i,) for i in op.local_ids]
+                    )
                 else:
                     raise TypeError(f"not a store operation: {op!r}")
             self._set_meta("next_local_id", next_local_id)

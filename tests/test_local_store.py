@@ -57,13 +57,13 @@ def test_empty_store_loads_nothing(tmp_path: Path) -> None:
 
 
 def test_local_and_remote_updates_survive_reopen_with_pending(tmp_path: Path) -> None:
-    mine, local_updates = _edits(3, text="mine")
-    theirs, remote_updates = _edits(2, text="theirs")
+    _, local_updates = _edits(3, text="mine")
+    _, remote_updates = _edits(2, text="theirs")
     path = tmp_path / "r.db"
     with LocalStore(path) as store:
         store.write([AppendLocal(1, local_updates[0]), AppendRemote(remote_updates[0])])
         store.write([AppendLocal(2, local_updates[1]), AppendLocal(3, local_updates[2])])
-        store.write([AppendRemote(remote_updates[1]), MarkDurable(2)])
+        store.write([AppendRemote(remote_updates[1]), MarkDurable((1, 2))])
     with LocalStore(path) as store:
         state = store.load()
     assert state.pending == (3,)
@@ -72,13 +72,13 @@ def test_local_and_remote_updates_survive_reopen_with_pending(tmp_path: Path) ->
     assert sorted(_contents(doc)) == ["mine0", "mine1", "mine2", "theirs0", "theirs1"]
 
 
-def test_mark_durable_is_cumulative_and_idempotent(tmp_path: Path) -> None:
+def test_mark_durable_removes_exactly_those_ids_and_is_idempotent(tmp_path: Path) -> None:
     _, updates = _edits(5)
     with LocalStore(tmp_path / "r.db") as store:
         store.write([AppendLocal(i + 1, u) for i, u in enumerate(updates)])
-        store.write([MarkDurable(3), MarkDurable(2)])
+        store.write([MarkDurable((1, 3)), MarkDurable((2, 3))])
         assert store.load().pending == (4, 5)
-        store.write([MarkDurable(5)])
+        store.write([MarkDurable((4, 5, 6))])
         assert store.load().pending == ()
         assert store.load().next_local_id == 6
 
@@ -99,7 +99,7 @@ def test_compaction_keeps_content_and_pending_and_drops_history(tmp_path: Path) 
         assert store.log_rows < 10
         store.compact()
         assert store.log_rows == 1
-        store.write([MarkDurable(20)])
+        store.write([MarkDurable(tuple(range(1, 21)))])
     with LocalStore(path) as store:
         state = store.load()
     assert state.pending == tuple(range(21, len(ops) + 1))
@@ -191,7 +191,7 @@ async def test_async_store_runs_off_the_loop_in_order(tmp_path: Path) -> None:
     store = await AsyncLocalStore.open(tmp_path / "r.db", compact_every=7)
     try:
         for i, update in enumerate(updates):
-            await store.write([AppendLocal(i + 1, update), MarkDurable(i)])
+            await store.write([AppendLocal(i + 1, update), MarkDurable((i,))])
         state = await store.load()
     finally:
         await store.close()
