@@ -26,7 +26,6 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import anyio
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pycrdt import Awareness, Doc, get_state
 from websockets.asyncio.client import ClientConnection, connect
@@ -178,7 +177,6 @@ class Replica:
         self._retry_now = anyio.Event()
         self._stopping = anyio.Event()
         self._exit_stack: AsyncExitStack | None = None
-        self._task_group: TaskGroup | None = None
         self._ws: ClientConnection | None = None
         self._connection_loop_done = anyio.Event()
         self._background_scope: anyio.CancelScope | None = None
@@ -324,7 +322,6 @@ class Replica:
         ops_send, ops_receive = anyio.create_memory_object_stream[StoreOp](math.inf)
         self._ops_send = ops_send
         task_group = await stack.enter_async_context(anyio.create_task_group())
-        self._task_group = task_group
         # Exit order (reverse of registration): stop the connection and background tasks,
         # then let the store writer drain everything queued, then the task group ends.
         stack.push_async_callback(self._close_store_queue)
@@ -362,6 +359,12 @@ class Replica:
         self._dirty.set()
 
     async def _store_writer(self, ops: MemoryObjectReceiveStream[StoreOp]) -> None:
+        # Shielded as a whole: even when the owner is cancelled, every edit queued before the
+        # queue closes (on exit) reaches the file. It ends when the queue is closed and empty.
+        with anyio.CancelScope(shield=True):
+            await self._write_store_ops(ops)
+
+    async def _write_store_ops(self, ops: MemoryObjectReceiveStream[StoreOp]) -> None:
         async with ops:
             while True:
                 try:

@@ -395,3 +395,18 @@ async def test_an_error_in_the_body_reaches_the_caller_as_itself() -> None:
     with pytest.raises(KeyError, match="mine"):
         async with Replica(f"ws://127.0.0.1:{_free_port()}", ROOM, "t"):
             raise KeyError("mine")
+
+
+@pytest.mark.anyio
+async def test_edits_reach_the_file_even_when_the_owner_is_cancelled(tmp_path: Path) -> None:
+    store = tmp_path / "r.db"
+    url = f"ws://127.0.0.1:{_free_port()}"
+    with anyio.CancelScope() as scope:
+        async with Replica(url, ROOM, "t", store_path=store) as rep:
+            for i in range(50):
+                say(rep.doc, "ada", f"m{i}", "typed just before the window closed")
+            scope.cancel()
+            await anyio.sleep_forever()
+    async with Replica(url, ROOM, "t", store_path=store) as again:
+        assert ids(again.doc) == {f"m{i}" for i in range(50)}
+        assert again.status.pending == 50
