@@ -57,7 +57,7 @@ def _token_from(url: SplitResult, headers: Any) -> str:
     values = parse_qs(url.query).get("token")
     if values:
         return values[0]
-    authorization = headers.get("Authorization") or ""
+    authorization = headers.get("Authorization") or headers.get("authorization") or ""
     scheme, _, value = authorization.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
 

@@ -5,6 +5,8 @@ observers on every root record what changed; `server.permissions` then judges th
 the update is refused, the document is thrown away and rebuilt from the last good state (a
 base update plus the accepted updates since), which was never touched. The common case, an
 accepted update, costs one apply plus reading the events; only refusals pay for a rebuild.
+What is stored and broadcast is the update as received (it changed something, and all of it
+was allowed); an update that changed nothing is acknowledged but neither stored nor sent on.
 
 Two things could slip past observers and are checked separately:
 - Updates with missing dependencies stay *pending* inside yrs and raise no events now; they
@@ -21,11 +23,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pycrdt import Array, Doc, Map, TransactionEvent, get_update, merge_updates
+from pycrdt import Array, Doc, Map, get_update, merge_updates
+from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
 from crdtchat.wire import Reader, WireError, decode_state_vector
-from server.permissions import Event, check_changes
+from server.permissions import RULES, Access, Change, check_changes
 
 EMPTY_UPDATE = b"\x00\x00"
 
@@ -45,6 +48,21 @@ class Refused:
 
 
 Outcome = Accepted | Refused
+
+
+_KINDS = {"ArrayEvent": "array", "MapEvent": "map", "TextEvent": "text"}
+
+
+def _change(event: Any, doc: Doc) -> Change:
+    """Read only what the rules need from a raw yrs event (each attribute is computed on
+    access, and a text event's delta is never needed)."""
+    kind = _KINDS.get(type(event).__name__, "xml")
+    change = Change(kind, list(event.path))
+    if kind == "array":
+        change.delta = process_event(event.delta, doc)
+    elif kind == "map":
+        change.keys = process_event(event.keys, doc)
+    return change
 
 
 def _is_panic(error: BaseException) -> bool:
@@ -67,21 +85,30 @@ class LiveDoc:
             roots[name] = doc.get(name, type=Array if name == schema.MESSAGES else Map)
         if state and state != EMPTY_UPDATE:
             doc.apply_update(state)
-        self._changes: list[tuple[str, Event]] = []
-        self._deltas: list[bytes] = []
-        for name, root in roots.items():
-            root.observe_deep(partial(self._record, name))
-        doc.observe(self._record_update)
+        self._changes: list[tuple[str, Change | None]] = []
+        self._rules: dict[str, Access] = {}
+        self._record_error: str | None = None
+        # Raw (unwrapped) deep observers: wrapping an event in pycrdt's Python classes costs
+        # more than applying the update, and is only needed where the role's rights on that
+        # root depend on what exactly changed. The subscriptions live as long as the doc.
+        self._subscriptions = [
+            root.integrated.observe_deep(partial(self._record, name, doc))
+            for name, root in roots.items()
+        ]
         self.doc = doc
-        self._roots = roots  # keeps the observed wrappers (and so the subscriptions) alive
+        self._roots = roots
         self._root_count = self._count_roots()
 
-    def _record(self, root: str, events: list[Any]) -> None:
-        for event in events:
-            self._changes.append((root, event))
-
-    def _record_update(self, event: TransactionEvent) -> None:
-        self._deltas.append(event.update)
+    def _record(self, root: str, doc: Doc, events: list[Any]) -> None:
+        access = self._rules.get(root)
+        try:
+            for event in events:
+                if access is None or access is Access.FULL:
+                    self._changes.append((root, None))
+                else:
+                    self._changes.append((root, _change(event, doc)))
+        except Exception as error:  # never let an observer fail inside yrs' commit
+            self._record_error = f"update could not be inspected: {error}"
 
     def _count_roots(self) -> int:
         with self.doc.transaction() as txn:
@@ -104,52 +131,63 @@ class LiveDoc:
             raise WireError(f"state vector could not be decoded: {error}") from None
 
     def apply(self, update: bytes, role: str, sub: str) -> Outcome:
-        """Apply `update` if (`role`, `sub`) may make every change in it; all or nothing."""
+        """Apply `update` if (`role`, `sub`) may make every change in it; all or nothing.
+
+        An accepted update that changed something comes back as its own bytes (they are what
+        gets stored and broadcast); one that changed nothing comes back as b"".
+        """
         self._changes.clear()
-        self._deltas.clear()
+        self._record_error = None
+        self._rules = RULES.get(role, {})
         try:
-            self.doc.apply_update(update)
+            with self.doc.transaction():  # events fire when this transaction commits
+                before = self.doc.get_state()
+                self.doc.apply_update(update)
         except BaseException as error:
             if not isinstance(error, Exception) and not _is_panic(error):
                 raise
             self.rebuild()
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None
-        if not self._deltas:
-            # Nothing integrated. Either everything was known already, or it is all pending.
-            reason = self._pending_reason(update)
-            if reason is not None:
-                self.rebuild()
-                return Refused(reason)
-            return Accepted(b"")
-        reason = self._pending_reason(update)
-        if reason is None and role == "reader":
-            reason = "a reader may not change the document"
-        if reason is None and self._count_roots() != self._root_count:
-            reason = "update writes a root that is not part of the schema"
-        if reason is None:
-            reason = check_changes(role, sub, self._changes, lambda: self.messages)
+        with self.doc.transaction():  # one read transaction for every check below
+            after = self.doc.get_state()
+            reason = self._record_error or self._pending_reason(update, after)
+            changed = bool(self._changes) or (
+                after != before and decode_state_vector(after) != decode_state_vector(before)
+            )
+            if reason is None and changed:
+                if role == "reader":
+                    reason = "a reader may not change the document"
+                elif self._count_roots() != self._root_count:
+                    reason = "update writes a root that is not part of the schema"
+                else:
+                    reason = check_changes(role, sub, self._changes, lambda: self.messages)
+        self._changes.clear()
         if reason is not None:
             self.rebuild()
             return Refused(reason)
-        delta = self._deltas[0] if len(self._deltas) == 1 else merge_updates(*self._deltas)
-        self._changes.clear()
-        self._since.append(delta)
-        self.since_bytes += len(delta)
-        return Accepted(delta)
+        if not changed:
+            return Accepted(b"")
+        self._since.append(update)
+        self.since_bytes += len(update)
+        return Accepted(update)
 
-    def _pending_reason(self, update: bytes) -> str | None:
-        state = self.doc.get_state()
+    def _pending_reason(self, update: bytes, state: bytes) -> str | None:
+        """Why `update` is not fully integrated in a document at `state`, if it is not."""
         try:
             rest = get_update(update, state)
+            if rest == EMPTY_UPDATE:
+                return None
             reader = Reader(rest)
             if reader.var_uint("struct client count") != 0:
                 return "update depends on changes the relay does not have (sync first)"
-            known = decode_state_vector(state)
+            known: dict[int, int] | None = None
             for _ in range(reader.var_uint("delete set client count")):
                 client = reader.var_uint("delete set client")
                 for _ in range(reader.var_uint("delete set range count")):
                     clock = reader.var_uint("delete range clock")
                     length = reader.var_uint("delete range length")
+                    if known is None:
+                        known = decode_state_vector(state)
                     if clock + length > known.get(client, 0):
                         return "update deletes changes the relay does not have (sync first)"
         except (WireError, ValueError) as error:

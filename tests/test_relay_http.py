@@ -1,0 +1,209 @@
+"""HTTP on the relay's port: blobs, /healthz, /metrics, handshake refusals, `crdtchat serve`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from relay_support import REPO, RelayProcess, message_map, raw_client, running_relay, token
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+MAX_BLOB = 100_000
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    data = Path(tmp_path_factory.mktemp("http")) / "data"
+    with running_relay(data, ["--max-blob", str(MAX_BLOB)]) as process:
+        yield process
+
+
+def blob_url(relay: RelayProcess, sha: str, tok: str | None = None) -> str:
+    suffix = f"?token={tok}" if tok else ""
+    return f"{relay.http_url}/blobs/{sha}{suffix}"
+
+
+def test_blob_upload_and_download(relay: RelayProcess) -> None:
+    data = os.urandom(50_000)
+    sha = hashlib.sha256(data).hexdigest()
+    writer = token("any-room", "writer", "alice")
+    put = httpx.put(blob_url(relay, sha, writer), content=data, timeout=10)
+    assert put.status_code == 201, put.text
+    again = httpx.put(
+        blob_url(relay, sha), content=data, headers={"Authorization": f"Bearer {writer}"}
+    )
+    assert again.status_code == 200
+    reader = token("other-room", "reader", "bob")
+    got = httpx.get(blob_url(relay, sha, reader), timeout=10)
+    assert got.status_code == 200
+    assert got.content == data
+    assert got.headers["content-type"] == "application/octet-stream"
+    stored = relay.data / "blobs" / sha[:2] / sha
+    assert stored.read_bytes() == data
+
+
+def test_blob_refusals(relay: RelayProcess) -> None:
+    data = b"file bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    writer = token("r", "writer", "alice")
+    cases = [
+        (httpx.put(blob_url(relay, sha), content=data), 401, "token is required"),
+        (httpx.put(blob_url(relay, sha, "v1.bad.token"), content=data), 401, "token refused"),
+        (
+            httpx.put(blob_url(relay, sha, token("r", "reader", "bob")), content=data),
+            403,
+            "reader token may not upload",
+        ),
+        (httpx.put(blob_url(relay, "0" * 64, writer), content=data), 400, "body hashes to"),
+        (httpx.put(blob_url(relay, "NOTHEX", writer), content=data), 400, "64 lowercase hex"),
+        (
+            httpx.put(blob_url(relay, "0" * 64, writer), content=b"x" * (MAX_BLOB + 1)),
+            413,
+            "larger than",
+        ),
+        (httpx.get(blob_url(relay, "1" * 64, writer)), 404, "no such blob"),
+        (httpx.get(blob_url(relay, sha)), 401, "token is required"),
+    ]
+    for response, status, text in cases:
+        assert response.status_code == status, (response.status_code, response.text)
+        assert text in response.text
+    assert not (relay.data / "blobs" / "00" / ("0" * 64)).exists()
+
+
+def test_chunked_upload_is_refused(relay: RelayProcess) -> None:
+    writer = token("r", "writer", "alice")
+
+    def chunks() -> Iterator[bytes]:
+        yield b"abc"
+
+    response = httpx.put(blob_url(relay, "2" * 64, writer), content=chunks())
+    assert response.status_code == 411
+
+
+def test_expect_continue_upload(relay: RelayProcess) -> None:
+    data = b"continue me"
+    sha = hashlib.sha256(data).hexdigest()
+    request = (
+        f"PUT /blobs/{sha}?token={token('r', 'worker', 'w')} HTTP/1.1\r\n"
+        f"Host: x\r\nContent-Length: {len(data)}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    with socket.create_connection((relay.host, relay.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(data)
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 201")
+
+
+def test_healthz_and_metrics(relay: RelayProcess) -> None:
+    assert httpx.get(f"{relay.http_url}/healthz").text == "ok\n"
+    metrics = httpx.get(f"{relay.http_url}/metrics").text
+    for name in (
+        "crdtchat_rooms",
+        "crdtchat_connections",
+        "crdtchat_updates_in_total",
+        "crdtchat_updates_out_total",
+        "crdtchat_bytes_in_total",
+        "crdtchat_bytes_out_total",
+        "crdtchat_refused_writes_total",
+        'crdtchat_store_write_seconds_bucket{le="+Inf"}',
+        "crdtchat_store_write_seconds_count",
+    ):
+        assert f"\n{name} " in metrics or metrics.startswith(f"{name} ") or f"{name} " in metrics
+    assert "# TYPE crdtchat_store_write_seconds histogram" in metrics
+
+
+@pytest.mark.anyio
+async def test_metrics_follow_traffic(relay: RelayProcess) -> None:
+    def value(name: str) -> float:
+        for line in httpx.get(f"{relay.http_url}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(name)
+
+    stored_before = value("crdtchat_store_write_seconds_count")
+    out_before = value("crdtchat_updates_out_total")
+    room = "metered"
+    async with (
+        raw_client(relay.url(room, token(room, "writer", "a"), ack=True)) as a,
+        raw_client(relay.url(room, token(room, "reader", "b"))) as b,
+    ):
+        assert value("crdtchat_connections") >= 2
+        await a.push(lambda doc: a.messages.append(message_map("m1", "user", "a", "x")))
+        await a.wait_acked()
+        await b.wait_for(lambda: len(b.messages) == 1)
+        assert value("crdtchat_store_write_seconds_count") == stored_before + 1
+        assert value("crdtchat_updates_out_total") == out_before + 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "status", "text"),
+    [
+        ("/room?token=", 401, "token is required"),
+        ("/room?token=garbage", 401, "malformed token"),
+        ("/room?token={other}", 403, "wrong room"),
+        ("/bad%20room?token={good}", 400, "the path must be"),
+    ],
+)
+async def test_handshake_refusals(relay: RelayProcess, path: str, status: int, text: str) -> None:
+    filled = path.format(other=token("elsewhere"), good=token("room"))
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(f"ws://{relay.host}:{relay.port}{filled}"):
+            pass
+    response = caught.value.response
+    assert response.status_code == status
+    assert text in response.body.decode()
+
+
+def test_crdtchat_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "data", use_cli=True).start()
+    assert httpx.get(f"{relay.http_url}/healthz").status_code == 200
+    assert relay.terminate() == 0
+
+
+def test_crdtchat_serve_needs_the_secret(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CRDTCHAT_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "crdtchat.cli", "serve", "--port", "0", "--data", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["crdtchat serve: CRDTCHAT_SECRET is not set"]
+
+
+def test_crdtchat_serve_reports_a_busy_port(relay: RelayProcess, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crdtchat.cli",
+            "serve",
+            "--port",
+            str(relay.port),
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "CRDTCHAT_SECRET": "x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("crdtchat serve: ")
+    assert "address already in use" in result.stderr.lower()
