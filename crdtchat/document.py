@@ -307,13 +307,27 @@ class Conversation:
         """Append an already validated message as it is, author included (for imports)."""
         self._write_message(message)
 
-    def _write_message(self, message: Message) -> None:
+    def _write_message(self, message: Message, *, alone: bool | None = None) -> None:
+        """Append one message's Map.
+
+        `alone`: no other change of the messages array is in this transaction (by default:
+        no transaction is open yet, so the one opened here holds only this append). The view
+        then takes the message as validated here, which saves yrs walking the whole array to
+        compute the event's delta, and re-reading and re-validating the Map.
+        """
+        if alone is None:
+            alone = not _in_transaction(self.doc)
         self._pending[message.id] = message
         try:
-            self.messages.append(self._message_map(message, Text(message.content)))
+            with self.doc.transaction():
+                if alone:
+                    self.view.expect_append([message])
+                self.messages.append(self._message_map(message, Text(message.content)))
         except BaseException:
             self._pending.pop(message.id, None)
             raise
+        finally:
+            self.view.forget_expected()
 
     def _lookup(self, message_id: str) -> Message | None:
         """An accepted message, or one appended earlier in the transaction still open."""
@@ -678,8 +692,9 @@ class Conversation:
         thread = [*self.thread(answered_id), message]
         hash_of_turn = self.prefix_hashes(thread)[-1]
         answers_after = len(self.assistant_answers(answered_id)) + 1
+        alone = not _in_transaction(self.doc)
         with self.doc.transaction():
-            self.messages.append(self._message_map(message, Text(content)))
+            self._write_message(message, alone=alone)
             self.streams.pop(turn_id, None)
             lease = self.lease(answered_id)
             if lease is not None and lease.holder == self.author:
@@ -741,6 +756,11 @@ class Conversation:
 def derived_key(entry: DerivedEntry) -> str:
     """One entry per kind, message and model: a newer one replaces an older one."""
     return f"{entry.kind}:{entry.message_id}:{entry.provider}:{entry.api}:{entry.model}"
+
+
+def _in_transaction(doc: Doc) -> bool:
+    """Whether a transaction is open on `doc` (pycrdt 0.14 keeps it in `Doc._txn`)."""
+    return doc._txn is not None
 
 
 def _invalid_reason(model: type[BaseModel], raw: Any) -> str | None:

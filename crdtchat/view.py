@@ -2,28 +2,40 @@
 
 Reading a 10,000-message Array of Maps item by item from Python costs seconds, while one
 Rust-side JSON serialisation costs tens of milliseconds. So the view reads the whole array
-once, as JSON, and from then on only what pycrdt's deep events say has changed: inserted items,
-deleted ranges and the one message whose text or keys moved.
+once, as JSON, validates it in one pydantic call, and from then on reads only what the deep
+events say has changed: inserted items, deleted ranges and the one message whose text or keys
+moved.
 
 On top of the parsed entries sits the thread index (accepted messages, ids, children). The
 common case, an append at the end, extends it in place; anything else (a concurrent insert
 in the middle, a delete, a change of an id or parent) rebuilds it lazily on the next read.
+
+Cost of an append. yrs computes an array event's delta by walking the whole array, which at
+10,000 messages costs as much as the append itself. pycrdt's `observe_deep` computes every
+attribute of every event up front, so the view subscribes one level lower and asks for the
+delta only when it needs it: a local append made in a transaction of its own (the caller says
+so with `expect_append`) already knows what it inserted and where. This uses two pycrdt
+internals, `Doc._read_transaction` and `process_event`, exactly as pycrdt's own deep
+observer does (pycrdt is pinned below 0.15).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Array, ArrayEvent, Map, Subscription
-from pydantic import ValidationError
+from pycrdt import Array, Map, Text
+from pycrdt._base import process_event
+from pydantic import TypeAdapter, ValidationError
 
 from crdtchat.schema import MESSAGES, Message, Problem
 
 log = logging.getLogger(__name__)
+
+_MESSAGE_LIST = TypeAdapter(list[Message])
 
 
 @dataclass(slots=True)
@@ -43,10 +55,21 @@ def parse_entry(raw: Any) -> Entry:
         return Entry(None, f"invalid {where}: {first['msg']}")
 
 
+def parse_all(array_json: str) -> list[Entry]:
+    """Every item of the array's JSON, validated; one pydantic call when all are valid."""
+    try:
+        return [Entry(message) for message in _MESSAGE_LIST.validate_json(array_json)]
+    except ValidationError:
+        # Some foreign peer wrote something bad: validate item by item to keep the rest.
+        return [parse_entry(raw) for raw in json.loads(array_json)]
+
+
 def read_item(item: Any) -> Any:
-    """The JSON value of one array item (a Map, or whatever a foreign peer put there)."""
-    if isinstance(item, Map):
+    """The JSON value of one array item, as `str(array)` would render it."""
+    if isinstance(item, Map | Array):
         return json.loads(str(item))
+    if isinstance(item, Text):
+        return str(item)
     return item
 
 
@@ -56,7 +79,7 @@ class ThreadIndex:
 
     accepted: list[int] = field(default_factory=list)
     position_of: dict[str, int] = field(default_factory=dict)
-    children: dict[str, list[str]] = field(default_factory=dict)
+    children: dict[str, list[str]] = field(default_factory=dict)  # only ids that have some
     leaves: dict[str, None] = field(default_factory=dict)  # ordered: document order
     problems: dict[int, str] = field(default_factory=dict)
 
@@ -66,21 +89,34 @@ class ThreadIndex:
         if message is None:
             self.problems[position] = entry.problem or "invalid"
             return
-        if message.id in self.position_of:
-            self.problems[position] = f"duplicate id {message.id!r}"
+        message_id = message.id
+        if message_id in self.position_of:
+            self.problems[position] = f"duplicate id {message_id!r}"
             return
         # A parent must come earlier in document order. Honest peers only ever append after
         # what they have seen, so this holds for them, and it rules out cycles.
-        if message.parent is not None and message.parent not in self.position_of:
-            self.problems[position] = f"dangling parent {message.parent!r}"
+        parent = message.parent
+        if parent is not None and parent not in self.position_of:
+            self.problems[position] = f"dangling parent {parent!r}"
             return
         self.accepted.append(position)
-        self.position_of[message.id] = position
-        self.children[message.id] = []
-        self.leaves[message.id] = None
-        if message.parent is not None:
-            self.children[message.parent].append(message.id)
-            self.leaves.pop(message.parent, None)
+        self.position_of[message_id] = position
+        self.leaves[message_id] = None
+        if parent is not None:
+            siblings = self.children.get(parent)
+            if siblings is None:
+                self.children[parent] = [message_id]
+            else:
+                siblings.append(message_id)
+            self.leaves.pop(parent, None)
+
+    @classmethod
+    def build(cls, entries: Sequence[Entry]) -> ThreadIndex:
+        index = cls()
+        admit = index.admit
+        for position, entry in enumerate(entries):
+            admit(position, entry)
+        return index
 
 
 class MessageView:
@@ -88,32 +124,64 @@ class MessageView:
 
     def __init__(self, array: Array) -> None:
         self._array = array
-        self.entries: list[Entry] = [parse_entry(raw) for raw in json.loads(str(array))]
+        self._doc = array.doc
+        self.entries: list[Entry] = parse_all(str(array))
         self._index: ThreadIndex | None = None
         self._listeners: list[Callable[[], None]] = []
-        self._subscription: Subscription = array.observe_deep(self._on_events)
+        self._expected: list[Message] | None = None
+        self._subscription = array.integrated.observe_deep(self._on_raw_events)
 
     def close(self) -> None:
-        self._array.unobserve(self._subscription)
+        self._subscription.drop()
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every change of the messages (from any peer)."""
         self._listeners.append(listener)
 
+    def expect_append(self, messages: Sequence[Message]) -> None:
+        """The caller is about to append exactly `messages`, in a transaction that holds no
+        other change of the array: the view takes them as they are instead of asking yrs for
+        the delta and re-reading them. Cleared by the next event, or by `forget_expected`."""
+        self._expected = list(messages)
+
+    def forget_expected(self) -> None:
+        self._expected = None
+
     # -- events ---------------------------------------------------------------------------
 
+    def _on_raw_events(self, events: list[Any]) -> None:
+        # What pycrdt's observe_deep callback does, minus computing every attribute eagerly.
+        with self._doc._read_transaction(events[0].transaction):
+            try:
+                self._on_events(events)
+            except Exception as error:  # surfaces when the transaction ends, as in pycrdt
+                self._doc._exceptions.append(error)
+
     def _on_events(self, events: list[Any]) -> None:
+        expected, self._expected = self._expected, None
         changed_positions: set[int] = set()
         for event in events:
-            if isinstance(event, ArrayEvent) and not event.path:
-                self._apply_array_delta(event.delta)
-            elif event.path:
-                changed_positions.add(event.path[0])
+            path = event.path
+            if path:
+                changed_positions.add(path[0])
+            elif expected is not None:
+                self._extend(expected)
+                expected = None
+            else:
+                self._apply_array_delta(process_event(event.delta, self._doc))
         for position in changed_positions:
             if position < len(self.entries):
                 self._reread(position)
         for listener in self._listeners:
             listener()
+
+    def _extend(self, messages: list[Message]) -> None:
+        start = len(self.entries)
+        new = [Entry(message) for message in messages]
+        self.entries.extend(new)
+        if self._index is not None:
+            for offset, entry in enumerate(new):
+                self._index.admit(start + offset, entry)
 
     def _apply_array_delta(self, delta: list[dict[str, Any]]) -> None:
         cursor = 0
@@ -161,10 +229,7 @@ class MessageView:
     @property
     def index(self) -> ThreadIndex:
         if self._index is None:
-            index = ThreadIndex()
-            for position, entry in enumerate(self.entries):
-                index.admit(position, entry)
-            self._index = index
+            self._index = ThreadIndex.build(self.entries)
         return self._index
 
     def __len__(self) -> int:
@@ -194,11 +259,13 @@ class MessageView:
 
     def thread(self, leaf_id: str) -> list[Message]:
         """Root → `leaf_id` inclusive."""
-        path = []
-        message: Message | None = self._accepted(leaf_id)
-        while message is not None:
+        position_of = self.index.position_of
+        entries = self.entries
+        message = self._accepted(leaf_id)
+        path = [message]
+        while message.parent is not None:
+            message = entries[position_of[message.parent]].message  # type: ignore[assignment]
             path.append(message)
-            message = None if message.parent is None else self._accepted(message.parent)
         path.reverse()
         return path
 
