@@ -3,6 +3,7 @@ maintained view always equals a view rebuilt from scratch."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from pycrdt import Map, Text
+from pycrdt import Array, Map, Text
 
 from crdtchat.document import Conversation, ConversationError
 from crdtchat.prefix import reference_prefix_hash
@@ -136,6 +137,8 @@ def test_an_edit_anywhere_on_the_path_changes_every_later_hash(
 raw_items = st.one_of(
     st.just("a string item"),
     st.integers(0, 9),
+    st.just("text-item"),  # becomes a Text, below
+    st.just("array-item"),  # becomes an Array, below
     st.fixed_dictionaries(
         {
             "id": st.sampled_from(["m0", "m1", "m2", "x", "y", 5, ""]),
@@ -168,7 +171,7 @@ class ViewMatchesRebuild(RuleBasedStateMachine):
     def append(self, parent: str | None, batch: int, grouped: bool) -> str:
         """Appends through the API, alone (the fast local path) or grouped in one transaction."""
         last = parent
-        with self.live.doc.transaction() if grouped else _nothing():
+        with self.live.doc.transaction() if grouped else contextlib.nullcontext():
             for _ in range(batch):
                 try:
                     last = self.live.append(
@@ -203,16 +206,18 @@ class ViewMatchesRebuild(RuleBasedStateMachine):
 
     @rule(item=raw_items, where=st.integers(0, 50))
     def raw_insert(self, item: Any, where: int) -> None:
-        if isinstance(item, dict):
-            item = Map(
-                {
-                    **item,
-                    "content": Text(item["content"])
-                    if isinstance(item["content"], str)
-                    else item["content"],
-                }
+        self.live.messages.insert(where % (len(self.live.messages) + 1), _shared(item))
+
+    @rule(answered=ids, grouped=st.booleans())
+    def commit_turn(self, answered: str, grouped: bool) -> None:
+        """A worker's commit: the append travels with writes to other roots."""
+        if self.live.view.get(answered) is None:
+            return
+        group = self.live.doc.transaction() if grouped else contextlib.nullcontext()
+        with group, contextlib.suppress(ConversationError):
+            self.live.commit_turn(
+                answered, self._next_id(), model=MODEL, status="complete", content="ok"
             )
-        self.live.messages.insert(where % (len(self.live.messages) + 1), item)
 
     @precondition(lambda self: len(self.live.messages) > 0)
     @rule(where=st.integers(0, 50), count=st.integers(1, 3))
@@ -247,9 +252,7 @@ class ViewMatchesRebuild(RuleBasedStateMachine):
         """Several raw changes, including a delete, in one transaction."""
         with self.live.doc.transaction():
             for where, item in ops:
-                if isinstance(item, dict):
-                    item = Map({**item, "content": Text("t")})
-                self.live.messages.insert(where % (len(self.live.messages) + 1), item)
+                self.live.messages.insert(where % (len(self.live.messages) + 1), _shared(item))
             if len(self.live.messages) > 1:
                 del self.live.messages[0]
 
@@ -264,12 +267,16 @@ class ViewMatchesRebuild(RuleBasedStateMachine):
         assert [m.id for m in self.live.leaves()] == [m.id for m in rebuilt.leaves()]
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _shared(item: Any) -> Any:
+    """A drawn raw item as what a peer would insert: Maps with Text content, Text, Array."""
+    if item == "text-item":
+        return Text("a text item 😀")
+    if item == "array-item":
+        return Array([1, "two"])
+    if isinstance(item, dict):
+        content = item["content"]
+        return Map({**item, "content": Text(content) if isinstance(content, str) else content})
+    return item
 
 
 ViewMatchesRebuild.TestCase.settings = settings(
