@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from pycrdt import Array, Doc
+from pycrdt import Array, Doc, Map
 from relay_support import REPO, RelayProcess, message_map, raw_client, running_relay, token
 
 from crdtchat.document import Conversation
@@ -410,3 +410,31 @@ async def test_edits_reach_the_file_even_when_the_owner_is_cancelled(tmp_path: P
     async with Replica(url, ROOM, "t", store_path=store) as again:
         assert ids(again.doc) == {f"m{i}" for i in range(50)}
         assert again.status.pending == 50
+
+
+@pytest.mark.anyio
+async def test_a_resync_carrying_others_deletions_is_not_refused(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """Our SyncStep2 always holds the document's whole delete set, including what a worker
+    deleted; after a reconnect the relay must take it (it changes nothing there)."""
+    async with (
+        Replica(base_url(relay), ROOM, token(ROOM, "worker", "bot"), backoff=FAST) as bot,
+        replica(relay, "ada", tmp_path / "ada.db") as ada,
+    ):
+        await ada.wait_until(lambda s: s.synced, timeout=20)
+        await bot.wait_until(lambda s: s.synced, timeout=20)
+        leases = bot.doc.get("transport.leases", type=Map)
+        leases["u1"] = {"holder": "bot", "turn_id": "u1~a1", "expires_at": 9e9}
+        ada_leases = ada.doc.get("transport.leases", type=Map)
+        await wait_doc(ada.doc, lambda: "u1" in ada_leases)
+        del leases["u1"]
+        await wait_doc(ada.doc, lambda: "u1" not in ada_leases)
+        await bot.wait_until(lambda s: s.durable, timeout=20)
+
+        relay.kill()
+        await ada.wait_until(lambda s: not s.connected, timeout=20)
+        say(ada.doc, "ada", "m1", "written while the relay was down")
+        relay.start()
+        status = await ada.wait_until(lambda s: s.synced and s.durable, timeout=30)
+        assert status.denied is None
