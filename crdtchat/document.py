@@ -8,6 +8,7 @@ anything into a CRDT, so a bad value is reported and skipped, never trusted.
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,6 +67,16 @@ class Waiting:
         return assistant_turn_id(self.message.id, self.answer_number)
 
 
+def new_doc() -> Doc:
+    """A Doc with a random 32-bit client id, as Yjs picks them.
+
+    yrs picks 53-bit ids, and every item of an update names its parent by (client, clock):
+    a 32-bit id takes 5 bytes instead of 7 each time, which is about 16 bytes of every
+    appended message's update, a tenth of a short chat line's.
+    """
+    return Doc(client_id=random.getrandbits(32))
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -83,7 +94,7 @@ class Conversation:
     """
 
     def __init__(self, doc: Doc | None = None, *, author: str, clock: Clock = time.time) -> None:
-        self.doc = doc if doc is not None else Doc()
+        self.doc = doc if doc is not None else new_doc()
         self.author = author
         self.clock = clock
         get_map = self._root_map
@@ -125,7 +136,7 @@ class Conversation:
     @classmethod
     def from_update(cls, update: bytes, *, author: str, clock: Clock = time.time) -> Conversation:
         """Open a conversation from update bytes (a saved state is one update)."""
-        doc = Doc()
+        doc = new_doc()
         try:
             doc.apply_update(update)
         except ValueError as error:
