@@ -33,11 +33,6 @@ ROOM = "interop-room"
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
     """Install the pinned npm packages once if they are not there yet."""

@@ -22,11 +22,6 @@ from crdtchat.local_store import (
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _edits(count: int, *, text: str = "x") -> tuple[Doc, list[bytes]]:
     """A document and the update of each of its `count` transactions."""
     doc: Doc = Doc()

@@ -28,11 +28,6 @@ FAST = Backoff(initial=0.05, maximum=0.5)
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def relay(tmp_path: Path) -> Iterator[RelayProcess]:
     with running_relay(tmp_path / "relay-data") as process:
         yield process
