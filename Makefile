@@ -31,6 +31,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,tui,test]'
 	touch $@
 
-$(JS_STAMP): $(JS)/package.json
-	cd $(JS) && npm install --no-audit --no-fund --loglevel=error
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
