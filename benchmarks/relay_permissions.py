@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     steps = 300 if args.quick else 2000
     sizes = (0, 1000) if args.quick else (0, 1000, 10_000)
-    runs = 3
+    runs = 3 if args.quick else 5
 
     print(f"python {sys.version.split()[0]}, {steps} updates per workload, best of {runs}")
     print()

@@ -191,6 +191,8 @@ def _metric_reason(reason: str) -> str:
         return "token_expired"
     if reason.startswith("client too slow"):
         return "too_slow"
+    if reason.startswith("too many refused"):
+        return "refused_writes"
     if reason.startswith("relay storage"):
         return "storage_failure"
     return "other"

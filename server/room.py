@@ -47,9 +47,13 @@ from crdtchat.wire import (
 from server.config import RelayConfig
 from server.livedoc import Accepted, LiveDoc, UndecodableUpdate
 from server.metrics import Metrics
+from server.ratelimit import TokenBucket
 from server.store import Store, StoreError
 
 log = logging.getLogger("crdtchat.relay.room")
+
+REFUSALS_PER_SECOND = 1.0
+REFUSAL_BURST = 30.0
 
 
 class PeerViolation(Exception):
@@ -76,6 +80,9 @@ class Peer:
         self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
         self.acked = 0
         self.failed = False
+        # Each refusal rebuilds the room's document (O(document)): a peer that keeps sending
+        # refused writes is closed rather than allowed to burn the relay's CPU.
+        self.refusals = TokenBucket(REFUSALS_PER_SECOND, REFUSAL_BURST)
         self.close_requested = anyio.Event()
         self.close_code = 1000
         self.close_reason = ""
@@ -322,6 +329,8 @@ class Room:
         if not isinstance(outcome, Accepted):
             self.metrics.refused_writes += 1
             log.info("room %s: refused update from %r: %s", self.name, peer, outcome.reason)
+            if not peer.refusals.take(1):
+                raise PeerViolation(1008, "too many refused writes")
             return Refusal(outcome.reason)
         if not outcome.delta:
             return WriteDone(self._last_write, None)

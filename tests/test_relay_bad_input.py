@@ -7,8 +7,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from relay_support import RelayProcess, message_map, raw_client, running_relay, token
+from pycrdt import Doc
+from relay_support import (
+    RelayProcess,
+    declare_roots,
+    message_map,
+    raw_client,
+    running_relay,
+    token,
+)
 
+from crdtchat import schema
 from crdtchat.wire import AwarenessMessage, SyncStep1, SyncUpdate, encode_frame, encode_message
 
 pytestmark = pytest.mark.anyio
@@ -28,6 +37,13 @@ def url(relay: RelayProcess, room: str, sub: str) -> str:
     return relay.url(room, token(room, "writer", sub))
 
 
+def _refused_update() -> bytes:
+    doc: Doc = Doc()
+    declare_roots(doc)[schema.DERIVED]["planted"] = {"kind": "provider_state"}
+    return doc.get_update()
+
+
+REFUSED = [encode_message(SyncUpdate(_refused_update()))] * 40
 FLOOD = [encode_message(SyncUpdate(b"\x00\x00"))] * (BURST * 5)
 
 CASES: dict[str, tuple[list[bytes | str], int, str]] = {
@@ -53,6 +69,7 @@ CASES: dict[str, tuple[list[bytes | str], int, str]] = {
     "oversized frame": ([encode_message(SyncUpdate(b"\x00" * (MAX_FRAME + 10)))], 1009, ""),
     "text frame": (["hello"], 1003, "text frames are not part of the protocol"),
     "flood": (FLOOD, 1008, "rate limit exceeded"),
+    "refused writes without end": (REFUSED, 1008, "too many refused writes"),
 }
 
 

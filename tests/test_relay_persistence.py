@@ -55,6 +55,9 @@ async def test_every_acknowledged_update_survives_sigkill(tmp_path: Path) -> Non
     clients: dict[int, RawClient] = {}
     killed = anyio.Event()
 
+    def total_acked() -> int:
+        return sum(c.acks[-1] if c.acks else 0 for c in clients.values())
+
     async def burst(index: int) -> None:
         sub = f"user{index}"
         async with raw_client(url(relay, room, sub)) as client:
@@ -70,25 +73,25 @@ async def test_every_acknowledged_update_survives_sigkill(tmp_path: Path) -> Non
                         )
                     )
                     if k % 20 == 0:
-                        await anyio.sleep(0)
-            except ConnectionClosed:
-                pass
-            await killed.wait()
+                        await anyio.sleep(0)  # let the acks in
+                    if not killed.is_set() and total_acked() >= kill_after:
+                        relay.kill()  # mid-burst: this and other writers have more to send
+                        killed.set()
+                await client.wait_for(lambda: killed.is_set() or total_acked() >= kill_after, 60)
+                if not killed.is_set():
+                    relay.kill()
+                    killed.set()
+            except (ConnectionClosed, AssertionError):
+                pass  # the relay went away under us, as intended
+            with anyio.fail_after(60):
+                await killed.wait()
             with anyio.move_on_after(5):
                 await client.wait_closed()
-
-    async def killer() -> None:
-        with anyio.fail_after(60):
-            while sum(c.acks[-1] if c.acks else 0 for c in clients.values()) < kill_after:
-                await anyio.sleep(0.01)
-        relay.kill()
-        killed.set()
 
     try:
         async with anyio.create_task_group() as tg:
             for index in range(writers):
                 tg.start_soon(burst, index)
-            tg.start_soon(killer)
         promised = set().union(*(acked_ids(c, ids[index]) for index, c in clients.items()))
         assert len(promised) >= kill_after - writers  # each ack also covers a sync step 2
         written = {msg_id for per in ids for msg_id in per.values()}
