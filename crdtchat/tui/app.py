@@ -39,7 +39,9 @@ from crdtchat.tui.widgets import Item, Line, MessageItem, StreamItem, ThreadView
 
 log = logging.getLogger(__name__)
 
-MAX_SHOWN = 200  # messages rendered at the end of a long thread; the rest is summarised
+# Messages rendered at the end of a long thread (the rest is summarised in one line): layout
+# cost grows with the number of widgets, and a stream redraw relays them all out.
+MAX_SHOWN = 60
 
 
 class UserError(Exception):
@@ -98,6 +100,8 @@ class ChatApp(App[None]):
         self.read_only = read_only  # a reader token: the relay would refuse every write
         self.anchor: str | None = None  # None: follow the current thread (DESIGN §2)
         self.shown: list[Message] = []
+        self._shown_items: list[MessageItem] = []
+        self._shown_positions: dict[str, int] = {}
         self.editing: str | None = None  # id of the message the next send replaces
         self.attachments: list[FileRef] = []
         self.listed_leaves: list[str] = []
@@ -139,8 +143,8 @@ class ChatApp(App[None]):
         conversation = self.conversation
         parts = [
             (conversation.messages, "thread"),
-            (conversation.streams, "thread"),
-            (conversation.cancels, "thread"),
+            (conversation.streams, "streams"),
+            (conversation.cancels, "streams"),
             (conversation.drafts, "draft"),
             (conversation.settings_map, "header"),
             (conversation.meta, "header"),
@@ -172,6 +176,8 @@ class ChatApp(App[None]):
         try:
             if "thread" in dirty:
                 await self._refresh_thread()
+            elif "streams" in dirty:
+                await self._show_items()  # a stream grew: the messages are as they were
             if "draft" in dirty:
                 self._refresh_draft()
             if "header" in dirty:
@@ -189,28 +195,34 @@ class ChatApp(App[None]):
         conversation = self.conversation
         thread = shown_thread(conversation, self.anchor)
         self.shown = thread
+        self._shown_positions = {message.id: number for number, message in enumerate(thread)}
         if self.editing is not None and conversation.view.get(self.editing) is None:
             self.editing = None
         start = max(0, len(thread) - MAX_SHOWN)
-        items: list[Item] = []
-        for number, message in enumerate(thread[start:], start + 1):
-            items.append(
-                MessageItem(
-                    number=number,
-                    message=message,
-                    branch=self._branch_position(message),
-                    mine=message.author == conversation.author,
-                )
+        self._shown_items = [
+            MessageItem(
+                number=number,
+                message=message,
+                branch=self._branch_position(message),
+                mine=message.author == conversation.author,
             )
-        for stream in streams_on(conversation, thread):
-            items.append(StreamItem(stream, conversation.cancel_requested(stream.turn_id)))
-        await self.query_one("#thread", ThreadView).show(items, elided=start)
+            for number, message in enumerate(thread[start:], start + 1)
+        ]
+        await self._show_items()
         if (
             not self.read_only
             and thread
             and conversation.read_mark(conversation.author) != thread[-1].id
         ):
             conversation.mark_read(conversation.author, thread[-1].id)
+
+    async def _show_items(self) -> None:
+        conversation = self.conversation
+        items: list[Item] = list(self._shown_items)
+        for stream in streams_on(conversation, self._shown_positions):
+            items.append(StreamItem(stream, conversation.cancel_requested(stream.turn_id)))
+        elided = self._shown_items[0].number - 1 if self._shown_items else 0
+        await self.query_one("#thread", ThreadView).show(items, elided=elided)
 
     def _branch_position(self, message: Message) -> tuple[int, int] | None:
         if message.parent is None:
@@ -391,11 +403,10 @@ class ChatApp(App[None]):
 
     def cancel_reply(self) -> None:
         conversation = self.conversation
-        turns = [s.turn_id for s in streams_on(conversation, self.shown)]
-        on_thread = {m.id for m in self.shown}
+        turns = [s.turn_id for s in streams_on(conversation, self._shown_positions)]
         for answered, turn_id in _leases(conversation).items():
             committed = conversation.view.get(turn_id) is not None
-            if answered in on_thread and turn_id not in turns and not committed:
+            if answered in self._shown_positions and turn_id not in turns and not committed:
                 turns.append(turn_id)
         if not turns:
             raise UserError("no reply is being written on this thread")

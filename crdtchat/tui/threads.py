@@ -7,6 +7,7 @@ message, so a reply arriving under it still appears. This is a local choice, nev
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pycrdt import Map, Text
@@ -47,9 +48,18 @@ def shown_thread(conversation: Conversation, anchor: str | None) -> list[Message
     return conversation.thread(newest_leaf_under(conversation, anchor))
 
 
-def streams_on(conversation: Conversation, thread: list[Message]) -> list[StreamView]:
-    """Streams in flight whose parent is on `thread`, in the order of their parents."""
-    on_thread = {message.id: number for number, message in enumerate(thread)}
+def streams_on(
+    conversation: Conversation, thread: Sequence[Message] | Mapping[str, int]
+) -> list[StreamView]:
+    """Streams in flight whose parent is on `thread`, in the order of their parents.
+
+    `thread` may be given as its messages or as message id → position on it (which the
+    caller can keep between redraws of a long thread).
+    """
+    if isinstance(thread, Mapping):
+        on_thread = thread
+    else:
+        on_thread = {message.id: number for number, message in enumerate(thread)}
     found = []
     for turn_id in list(conversation.streams.keys()):
         stream = conversation.streams.get(turn_id)
