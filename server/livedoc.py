@@ -39,7 +39,7 @@ class UndecodableUpdate(ValueError):
 
 @dataclass(frozen=True)
 class Accepted:
-    delta: bytes  # what the document gained; b"" when the update changed nothing
+    delta: bytes  # the update to store and broadcast; b"" when it changed nothing
 
 
 @dataclass(frozen=True)
