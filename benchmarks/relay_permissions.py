@@ -153,10 +153,12 @@ def main() -> None:
         ]
         for name, step, role, sub in workloads:
             updates = record(base, steps, step)
-            plain = best_of(runs, lambda updates=updates: plain_apply(base, updates))
+            plain = best_of(runs, lambda updates=updates, base=base: plain_apply(base, updates))
             checked = best_of(
                 runs,
-                lambda updates=updates, role=role, sub=sub: checked_apply(base, updates, role, sub),
+                lambda updates=updates, role=role, sub=sub, base=base: checked_apply(
+                    base, updates, role, sub
+                ),
             )
             print(
                 f"| {size} | {name} | {plain * 1e6:.1f} | {checked * 1e6:.1f} | "
