@@ -141,6 +141,8 @@ class Conversation:
             doc.apply_update(update)
         except ValueError as error:
             raise ConversationError(f"not a Yjs update: {error}") from error
+        except RuntimeError as error:
+            raise ConversationError(f"a malformed Yjs update: {error}") from error
         return cls(doc, author=author, clock=clock)
 
     def encode_state(self) -> bytes:
@@ -155,11 +157,20 @@ class Conversation:
         return self.doc.get_update(state_vector)
 
     def apply_update(self, update: bytes, *, origin: Any = None) -> None:
+        """Merge a peer's update.
+
+        Bytes that do not decode are refused before anything changes. An update that decodes
+        but cannot be integrated (an item whose parent is not a shared type) is refused too,
+        but yrs may already have integrated the well-formed items before it: nothing that
+        was here is lost, and the view shows what was merged, validated as always.
+        """
         try:
             with self.doc.transaction(origin=origin):
                 self.doc.apply_update(update)
         except ValueError as error:
             raise ConversationError(f"not a Yjs update: {error}") from error
+        except RuntimeError as error:
+            raise ConversationError(f"a malformed Yjs update: {error}") from error
 
     def on_update(self, callback: Callable[[bytes], None]) -> Subscription:
         """Call `callback` with the update bytes of every transaction, local or remote."""
