@@ -778,3 +778,26 @@ def test_read_marks() -> None:
     assert fresh_copy(ann).read_mark("phone") == message.id
     ann.read_marks["laptop"] = 7
     assert ann.read_mark("laptop") is None
+
+
+def test_an_update_that_decodes_but_cannot_be_integrated_is_refused_without_loss() -> None:
+    """An item whose parent names a non-shared item (found by fuzzing: one byte changed)."""
+    writer = Conversation(Doc(client_id=7), author="a", clock=lambda: 1.0)
+    for index in range(3):
+        writer.append("user", f"hi {index}", message_id=f"m{index}")
+    good = writer.encode_state()
+    # The "role" entry of m0 names its parent Map as (client 7, clock 0), just before the key.
+    clock_at = good.index(b"\x07\x00\x04role") + 1
+    bad = good[:clock_at] + b"\x01" + good[clock_at + 1 :]  # parent (7, 1): the "id" string
+    with pytest.raises(ConversationError, match="malformed Yjs update"):
+        Conversation.from_update(bad, author="b")
+    reader = Conversation.create(author="b")
+    mine = reader.append("user", "mine 😀")
+    with pytest.raises(ConversationError, match="malformed Yjs update"):
+        reader.apply_update(bad)
+    assert reader.message(mine.id).content == "mine 😀"
+    assert snapshot(fresh_copy(reader)) == snapshot(reader)
+    assert fresh_copy(reader).problems() == reader.problems()
+    reader.append("user", "still writable")
+    reader.apply_update(good)
+    assert {"m0", "m1", "m2", mine.id} <= {m.id for m in reader.all_messages()}

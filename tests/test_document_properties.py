@@ -286,3 +286,42 @@ ViewMatchesRebuild.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_view_matches_a_rebuild = ViewMatchesRebuild.TestCase
+
+
+def _sample_update() -> bytes:
+    writer = Conversation.create(author="w")
+    for index in range(4):
+        writer.append("user", f"hello 😀 {index}", message_id=f"w{index}")
+    writer.set_settings(system="s")
+    return writer.encode_state()
+
+
+SAMPLE_UPDATE = _sample_update()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, len(SAMPLE_UPDATE) - 1), st.integers(0, 255), st.booleans()),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_a_mangled_update_is_refused_or_merged_never_a_crash(
+    edits: list[tuple[int, int, bool]],
+) -> None:
+    data = bytearray(SAMPLE_UPDATE)
+    for position, value, truncate in edits:
+        if truncate:
+            del data[position % max(1, len(data)) :]
+        elif data:
+            data[position % len(data)] = value
+    reader = Conversation.create(author="r")
+    mine = reader.append("user", "mine 😀")
+    with contextlib.suppress(ConversationError):
+        reader.apply_update(bytes(data))
+    assert reader.message(mine.id).content == "mine 😀"
+    rebuilt = fresh_copy(reader)
+    assert rebuilt.all_messages() == reader.all_messages()
+    assert rebuilt.problems() == reader.problems()
+    reader.append("user", "after", parent=mine.id)
