@@ -481,3 +481,19 @@ async def test_reply_streams_in_from_a_worker_peer_through_the_relay(
         await until(app, lambda: thread_texts(app)[-1].startswith("#2 assistant"))
         assert thread_texts(app)[-1].endswith("Hello world")
         assert len(thread_texts(app)) == 2
+
+
+async def test_a_reader_token_reads_and_switches_but_writes_nothing() -> None:
+    conversation = Conversation.create(author="carol")
+    conversation.append("user", "someone else's question")
+    before = conversation.encode_state()
+    app = ChatApp(
+        conversation, DetachedLink(conversation.doc), room="room-1", device="tv", read_only=True
+    )
+    async with app.run_test() as pilot:
+        await until(app, lambda: len(thread_texts(app)) == 1)
+        await submit(pilot, "let me in")
+        assert "read-only" in line(app, "notice")
+        await submit(pilot, "/branches")
+        assert line(app, "notice").startswith("*1. 1 messages")
+    assert conversation.encode_state() == before  # not even a draft or a read mark
