@@ -51,8 +51,6 @@ class BlobUploader:
                     url,
                     content=data,
                     headers={"Authorization": f"Bearer {self.token}"},
-                    # also as ?token=: the relay's PUT path looks the header up by the wrong case
-                    params={"token": self.token},
                 )
         except httpx.HTTPError as error:
             raise BlobError(f"upload of {path.name} failed: {error}") from error
