@@ -11,9 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-
-class CommandError(Exception):
-    """A failure to report as one line on stderr with exit status 1."""
+from crdtchat.errors import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-frame", type=int, default=8 * 1024 * 1024, help="largest accepted frame, bytes"
     )
+    from server.options import add_extra_options
+
+    add_extra_options(serve)
 
     token = commands.add_parser("token", help="print a signed token")
     token.add_argument("--room", required=True, help="a room name, or * for every room")
@@ -40,10 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--provider", default="local", choices=["local", "openai", "openai-chat", "anthropic"]
     )
     worker.add_argument("--model", default=None)
+    worker.add_argument(
+        "--lease-ttl", type=float, default=30.0, help="seconds a turn's lease lasts unrenewed"
+    )
+    worker.add_argument(
+        "--idle-after", type=float, default=30.0, help="close a room after this long without work"
+    )
 
     chat = commands.add_parser("chat", help="the terminal chat client")
     chat.add_argument("room")
     chat.add_argument("--relay", default="ws://127.0.0.1:8765")
+    chat.add_argument("--device", default=None, help="this device's name (default: hostname)")
 
     commands.add_parser("demo", help="relay, local worker and a chat in one command")
     return parser
@@ -85,4 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crdtchat.cli import main as installed_main  # one module object, one CommandError
+
+    sys.exit(installed_main())

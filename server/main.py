@@ -25,24 +25,15 @@ from websockets.asyncio.server import serve
 from crdtchat.tokens import SECRET_VARIABLE
 from server.blobs import BlobStore
 from server.config import RelayConfig
+from server.feed import WaitingFeed
 from server.http import HttpEndpoints, connection_class
 from server.metrics import Metrics
+from server.options import EXTRA_OPTIONS, add_extra_options
 from server.relay import Relay
 from server.room import RoomManager
 from server.store import Store, StoreError
 
 log = logging.getLogger("crdtchat.relay")
-
-# argparse destination -> RelayConfig field, for the options beyond DESIGN §6.
-_EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
-    "rate": ("rate_messages", float, "sustained messages per second per connection"),
-    "burst": ("rate_burst", float, "messages a connection may send at once"),
-    "byte_rate": ("rate_bytes", float, "sustained bytes per second per connection"),
-    "idle_unload": ("idle_unload", float, "seconds an unused room stays in memory"),
-    "compact_updates": ("compact_updates", int, "compact a room's log after this many updates"),
-    "compact_bytes": ("compact_min_bytes", int, "... or after this many bytes"),
-    "max_blob": ("max_blob", int, "largest blob upload, bytes"),
-}
 
 
 def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
@@ -53,7 +44,7 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
         "data": Path(args.data),
         "max_frame": args.max_frame,
     }
-    for dest, (field, _, _) in _EXTRA_OPTIONS.items():
+    for dest, (field, _, _) in EXTRA_OPTIONS.items():
         value = getattr(args, dest, None)
         if value is not None:
             values[field] = value
@@ -75,9 +66,10 @@ async def run_relay(
         Store(config.data, on_write_latency=metrics.store_write_seconds.observe) as store,
         anyio.create_task_group() as tg,
     ):
-        rooms = RoomManager(store, metrics, config)
+        feed = WaitingFeed(store)
+        rooms = RoomManager(store, metrics, config, feed)
         await tg.start(rooms.run)
-        relay = Relay(config, rooms, endpoints, metrics)
+        relay = Relay(config, rooms, endpoints, metrics, feed)
         try:
             async with serve(
                 relay.handle,
@@ -156,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--data", default="./crdtchat-data")
     parser.add_argument("--max-frame", type=int, default=8 * 1024 * 1024)
-    for dest, (_, kind, help_text) in _EXTRA_OPTIONS.items():
-        parser.add_argument("--" + dest.replace("_", "-"), type=kind, default=None, help=help_text)
+    add_extra_options(parser)
     return parser
 
 

@@ -25,9 +25,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from crdtchat.schema import ROOM_NAME
-from crdtchat.tokens import TokenClaims, TokenError, verify_token
+from crdtchat.tokens import ANY_ROOM, TokenClaims, TokenError, parse_claims, verify_token
 from crdtchat.wire import WireError, decode_frame
+from crdtchat.worker.feed import FEED_PATH
 from server.config import RelayConfig
+from server.feed import WaitingFeed
 from server.http import HttpEndpoints, make_response
 from server.metrics import Metrics
 from server.ratelimit import ConnectionLimits
@@ -52,19 +54,32 @@ def _close_reason(text: str) -> str:
     return raw[: _MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
+@dataclass(frozen=True)
+class FeedTarget:
+    claims: TokenClaims
+
+
 class Relay:
     def __init__(
-        self, config: RelayConfig, rooms: RoomManager, http: HttpEndpoints, metrics: Metrics
+        self,
+        config: RelayConfig,
+        rooms: RoomManager,
+        http: HttpEndpoints,
+        metrics: Metrics,
+        feed: WaitingFeed | None = None,
     ) -> None:
         self.config = config
         self.rooms = rooms
         self.http = http
         self.metrics = metrics
+        self.feed = feed
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if self.http.is_http_path(url.path):
             return await self.http.get(request, url)
+        if url.path == FEED_PATH and self.feed is not None:
+            return self._admit_feed(conn, url.query)
         room = unquote(url.path[1:])
         if not ROOM_NAME.match(room):
             return make_response(400, "the path must be /<room>, 1-128 of A-Za-z0-9._-\n")
@@ -81,8 +96,24 @@ class Relay:
         conn.target = Target(room, claims, want_ack="ack" in extensions)  # type: ignore[attr-defined]
         return None
 
+    def _admit_feed(self, conn: ServerConnection, query_string: str) -> Response | None:
+        """The room feed is for workers that serve every room."""
+        token = (parse_qs(query_string).get("token") or [""])[0]
+        try:
+            claims = parse_claims(self.config.secret, token)
+        except TokenError as error:
+            return make_response(401, f"token refused: {error.reason}\n")
+        if claims.role != "worker" or claims.room != ANY_ROOM:
+            return make_response(403, "the room feed needs a worker token for every room\n")
+        conn.target = FeedTarget(claims)  # type: ignore[attr-defined]
+        return None
+
     async def handle(self, ws: ServerConnection) -> None:
-        target: Target = ws.target  # type: ignore[attr-defined]
+        target: Target | FeedTarget = ws.target  # type: ignore[attr-defined]
+        if isinstance(target, FeedTarget):
+            assert self.feed is not None
+            await self.feed.serve(ws)
+            return
         self.metrics.connections += 1
         try:
             try:

@@ -45,6 +45,7 @@ from crdtchat.wire import (
     encode_message,
 )
 from server.config import RelayConfig
+from server.feed import WaitingFeed, WaitingWatch
 from server.livedoc import Accepted, LiveDoc, UndecodableUpdate
 from server.metrics import Metrics
 from server.ratelimit import TokenBucket
@@ -129,8 +130,16 @@ class RoomState(Enum):
 
 
 class Room:
-    def __init__(self, name: str, store: Store, metrics: Metrics, config: RelayConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        metrics: Metrics,
+        config: RelayConfig,
+        feed: WaitingFeed | None = None,
+    ) -> None:
         self.name = name
+        self.waiting = None if feed is None else WaitingWatch(name, feed)
         self.store = store
         self.metrics = metrics
         self.config = config
@@ -334,6 +343,8 @@ class Room:
             return Refusal(outcome.reason)
         if not outcome.delta:
             return WriteDone(self._last_write, None)
+        if self.waiting is not None:
+            self.waiting.check(self.live.doc)
         seq = self._next_seq
         self._next_seq += 1
         future = self.store.append(self.name, seq, outcome.delta)
@@ -423,10 +434,17 @@ class Room:
 class RoomManager:
     """Owns every room's task; `run` returns after `close` once every room is flushed."""
 
-    def __init__(self, store: Store, metrics: Metrics, config: RelayConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        config: RelayConfig,
+        feed: WaitingFeed | None = None,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.config = config
+        self.feed = feed
         self.rooms: dict[str, Room] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
@@ -451,7 +469,7 @@ class RoomManager:
                 raise RoomUnavailable("relay shutting down")
             room = self.rooms.get(name)
             if room is None:
-                room = Room(name, self.store, self.metrics, self.config)
+                room = Room(name, self.store, self.metrics, self.config, self.feed)
                 self.rooms[name] = room
                 self.metrics.rooms = len(self.rooms)
                 self._tg.start_soon(self._run_room, room)

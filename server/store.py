@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
     upto INTEGER NOT NULL,
     data BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS waiting (
+    room TEXT PRIMARY KEY
+) WITHOUT ROWID;
 """
 
 
@@ -67,7 +70,7 @@ class RoomStats:
 
 @dataclass
 class _Op:
-    kind: str  # "append" | "compact" | "load" | "stats"
+    kind: str  # "append" | "compact" | "waiting" | "load" | "stats" | "list_waiting"
     room: str
     future: asyncio.Future[Any]
     seq: int = 0
@@ -148,6 +151,13 @@ class Store:
         which must contain all of them (the room's document state right after `upto_seq`)."""
         return self._submit(_Op("compact", room, self._new_future(), seq=upto_seq, data=snapshot))
 
+    def set_waiting(self, room: str, waiting: bool) -> asyncio.Future[None]:
+        """Remember whether `room` has something waiting for a worker (for the room feed)."""
+        return self._submit(_Op("waiting", room, self._new_future(), data=b"1" if waiting else b""))
+
+    async def waiting_rooms(self) -> list[str]:
+        return await self._submit(_Op("list_waiting", "", self._new_future()))
+
     async def load(self, room: str) -> StoredRoom:
         return await self._submit(_Op("load", room, self._new_future()))
 
@@ -214,7 +224,7 @@ class Store:
     def _process(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         writes: list[_Op] = []
         for op in batch:
-            if op.kind in ("append", "compact"):
+            if op.kind in ("append", "compact", "waiting"):
                 writes.append(op)
                 continue
             self._commit(db, writes)
@@ -234,6 +244,11 @@ class Store:
                         "INSERT INTO updates (room, seq, data) VALUES (?, ?, ?)",
                         (op.room, op.seq, op.data),
                     )
+                elif op.kind == "waiting":
+                    if op.data:
+                        db.execute("INSERT OR IGNORE INTO waiting (room) VALUES (?)", (op.room,))
+                    else:
+                        db.execute("DELETE FROM waiting WHERE room = ?", (op.room,))
                 else:
                     db.execute("DELETE FROM updates WHERE room = ? AND seq <= ?", (op.room, op.seq))
                     db.execute(
@@ -263,6 +278,9 @@ class Store:
                 return op.future, self._load(db, op.room), None
             if op.kind == "stats":
                 return op.future, self._stats(db, op.room), None
+            if op.kind == "list_waiting":
+                rows = db.execute("SELECT room FROM waiting ORDER BY room").fetchall()
+                return op.future, [str(row[0]) for row in rows], None
             raise AssertionError(op.kind)
         except (sqlite3.Error, ValueError) as exc:
             return op.future, None, StoreError(f"cannot read room {op.room!r}: {exc}")

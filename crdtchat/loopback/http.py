@@ -251,6 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
                 return
+            if sent and owner.event_delay:
+                time.sleep(owner.event_delay)  # pacing like a model that takes its time
             self._chunk(_sse_bytes(name, data))
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -292,8 +294,10 @@ class LoopbackServer:
         api_key: str | None = None,
         models: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
+        event_delay: float = 0.0,
     ) -> None:
         self.host = host
+        self.event_delay = event_delay  # seconds between streamed events
         self.requested_port = port
         self.api_key = api_key
         self.models = frozenset(models) if models is not None else None

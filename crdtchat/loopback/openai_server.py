@@ -760,10 +760,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--api-key", default=None, help="require this key (default: any)")
-    args = parser.parse_args(argv)
-    run_until_interrupted(
-        OpenAILoopback(host=args.host, port=args.port, api_key=args.api_key), "OPENAI_BASE_URL"
+    parser.add_argument(
+        "--event-delay", type=float, default=0.0, help="seconds between streamed events"
     )
+    args = parser.parse_args(argv)
+    server = OpenAILoopback(
+        host=args.host, port=args.port, api_key=args.api_key, event_delay=args.event_delay
+    )
+    run_until_interrupted(server, "OPENAI_BASE_URL")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,8 @@ in use: two clients on one machine get two device names instead of sharing pendi
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -27,6 +24,7 @@ import anyio
 
 from crdtchat.document import Conversation
 from crdtchat.schema import ROOM_NAME
+from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.blobs import BlobUploader
 from crdtchat.tui.link import ReplicaLink
@@ -50,23 +48,12 @@ class TokenSubject:
 
 
 def read_token_subject(token: str) -> TokenSubject:
-    """The claims a client needs, read without the secret (the relay checks the signature).
-
-    A token is `v1.<base64url JSON payload>.<signature>` (crdtchat.tokens).
-    """
-    parts = token.strip().split(".")
-    if len(parts) != 3 or parts[0] != "v1":
-        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token")
+    """The claims a client needs, read without the secret (the relay checks the signature)."""
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError) as error:
+        claims = read_claims_unverified(token.strip())
+    except TokenError as error:
         raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token ({error})") from None
-    if not isinstance(payload, dict):
-        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token")
-    room, role, sub = payload.get("room"), payload.get("role"), payload.get("sub")
-    if not (isinstance(room, str) and isinstance(role, str) and isinstance(sub, str) and sub):
-        raise SetupError(f"{TOKEN_VARIABLE} is not a crdtchat token (missing claims)")
-    return TokenSubject(room=room, role=role, sub=sub)
+    return TokenSubject(room=claims.room, role=claims.role, sub=claims.sub)
 
 
 def data_home() -> Path:
@@ -122,7 +109,12 @@ def _chat(args: argparse.Namespace) -> int:
     subject = read_token_subject(token)
     if subject.room not in ("*", room):
         raise SetupError(f"the token is for room {subject.room!r}, not {room!r}")
-    device = os.environ.get(DEVICE_VARIABLE) or socket.gethostname() or "device"
+    device = (
+        getattr(args, "device", None)
+        or os.environ.get(DEVICE_VARIABLE)
+        or socket.gethostname()
+        or "device"
+    )
     home = data_home()
     with claim_device(home, room, device) as (device_name, store_path):
         _log_to(home / "chat.log")

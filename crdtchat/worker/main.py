@@ -9,17 +9,20 @@ import socket
 
 import anyio
 
-from crdtchat.cli import CommandError
+from crdtchat.errors import CommandError
 from crdtchat.providers.base import ProviderError
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.worker.feed import FeedRefused
-from crdtchat.worker.room import ProviderPool
+from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
+from crdtchat.worker.turn import TurnSettings
 
 TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
 
 
-def worker_config(relay_url: str, token: str) -> WorkerConfig:
+def worker_config(
+    relay_url: str, token: str, *, lease_ttl: float = 30.0, idle_after: float = 30.0
+) -> WorkerConfig:
     """Checks what can be checked locally, so a bad set-up fails at once with a reason."""
     if not relay_url.startswith(("ws://", "wss://")):
         raise CommandError(f"--relay must be a ws:// or wss:// URL, not {relay_url!r}")
@@ -39,12 +42,20 @@ def worker_config(relay_url: str, token: str) -> WorkerConfig:
         token=token,
         identity=claims.sub,
         device=f"worker@{socket.gethostname()}",
+        room=RoomSettings(idle_after=idle_after, turn=TurnSettings(lease_ttl=lease_ttl)),
     )
 
 
 def worker_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = worker_config(args.relay, os.environ.get(TOKEN_VARIABLE, ""))
+    if args.lease_ttl <= 0 or args.idle_after <= 0:
+        raise CommandError("--lease-ttl and --idle-after must be positive")
+    config = worker_config(
+        args.relay,
+        os.environ.get(TOKEN_VARIABLE, ""),
+        lease_ttl=args.lease_ttl,
+        idle_after=args.idle_after,
+    )
     try:
         providers = ProviderPool(args.provider, args.model)
         providers.check_default()

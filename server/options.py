@@ -1,0 +1,21 @@
+"""Relay options beyond DESIGN §6, shared by `crdtchat serve` and `python -m server.main`."""
+
+from __future__ import annotations
+
+import argparse
+
+# argparse destination -> (RelayConfig field, type, help)
+EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
+    "rate": ("rate_messages", float, "sustained messages per second per connection"),
+    "burst": ("rate_burst", float, "messages a connection may send at once"),
+    "byte_rate": ("rate_bytes", float, "sustained bytes per second per connection"),
+    "idle_unload": ("idle_unload", float, "seconds an unused room stays in memory"),
+    "compact_updates": ("compact_updates", int, "compact a room's log after this many updates"),
+    "compact_bytes": ("compact_min_bytes", int, "... or after this many bytes"),
+    "max_blob": ("max_blob", int, "largest blob upload, bytes"),
+}
+
+
+def add_extra_options(parser: argparse.ArgumentParser) -> None:
+    for dest, (_, kind, help_text) in EXTRA_OPTIONS.items():
+        parser.add_argument("--" + dest.replace("_", "-"), type=kind, default=None, help=help_text)
