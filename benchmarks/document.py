@@ -99,15 +99,30 @@ def build(mix: str) -> tuple[bytes, list[dict[str, Any]]]:
     return conversation.encode_state(), plain
 
 
-def median_time(run: Callable[[], Any], repeat: int) -> float:
+def median_time(run: Callable[[], Any], repeat: int, cpu: list[float] | None = None) -> float:
+    """Median wall time after a warm-up; the median CPU time of this thread goes to `cpu`."""
     run()  # warm up
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeat):
         gc.collect()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         run()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.thread_time() - start_cpu)
+    if cpu is not None:
+        cpu.append(statistics.median(cpu_times))
     return statistics.median(times)
+
+
+def timed_each(items: list[Any], run: Callable[[Any], Any]) -> tuple[list[float], list[float]]:
+    """Wall and CPU time of `run(item)` for each item."""
+    wall, cpu = [], []
+    for item in items:
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        run(item)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+    return wall, cpu
 
 
 def measure_open(state: bytes, plain_json: str, repeat: int) -> dict[str, float]:
@@ -115,8 +130,9 @@ def measure_open(state: bytes, plain_json: str, repeat: int) -> dict[str, float]
         conversation = Conversation.from_update(state, author="reader")
         assert len(conversation.current_thread()) == N
 
-    doc_time = median_time(open_document, repeat)
-    json_time = median_time(lambda: json.loads(plain_json), repeat)
+    cpu: list[float] = []
+    doc_time = median_time(open_document, repeat, cpu)
+    json_time = median_time(lambda: json.loads(plain_json), repeat, cpu)
 
     # Where the time goes, step by step.
     def apply_only() -> None:
@@ -133,6 +149,8 @@ def measure_open(state: bytes, plain_json: str, repeat: int) -> dict[str, float]
         "document": doc_time,
         "json": json_time,
         "ratio": doc_time / json_time,
+        "document_cpu": cpu[0],
+        "json_cpu": cpu[1],
         "apply_update": apply_time,
         "str(array)": to_json_time,
         "validate+index+thread": doc_time - apply_time - to_json_time,
@@ -151,12 +169,18 @@ def measure_append(state: bytes, plain: list[dict[str, Any]], count: int) -> dic
     updates: list[bytes] = []
     conversation.on_update(updates.append)  # as a syncing client would
     texts = [words(rng, 200) for _ in range(count)]
-    doc_times = []
-    for text in texts:
-        start = time.perf_counter()
-        conversation.append("user", text)
-        doc_times.append(time.perf_counter() - start)
+    doc_times, doc_cpu = timed_each(texts, lambda text: conversation.append("user", text))
     assert len(conversation) == N + count and len(updates) == count
+
+    # The same with the opened document's objects frozen out of the cyclic collector's
+    # reach (gc.freeze(), as a long-running client may do after opening): shows how much of
+    # the tail is full collections walking every message the view holds.
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen_times, frozen_cpu = timed_each(texts, lambda text: conversation.append("user", text))
+    finally:
+        gc.unfreeze()
 
     plain = list(plain)
     plain_times = []
@@ -178,6 +202,11 @@ def measure_append(state: bytes, plain: list[dict[str, Any]], count: int) -> dic
     return {
         "doc_p50_ms": percentile(doc_times, 0.5) * 1e3,
         "doc_p99_ms": percentile(doc_times, 0.99) * 1e3,
+        "frozen_p50_ms": percentile(frozen_times, 0.5) * 1e3,
+        "frozen_p99_ms": percentile(frozen_times, 0.99) * 1e3,
+        "doc_cpu_p50_ms": percentile(doc_cpu, 0.5) * 1e3,
+        "doc_cpu_p99_ms": percentile(doc_cpu, 0.99) * 1e3,
+        "frozen_cpu_p99_ms": percentile(frozen_cpu, 0.99) * 1e3,
         "plain_p50_ms": percentile(plain_times, 0.5) * 1e3,
         "plain_p99_ms": percentile(plain_times, 0.99) * 1e3,
     }
@@ -266,10 +295,17 @@ def table(results: list[dict[str, Any]], load: tuple[float, float]) -> str:
         lines += [
             f"| ({mix}) open {N:,} messages + current thread | {o['document'] * 1e3:.0f} ms "
             f"| {o['json'] * 1e3:.1f} ms (json.loads) | {o['ratio']:.1f}x | ≤ 8x |",
+            f"| ({mix}) same, CPU time of the thread | {o['document_cpu'] * 1e3:.0f} ms "
+            f"| {o['json_cpu'] * 1e3:.1f} ms | {o['document_cpu'] / o['json_cpu']:.1f}x | |",
             f"| ({mix}) append at {N:,}, p50 / p99 | {a['doc_p50_ms']:.3f} / "
             f"{a['doc_p99_ms']:.3f} ms | {a['plain_p50_ms']:.4f} / {a['plain_p99_ms']:.4f} ms "
             f"(append + json.dumps) | {a['doc_p99_ms'] / a['plain_p99_ms']:.0f}x at p99 "
             f"| p99 < 1 ms |",
+            f"| ({mix}) append, CPU time of the thread, p50 / p99 | {a['doc_cpu_p50_ms']:.3f} / "
+            f"{a['doc_cpu_p99_ms']:.3f} ms | | | |",
+            f"| ({mix}) append after gc.freeze(), wall p50 / p99 (CPU p99) "
+            f"| {a['frozen_p50_ms']:.3f} / {a['frozen_p99_ms']:.3f} ms "
+            f"({a['frozen_cpu_p99_ms']:.3f} ms) | | | |",
             f"| ({mix}) resident memory per message | {m['document']:,.0f} B "
             f"| {m['plain']:,.0f} B | {m['document'] / m['plain']:.1f}x | — |",
             f"| ({mix}) size of all {N:,} messages | {result['document_bytes'] / 1e6:.2f} MB "
