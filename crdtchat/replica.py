@@ -283,13 +283,11 @@ class Replica:
         self._stopping.set()
         self._retry_now.set()
         stack, self._exit_stack = self._exit_stack, None
-        try:
-            return await stack.__aexit__(exc_type, exc, tb)
-        except BaseExceptionGroup as group:
-            # The task group wraps the body's own exception; give it back to the caller as is.
-            if exc is not None and list(_leaves(group)) == [exc]:
-                return None
-            raise
+        # The teardown does not see the body's exception (the body's exception propagates
+        # untouched after it). Feeding a cancellation through the task group in the stack
+        # built a __context__ cycle that made anyio's task_done loop forever.
+        await stack.aclose()
+        return None
 
     async def _open(self, stack: AsyncExitStack) -> None:
         pending: tuple[int, ...] = ()
@@ -334,7 +332,11 @@ class Replica:
         self._pump()
 
     async def _wait_connection_loop_done(self) -> None:
-        await self._connection_loop_done.wait()
+        # Shielded: stopping ends the connection loop promptly, and raising a cancellation
+        # from inside the exit stack made a CancelledError its own __context__, which sends
+        # anyio's task_done into an endless loop.
+        with anyio.CancelScope(shield=True):
+            await self._connection_loop_done.wait()
 
     async def _close_store_queue(self) -> None:
         self._pump()  # whatever the last moments produced
