@@ -7,10 +7,13 @@ claims was seen, 1 with a one-line reason (and the tails of the process logs) ot
 
 from __future__ import annotations
 
+import os
+import selectors
 import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Self
@@ -20,7 +23,7 @@ import anyio
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
 from crdtchat.schema import Message, assistant_turn_id
-from crdtchat.stack import LocalStack
+from crdtchat.stack import LocalStack, ManagedProcess
 from crdtchat.worker.turn import Changes
 
 MODEL = "gpt-4.1-mini"  # what the loopback OpenAI server is asked for; any name works there
@@ -43,6 +46,37 @@ def check(condition: bool, reason: str) -> None:
 def openai_env(base_url: str) -> dict[str, str]:
     """A worker's environment for the loopback OpenAI server (the variables the SDKs read)."""
     return {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "demo-key"}
+
+
+def anthropic_env(base_url: str) -> dict[str, str]:
+    return {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "demo-key"}
+
+
+@contextmanager
+def loopback(vendor: str, logs: Path, *options: str) -> Iterator[str]:
+    """`python -m crdtchat.loopback.<vendor>_server` on a free port; yields its base URL.
+
+    A process of its own, like a real provider: when a worker is killed mid-reply, the
+    server's broken pipe ends up in its log, not in the demo's output.
+    """
+    server = ManagedProcess(
+        f"{vendor}-loopback",
+        [sys.executable, "-m", f"crdtchat.loopback.{vendor}_server", "--port", "0", *options],
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
+        logs / f"{vendor}-loopback.log",
+    )
+    server.start(capture_stdout=True)
+    try:
+        assert server.proc is not None and server.proc.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(server.proc.stdout, selectors.EVENT_READ)
+            ready = selector.select(TIMEOUT)
+        line = server.proc.stdout.readline() if ready else ""
+        variable, _, url = line.strip().partition("=")
+        check(variable.endswith("_BASE_URL") and bool(url), f"the {vendor} loopback did not start")
+        yield url
+    finally:
+        server.stop()
 
 
 class Device:

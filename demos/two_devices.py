@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _kit import MODEL, Device, check, openai_env, run, say
+from _kit import MODEL, Device, check, loopback, openai_env, run, say
 
-from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.schema import assistant_turn_id
 from crdtchat.stack import LocalStack
 
@@ -23,11 +22,12 @@ PERSON = "sam"
 
 
 async def demo(tmp: Path) -> None:
-    with OpenAILoopback(event_delay=0.05) as model, LocalStack(tmp / "stack") as stack:
+    with (
+        LocalStack(tmp / "stack") as stack,
+        loopback("openai", stack.logs, "--event-delay", "0.05") as openai_url,
+    ):
         stack.start_relay()
-        stack.start_worker(
-            "worker-1", provider="openai", model=MODEL, env=openai_env(model.base_url)
-        )
+        stack.start_worker("worker-1", provider="openai", model=MODEL, env=openai_env(openai_url))
         say(f"relay on {stack.url}; worker-1 answers with {MODEL} (loopback OpenAI server)")
 
         async with (
