@@ -142,6 +142,15 @@ class Device:
         except TimeoutError:
             raise DemoFailed(f"{self.name}: no {what} within {timeout:.0f} s") from None
 
+    async def until_peer(self, predicate: Callable[[dict[str, Any]], bool], what: str) -> None:
+        """Until someone else in the room announces a presence that `predicate` accepts."""
+        try:
+            await self.replica.wait_for_peers(
+                lambda peers: any(predicate(p) for p in peers.values()), timeout=TIMEOUT
+            )
+        except TimeoutError:
+            raise DemoFailed(f"{self.name} does not see {what}") from None
+
     async def reply_to(self, question: Message, timeout: float = TIMEOUT) -> Message:
         """The committed first answer to `question`, once this device has it."""
         turn_id = assistant_turn_id(question.id, 1)

@@ -36,13 +36,10 @@ async def demo(tmp: Path) -> None:
         ):
             await phone.synced()
             await laptop.synced()
-            others = await phone.replica.wait_for_peers(
-                lambda peers: any(p.get("device") == "laptop" for p in peers.values()),
-                timeout=30,
-            )
+            await phone.until_peer(lambda p: p.get("device") == "laptop", "the laptop")
             devices = sorted(p["device"] for p in phone.replica.other_devices().values())
             say(f"phone is online and sees {PERSON}'s other devices: {', '.join(devices)}")
-            check(len(others) >= 1, "the phone does not see the laptop")
+            check(devices == ["laptop"], f"the phone sees other devices: {devices}")
 
             question = phone.conversation.append("user", "What should I pack for Lisbon?")
             say(f"phone   asks:  {question.content}")
