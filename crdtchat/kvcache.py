@@ -233,7 +233,8 @@ class KVCheckpointStore:
         except OSError as exc:
             raise CheckpointUnavailable(f"checkpoint {ref.ref} unreadable: {exc}") from exc
         if hashlib.sha256(blob).hexdigest() != ref.sha256:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             raise CheckpointUnavailable(f"checkpoint {ref.ref} is corrupt (hash mismatch)")
         snapshot = decode_snapshot(blob)
         if snapshot.n_tokens != ref.n_tokens:

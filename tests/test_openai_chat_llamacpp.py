@@ -62,6 +62,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "2048",
         "--seed",
         "1234",
+        # one thread: a busy machine makes llama.cpp's spinning threads crawl
+        "--n_threads",
+        "1",
+        "--n_threads_batch",
+        "1",
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

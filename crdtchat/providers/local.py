@@ -278,6 +278,9 @@ class _Turn:
     )
     _generator: Any = None
     _prefill_seconds: float = 0.0
+    # CPU time of the calling thread: with n_threads=1 llama.cpp computes in that thread, so
+    # this is the evaluation cost free of other processes' load (benchmarks use it).
+    _prefill_cpu_seconds: float = 0.0
 
     def prepare(self) -> str | None:
         """Tokenize, fit the context, restore the best state; returns an error message or None."""
@@ -290,13 +293,13 @@ class _Turn:
         best = longest_common_prefix(llm.input_ids[: llm.n_tokens].tolist(), self.tokens)
         source = "live" if best else "none"
         notes: list[str] = []
-        load_seconds = 0.0
+        load_seconds = load_cpu_seconds = 0.0
         store = self.store
         for entry in self._checkpoint_entries() if store is not None else []:
             claimed = entry.data.get("n_tokens")
             if isinstance(claimed, int) and claimed <= best:
                 continue  # cannot beat what the context already holds
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 snapshot = store.load(entry.data, model=self.engine.fingerprint)
                 common = longest_common_prefix(snapshot.tokens, self.tokens)
@@ -310,6 +313,7 @@ class _Turn:
                 continue
             finally:
                 load_seconds += time.perf_counter() - started
+                load_cpu_seconds += time.thread_time() - started_cpu
             best, source = common, "checkpoint"
             break
         # At least the last prompt token is evaluated: sampling needs fresh logits.
@@ -317,7 +321,11 @@ class _Turn:
         llm.n_tokens = self.reused
         self.pending = self.tokens[self.reused :]
         self.max_tokens = min(self.sampling.max_tokens, self.engine.n_ctx - len(self.tokens))
-        self.raw.update(kv_source=source, kv_load_seconds=round(load_seconds, 6))
+        self.raw.update(
+            kv_source=source,
+            kv_load_seconds=round(load_seconds, 6),
+            kv_load_cpu_seconds=round(load_cpu_seconds, 6),
+        )
         if notes:
             self.raw["kv_notes"] = notes
         return None
@@ -377,9 +385,10 @@ class _Turn:
     def prefill_step(self) -> bool:
         """Evaluate one slice of the new prompt tokens; True when the prompt is in."""
         if self.pending:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             self.engine.llm.eval(self.pending[:PREFILL_CHUNK])
             self._prefill_seconds += time.perf_counter() - started
+            self._prefill_cpu_seconds += time.thread_time() - started_cpu
             del self.pending[:PREFILL_CHUNK]
         return not self.pending
 
@@ -429,6 +438,7 @@ class _Turn:
         self.raw.update(
             prompt_eval_tokens=len(self.tokens) - self.reused,
             prompt_eval_seconds=round(self._prefill_seconds, 6),
+            prompt_eval_cpu_seconds=round(self._prefill_cpu_seconds, 6),
             finish_reason=self.finish_reason,
         )
         usage = Usage(
@@ -480,7 +490,9 @@ class LocalProvider:
         self.model = model or DEFAULT_MODEL
         self._model_path = Path(model_path) if model_path is not None else None
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
+        # Half the cores, as llama-cpp-python does: the relay and the UI share the machine,
+        # and llama.cpp's threads spin at barriers, which collapses when cores are oversubscribed.
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         self._kv_store = kv_store
         self.checkpoints = checkpoints
         self.reuse_live_state = reuse_live_state
@@ -517,18 +529,17 @@ class LocalProvider:
         except (ProviderError, ValueError) as exc:
             yield Finished(status="error", error=str(exc))
             return
+        turn = _Turn(engine, request, sampling, store, self.reuse_live_state)
         # A threading lock (not an anyio one): the engine is shared by every event loop of
         # the process. Polling with a timeout keeps a waiting turn cancellable.
         while not await anyio.to_thread.run_sync(engine.lock.acquire, True, _LOCK_POLL_SECONDS):
             pass
-        turn = _Turn(engine, request, sampling, store, self.reuse_live_state)
         produced = False
         try:
-            try:
-                error = await anyio.to_thread.run_sync(turn.prepare)
-                if error:
-                    yield Finished(status="error", error=error)
-                    return
+            error = await anyio.to_thread.run_sync(turn.prepare)
+            if error:
+                outcome = Finished(status="error", error=error)
+            else:
                 while not await anyio.to_thread.run_sync(turn.prefill_step):
                     pass
                 while (piece := await anyio.to_thread.run_sync(turn.next_piece)) is not None:
@@ -537,16 +548,16 @@ class LocalProvider:
                         yield TextDelta(piece)
                 if tail := turn.rest_of_text():
                     yield TextDelta(tail)
-                finished = await anyio.to_thread.run_sync(turn.finish)
-            except (RuntimeError, ValueError, OSError) as exc:
-                # The context's contents are unknown now: the next turn starts from scratch.
-                engine.llm.n_tokens = 0
-                yield Finished(
-                    status="incomplete" if produced else "error",
-                    error=f"local model failed: {exc}",
-                )
-                return
-            yield finished
+                outcome = await anyio.to_thread.run_sync(turn.finish)
+        except Exception as exc:  # the protocol: failures end the turn, they do not raise
+            # The context's contents are unknown now: the next turn starts from scratch.
+            engine.llm.n_tokens = 0
+            outcome = Finished(
+                status="incomplete" if produced else "error",
+                error=f"local model failed: {type(exc).__name__}: {exc}",
+            )
         finally:
             turn.close()
             engine.lock.release()
+        # Yielded after the release: a consumer that stops at Finished holds nothing.
+        yield outcome
