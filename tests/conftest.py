@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test support modules import flat
 
-import hypothesis_profiles  # noqa: E402,F401 - registers and loads the profile for the run
+import hypothesis_profiles  # noqa: F401 - registers and loads the profile for the run
 
 
 @pytest.fixture
