@@ -1,0 +1,283 @@
+"""Shared pieces of the relay benchmarks: servers as subprocesses, a light client, CPU time.
+
+Benchmarks never import from tests/, so the few helpers they need live here. Everything talks to
+127.0.0.1 only, every wait has a deadline, and every subprocess is stopped by the context
+manager that started it.
+
+`LightClient` is a websocket client made of the `websockets` sans-I/O protocol under a plain
+asyncio.Protocol: no task per connection and no queue, so one Python process can hold hundreds
+of observers and stamp each frame with the time its bytes arrived, which is what a fan-out
+latency needs (a task-per-connection client measures its own scheduling delay as much as the
+server's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_SERVER = NODE_DIR / "node_modules" / "y-websocket" / "bin" / "server.cjs"
+SECRET = "benchmark-secret-for-the-relay"
+_RELAY_LISTENING = re.compile(r"crdtchat relay listening on ws://([^:\s]+):(\d+)")
+_NODE_LISTENING = re.compile(r"running at '([^']+)' on port (\d+)")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def now_ns() -> int:
+    """CLOCK_MONOTONIC in ns: one clock for every process on the machine."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads included (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+@dataclass
+class Server:
+    """A server subprocess and the ws:// base URL it listens on."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _wait_for_line(proc: subprocess.Popen[str], pattern: re.Pattern[str], timeout: float) -> int:
+    """The port from the first stdout line matching `pattern`; RuntimeError after `timeout`."""
+    assert proc.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(1000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                break
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited with {proc.wait(5)} before listening")
+            match = pattern.search(line)
+            if match:
+                return int(match.group(2))
+    finally:
+        selector.close()
+    raise RuntimeError("server did not say it was listening in time")
+
+
+@contextmanager
+def _running(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    pattern: re.Pattern[str],
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    try:
+        try:
+            port = _wait_for_line(proc, pattern, 60.0)
+        except RuntimeError as error:
+            raise RuntimeError(f"{name}: {error}; log:\n{log_path.read_text()}") from None
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextmanager
+def running_relay(data: Path, extra_args: list[str] | None = None) -> Iterator[Server]:
+    """Our relay, `python -m server.main --port 0 --data DIR`, on 127.0.0.1."""
+    command = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--data", str(data), *(extra_args or [])]
+    env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+    log_path = data.parent / "relay.log"
+    with _running("relay", command, env, REPO, log_path, _RELAY_LISTENING) as (proc, port):
+        yield Server("crdtchat relay", proc, f"ws://127.0.0.1:{port}", log_path)
+
+
+def ensure_node_server() -> None:
+    """Install benchmarks/node from its lockfile (y-websocket 2.x) unless it is there."""
+    if NODE_SERVER.exists():
+        return
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=NODE_DIR,
+        check=True,
+        timeout=300,
+    )
+    if not NODE_SERVER.exists():
+        raise RuntimeError(f"npm ci did not install {NODE_SERVER}")
+
+
+@contextmanager
+def running_node_server(log_dir: Path) -> Iterator[Server]:
+    """The node y-websocket server (`npx y-websocket` runs this same bin/server.cjs; running
+    node on it directly makes the measured pid the server itself, not npx's wrapper).
+    No persistence (YPERSISTENCE unset): it keeps every document in memory."""
+    ensure_node_server()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("YPERSISTENCE", "GC")}
+    env.update(HOST="127.0.0.1", PORT=str(port))
+    log_path = log_dir / "node-server.log"
+    command = ["node", str(NODE_SERVER)]
+    with _running("node y-websocket", command, env, NODE_DIR, log_path, _NODE_LISTENING) as (
+        proc,
+        listening,
+    ):
+        yield Server("node y-websocket 2", proc, f"ws://127.0.0.1:{listening}", log_path)
+
+
+class LightClient(asyncio.Protocol):
+    """One websocket connection driven by websockets' sans-I/O ClientProtocol.
+
+    `on_frame(client, payload, arrived_ns)` runs for every binary message, inside
+    data_received, with the time the bytes that completed it were read.
+    """
+
+    def __init__(self, url: str, on_frame: Callable[[LightClient, bytes, int], None]) -> None:
+        self.protocol = ClientProtocol(parse_uri(url), max_size=None)
+        self.on_frame = on_frame
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.bytes_in = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        arrived = now_ns()
+        self.bytes_in += len(data)
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Response):
+                if self.protocol.handshake_exc is not None:
+                    if not self.opened.done():
+                        self.opened.set_exception(self.protocol.handshake_exc)
+                elif not self.opened.done():
+                    self.opened.set_result(None)
+            elif isinstance(event, Frame) and event.opcode is Opcode.BINARY:
+                if not event.fin:
+                    raise RuntimeError("fragmented frames are not expected from these servers")
+                self.on_frame(self, event.data, arrived)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionError("connection lost during handshake"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def send(self, payload: bytes) -> None:
+        self.protocol.send_binary(payload)
+        self._flush()
+
+    def close(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        try:
+            self.protocol.send_close(1000)
+            self._flush()
+        finally:
+            self.transport.close()
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for chunk in self.protocol.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+
+
+async def open_light_client(
+    url: str, on_frame: Callable[[LightClient, bytes, int], None], timeout: float = 30.0
+) -> LightClient:
+    loop = asyncio.get_running_loop()
+    parsed = parse_uri(url)
+    async with asyncio.timeout(timeout):
+        _, client = await loop.create_connection(
+            lambda: LightClient(url, on_frame), parsed.host, parsed.port
+        )
+        await client.opened
+    return client
+
+
+def ws_frame_overhead(payload_len: int, masked: bool) -> int:
+    """Bytes a websocket frame header adds (RFC 6455 §5.2); clients mask, servers do not."""
+    size = 2 + (4 if masked else 0)
+    if payload_len >= 65536:
+        size += 8
+    elif payload_len >= 126:
+        size += 2
+    return size
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), math.ceil(fraction * len(sorted_values))))
+    return sorted_values[rank - 1]
