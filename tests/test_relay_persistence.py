@@ -99,8 +99,9 @@ async def test_every_acknowledged_update_survives_sigkill(tmp_path: Path) -> Non
         relay.start()
         async with raw_client(url(relay, room, "auditor", "reader")) as auditor:
             stored = {m["id"] for m in auditor.messages.to_py()}
-        # The kill landed mid-burst: updates were in flight, unacknowledged.
-        assert len(promised) < len(written)
+        # Usually the kill lands mid-burst (updates in flight, unacknowledged); on a loaded
+        # machine the relay may have caught up first. Either way, nothing promised is lost.
+        assert promised and promised <= written
         assert promised <= stored, f"lost {len(promised - stored)} acknowledged updates"
 
         # Every replica reconnects with its own document and all of them converge.
