@@ -224,7 +224,7 @@ def measure_update_sizes(state: bytes) -> dict[str, tuple[int, int]]:
         extra = {} if role == "user" else {"model": MODEL, "status": "complete"}
         message = conversation.append(role, words(rng, length), **extra)  # type: ignore[arg-type]
         stored = json.loads(str(conversation.messages[conversation.view.position(message.id)]))
-        own_json = json.dumps(stored, ensure_ascii=False).encode()
+        own_json = json.dumps(stored, ensure_ascii=False, separators=(",", ":")).encode()
         sizes[label] = (len(updates[0]), len(own_json))
     return sizes
 
@@ -334,30 +334,35 @@ Open = `Conversation.from_update(bytes)` + `current_thread()` (a 10,000-message 
 median of the repetitions after a warm-up, against `json.loads` of the equivalent JSON.
 Append = one `Conversation.append` at 10,000+ messages with an update observer attached, as a
 syncing client has. Update size = the bytes that observer receives for one append, against
-`json.dumps` of the same message. Memory = RSS growth of a fresh process that opens the
-document, against one that `json.loads` the JSON.
+compact `json.dumps` of the same message (the dict its Map holds). CPU time is the thread's
+(`time.thread_time`); on this shared virtual machine it also inflates under load, so the
+wall-clock numbers of a run with a low load average are the ones to trust. Memory = RSS
+growth of a fresh process that opens the document, against one that `json.loads` the JSON.
 
 Where the time goes. Opening: `Doc.apply_update` (yrs decoding), `str(array)` (yrs
 serialises the array to JSON in Rust), then one `TypeAdapter(list[Message]).validate_json`
 call, then the thread index (pure Python, ~10 ms). Before this work (commit ef6b72f) each
 message was validated with its own `model_validate` and the index kept a list per message:
 open+thread was 12x `json.loads` on the 60-character case (220 ms against 18 ms).
-Appending: yrs finds the end of an array by walking it (`insert` has no search marker), about
-0.2 ms at 10,000 messages, and computing an array event's delta walks it again. pycrdt's
-`observe_deep` computes every event attribute up front, so before this work each append paid
-both walks and then re-read and re-validated the Map it had just written: p50 1.2 ms, p99
-1.9 ms at 10,000. The view now subscribes below pycrdt's event wrapper and takes a local
-append as validated when the append had a transaction to itself; the remaining cost is the
-yrs walk plus ~0.1 ms of Python (validation, building the Map). Remote appends still pay for
-the delta walk. Update size: documents now use 32-bit client ids, as Yjs does; with yrs'
-53-bit ids each of a message Map's seven items spent two more bytes naming its parent, and a
-short chat line's update was 1.29x its JSON.
 
-What remains. p99 of an append is at the mercy of the cyclic garbage collector (a full
-collection walks every message object the view holds) and of the other processes on this
-2-core machine; the run's load average is printed with the results. Memory: a document holds
-each message's text twice, once in yrs and once in the validated view, plus yrs' per-item
-bookkeeping, so it needs several times the plain list.
+Appending: yrs finds the end of an array by walking it (`insert` has no search marker),
+about 0.2 ms at 10,000 messages, and computing an array event's delta walks it again.
+pycrdt's `observe_deep` computes every event attribute up front, so before this work each
+append paid both walks and then re-read and re-validated the Map it had just written: p50
+1.2 ms, p99 1.9 ms at 10,000. The view now subscribes below pycrdt's event wrapper and takes
+a local append as validated when the append had a transaction to itself; what remains is
+the yrs walk plus ~0.1 ms of Python (validation, building the Map) on an idle machine.
+Remote appends still pay for the delta walk.
+
+Update size: documents now use 32-bit client ids, as Yjs does. With yrs' 53-bit ids each of
+a message Map's seven items spent two more bytes naming its parent, and a short chat line's
+update was 1.29x its JSON.
+
+What remains. p99 of an append is at the mercy of the other processes on this 2-core
+machine and of the cyclic garbage collector (a full collection walks every message object
+the view holds; the gc.freeze() row shows its share); the run's load average is printed with
+the results. Memory: a document holds each message's text twice, once in yrs and once in the
+validated view, plus yrs' per-item bookkeeping, so it needs several times the plain list.
 """
 
 
