@@ -801,3 +801,14 @@ def test_an_update_that_decodes_but_cannot_be_integrated_is_refused_without_loss
     reader.append("user", "still writable")
     reader.apply_update(good)
     assert {"m0", "m1", "m2", mine.id} <= {m.id for m in reader.all_messages()}
+
+
+def test_a_closed_view_stops_following_the_document() -> None:
+    ann = Conversation.create(author="ann")
+    ann.append("user", "seen")
+    calls: list[int] = []
+    ann.on_messages_change(lambda: calls.append(1))
+    ann.view.close()
+    ann.messages.append(Map({"id": "raw", "role": "user", "author": "x", "content": Text("t")}))
+    assert calls == []
+    assert [m.id for m in fresh_copy(ann).all_messages()][-1] == "raw"
