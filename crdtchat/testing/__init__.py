@@ -1,0 +1,97 @@
+"""Property-based merge testing for crdtchat conversations (public API).
+
+- `crdtchat.testing.operations`: writes as frozen values with `apply(conversation)`;
+- `crdtchat.testing.strategies`: hypothesis strategies that draw them for a replica's state;
+- `crdtchat.testing.network`: a deterministic network of replicas (loss, reordering,
+  duplication, partitions, crashes with a local store);
+- `crdtchat.testing.invariants`: what must hold at quiescence;
+- `crdtchat.testing.machine`: `ConversationMachine`, the state machine to subclass.
+
+See docs/testing.md.
+"""
+
+from crdtchat.testing.invariants import (
+    Reading,
+    ReplicaState,
+    assert_same_state,
+    check_converged,
+    check_kept,
+    check_no_gap,
+    check_quiescent,
+    check_reader_rules,
+    check_rebuild,
+    check_round_trip,
+    decode_state_vector,
+    read_replica,
+    reference_reading,
+    roots_json,
+)
+from crdtchat.testing.machine import ConversationMachine, CreateConversation
+from crdtchat.testing.network import (
+    Envelope,
+    LocalStore,
+    Replica,
+    SimulatedNetwork,
+    early_clients,
+)
+from crdtchat.testing.operations import Operation, canonical_snapshot
+from crdtchat.testing.profiles import register_profiles
+from crdtchat.testing.strategies import (
+    append_messages,
+    characters,
+    commits,
+    derived_changes,
+    foreign_writes,
+    json_values,
+    leases,
+    message_ids,
+    operations,
+    settings_changes,
+    streams,
+    text_edits,
+    texts,
+    transport_changes,
+    worker_operations,
+)
+
+__all__ = [
+    "ConversationMachine",
+    "CreateConversation",
+    "Envelope",
+    "LocalStore",
+    "Operation",
+    "Reading",
+    "Replica",
+    "ReplicaState",
+    "SimulatedNetwork",
+    "append_messages",
+    "assert_same_state",
+    "canonical_snapshot",
+    "characters",
+    "check_converged",
+    "check_kept",
+    "check_no_gap",
+    "check_quiescent",
+    "check_reader_rules",
+    "check_rebuild",
+    "check_round_trip",
+    "commits",
+    "decode_state_vector",
+    "derived_changes",
+    "early_clients",
+    "foreign_writes",
+    "json_values",
+    "leases",
+    "message_ids",
+    "operations",
+    "read_replica",
+    "reference_reading",
+    "register_profiles",
+    "roots_json",
+    "settings_changes",
+    "streams",
+    "text_edits",
+    "texts",
+    "transport_changes",
+    "worker_operations",
+]
