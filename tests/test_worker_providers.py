@@ -665,3 +665,16 @@ async def test_tool_call_round_trip_with_a_client_peer(provider: str) -> None:
                 "tool_call_id": call.id,
                 "content": "sunny, 21 C",
             }
+
+
+async def test_turns_reuse_one_http_connection() -> None:
+    """A stream read to its end goes back to httpx's pool: no new handshake per turn."""
+    with loopbacks() as servers:
+        async with httpx.AsyncClient() as client:
+            pool = servers.pool("openai-chat", client=client)
+            person, worker = peers(provider="openai-chat")
+            for question in ("one", "two", "three"):
+                await ask(person, worker, pool, question)
+        ports = {request.client_port for request in servers.openai.posts("/chat/completions")}
+        assert len(servers.openai.posts("/chat/completions")) == 3
+        assert len(ports) == 1

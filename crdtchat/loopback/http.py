@@ -14,6 +14,7 @@ import hmac
 import json
 import re
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -89,6 +90,7 @@ class LoggedRequest:
     status: int | None = None
     usage: dict[str, Any] | None = None
     fault: str | None = None
+    client_port: int = 0  # the same port twice means a reused connection
 
 
 class Signer:
@@ -193,6 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = ...
         headers = {k.lower(): v for k, v in self.headers.items()}
         logged = LoggedRequest(method, self.path, headers, None if body is ... else body)
+        logged.client_port = self.client_address[1]
         owner._log(logged)
         if body is ...:
             reply: JSONReply | SSEReply = owner.error_reply(
@@ -274,6 +277,12 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], owner: LoopbackServer) -> None:
         self.owner = owner
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hangs up is normal for a streaming server; anything else is not."""
+        if isinstance(sys.exc_info()[1], ConnectionResetError | BrokenPipeError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class LoopbackServer:

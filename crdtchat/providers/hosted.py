@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import anyio
 import httpx
 
 from crdtchat.providers.base import (
@@ -178,12 +179,15 @@ async def stream_call(
                     else:
                         got_stream = True
                         decoder = SSEDecoder()
-                        async for chunk in resp.aiter_bytes():
+                        chunks = resp.aiter_bytes()
+                        async for chunk in chunks:
                             for sse in decoder.feed(chunk):
                                 for event in parser.feed(sse):
-                                    yield event
                                     if isinstance(event, Finished):
+                                        await _drain(chunks)
+                                        yield event
                                         return
+                                    yield event
                                     streamed = streamed or isinstance(
                                         event, TextDelta | ToolCallDone
                                     )
@@ -242,3 +246,19 @@ async def stream_call(
                     status="error", error=f"cannot reach {url} after {failures} attempts: {cut}"
                 )
             return
+
+
+async def _drain(
+    chunks: AsyncIterator[bytes], limit: int = 64 * 1024, seconds: float = 1.0
+) -> None:
+    """Read what follows the final event (e.g. `data: [DONE]`, the chunked terminator).
+
+    A response read to its end lets httpx put the connection back in the pool, so the next
+    turn skips a TCP and TLS handshake. Bounded, because the turn is already complete.
+    """
+    read = 0
+    with anyio.move_on_after(seconds):
+        async for chunk in chunks:
+            read += len(chunk)
+            if read > limit:
+                break
