@@ -99,19 +99,26 @@ def build(mix: str) -> tuple[bytes, list[dict[str, Any]]]:
     return conversation.encode_state(), plain
 
 
-def median_time(run: Callable[[], Any], repeat: int, cpu: list[float] | None = None) -> float:
-    """Median wall time after a warm-up; the median CPU time of this thread goes to `cpu`."""
-    run()  # warm up
-    times, cpu_times = [], []
-    for _ in range(repeat):
-        gc.collect()
-        start, start_cpu = time.perf_counter(), time.thread_time()
+def interleaved_medians(
+    runs: dict[str, Callable[[], Any]], repeat: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU time of each run, the runs taking turns after a warm-up.
+
+    Taking turns spreads the bursts of the other processes on this machine over all of
+    them, so their ratios mean something even when the absolute numbers wander.
+    """
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.thread_time() - start_cpu)
-    if cpu is not None:
-        cpu.append(statistics.median(cpu_times))
-    return statistics.median(times)
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            gc.collect()
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            run()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.thread_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in runs}
 
 
 def timed_each(items: list[Any], run: Callable[[Any], Any]) -> tuple[list[float], list[float]]:
@@ -130,10 +137,6 @@ def measure_open(state: bytes, plain_json: str, repeat: int) -> dict[str, float]
         conversation = Conversation.from_update(state, author="reader")
         assert len(conversation.current_thread()) == N
 
-    cpu: list[float] = []
-    doc_time = median_time(open_document, repeat, cpu)
-    json_time = median_time(lambda: json.loads(plain_json), repeat, cpu)
-
     # Where the time goes, step by step.
     def apply_only() -> None:
         Doc().apply_update(state)
@@ -143,14 +146,23 @@ def measure_open(state: bytes, plain_json: str, repeat: int) -> dict[str, float]
         doc.apply_update(state)
         return str(doc.get(schema.MESSAGES, type=Array))
 
-    apply_time = median_time(apply_only, repeat)
-    to_json_time = median_time(to_json, repeat) - apply_time
+    times = interleaved_medians(
+        {
+            "document": open_document,
+            "json": lambda: json.loads(plain_json),
+            "apply": apply_only,
+            "to_json": to_json,
+        },
+        repeat,
+    )
+    (doc_time, doc_cpu), (json_time, json_cpu) = times["document"], times["json"]
+    apply_time, to_json_time = times["apply"][0], times["to_json"][0] - times["apply"][0]
     return {
         "document": doc_time,
         "json": json_time,
         "ratio": doc_time / json_time,
-        "document_cpu": cpu[0],
-        "json_cpu": cpu[1],
+        "document_cpu": doc_cpu,
+        "json_cpu": json_cpu,
         "apply_update": apply_time,
         "str(array)": to_json_time,
         "validate+index+thread": doc_time - apply_time - to_json_time,
@@ -331,7 +343,8 @@ message Maps hold, serialised with `json`. "Realistic chat" alternates user line
 characters) and assistant answers (median ~735), with some non-ASCII text and emoji; "all
 60-char lines" is the worst case for the ratios, where per-message overhead dominates.
 Open = `Conversation.from_update(bytes)` + `current_thread()` (a 10,000-message thread),
-median of the repetitions after a warm-up, against `json.loads` of the equivalent JSON.
+median of the repetitions after a warm-up, against `json.loads` of the equivalent JSON; the
+two (and the step-by-step runs) take turns, so load bursts hit them alike.
 Append = one `Conversation.append` at 10,000+ messages with an update observer attached, as a
 syncing client has. Update size = the bytes that observer receives for one append, against
 compact `json.dumps` of the same message (the dict its Map holds). CPU time is the thread's
