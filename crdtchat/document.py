@@ -19,7 +19,7 @@ from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import schema
-from crdtchat.prefix import prefix_hashes
+from crdtchat.prefix import RunningHashes
 from crdtchat.schema import (
     CancelRequest,
     DerivedEntry,
@@ -110,6 +110,7 @@ class Conversation:
         self.drafts = get_map(schema.DRAFTS)
         self.read_marks = get_map(schema.READ)
         self.view = MessageView(self.messages)
+        self._running_hashes = RunningHashes()
         # Messages appended inside a transaction that is still open: the view sees them only
         # when it commits, but later appends in the same transaction may follow them.
         self._pending: dict[str, Message] = {}
@@ -546,10 +547,14 @@ class Conversation:
     # -- prefix hashes and derived state -------------------------------------------------
 
     def prefix_hashes(self, thread: Sequence[Message]) -> list[str]:
-        return prefix_hashes(self.settings.system, self.tools_raw(), thread)
+        return self._running_hashes.prefix_hashes(self.settings.system, self.tools_raw(), thread)
 
     def prefix_hash(self, message_id: str) -> str:
-        return self.prefix_hashes(self.thread(message_id))[-1]
+        return self.prefix_hash_of(self.thread(message_id))
+
+    def prefix_hash_of(self, thread: Sequence[Message]) -> str:
+        """The prefix hash of the last message of `thread`."""
+        return self._running_hashes.prefix_hash(self.settings.system, self.tools_raw(), thread)
 
     def put_derived(self, entry: DerivedEntry) -> str:
         key = derived_key(entry)
@@ -712,7 +717,7 @@ class Conversation:
             error=error,
         )
         thread = [*self.thread(answered_id), message]
-        hash_of_turn = self.prefix_hashes(thread)[-1]
+        hash_of_turn = self.prefix_hash_of(thread)
         answers_after = len(self.assistant_answers(answered_id)) + 1
         alone = not _in_transaction(self.doc)
         with self.doc.transaction():

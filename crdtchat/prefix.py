@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from crdtchat.schema import Message
@@ -36,12 +36,69 @@ def hashed_message_fields(message: Message) -> dict[str, Any]:
     }
 
 
+def hash_tail(system: str, tools: Mapping[str, Any]) -> bytes:
+    """What follows the messages in the hashed JSON (keys sort after "messages")."""
+    return f'],"system":{canonical_json(system)},"tools":{canonical_json(dict(tools))}}}'.encode()
+
+
+class RunningHashes:
+    """The SHA-256 state after each message of a thread, reused across calls.
+
+    A message's running state depends only on the messages from the root to it. A cached
+    state is reused only while every message up to it is still equal to the one it was
+    computed from (a field comparison, much cheaper than encoding the JSON again), so edits
+    anywhere on the path are noticed without any invalidation protocol.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[Message, Any]] = {}
+
+    def _running(self, thread: Sequence[Message]) -> list[Any]:
+        states = self._states
+        result: list[Any] = []
+        running: Any = None
+        reusing = True
+        for index, message in enumerate(thread):
+            cached = states.get(message.id) if reusing else None
+            if cached is not None and (cached[0] is message or cached[0] == message):
+                running = cached[1]
+            else:
+                reusing = False
+                if index == 0:
+                    running = hashlib.sha256(b'{"messages":[')
+                else:
+                    running = running.copy()
+                    running.update(b",")
+                running.update(canonical_json(hashed_message_fields(message)).encode())
+                states[message.id] = (message, running)
+            result.append(running)
+        return result
+
+    def prefix_hashes(
+        self, system: str, tools: Mapping[str, Any], thread: Sequence[Message]
+    ) -> list[str]:
+        tail = hash_tail(system, tools)
+        hashes = []
+        for running in self._running(thread):
+            final = running.copy()
+            final.update(tail)
+            hashes.append(final.hexdigest())
+        return hashes
+
+    def prefix_hash(self, system: str, tools: Mapping[str, Any], thread: Sequence[Message]) -> str:
+        if not thread:
+            raise ValueError("a prefix hash needs at least one message")
+        final = self._running(thread)[-1].copy()
+        final.update(hash_tail(system, tools))
+        return final.hexdigest()
+
+
 def prefix_hashes(system: str, tools: Mapping[str, Any], thread: Iterable[Message]) -> list[str]:
     """The prefix hash of every message of `thread` (root first), in order.
 
     `tools` is the JSON object of `canonical.tools` as stored.
     """
-    tail = f'],"system":{canonical_json(system)},"tools":{canonical_json(dict(tools))}}}'.encode()
+    tail = hash_tail(system, tools)
     running = hashlib.sha256(b'{"messages":[')
     hashes = []
     for index, message in enumerate(thread):
