@@ -47,7 +47,7 @@ Join from a second terminal, as another device of {PERSON!r}:
 
 async def chat_headless(relay_url: str, token: str, lines: list[str]) -> int:
     """Send each line, print the reply as it streams; 0 if every reply completed."""
-    conversation = Conversation(author=PERSON)
+    conversation = Conversation(author=PERSON, role="writer")
     changes = Changes()
     conversation.view.on_change(changes.notify)
     conversation.streams.observe_deep(changes.notify)

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
@@ -49,6 +49,34 @@ class _FollowCurrentThread:
 
 
 FOLLOW_CURRENT = _FollowCurrentThread()
+
+PeerRole = Literal["reader", "writer", "worker"]
+
+# What each role of DESIGN §4 may write. The relay enforces this; a Conversation that knows
+# its role refuses up front, because a write the relay refuses stays in the local replica and
+# blocks that replica's later writes (they build on it).
+_RIGHTS: dict[str, frozenset[str]] = {
+    "reader": frozenset(),
+    "writer": frozenset(
+        {
+            "message:user",
+            "message:tool",
+            "message:system",
+            "edit",
+            "meta",
+            "settings",
+            "tools",
+            "discard derived",
+            "drafts",
+            "read marks",
+            "cancel",
+            "regenerate",
+        }
+    ),
+    "worker": frozenset(
+        {"message:assistant", "edit", "derived", "discard derived", "leases", "streams", "serve"}
+    ),
+}
 
 
 class ConversationError(ValueError):
@@ -93,9 +121,17 @@ class Conversation:
     writes in anyone else's name, so the document fills `author` in itself.
     """
 
-    def __init__(self, doc: Doc | None = None, *, author: str, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        doc: Doc | None = None,
+        *,
+        author: str,
+        clock: Clock = time.time,
+        role: PeerRole | None = None,
+    ) -> None:
         self.doc = doc if doc is not None else new_doc()
         self.author = author
+        self.role = role
         self.clock = clock
         get_map = self._root_map
         self.meta = get_map(schema.META)
@@ -116,6 +152,11 @@ class Conversation:
         self._pending: dict[str, Message] = {}
         self.view.on_change(self._pending.clear)
 
+    def _require(self, right: str) -> None:
+        """Refuse a write this peer's role may not make (no check when the role is unknown)."""
+        if self.role is not None and right not in _RIGHTS[self.role]:
+            raise ConversationError(f"a {self.role} may not write {right.replace(':', ' ')}")
+
     def _root_map(self, name: str) -> Map:
         return self.doc.get(name, type=Map)
 
@@ -123,10 +164,16 @@ class Conversation:
 
     @classmethod
     def create(
-        cls, *, author: str, title: str | None = None, clock: Clock = time.time
+        cls,
+        *,
+        author: str,
+        title: str | None = None,
+        clock: Clock = time.time,
+        role: PeerRole | None = None,
     ) -> Conversation:
         """A new conversation with its `canonical.meta` filled in."""
-        conversation = cls(author=author, clock=clock)
+        conversation = cls(author=author, clock=clock, role=role)
+        conversation._require("meta")
         with conversation.doc.transaction():
             conversation.meta["schema"] = schema.SCHEMA_VERSION
             conversation.meta["created_at"] = clock()
@@ -135,7 +182,14 @@ class Conversation:
         return conversation
 
     @classmethod
-    def from_update(cls, update: bytes, *, author: str, clock: Clock = time.time) -> Conversation:
+    def from_update(
+        cls,
+        update: bytes,
+        *,
+        author: str,
+        clock: Clock = time.time,
+        role: PeerRole | None = None,
+    ) -> Conversation:
         """Open a conversation from update bytes (a saved state is one update)."""
         doc = new_doc()
         try:
@@ -144,7 +198,7 @@ class Conversation:
             raise ConversationError(f"not a Yjs update: {error}") from error
         except RuntimeError as error:
             raise ConversationError(f"a malformed Yjs update: {error}") from error
-        return cls(doc, author=author, clock=clock)
+        return cls(doc, author=author, clock=clock, role=role)
 
     def encode_state(self) -> bytes:
         """The whole document as one update: save it, or send it to a new peer."""
@@ -206,6 +260,7 @@ class Conversation:
         model: str | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> None:
+        self._require("settings")
         if params is not None:
             json.dumps(params)  # refuse what cannot travel as JSON, before writing anything
         with self.doc.transaction():
@@ -230,10 +285,12 @@ class Conversation:
         return json.loads(str(self.tools_map))
 
     def set_tool(self, name: str, description: str, parameters: Mapping[str, Any]) -> None:
+        self._require("tools")
         spec = ToolSpec(description=description, parameters=dict(parameters))
         self.tools_map[name] = spec.model_dump()
 
     def remove_tool(self, name: str) -> None:
+        self._require("tools")
         self.tools_map.pop(name, None)
 
     @property
@@ -242,6 +299,7 @@ class Conversation:
         return value if isinstance(value, str) else None
 
     def set_title(self, title: str) -> None:
+        self._require("meta")
         self.meta["title"] = title
 
     # -- canonical: messages -------------------------------------------------------------
@@ -306,6 +364,7 @@ class Conversation:
         error: str | None = None,
     ) -> Message:
         """Append a message; by default it follows the end of the current thread."""
+        self._require(f"message:{role}")
         if isinstance(parent, _FollowCurrentThread):
             last = self._last()
             parent = None if last is None else last.id
@@ -328,6 +387,7 @@ class Conversation:
 
     def append_message(self, message: Message) -> None:
         """Append an already validated message as it is, author included (for imports)."""
+        self._require(f"message:{message.role}")
         self._write_message(message)
 
     def _write_message(self, message: Message, *, alone: bool | None = None) -> None:
@@ -409,6 +469,7 @@ class Conversation:
         return Map(fields)
 
     def _content_text(self, message_id: str) -> Text:
+        self._require("edit")
         message = self.message(message_id)
         if message.author != self.author:
             raise ConversationError(
@@ -422,7 +483,10 @@ class Conversation:
 
     def edit_text(self, message_id: str, new_text: str) -> None:
         """Replace a message's text by the smallest edit, so concurrent edits merge."""
-        text = self._content_text(message_id)
+        self._replace_text(self._content_text(message_id), new_text)
+
+    def _replace_text(self, text: Text, new_text: str) -> None:
+        """Turn `text` into `new_text` by replacing only what differs between them."""
         old = str(text)
         start = 0
         limit = min(len(old), len(new_text))
@@ -532,6 +596,7 @@ class Conversation:
 
     def request_regeneration(self, message_id: str) -> int:
         """Ask for one more answer to `message_id`; returns the answer number asked for."""
+        self._require("regenerate")
         message = self.message(message_id)
         if message.role not in ("user", "tool"):
             raise ConversationError("only user and tool messages are answered")
@@ -542,6 +607,7 @@ class Conversation:
         return n
 
     def clear_regeneration(self, message_id: str) -> None:
+        self._require("serve" if self.role == "worker" else "regenerate")
         self.regenerations.pop(message_id, None)
 
     # -- prefix hashes and derived state -------------------------------------------------
@@ -557,6 +623,7 @@ class Conversation:
         return self._running_hashes.prefix_hash(self.settings.system, self.tools_raw(), thread)
 
     def put_derived(self, entry: DerivedEntry) -> str:
+        self._require("derived")
         key = derived_key(entry)
         self.derived[key] = entry.model_dump(mode="json")
         return key
@@ -603,15 +670,18 @@ class Conversation:
         return usable, stale
 
     def discard_derived(self, key: str) -> None:
+        self._require("discard derived")
         self.derived.pop(key, None)
 
     def discard_derived_kind(self, kind: DerivedKind) -> None:
+        self._require("discard derived")
         with self.doc.transaction():
             for key, entry in self.derived_entries().items():
                 if entry.kind == kind:
                     del self.derived[key]
 
     def discard_all_derived(self) -> None:
+        self._require("discard derived")
         with self.doc.transaction():
             for key in list(self.derived.keys()):
                 del self.derived[key]
@@ -627,6 +697,7 @@ class Conversation:
         Two workers may both succeed before they sync; the deterministic turn id and the
         first-id-wins rule keep the reply single anyway.
         """
+        self._require("leases")
         current = self.lease(message_id)
         now = self.clock()
         if current is not None and current.holder != holder and current.expires_at > now:
@@ -635,6 +706,7 @@ class Conversation:
         return True
 
     def renew_lease(self, message_id: str, *, holder: str, ttl: float) -> bool:
+        self._require("leases")
         current = self.lease(message_id)
         if current is None or current.holder != holder:
             return False
@@ -646,6 +718,7 @@ class Conversation:
         return True
 
     def release_lease(self, message_id: str, *, holder: str) -> None:
+        self._require("leases")
         current = self.lease(message_id)
         if current is not None and current.holder == holder:
             del self.leases[message_id]
@@ -653,13 +726,16 @@ class Conversation:
     # -- transport: streams --------------------------------------------------------------
 
     def start_stream(self, turn_id: str, *, parent: str) -> None:
+        self._require("streams")
         self.streams[turn_id] = Map({"parent": parent, "holder": self.author, "text": Text()})
 
     def append_stream(self, turn_id: str, text: str) -> None:
+        self._require("streams")
         stream_text = self._stream_text(turn_id)
         stream_text += text
 
     def reset_stream(self, turn_id: str) -> None:
+        self._require("streams")
         self._stream_text(turn_id).clear()
 
     def stream_text(self, turn_id: str) -> str | None:
@@ -702,6 +778,7 @@ class Conversation:
         One transaction, so peers see the streamed text turn into a message atomically.
         `content` defaults to the streamed text. Derived entries are keyed to the new message.
         """
+        self._require("message:assistant")
         if content is None:
             content = self.stream_text(turn_id) or ""
         message = self._checked_message(
@@ -750,6 +827,7 @@ class Conversation:
     # -- transport: cancel, drafts, read marks -------------------------------------------
 
     def request_cancel(self, turn_id: str) -> None:
+        self._require("cancel")
         self.cancels[turn_id] = {"by": self.author, "at": self.clock()}
 
     def cancel_requested(self, turn_id: str) -> bool:
@@ -757,22 +835,19 @@ class Conversation:
 
     def set_draft(self, text: str) -> None:
         """Replace this author's composer text by the smallest edit."""
+        self._require("drafts")
         draft = self.drafts.get(self.author)
         if not isinstance(draft, Text):
             self.drafts[self.author] = Text(text)
             return
-        old = str(draft)
-        start = 0
-        while start < min(len(old), len(text)) and old[start] == text[start]:
-            start += 1
-        with self.doc.transaction():
-            self._splice(draft, old, start, len(old) - start, text[start:])
+        self._replace_text(draft, text)
 
     def draft(self, author: str | None = None) -> str:
         draft = self.drafts.get(author or self.author)
         return str(draft) if isinstance(draft, Text) else ""
 
     def mark_read(self, peer: str, message_id: str) -> None:
+        self._require("read marks")
         self.read_marks[peer] = message_id
 
     def read_mark(self, peer: str) -> str | None:

@@ -127,7 +127,10 @@ async def _run(
 ) -> None:
     from crdtchat.replica import Replica  # lazily: keeps `crdtchat --help` light
 
-    conversation = Conversation(author=subject.sub)
+    conversation = Conversation(
+        author=subject.sub,
+        role=subject.role if subject.role in ("reader", "writer", "worker") else None,  # type: ignore[arg-type]
+    )
     async with Replica(
         relay,
         room,

@@ -32,7 +32,7 @@ class WorkerConfig:
 
 async def serve_remote_room(room: str, config: WorkerConfig, providers: ProviderPool) -> int:
     """Serve one room through a replica until idle; returns the turns committed."""
-    conversation = Conversation(author=config.identity)
+    conversation = Conversation(author=config.identity, role="worker")
     async with Replica(
         config.relay_url,
         room,
