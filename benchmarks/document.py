@@ -187,10 +187,14 @@ def measure_append(state: bytes, plain: list[dict[str, Any]], count: int) -> dic
     # The same with the opened document's objects frozen out of the cyclic collector's
     # reach (gc.freeze(), as a long-running client may do after opening): shows how much of
     # the tail is full collections walking every message the view holds.
+    # (on a fresh copy at 10,000, since the first loop grew this one)
+    frozen = Conversation.from_update(state, author="ann")
+    frozen.current_thread()
+    frozen.on_update(updates.append)
     gc.collect()
     gc.freeze()
     try:
-        frozen_times, frozen_cpu = timed_each(texts, lambda text: conversation.append("user", text))
+        frozen_times, frozen_cpu = timed_each(texts, lambda text: frozen.append("user", text))
     finally:
         gc.unfreeze()
 
