@@ -3,13 +3,15 @@ concurrent-creation property, and the known divergences found by it (xfail, stri
 
 from __future__ import annotations
 
-import hypothesis_profiles  # noqa: F401  (profiles, if conftest has not loaded them)
+import hypothesis_profiles
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pycrdt import Doc
 
 from crdtchat.document import Conversation
+from crdtchat.prefix import reference_prefix_hash
+from crdtchat.schema import ModelRef
 from crdtchat.testing import (
     ConversationMachine,
     CreateConversation,
@@ -25,13 +27,48 @@ from crdtchat.testing.operations import AppendMessage, SetTitle
 
 NOW = 1_700_000_000.0
 
-TestConversationMachine = ConversationMachine.TestCase
+# The `long` profile runs for many minutes: no per-test timeout then.
+pytestmark = pytest.mark.timeout(0 if hypothesis_profiles.PROFILE == "long" else 300)
+
+
+def _prefix_hash_cache_is_stale() -> bool:
+    """The bug of `test_an_edit_changes_the_prefix_hash_of_every_thread_through_it`."""
+    model = ModelRef(provider="openai", api="responses", model="gpt-test")
+    conversation = Conversation(Doc(client_id=1), author="alice", clock=lambda: NOW)
+    conversation.append("user", "", message_id="a", parent=None)
+    for turn in ("a~a1", "a~a2"):
+        conversation.commit_turn("a", turn, model=model, status="complete", content="")
+        conversation.prefix_hash(turn)
+    conversation.insert_text("a", 0, "edited")
+    conversation.prefix_hash("a~a1")
+    thread = conversation.thread("a~a2")
+    return conversation.prefix_hash("a~a2") != reference_prefix_hash("", {}, thread)
+
+
+# While the prefix-hash cache bug is there, the machine finds it (replicas disagree on
+# prefix hashes, derived entries keyed to stale hashes) and the run is an expected failure:
+# strictly so under the deterministic `ci` profile, where it always finds it.
+TestConversationMachine = pytest.mark.xfail(
+    _prefix_hash_cache_is_stale(),
+    strict=hypothesis_profiles.PROFILE == "ci",
+    raises=AssertionError,
+    reason="prefix.RunningHashes serves stale hashes after an edit (see the focused test)",
+)(ConversationMachine.TestCase)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_steps():  # type: ignore[no-untyped-def]
+    """With `-s`, say how many steps the machine ran (the `long` profile promises 100,000)."""
+    yield
+    print(
+        f"\nConversationMachine: {ConversationMachine.steps_taken} steps in "
+        f"{ConversationMachine.runs} runs (profile {hypothesis_profiles.PROFILE})"
+    )
 
 
 # -- concurrent creation ----------------------------------------------------------------------
 
 
-@settings(max_examples=40)
 @given(data=st.data(), count=st.integers(2, 4))
 def test_replicas_that_all_write_before_syncing_keep_every_write(
     data: st.DataObject, count: int
@@ -84,8 +121,8 @@ def test_replicas_that_all_write_before_syncing_keep_every_write(
 # -- the divergences found so far ----------------------------------------------------------------
 
 GAP = (
-    "pycrdt 0.14.13 integrates an update that starts beyond clock 0 of a client the doc has "
-    "nothing from, behind a gap, instead of keeping it pending as Yjs does"
+    "pycrdt 0.14.13 integrates an update whose client's earlier clocks it lacks as soon as "
+    "the update's origins are present, behind a gap, where Yjs keeps it pending"
 )
 
 
@@ -133,6 +170,20 @@ def test_an_update_ahead_of_its_predecessors_is_not_shown() -> None:
     assert early.all_messages() == []
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GAP + " (known client too)")
+def test_a_write_that_overtakes_earlier_writes_of_a_known_client_waits_for_them() -> None:
+    writer = Conversation(Doc(client_id=1), author="alice", clock=lambda: NOW)
+    updates: list[bytes] = []
+    writer.on_update(updates.append)
+    for title in ("one", "two"):
+        writer.set_title(title)
+    writer.set_tool("calc", "adds", {})  # a new key: its only origin is the map itself
+    reader = Conversation(Doc(client_id=2), author="bob")
+    reader.apply_update(updates[0])
+    reader.apply_update(updates[2])  # the title "two" has not arrived
+    assert reader.tools == {}, "Yjs keeps the tool pending until the write before it"
+
+
 @pytest.mark.xfail(
     strict=True, raises=AssertionError, reason=GAP + ": one state-vector exchange does not converge"
 )
@@ -165,6 +216,27 @@ def test_a_regeneration_request_for_an_unanswered_message_makes_it_wait() -> Non
     conversation.append("user", "second thought", message_id="v", parent="u")
     assert conversation.request_regeneration("u") == 1
     assert [w.message.id for w in conversation.waiting_for_reply()] == ["u", "v"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="prefix.RunningHashes reuses a sibling's cached running state after an edit up "
+    "the path, once another thread has refreshed the edited ancestor's cache entry",
+)
+def test_an_edit_changes_the_prefix_hash_of_every_thread_through_it() -> None:
+    model = ModelRef(provider="openai", api="responses", model="gpt-test")
+    conversation = Conversation(Doc(client_id=1), author="alice", clock=lambda: NOW)
+    conversation.append("user", "", message_id="a", parent=None)
+    conversation.commit_turn("a", "a~a1", model=model, status="complete", content="")
+    conversation.commit_turn("a", "a~a2", model=model, status="complete", content="")
+    before = conversation.prefix_hash("a~a2")
+    conversation.insert_text("a", 0, "edited")
+    conversation.prefix_hash("a~a1")  # refreshes the cached state of "a"
+    after = conversation.prefix_hash("a~a2")
+    thread = conversation.thread("a~a2")
+    assert after == reference_prefix_hash("", {}, thread)
+    assert after != before
 
 
 def test_the_roots_read_the_same_after_a_full_resync() -> None:

@@ -32,7 +32,8 @@ from crdtchat.testing.network import (
     LocalStore,
     Replica,
     SimulatedNetwork,
-    early_clients,
+    has_gap,
+    integrates_fully,
 )
 from crdtchat.testing.operations import Operation, canonical_snapshot
 from crdtchat.testing.profiles import register_profiles
@@ -78,8 +79,9 @@ __all__ = [
     "commits",
     "decode_state_vector",
     "derived_changes",
-    "early_clients",
     "foreign_writes",
+    "has_gap",
+    "integrates_fully",
     "json_values",
     "leases",
     "message_ids",

@@ -28,7 +28,13 @@ from typing import ClassVar
 
 from hypothesis import event
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from crdtchat import schema
 from crdtchat.document import Conversation
@@ -83,8 +89,13 @@ class ConversationMachine(RuleBasedStateMachine):
     #: integrates them behind a gap (tests/test_convergence.py shows what goes wrong)
     hold_early_updates: ClassVar[bool] = True
 
+    #: steps and runs of every machine of this process, for reports (`long` promises 100,000)
+    steps_taken: ClassVar[int] = 0
+    runs: ClassVar[int] = 0
+
     def __init__(self) -> None:
         super().__init__()
+        ConversationMachine.runs += 1
         self.now = self.start_time
         self.network: SimulatedNetwork | None = None
         #: message ids some replica held when it saved, and those of them it had accepted
@@ -315,6 +326,11 @@ class ConversationMachine(RuleBasedStateMachine):
         """Heal, restart, deliver everything, then check every invariant."""
         self.net.quiesce(rounds=self.resync_rounds)
         self.check_invariants_now()
+
+    @invariant()
+    def count_step(self) -> None:
+        if self.network is not None:  # not the check before the first step
+            ConversationMachine.steps_taken += 1
 
     # -- invariants --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from pycrdt import Array, Map, Text
 
 from crdtchat import schema
 from crdtchat.document import Conversation
+from crdtchat.prefix import reference_prefix_hash
 from crdtchat.schema import (
     DerivedEntry,
     DerivedKind,
@@ -324,10 +325,13 @@ class CommitTurn:
         _check(message.content == expected, "committed text is not the streamed text")
         _check(conversation.message(self.turn_id) == message, "the turn is not readable")
         _check(self.turn_id not in conversation.streams_in_flight(), "the stream survived")
-        hash_now = conversation.prefix_hash(self.turn_id)
+        thread = conversation.thread(self.turn_id)
+        truth = reference_prefix_hash(
+            conversation.settings.system, conversation.tools_raw(), thread
+        )
         for entry in conversation.derived_entries().values():
             if entry.message_id == self.turn_id and entry.producer == conversation.author:
-                _check(entry.prefix_hash == hash_now, "derived entry keyed to a wrong prefix")
+                _check(entry.prefix_hash == truth, "derived entry keyed to a wrong prefix hash")
 
 
 @dataclass(frozen=True)

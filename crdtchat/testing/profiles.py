@@ -1,7 +1,8 @@
 """Hypothesis profiles for merge testing: `ci`, `dev` and `long`.
 
 - `ci`: derandomized (the same examples on every run, so CI never flakes on a new seed), no
-  example database, bounded so the convergence suite stays well under two minutes;
+  example database, no shrinking (minutes for a long stateful run), bounded so the
+  convergence suite stays well under two minutes;
 - `dev`: random, with the failure database kept between local runs, so a failure found once
   is replayed first next time;
 - `long`: at least 100,000 state-machine steps (`max_examples * stateful_step_count`), with
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 PROFILES = ("ci", "dev", "long")
@@ -29,8 +30,12 @@ def register_profiles(database_dir: str | os.PathLike[str] = ".hypothesis/exampl
         "ci",
         derandomize=True,
         database=None,
-        max_examples=40,
-        stateful_step_count=30,
+        # Shrinking a long stateful run can take minutes: CI reports the failure as found
+        # (deterministic, replayable with the printed blob) and `dev` shrinks it locally.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        report_multiple_bugs=False,
+        max_examples=100,
+        stateful_step_count=40,
         deadline=None,
         print_blob=True,
         suppress_health_check=_QUIET,
@@ -38,16 +43,16 @@ def register_profiles(database_dir: str | os.PathLike[str] = ".hypothesis/exampl
     settings.register_profile(
         "dev",
         database=database,
-        max_examples=40,
-        stateful_step_count=30,
+        max_examples=100,
+        stateful_step_count=40,
         deadline=None,
         suppress_health_check=_QUIET,
     )
     settings.register_profile(
         "long",
         database=database,
-        max_examples=2_000,
-        stateful_step_count=60,
+        max_examples=2_500,
+        stateful_step_count=50,
         deadline=None,
         suppress_health_check=_QUIET,
     )
