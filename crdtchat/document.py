@@ -557,12 +557,13 @@ class Conversation:
                 message.role == "tool" and self._tool_results_complete(message)
             ):
                 waiting.append(Waiting(message, self._free_answer_number(message.id, 1)))
+        already = {w.message.id for w in waiting}
         for message_id, request in self.regenerate_requests().items():
             message = self.view.get(message_id)
-            if message is None or message.role not in ("user", "tool"):
+            if message is None or message.role not in ("user", "tool") or message_id in already:
                 continue
             answers = len(self.assistant_answers(message_id))
-            if answers and request.n > answers:
+            if request.n > answers:
                 waiting.append(Waiting(message, self._free_answer_number(message_id, answers + 1)))
         position = self.view.index.position_of
         waiting.sort(key=lambda w: position[w.message.id])

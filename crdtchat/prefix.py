@@ -51,26 +51,33 @@ class RunningHashes:
     """
 
     def __init__(self) -> None:
-        self._states: dict[str, tuple[Message, Any]] = {}
+        # message id -> (the message, the parent's running state it extended, its own state)
+        self._states: dict[str, tuple[Message, Any, Any]] = {}
 
     def _running(self, thread: Sequence[Message]) -> list[Any]:
         states = self._states
         result: list[Any] = []
         running: Any = None
-        reusing = True
         for index, message in enumerate(thread):
-            cached = states.get(message.id) if reusing else None
-            if cached is not None and (cached[0] is message or cached[0] == message):
-                running = cached[1]
+            cached = states.get(message.id)
+            # Valid only if computed from this very parent state (identity): an edit up the
+            # path gives the parent a new state object, which invalidates every descendant,
+            # also those of sibling threads hashed since.
+            if (
+                cached is not None
+                and cached[1] is running
+                and (cached[0] is message or cached[0] == message)
+            ):
+                running = cached[2]
             else:
-                reusing = False
+                parent_state = running
                 if index == 0:
                     running = hashlib.sha256(b'{"messages":[')
                 else:
                     running = running.copy()
                     running.update(b",")
                 running.update(canonical_json(hashed_message_fields(message)).encode())
-                states[message.id] = (message, running)
+                states[message.id] = (message, parent_state, running)
             result.append(running)
         return result
 

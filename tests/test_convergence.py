@@ -31,29 +31,7 @@ NOW = 1_700_000_000.0
 pytestmark = pytest.mark.timeout(0 if hypothesis_profiles.PROFILE == "long" else 300)
 
 
-def _prefix_hash_cache_is_stale() -> bool:
-    """The bug of `test_an_edit_changes_the_prefix_hash_of_every_thread_through_it`."""
-    model = ModelRef(provider="openai", api="responses", model="gpt-test")
-    conversation = Conversation(Doc(client_id=1), author="alice", clock=lambda: NOW)
-    conversation.append("user", "", message_id="a", parent=None)
-    for turn in ("a~a1", "a~a2"):
-        conversation.commit_turn("a", turn, model=model, status="complete", content="")
-        conversation.prefix_hash(turn)
-    conversation.insert_text("a", 0, "edited")
-    conversation.prefix_hash("a~a1")
-    thread = conversation.thread("a~a2")
-    return conversation.prefix_hash("a~a2") != reference_prefix_hash("", {}, thread)
-
-
-# While the prefix-hash cache bug is there, the machine finds it (replicas disagree on
-# prefix hashes, derived entries keyed to stale hashes) and the run is an expected failure:
-# strictly so under the deterministic `ci` profile, where it always finds it.
-TestConversationMachine = pytest.mark.xfail(
-    _prefix_hash_cache_is_stale(),
-    strict=hypothesis_profiles.PROFILE == "ci",
-    raises=AssertionError,
-    reason="prefix.RunningHashes serves stale hashes after an edit (see the focused test)",
-)(ConversationMachine.TestCase)
+TestConversationMachine = ConversationMachine.TestCase
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -204,12 +182,6 @@ def test_one_sync_round_converges_after_an_update_overtook_the_handshake() -> No
     check_converged([r.live for r in net.replicas])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="DESIGN §2: waiting when regenerate asks for more answers than it has; "
-    "Conversation.waiting_for_reply ignores a request for a message with no answer yet",
-)
 def test_a_regeneration_request_for_an_unanswered_message_makes_it_wait() -> None:
     conversation = Conversation(Doc(client_id=1), author="alice", clock=lambda: NOW)
     conversation.append("user", "first", message_id="u", parent=None)
@@ -218,12 +190,6 @@ def test_a_regeneration_request_for_an_unanswered_message_makes_it_wait() -> Non
     assert [w.message.id for w in conversation.waiting_for_reply()] == ["u", "v"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="prefix.RunningHashes reuses a sibling's cached running state after an edit up "
-    "the path, once another thread has refreshed the edited ancestor's cache entry",
-)
 def test_an_edit_changes_the_prefix_hash_of_every_thread_through_it() -> None:
     model = ModelRef(provider="openai", api="responses", model="gpt-test")
     conversation = Conversation(Doc(client_id=1), author="alice", clock=lambda: NOW)
