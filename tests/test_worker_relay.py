@@ -99,9 +99,10 @@ async def test_room_feed_is_for_workers_and_lists_rooms_that_wait(tmp_path: Path
         # The answered room is no longer listed, also after a restart: the first room a new
         # subscriber hears of is one that waits now.
         relay.restart()
-        async with connect(
-            f"{base.rsplit(':', 1)[0]}:{relay.port}{FEED_PATH}?token={feed_token}"
-        ) as feed, person(f"ws://127.0.0.1:{relay.port}", "r2") as bob:
+        async with (
+            connect(f"{base.rsplit(':', 1)[0]}:{relay.port}{FEED_PATH}?token={feed_token}") as feed,
+            person(f"ws://127.0.0.1:{relay.port}", "r2") as bob,
+        ):
             bob.append("user", "anyone?")
             with anyio.fail_after(10):
                 assert decode_room_names(await feed.recv()) == ["r2"]

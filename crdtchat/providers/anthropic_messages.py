@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from crdtchat.providers.base import (
     DiscardDerived,
     Finished,
@@ -38,14 +36,13 @@ from crdtchat.providers.base import (
     Usage,
 )
 from crdtchat.providers.hosted import (
-    DEFAULT_TIMEOUT,
+    HostedProvider,
     HttpFailure,
     Recovery,
     describe_failure,
-    env_setting,
     stream_call,
 )
-from crdtchat.providers.retry import RetryableStreamError, RetryPolicy
+from crdtchat.providers.retry import RetryableStreamError
 from crdtchat.providers.sse import SSEEvent
 from crdtchat.providers.wire import (
     hidden_by_message,
@@ -426,34 +423,15 @@ def _signature_refused(failure: HttpFailure) -> bool:
     return failure.status == 400 and ("signature" in message or "thinking" in message)
 
 
-class AnthropicProvider:
+class AnthropicProvider(HostedProvider):
     """`crdtchat worker --provider anthropic`. Keys and endpoint as the official SDK reads them."""
 
     name = NAME
     api = API
-
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        retry: RetryPolicy | None = None,
-        client: httpx.AsyncClient | None = None,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.model = model or DEFAULT_MODEL
-        self.api_key = api_key if api_key is not None else env_setting(env, KEY_VAR)
-        self.base_url = (base_url or env_setting(env, BASE_VAR) or DEFAULT_BASE_URL).rstrip("/")
-        self.retry = retry or RetryPolicy()
-        self.client = client
-        self.timeout = timeout
-
-    def config_error(self) -> str | None:
-        if not self.api_key and self.base_url == DEFAULT_BASE_URL:
-            return f"{KEY_VAR} is not set"
-        return None
+    default_model = DEFAULT_MODEL
+    default_base_url = DEFAULT_BASE_URL
+    key_variable = KEY_VAR
+    base_variable = BASE_VAR
 
     async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         problem = self.config_error()

@@ -33,6 +33,7 @@ from crdtchat.providers.sse import SSEDecoder, SSEEvent
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "HostedProvider",
     "HttpFailure",
     "Recovery",
     "StreamParser",
@@ -262,3 +263,43 @@ async def _drain(
             read += len(chunk)
             if read > limit:
                 break
+
+
+class HostedProvider:
+    """Configuration every hosted provider shares: model, key and endpoint, read as the
+    official SDKs read them, plus the retry policy and an optional shared httpx client.
+
+    Subclasses set the class attributes and implement `stream_turn`.
+    """
+
+    name: str
+    api: str
+    default_model: str
+    default_base_url: str
+    key_variable: str
+    base_variable: str
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        retry: RetryPolicy | None = None,
+        client: httpx.AsyncClient | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.model = model or self.default_model
+        self.api_key = api_key if api_key is not None else env_setting(env, self.key_variable)
+        configured = base_url or env_setting(env, self.base_variable) or self.default_base_url
+        self.base_url = configured.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self.client = client
+        self.timeout = timeout
+
+    def config_error(self) -> str | None:
+        """Why a call cannot work at all, or None. A custom base URL may need no key."""
+        if not self.api_key and self.base_url == self.default_base_url:
+            return f"{self.key_variable} is not set"
+        return None

@@ -9,11 +9,9 @@ thread is sent every time; servers with prefix caching report the saving as
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import httpx
 
 from crdtchat.providers.base import (
     Finished,
@@ -23,8 +21,8 @@ from crdtchat.providers.base import (
     TurnRequest,
     Usage,
 )
-from crdtchat.providers.hosted import DEFAULT_TIMEOUT, describe_failure, env_setting, stream_call
-from crdtchat.providers.retry import RetryableStreamError, RetryPolicy
+from crdtchat.providers.hosted import HostedProvider, describe_failure, stream_call
+from crdtchat.providers.retry import RetryableStreamError
 from crdtchat.providers.sse import SSEEvent
 from crdtchat.providers.wire import message_text, pick_params, tool_parameters
 from crdtchat.schema import Message, Status, ToolCall
@@ -248,7 +246,7 @@ class ChatStreamParser:
 # ---------------------------------------------------------------- provider
 
 
-class OpenAIChatProvider:
+class OpenAIChatProvider(HostedProvider):
     """`crdtchat worker --provider openai-chat`: any OpenAI-compatible server.
 
     The key is optional when `OPENAI_BASE_URL` points elsewhere than api.openai.com (local
@@ -257,29 +255,10 @@ class OpenAIChatProvider:
 
     name = NAME
     api = API
-
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        retry: RetryPolicy | None = None,
-        client: httpx.AsyncClient | None = None,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.model = model or DEFAULT_MODEL
-        self.api_key = api_key if api_key is not None else env_setting(env, KEY_VAR)
-        self.base_url = (base_url or env_setting(env, BASE_VAR) or DEFAULT_BASE_URL).rstrip("/")
-        self.retry = retry or RetryPolicy()
-        self.client = client
-        self.timeout = timeout
-
-    def config_error(self) -> str | None:
-        if not self.api_key and self.base_url == DEFAULT_BASE_URL:
-            return f"{KEY_VAR} is not set"
-        return None
+    default_model = DEFAULT_MODEL
+    default_base_url = DEFAULT_BASE_URL
+    key_variable = KEY_VAR
+    base_variable = BASE_VAR
 
     async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         problem = self.config_error()

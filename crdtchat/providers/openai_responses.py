@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from crdtchat.providers.base import (
     DiscardDerived,
     Finished,
@@ -32,14 +30,13 @@ from crdtchat.providers.base import (
     Usage,
 )
 from crdtchat.providers.hosted import (
-    DEFAULT_TIMEOUT,
+    HostedProvider,
     HttpFailure,
     Recovery,
     describe_failure,
-    env_setting,
     stream_call,
 )
-from crdtchat.providers.retry import RetryableStreamError, RetryPolicy
+from crdtchat.providers.retry import RetryableStreamError
 from crdtchat.providers.sse import SSEEvent
 from crdtchat.providers.wire import (
     hidden_by_message,
@@ -385,37 +382,20 @@ def _hidden_refused(err: Mapping[str, Any]) -> bool:
     )
 
 
-class OpenAIResponsesProvider:
+class OpenAIResponsesProvider(HostedProvider):
     """`crdtchat worker --provider openai`. Keys and endpoint as the official SDK reads them."""
 
     name = NAME
     api = API
+    default_model = DEFAULT_MODEL
+    default_base_url = DEFAULT_BASE_URL
+    key_variable = KEY_VAR
+    base_variable = BASE_VAR
 
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        store: bool = True,
-        retry: RetryPolicy | None = None,
-        client: httpx.AsyncClient | None = None,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.model = model or DEFAULT_MODEL
-        self.api_key = api_key if api_key is not None else env_setting(env, KEY_VAR)
-        self.base_url = (base_url or env_setting(env, BASE_VAR) or DEFAULT_BASE_URL).rstrip("/")
+    def __init__(self, *, store: bool = True, **config: Any) -> None:
+        """`store=False` keeps nothing on OpenAI's side (reasoning comes back encrypted)."""
+        super().__init__(**config)
         self.store = store
-        self.retry = retry or RetryPolicy()
-        self.client = client
-        self.timeout = timeout
-
-    def config_error(self) -> str | None:
-        """Why a call cannot work at all, or None. A custom base URL may need no key."""
-        if not self.api_key and self.base_url == DEFAULT_BASE_URL:
-            return f"{KEY_VAR} is not set"
-        return None
 
     async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         problem = self.config_error()
