@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.prefix import reference_prefix_hash
-from crdtchat.schema import Message, RegenerateRequest
+from crdtchat.schema import Message, RegenerateRequest, assistant_turn_id
 from crdtchat.testing.network import Replica, _decode_state_vector, has_gap
 from crdtchat.testing.operations import message_problems, root_json
 
@@ -95,8 +95,12 @@ def read_replica(conversation: Conversation) -> ReplicaState:
 # -- the reader rules, spelled out --------------------------------------------------------------
 
 
-def reference_reading(roots: dict[str, Any]) -> Reading:
-    """DESIGN §2's reader rules applied to the JSON of the roots, from scratch."""
+def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = True) -> Reading:
+    """DESIGN §2's reader rules applied to the JSON of the roots, from scratch.
+
+    `regenerate_unanswered=False` ignores regenerate requests for a message with no answer
+    (what `Conversation` does, unlike DESIGN §2's wording).
+    """
     accepted: list[Message] = []
     by_id: dict[str, Message] = {}
     problems: list[int] = []
@@ -132,10 +136,16 @@ def reference_reading(roots: dict[str, Any]) -> Reading:
         for end in range(1, len(path) + 1):
             hashes[path[end - 1].id] = reference_prefix_hash(system, tools, path[:end])
 
+    def free_number(message_id: str, number: int) -> int:
+        # the next answer number whose turn id no message holds yet (a peer may have taken it)
+        while assistant_turn_id(message_id, number) in by_id:
+            number += 1
+        return number
+
     waiting: dict[str, int] = {}
     for message in leaves:
         if message.role == "user" or (message.role == "tool" and _results_complete(message, by_id)):
-            waiting[message.id] = 1
+            waiting[message.id] = free_number(message.id, 1)
     for message_id, raw in roots[schema.REGENERATE].items():
         try:
             request = RegenerateRequest.model_validate(raw)
@@ -145,8 +155,8 @@ def reference_reading(roots: dict[str, Any]) -> Reading:
         if message is None or message.role not in ("user", "tool"):
             continue
         answers = sum(1 for child in children[message_id] if child.role == "assistant")
-        if request.n > answers:
-            waiting.setdefault(message_id, answers + 1)
+        if request.n > answers and (answers or regenerate_unanswered):
+            waiting.setdefault(message_id, free_number(message_id, answers + 1))
     order = {m.id: i for i, m in enumerate(accepted)}
     return Reading(
         accepted=tuple(m.id for m in accepted),
@@ -236,9 +246,9 @@ def check_round_trip(conversation: Conversation, state: ReplicaState | None = No
     assert_same_state(state, read_replica(reopened), "after applying update_since(own state)")
 
 
-def check_reader_rules(state: ReplicaState) -> None:
+def check_reader_rules(state: ReplicaState, *, regenerate_unanswered: bool = True) -> None:
     """The view agrees with the reader rules applied from scratch, and reports every item."""
-    reference = reference_reading(state.roots)
+    reference = reference_reading(state.roots, regenerate_unanswered=regenerate_unanswered)
     live = state.reading
     for field in fields(Reading):
         got, wanted = getattr(live, field.name), getattr(reference, field.name)
@@ -283,13 +293,15 @@ def check_no_gap(conversation: Conversation, what: str = "replica") -> None:
         raise AssertionError(f"{what} holds updates beyond its state vector (a pycrdt gap)")
 
 
-def check_quiescent(replicas: Sequence[Replica]) -> list[ReplicaState]:
+def check_quiescent(
+    replicas: Sequence[Replica], *, regenerate_unanswered: bool = True
+) -> list[ReplicaState]:
     """Every check that needs no history beyond the replicas themselves."""
     for replica in replicas:
         check_no_gap(replica.live, f"replica {replica.index}")
     states = check_converged([r.live for r in replicas])
     for replica, state in zip(replicas, states, strict=True):
-        check_reader_rules(state)
+        check_reader_rules(state, regenerate_unanswered=regenerate_unanswered)
         check_rebuild(replica, state)
         check_round_trip(replica.live, state)
     return states

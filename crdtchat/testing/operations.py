@@ -329,9 +329,14 @@ class CommitTurn:
         truth = reference_prefix_hash(
             conversation.settings.system, conversation.tools_raw(), thread
         )
-        for entry in conversation.derived_entries().values():
-            if entry.message_id == self.turn_id and entry.producer == conversation.author:
-                _check(entry.prefix_hash == truth, "derived entry keyed to a wrong prefix hash")
+        written = {kind: dict(data) for kind, data, _expires in self.derived}  # last one wins
+        entries = conversation.derived_entries()
+        for kind, data in written.items():
+            key = f"{kind}:{self.turn_id}:{self.model.provider}:{self.model.api}:{self.model.model}"
+            entry = entries.get(key)
+            _check(entry is not None and entry.data == data, f"derived entry {key!r} missing")
+            assert entry is not None
+            _check(entry.prefix_hash == truth, "derived entry keyed to a wrong prefix hash")
 
 
 @dataclass(frozen=True)
