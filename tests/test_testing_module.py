@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import hypothesis_profiles  # noqa: F401  (profiles, if conftest has not loaded them)
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import rule
 from pycrdt import Doc
 
 from crdtchat.document import Conversation
@@ -310,3 +312,60 @@ def test_held_updates_wait_for_their_predecessors() -> None:
     assert not net.replicas[1].held
     assert ids(net.replicas[1].live) == ["m"]
     check_converged([r.live for r in net.replicas])
+
+
+# -- the examples of docs/testing.md ---------------------------------------------------------
+
+
+def test_the_network_example_of_the_docs() -> None:
+    from crdtchat.testing import check_quiescent
+
+    net = SimulatedNetwork(
+        ["alice", "bob"], clock=lambda: 1.7e9, client_ids=[1, 2], hold_early_updates=True
+    )
+    net.apply(0, CreateConversation("notes"))
+    net.apply(0, AppendMessage("m1", "user", "hi", parent=None))
+    net.drop(0, 1, 1)
+    net.partition(0, 1)
+    net.crash(1)
+    net.restart(1, client_id=7)
+    net.quiesce()
+    check_quiescent(net.replicas)
+    assert ids(net.replicas[1].live) == ["m1"]
+
+
+@dataclass(frozen=True)
+class Pin:
+    message_id: str
+
+    def apply(self, conversation: Conversation) -> None:
+        conversation.meta["pinned"] = self.message_id
+
+
+class PinningMachine(ConversationMachine):
+    replica_counts = st.integers(2, 3)
+    foreign_writes = False
+    pins = 0
+
+    @rule(data=st.data())
+    def pin(self, data: st.DataObject) -> None:
+        index = self.draw_replica(data)
+        message_ids = [m.id for m in self.net.replicas[index].live.all_messages()]
+        if message_ids:
+            self.apply(index, Pin(data.draw(st.sampled_from(message_ids))))
+            PinningMachine.pins += 1
+
+    def extra_invariants(self, replicas):  # type: ignore[no-untyped-def]
+        pinned = {r.live.meta.get("pinned") for r in replicas}
+        assert len(pinned) == 1, pinned
+
+
+def test_the_subclassing_example_of_the_docs() -> None:
+    from hypothesis.stateful import run_state_machine_as_test
+
+    PinningMachine.pins = 0
+    run_state_machine_as_test(
+        PinningMachine,
+        settings=settings(max_examples=15, stateful_step_count=20, derandomize=True, database=None),
+    )
+    assert PinningMachine.pins > 0

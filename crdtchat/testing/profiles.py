@@ -51,7 +51,7 @@ def register_profiles(database_dir: str | os.PathLike[str] = ".hypothesis/exampl
     settings.register_profile(
         "long",
         database=database,
-        max_examples=2_500,
+        max_examples=4_000,
         stateful_step_count=50,
         deadline=None,
         suppress_health_check=_QUIET,
