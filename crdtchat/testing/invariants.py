@@ -227,10 +227,30 @@ def open_update(update: bytes | None, *, author: str = "check") -> Conversation:
     return conversation
 
 
+def rebuild(updates: Sequence[bytes]) -> Conversation:
+    """A conversation from `merge_updates` of `updates`.
+
+    pycrdt 0.14.13's `merge_updates` panics on some histories (a sort in yrs; see
+    tests/test_convergence.py): those are applied one by one instead, which a real replica
+    does anyway, so the rest of the checks still run.
+    """
+    if not updates:
+        return open_update(None)
+    try:
+        return open_update(merge_updates(*updates))
+    except BaseException as error:  # pyo3's PanicException is a BaseException
+        if type(error).__name__ != "PanicException":
+            raise
+    conversation = open_update(None)
+    for update in updates:
+        conversation.apply_update(update)
+    return conversation
+
+
 def check_rebuild(replica: Replica, state: ReplicaState | None = None) -> None:
     """Merging every update the replica applied rebuilds exactly the live document."""
     state = state or read_replica(replica.live)
-    rebuilt = open_update(merge_updates(*replica.history) if replica.history else None)
+    rebuilt = rebuild(replica.history)
     assert_same_state(
         state, read_replica(rebuilt), f"replica {replica.index} rebuilt from its updates"
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pycrdt import Decoder, Doc, Subscription, get_update, merge_updates
+from pycrdt import Decoder, Doc, Subscription, get_update
 
 from crdtchat.document import Conversation
 from crdtchat.testing.operations import Operation
@@ -66,8 +66,9 @@ class LocalStore:
     def lose_unsaved(self) -> None:
         self.unsaved.clear()
 
-    def load(self) -> bytes | None:
-        return merge_updates(*self.saved) if self.saved else None
+    def load(self) -> list[bytes]:
+        """What a restart replays, in the order it was saved."""
+        return list(self.saved)
 
 
 @dataclass
@@ -291,13 +292,13 @@ class SimulatedNetwork:
         replica.client_id = client_id
         replica.conversation = conversation
         saved = replica.store.load()
-        replica.history = list(replica.store.saved)
-        if saved is not None:
-            replica._applying_remote = True
-            try:
-                conversation.apply_update(saved)
-            finally:
-                replica._applying_remote = False
+        replica.history = list(saved)
+        replica._applying_remote = True
+        try:
+            for update in saved:
+                conversation.apply_update(update)
+        finally:
+            replica._applying_remote = False
         replica._subscription = conversation.on_update(
             lambda update, replica=replica: self._on_update(replica, update)
         )

@@ -1,0 +1,341 @@
+"""The convergence machine over the real relay: replicas are `crdtchat.replica.Replica`s on
+real websockets to a relay subprocess, and the relay's and clients' restarts are rules.
+
+Each replica writes only what its token's role allows (DESIGN §4), drawn from the
+`crdtchat.testing` strategies. At quiescence (every replica connected, synced, and told by
+the relay that its writes are durable) all replicas hold the same document, read it the same
+way, and have every message anyone wrote; a fresh replica with no local file then gets the
+same document from the relay alone.
+
+The network is real, so a run does not replay exactly; the writes and the order of rules do.
+A client "crash" here closes the replica (its local file is flushed) and reopens it from that
+file with a new in-memory document; SIGKILLed clients are tested in tests/test_replica.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import hypothesis_profiles
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from pycrdt import Doc
+from relay_support import RelayProcess, token
+
+from crdtchat.document import Conversation, PeerRole
+from crdtchat.replica import Backoff, Replica
+from crdtchat.testing import (
+    CreateConversation,
+    check_converged,
+    check_no_gap,
+    check_reader_rules,
+    decode_state_vector,
+    roots_json,
+    strategies,
+)
+from crdtchat.testing.invariants import raw_message_ids
+from crdtchat.testing.operations import AppendMessage, CommitTurn, Operation
+
+FAST = Backoff(initial=0.05, maximum=0.5)
+CONVERGE_TIMEOUT = 60.0
+LONG = hypothesis_profiles.PROFILE == "long"
+pytestmark = pytest.mark.timeout(0 if LONG else 300)
+
+_rooms = itertools.count()
+
+
+@dataclass
+class Client:
+    """One device: its token's role, its local file, and the replica while it runs."""
+
+    index: int
+    sub: str
+    role: PeerRole
+    store: Path
+    replica: Replica | None = None
+    conversation: Conversation | None = None
+    stop: anyio.Event | None = None
+    done: Any = None  # the portal future of the task that runs the replica
+    client_ids: list[int] = field(default_factory=list)
+
+
+def writes_for(conversation: Conversation, role: PeerRole) -> st.SearchStrategy[Operation]:
+    """What a token of `role` may write (DESIGN §4): the relay refuses anything else."""
+    if role == "worker":
+        holder = (conversation.author,)
+        return st.one_of(
+            strategies.commits(conversation),
+            strategies.leases(conversation, holders=holder),
+            strategies.streams(conversation),
+            strategies.derived_changes(conversation),
+            strategies.text_edits(conversation),
+        )
+    transport = strategies.transport_changes(conversation, peers=(conversation.author,))
+    return st.one_of(
+        strategies.append_messages(conversation, roles=("system", "user", "tool")),
+        strategies.text_edits(conversation),
+        strategies.settings_changes(),
+        transport.filter(lambda op: type(op).__name__ != "ClearRegeneration"),
+    )
+
+
+class RelayMachine(RuleBasedStateMachine):
+    """2–3 replicas of one room on a real relay; set `relay`, `workdir`, `portal` first."""
+
+    relay: ClassVar[RelayProcess]
+    workdir: ClassVar[Path]
+    portal: ClassVar[BlockingPortal]
+    #: what the runs did, so the test can say it exercised something
+    tally: ClassVar[dict[str, int]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = f"stateful-{next(_rooms)}"
+        self.clients: list[Client] = []
+        self.written: set[str] = set()
+        self.next_client_id = 1
+
+    # -- running replicas on the portal's event loop -------------------------------------------
+
+    def _open(self, client: Client) -> None:
+        client_id = self.next_client_id
+        self.next_client_id += 1
+        client.client_ids.append(client_id)
+        url = f"ws://{self.relay.host}:{self.relay.port}"
+        tok = token(self.room, client.role, client.sub)
+
+        async def run(stop: anyio.Event, *, task_status: Any) -> None:
+            async with Replica(
+                url,
+                self.room,
+                tok,
+                doc=Doc(client_id=client_id),
+                store_path=client.store,
+                backoff=FAST,
+            ) as replica:
+                task_status.started(replica)
+                await stop.wait()
+
+        client.stop = self.portal.call(anyio.Event)
+        client.done, client.replica = self.portal.start_task(run, client.stop)
+        assert client.replica is not None
+        client.conversation = Conversation(
+            client.replica.doc, author=client.sub, role=client.role, clock=_clock
+        )
+
+    def _close(self, client: Client) -> None:
+        if client.stop is not None:
+            self.portal.call(client.stop.set)
+            client.done.result(timeout=30)
+        if client.conversation is not None:
+            self.portal.call(client.conversation.view.close)
+        client.replica = client.conversation = client.stop = client.done = None
+
+    def _on_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        """pycrdt documents are bound to the thread of the event loop that edits them."""
+        return self.portal.call(_sync_call, function, *args)
+
+    # -- rules ------------------------------------------------------------------------------------
+
+    @initialize(data=st.data())
+    def start(self, data: st.DataObject) -> None:
+        count = data.draw(st.integers(2, 3), label="replicas")
+        people: list[tuple[str, PeerRole]] = [("alice", "writer")]
+        for _ in range(count - 1):
+            people.append(
+                data.draw(
+                    st.sampled_from([("alice", "writer"), ("bob", "writer"), ("bot", "worker")]),
+                    label="device",
+                )
+            )
+        for index, (sub, role) in enumerate(people):
+            client = Client(index, sub, role, self.workdir / f"{self.room}-{index}.db")
+            self.clients.append(client)
+            self._open(client)
+        first = self.clients[0].conversation
+        assert first is not None
+        self._on_loop(CreateConversation().apply, first)
+
+    @rule(data=st.data(), count=st.integers(1, 6))
+    def write(self, data: st.DataObject, count: int) -> None:
+        """`count` writes, each by any client, of what its role allows."""
+        for _ in range(count):
+            client = data.draw(st.sampled_from(self.clients), label="client")
+            conversation = client.conversation
+            assert conversation is not None
+            strategy = self._on_loop(writes_for, conversation, client.role)
+            if strategy.is_empty:
+                continue
+            operation = data.draw(strategy, label="operation")
+            self._on_loop(operation.apply, conversation)
+            event(f"write {type(operation).__name__} as {client.role}")
+            _count(f"write as {client.role}")
+            if isinstance(operation, AppendMessage):
+                self.written.add(operation.message_id)
+            elif isinstance(operation, CommitTurn):
+                self.written.add(operation.turn_id)
+
+    @precondition(lambda self: bool(self.clients))
+    @rule()
+    def restart_relay(self) -> None:
+        """SIGKILL the relay and start it again on the same port and data."""
+        self.relay.restart()
+        event("relay restarted")
+        _count("relay restarts")
+
+    @precondition(lambda self: bool(self.clients))
+    @rule(data=st.data())
+    def restart_client(self, data: st.DataObject) -> None:
+        """Close a replica and reopen it from its local file, with a new client id."""
+        client = data.draw(st.sampled_from(self.clients), label="client")
+        self._close(client)
+        self._open(client)
+        event("client restarted")
+        _count("client restarts")
+
+    @precondition(lambda self: bool(self.clients))
+    @rule()
+    def quiesce(self) -> None:
+        self.check_quiescent()
+
+    # -- invariants -------------------------------------------------------------------------------
+
+    def check_quiescent(self) -> None:
+        replicas = [c.replica for c in self.clients]
+        conversations = [c.conversation for c in self.clients]
+        assert all(r is not None for r in replicas) and all(c is not None for c in conversations)
+        self.portal.call(_wait_converged, replicas, CONVERGE_TIMEOUT)
+        self._on_loop(_check_replicas, conversations, self.written)
+        event(f"quiescence with {min(len(self.written), 5)}+ messages written")
+        _count("quiescences")
+        _count("messages checked", len(self.written))
+
+    def check_fresh_replica(self) -> None:
+        """A replica with no local file gets everything from the relay alone."""
+        expected = self._on_loop(lambda: roots_json(self.clients[0].conversation))
+        url = f"ws://{self.relay.host}:{self.relay.port}"
+        tok = token(self.room, "reader", "eve")
+        fresh = self.portal.call(_fresh_roots, url, self.room, tok)
+        assert fresh == expected, "a fresh replica got another document from the relay"
+
+    def teardown(self) -> None:
+        try:
+            if self.clients and sys.exc_info()[0] is None:
+                self.check_quiescent()
+                self.check_fresh_replica()
+        finally:
+            for client in self.clients:
+                self._close(client)
+
+
+def _count(what: str, n: int = 1) -> None:
+    RelayMachine.tally[what] = RelayMachine.tally.get(what, 0) + n
+
+
+def _clock() -> float:
+    return 1_700_000_000.0
+
+
+def _sync_call(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
+
+
+async def _fresh_roots(url: str, room: str, tok: str) -> dict[str, Any]:
+    async with Replica(url, room, tok, backoff=FAST, durable_acks=False) as replica:
+        await replica.wait_until(lambda s: s.synced, timeout=CONVERGE_TIMEOUT)
+        return roots_json(Conversation(replica.doc, author="eve", role="reader"))
+
+
+async def _wait_converged(replicas: list[Replica], timeout: float) -> None:
+    """Until every replica is connected, synced, durable and holds the same state vector,
+    woken by status changes and document updates (no polling)."""
+
+    def settled() -> bool:
+        statuses = [r.status for r in replicas]
+        if not all(s.connected and s.synced and s.durable and s.unsaved == 0 for s in statuses):
+            return False
+        return _same_state(replicas)
+
+    with anyio.fail_after(timeout):
+        while not settled():
+            changed = anyio.Event()
+            with _wake_on_change(replicas, changed.set):
+                if settled():
+                    return
+                await changed.wait()
+
+
+def _same_state(replicas: list[Replica]) -> bool:
+    vectors = {tuple(sorted(decode_state_vector(r.doc.get_state()).items())) for r in replicas}
+    return len(vectors) == 1
+
+
+@contextmanager
+def _wake_on_change(replicas: list[Replica], wake: Callable[[], None]) -> Iterator[None]:
+    subscriptions = [(r.doc, r.doc.observe(lambda _event: wake())) for r in replicas]
+    unsubscribes = [r.on_status(lambda _status: wake()) for r in replicas]
+    try:
+        yield
+    finally:
+        for doc, subscription in subscriptions:
+            doc.unobserve(subscription)
+        for unsubscribe in unsubscribes:
+            unsubscribe()
+
+
+def _check_replicas(conversations: list[Conversation], written: set[str]) -> None:
+    for index, conversation in enumerate(conversations):
+        check_no_gap(conversation, f"replica {index}")
+    states = check_converged(conversations)
+    for state in states:
+        check_reader_rules(state)
+    for index, conversation in enumerate(conversations):
+        lost = written - raw_message_ids(conversation)
+        assert not lost, f"replica {index} lost messages {sorted(lost)}"
+
+
+def test_replicas_on_a_real_relay_converge_through_relay_and_client_restarts(
+    tmp_path: Path,
+) -> None:
+    RelayMachine.tally = {}
+    relay = RelayProcess(tmp_path / "relay-data").start()
+    try:
+        with start_blocking_portal("asyncio") as portal:
+            RelayMachine.relay = relay
+            RelayMachine.workdir = tmp_path
+            RelayMachine.portal = portal
+            run_state_machine_as_test(
+                RelayMachine,
+                settings=settings(
+                    max_examples=40 if LONG else 8,
+                    stateful_step_count=40 if LONG else 15,
+                    deadline=None,
+                    database=None,
+                    derandomize=not LONG,
+                    suppress_health_check=list(HealthCheck),
+                    phases=settings.default.phases,
+                ),
+            )
+    finally:
+        relay.stop()
+    tally = RelayMachine.tally
+    print(f"\nRelayMachine: {tally}")
+    for what in ("write as writer", "relay restarts", "client restarts", "quiescences"):
+        assert tally.get(what, 0) > 0, f"no {what} in {tally}"
+    assert tally.get("messages checked", 0) > 0
