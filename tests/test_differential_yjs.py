@@ -12,6 +12,7 @@ import base64
 import json
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,9 @@ def run_in_yjs(histories: Sequence[History]) -> list[dict[str, Any]]:
         {"updates": [base64.b64encode(u).decode() for u in h.updates], "roots": KINDS}
         for h in histories
     ]
-    path = JS / ".diff_cases.json"
-    path.write_text(json.dumps(cases))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(cases, file)
+    path = Path(file.name)
     try:
         done = subprocess.run(
             ["node", str(SCRIPT), str(path)],
