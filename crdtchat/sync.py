@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import Awareness, Doc, Subscription, TransactionEvent, merge_updates
+from pycrdt import Awareness, Doc, Subscription, TransactionEvent
 
+from crdtchat.merge import merge
 from crdtchat.wire import (
     Ack,
     AuthDenied,
@@ -267,7 +268,7 @@ class SyncSession:
                 update = (
                     batch[0].update
                     if len(batch) == 1
-                    else merge_updates(*(local.update for local in batch))
+                    else merge(*(local.update for local in batch))
                 )
                 ids = tuple(local.local_id for local in batch)
                 messages.append(self._count(SyncUpdate(update), 0, ids))

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pycrdt import Array, Doc, Map, get_update, merge_updates
+from pycrdt import Array, Doc, Map, get_update
 from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
+from crdtchat.merge import merge
 from crdtchat.wire import Reader, WireError, decode_state_vector
 from server.permissions import RULES, Access, Change, check_changes
 
@@ -209,7 +210,7 @@ class LiveDoc:
             parts = self._since
         else:
             parts = [self._base, *self._since]
-        return parts[0] if len(parts) == 1 else merge_updates(*parts)
+        return merge(*parts)
 
     def compact(self) -> bytes:
         """The whole current state as one update; also becomes the new rebuild base."""

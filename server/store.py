@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pycrdt import merge_updates
+from crdtchat.merge import merge
 
 log = logging.getLogger("crdtchat.relay.store")
 
@@ -300,7 +300,7 @@ class Store:
         elif len(parts) == 1:
             state = parts[0]
         else:
-            state = merge_updates(*parts)
+            state = merge(*parts)
         return StoredRoom(
             state=state,
             log_length=len(updates),

@@ -331,3 +331,18 @@ def test_the_roots_read_the_same_after_a_full_resync() -> None:
     net.apply(0, CreateConversation("t"))
     net.quiesce(rounds=1)
     assert roots_json(net.replicas[1].live)["canonical.meta"]["title"] == "t"
+
+
+def test_crdtchat_merge_survives_the_panicking_history() -> None:
+    """What the relay store, live doc and client sync use instead of merge_updates."""
+    from crdtchat.merge import merge
+
+    one_by_one = Doc()
+    for update in PANICKING_HISTORY:
+        one_by_one.apply_update(update)
+    merged = Doc()
+    merged.apply_update(merge(*PANICKING_HISTORY))
+    assert merged.get_state() == one_by_one.get_state()
+    assert roots_json(Conversation(merged, author="x")) == roots_json(
+        Conversation(one_by_one, author="x")
+    )
