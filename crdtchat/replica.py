@@ -40,6 +40,7 @@ from crdtchat.local_store import (
     StoreOp,
 )
 from crdtchat.schema import ROOM_NAME
+from crdtchat.signals import Changes
 from crdtchat.sync import (
     Denied,
     Durable,
@@ -97,20 +98,6 @@ class ReplicaStatus:
         return self.pending == 0
 
 
-class _Changes:
-    """A broadcast "something changed" signal that waiters re-check a predicate against."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = anyio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
 class Replica:
     """One document's replica; use as `async with Replica(...) as replica:`.
 
@@ -162,8 +149,8 @@ class Replica:
         self._rng = rng or random.Random()
 
         self._status = ReplicaStatus()
-        self._status_changes = _Changes()
-        self._presence_changes = _Changes()
+        self._status_changes = Changes()
+        self._presence_changes = Changes()
         self._status_callbacks: list[Callable[[ReplicaStatus], None]] = []
         self._session: SyncSession | None = None
         self._store: AsyncLocalStore | None = None

@@ -26,6 +26,7 @@ from crdtchat.providers.base import (
     Usage,
 )
 from crdtchat.schema import Message, ModelRef, ToolCall
+from crdtchat.signals import Changes
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ class _Progress:
         self.text.clear()
         self.unflushed.clear()
         self.tool_calls.clear()
-
-
-class Changes:
-    """Wakes async waiters when the document changes; fed by a pycrdt observer."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def notify(self, *_: object) -> None:
-        self._event.set()
-        self._event = anyio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 def build_request(
