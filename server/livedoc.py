@@ -8,6 +8,12 @@ accepted update, costs one apply plus reading the events; only refusals pay for 
 What is stored and broadcast is the update as received (it changed something, and all of it
 was allowed); an update that changed nothing is acknowledged but neither stored nor sent on.
 
+Before any of that, the update is decoded (`crdtchat.updates`) and its shape judged against
+an index of where every item of the document lives (`crdtchat.structure`): an item that its
+parent type cannot hold (a string inside an Array) makes pycrdt loop forever when the value is
+read, so such an update is a protocol violation and is never applied. The index of a loaded
+room is built off the event loop (`build_structure`) and `Room` holds writes until it is there.
+
 Two things could slip past observers and are checked separately:
 - Updates with missing dependencies stay *pending* inside yrs and raise no events now; they
   would be integrated later under someone else's update. After applying, the update's structs
@@ -28,6 +34,8 @@ from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's class
 
 from crdtchat import schema
 from crdtchat.merge import merge
+from crdtchat.structure import MissingDependency, StructureError, StructureIndex
+from crdtchat.updates import ARRAY, MAP, UpdateFormatError, decode_update
 from crdtchat.wire import Reader, WireError, decode_state_vector
 from server.permissions import RULES, Access, Change, check_changes
 
@@ -66,6 +74,17 @@ def _change(event: Any, doc: Doc) -> Change:
     return change
 
 
+ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema.ALL_ROOTS}
+
+
+def build_structure(state: bytes) -> StructureIndex:
+    """The structure index of a stored room state (trusted: it was checked on the way in)."""
+    index = StructureIndex(ROOT_TYPES)
+    if state and state != EMPTY_UPDATE:
+        index.add(decode_update(state), judge=False)
+    return index
+
+
 def _is_panic(error: BaseException) -> bool:
     return type(error).__name__ == "PanicException"
 
@@ -73,11 +92,29 @@ def _is_panic(error: BaseException) -> bool:
 class LiveDoc:
     """The document of one room plus the last good state it can be rebuilt from."""
 
-    def __init__(self, state: bytes = b"") -> None:
+    def __init__(self, state: bytes = b"", structure: StructureIndex | None = None) -> None:
         self._base = state
         self._since: list[bytes] = []
         self.since_bytes = 0
+        self._loaded = state
+        self.structure = structure
+        self.structure_error: str | None = None
         self._build(state)
+
+    def _ensure_structure(self) -> StructureIndex | None:
+        if self.structure is None and self.structure_error is None:
+            try:  # nobody built it off the loop: build it now
+                self.structure = build_structure(self._loaded)
+            except ValueError as error:
+                self.structure_error = str(error)
+            self._loaded = b""
+        return self.structure
+
+    def adopt_structure(self, structure: StructureIndex) -> None:
+        """Take the index `build_structure` made of the state this document was loaded from."""
+        if self.structure is None:
+            self.structure = structure
+        self._loaded = b""
 
     def _build(self, state: bytes) -> None:
         doc: Doc = Doc()
@@ -140,6 +177,15 @@ class LiveDoc:
         self._changes.clear()
         self._record_error = None
         self._rules = RULES.get(role, {})
+        structure = self._ensure_structure()
+        if structure is None:
+            return Refused(f"the relay cannot check writes to this room: {self.structure_error}")
+        try:
+            plan = structure.check(decode_update(update))
+        except (UpdateFormatError, StructureError) as error:
+            raise UndecodableUpdate(f"update could not be decoded: {error}") from None
+        except MissingDependency:
+            return Refused("update depends on changes the relay does not have (sync first)")
         try:
             with self.doc.transaction():  # events fire when this transaction commits
                 before = self.doc.get_state()
@@ -166,6 +212,7 @@ class LiveDoc:
         if reason is not None:
             self.rebuild()
             return Refused(reason)
+        structure.commit(plan)
         if not changed:
             return Accepted(b"")
         self._since.append(update)

@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 
 from crdtchat.schema import ROOM_NAME
 from crdtchat.tokens import ANY_ROOM, TokenClaims, TokenError, parse_claims, verify_token
-from crdtchat.wire import WireError, decode_frame
+from crdtchat.wire import SyncStep2, SyncUpdate, WireError, decode_frame
 from crdtchat.worker.feed import FEED_PATH
 from server.config import RelayConfig
 from server.feed import WaitingFeed
@@ -200,6 +200,8 @@ class Relay:
         if over is not None:
             return 1008, over
         for message in messages:
+            if isinstance(message, SyncStep2 | SyncUpdate) and not room.structure_ready.is_set():
+                await room.structure_ready.wait()
             try:
                 item = room.handle(peer, message)
             except PeerViolation as violation:

@@ -48,7 +48,7 @@ from crdtchat.wire import (
 )
 from server.config import RelayConfig
 from server.feed import WaitingFeed, WaitingWatch
-from server.livedoc import Accepted, LiveDoc, UndecodableUpdate
+from server.livedoc import Accepted, LiveDoc, UndecodableUpdate, build_structure
 from server.metrics import Metrics
 from server.ratelimit import TokenBucket
 from server.store import Store, StoreError
@@ -150,6 +150,7 @@ class Room:
         self.peers: dict[ServerConnection, Peer] = {}
         self.refs = 0
         self.ready = anyio.Event()  # set when open, or when loading failed
+        self.structure_ready = anyio.Event()  # writes wait for the structure index
         self.finished = anyio.Event()
         self.live = LiveDoc()
         self.awareness = Awareness(Doc())
@@ -185,6 +186,7 @@ class Room:
         if self._should_compact():
             self._compact(self._next_seq - 1)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._index_structure, stored.state)
             await tg.start(self.awareness.start)
             self.state = RoomState.OPEN
             self.ready.set()
@@ -194,6 +196,18 @@ class Room:
             tg.cancel_scope.cancel()
         await self._flush()
         self.state = RoomState.CLOSED
+
+    async def _index_structure(self, state: bytes) -> None:
+        """Index the loaded state on a thread: joins and reads need not wait for it."""
+        try:
+            index = await anyio.to_thread.run_sync(build_structure, state)
+        except ValueError as error:  # a stored state we cannot decode: writes are refused
+            log.error("room %s: structure index failed: %s", self.name, error)
+            self.live.structure_error = str(error)
+        else:
+            self.live.adopt_structure(index)
+        finally:
+            self.structure_ready.set()
 
     async def _live_until_done(self) -> None:
         while not (self._stopping or self._failed):

@@ -195,6 +195,21 @@ def message_map(msg_id: str, role: str, author: str, text: str, parent: str | No
     )
 
 
+def freezing_message_update(msg_id: str, author: str) -> bytes:
+    """A message append whose `content` is an Array holding an astral string.
+
+    Yjs never writes that shape (strings live in a Text); pycrdt 0.14 integrates it and then
+    loops forever when the message is read. Made by writing a Text and flipping its type
+    reference (Text = 2) to Array (0) in the encoded update.
+    """
+    doc: Doc = Doc()
+    declare_roots(doc)[schema.MESSAGES].append(message_map(msg_id, "user", author, "😀"))
+    update = doc.get_update()
+    marker = b"\x07content\x02"
+    at = update.index(marker) + len(marker) - 1
+    return update[:at] + b"\x00" + update[at + 1 :]
+
+
 class RawClient:
     """A y-websocket client built from crdtchat.wire and a pycrdt Doc, for protocol tests."""
 

@@ -11,6 +11,7 @@ from pycrdt import Doc
 from relay_support import (
     RelayProcess,
     declare_roots,
+    freezing_message_update,
     message_map,
     raw_client,
     running_relay,
@@ -55,6 +56,11 @@ CASES: dict[str, tuple[list[bytes | str], int, str]] = {
         [encode_message(SyncUpdate(b"\xff\xff\xff\xff"))],
         1008,
         "update could not be decoded",
+    ),
+    "update that would freeze readers": (
+        [encode_message(SyncUpdate(freezing_message_update("m1", "mallory")))],
+        1008,
+        "puts string content inside an Array",
     ),
     "bad state vector": (
         [encode_message(SyncStep1(b"\x05\x01"))],

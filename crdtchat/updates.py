@@ -1,0 +1,372 @@
+"""Yjs v1 updates decoded into their structs, without a document: bytes in, structs out.
+
+pycrdt can apply an update but not show what is inside one, and two things need to know before
+applying: the relay, which must refuse updates whose shape makes pycrdt loop forever when the
+result is read (`crdtchat.structure`), and every replica, which must keep an update back until
+what it builds on has arrived, as Yjs does (`crdtchat.pending`). Both read the same facts: for
+each struct its id, length, origins, parent and content kind.
+
+The format (Yjs `encoding.js`, yrs `update.rs`): varUint(number of clients), then per client
+varUint(number of structs), varUint(client), varUint(first clock) and the structs back to back;
+then the delete set. A struct starts with an info byte: the low five bits are the content kind
+(0 GC and 10 Skip carry only a length), 0x80 = has origin, 0x40 = has right origin, 0x20 = has
+a parent key. Parent information is written only when both origins are absent: varUint 1 and a
+root name, or varUint 0 and the id of the item holding the parent type. Lengths are in Yjs
+clock units (a string counts UTF-16 code units). Every struct also keeps the span of bytes it
+was decoded from, so a subset of an update can be written back without re-encoding it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+MAX_ANY_DEPTH = 64
+
+GC = 0
+DELETED = 1
+JSON = 2
+BINARY = 3
+STRING = 4
+EMBED = 5
+FORMAT = 6
+TYPE = 7
+ANY = 8
+DOC = 9
+SKIP = 10
+
+CONTENT_NAMES = {
+    GC: "gc",
+    DELETED: "deleted",
+    JSON: "json",
+    BINARY: "binary",
+    STRING: "string",
+    EMBED: "embed",
+    FORMAT: "format",
+    TYPE: "type",
+    ANY: "any",
+    DOC: "subdocument",
+    SKIP: "skip",
+}
+
+# Shared type references (the varUint after a TYPE content); XmlElement and XmlHook carry a name.
+ARRAY = 0
+MAP = 1
+TEXT = 2
+XML_ELEMENT = 3
+XML_FRAGMENT = 4
+XML_HOOK = 5
+XML_TEXT = 6
+WEAK_LINK = 7  # yrs only: Yjs cannot decode it
+SUBDOC = 9
+UNDEFINED = 15
+
+TYPE_NAMES = {
+    ARRAY: "Array",
+    MAP: "Map",
+    TEXT: "Text",
+    XML_ELEMENT: "XmlElement",
+    XML_FRAGMENT: "XmlFragment",
+    XML_HOOK: "XmlHook",
+    XML_TEXT: "XmlText",
+    WEAK_LINK: "WeakLink",
+    SUBDOC: "Doc",
+    UNDEFINED: "undefined",
+}
+
+_HAS_ORIGIN = 0x80
+_HAS_RIGHT_ORIGIN = 0x40
+_HAS_PARENT_SUB = 0x20
+_MAX_VAR_UINT = 2**53
+
+Id = tuple[int, int]  # (client, clock)
+
+
+class UpdateFormatError(ValueError):
+    """Bytes that are not a well-formed Yjs v1 update; the text says where and why."""
+
+
+class Struct(NamedTuple):
+    """One struct of an update: an item, or a GC / Skip range (`kind` GC or SKIP).
+
+    `parent` is a root name, the id of the item that holds the parent type, or None when the
+    parent is inherited from the origins. `type_ref` is set for TYPE content only. A named
+    tuple, not a dataclass: a whole document decodes into tens of thousands of these.
+    """
+
+    client: int
+    clock: int
+    length: int
+    kind: int
+    origin: Id | None = None
+    right_origin: Id | None = None
+    parent: str | Id | None = None
+    parent_sub: str | None = None
+    type_ref: int | None = None
+    span: tuple[int, int] = (0, 0)  # where its bytes are in the update
+
+    @property
+    def end(self) -> int:
+        return self.clock + self.length
+
+    @property
+    def is_item(self) -> bool:
+        return self.kind not in (GC, SKIP)
+
+
+@dataclass(slots=True)
+class DecodedUpdate:
+    data: bytes
+    structs: dict[int, list[Struct]] = field(default_factory=dict)  # client -> in clock order
+    deletes: dict[int, list[tuple[int, int]]] = field(
+        default_factory=dict
+    )  # client -> (clock, len)
+
+    def ranges(self) -> dict[int, tuple[int, int]]:
+        """Per client, the clocks [start, end) its structs cover."""
+        return {c: (runs[0].clock, runs[-1].end) for c, runs in self.structs.items() if runs}
+
+
+class _Reader:
+    """A bounds-checked lib0 reader; kept here rather than shared with `crdtchat.wire` so the
+    hot loop stays free of per-call message formatting."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def fail(self, what: str) -> UpdateFormatError:
+        return UpdateFormatError(f"{what} at byte {self.pos}")
+
+    def uint(self) -> int:
+        data = self.data
+        pos = self.pos
+        try:
+            byte = data[pos]
+            if byte < 0x80:
+                self.pos = pos + 1
+                return byte
+            value = byte & 0x7F
+            shift = 7
+            while True:
+                pos += 1
+                byte = data[pos]
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+                if shift > 63:
+                    raise self.fail("varUint longer than 10 bytes")
+        except IndexError:
+            raise self.fail("truncated varUint") from None
+        if value > _MAX_VAR_UINT:
+            raise self.fail("varUint larger than 2**53")
+        self.pos = pos + 1
+        return value
+
+    def int(self) -> int:
+        """lib0 varInt: sign in bit 6 of the first byte."""
+        data = self.data
+        pos = self.pos
+        try:
+            byte = data[pos]
+            negative = byte & 0x40
+            value = byte & 0x3F
+            shift = 6
+            while byte & 0x80:
+                pos += 1
+                byte = data[pos]
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if shift > 70:
+                    raise self.fail("varInt longer than 10 bytes")
+        except IndexError:
+            raise self.fail("truncated varInt") from None
+        self.pos = pos + 1
+        return -value if negative else value
+
+    def take(self, count: int) -> bytes:
+        start = self.pos
+        end = start + count
+        if end > len(self.data):
+            raise self.fail(f"{count} bytes claimed, {len(self.data) - start} remain")
+        self.pos = end
+        return self.data[start:end]
+
+    def buf(self) -> bytes:
+        return self.take(self.uint())
+
+    def string(self) -> str:
+        raw = self.buf()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise self.fail(f"string is not UTF-8 ({error.reason})") from None
+
+    def id(self) -> Id:
+        return (self.uint(), self.uint())
+
+    def skip_any(self, depth: int = 0) -> None:
+        """Step over one lib0 `Any` value (its contents are not needed)."""
+        if depth > MAX_ANY_DEPTH:
+            raise self.fail(f"value nested deeper than {MAX_ANY_DEPTH}")
+        tag = self.take(1)[0]
+        if tag in (127, 126, 121, 120):  # undefined, null, false, true
+            return
+        if tag == 125:
+            self.int()
+        elif tag == 124:
+            self.take(4)
+        elif tag in (123, 122):
+            self.take(8)
+        elif tag == 119:
+            self.string()
+        elif tag == 118:
+            for _ in range(self.uint()):
+                self.string()
+                self.skip_any(depth + 1)
+        elif tag == 117:
+            for _ in range(self.uint()):
+                self.skip_any(depth + 1)
+        elif tag == 116:
+            self.buf()
+        else:
+            raise self.fail(f"unknown value tag {tag}")
+
+
+def _utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _content(reader: _Reader, kind: int) -> tuple[int, int | None]:
+    """Read a content of `kind`; returns (its length in clock units, type ref if TYPE)."""
+    if kind in (GC, SKIP):
+        raise reader.fail(f"an item cannot hold {CONTENT_NAMES[kind]} content")
+    if kind == DELETED:
+        return reader.uint(), None
+    if kind == STRING:
+        return _utf16_length(reader.string()), None
+    if kind == ANY:
+        count = reader.uint()
+        for _ in range(count):
+            reader.skip_any()
+        return count, None
+    if kind == TYPE:
+        type_ref = reader.uint()
+        if type_ref in (XML_ELEMENT, XML_HOOK):
+            reader.string()
+        elif type_ref == WEAK_LINK:
+            raise reader.fail("weak link types (yrs only) are not supported")
+        return 1, type_ref
+    if kind == BINARY:
+        reader.buf()
+        return 1, None
+    if kind == EMBED:
+        reader.string()
+        return 1, None
+    if kind == FORMAT:
+        reader.string()
+        reader.string()
+        return 1, None
+    if kind == JSON:
+        count = reader.uint()
+        for _ in range(count):
+            reader.string()
+        return count, None
+    if kind == DOC:
+        reader.string()
+        reader.skip_any()
+        return 1, None
+    raise reader.fail(f"unknown content kind {kind}")
+
+
+def decode_update(data: bytes) -> DecodedUpdate:
+    """Decode a v1 update; UpdateFormatError if it is not one (trailing bytes included)."""
+    reader = _Reader(data)
+    update = DecodedUpdate(data)
+    for _ in range(reader.uint()):
+        count = reader.uint()
+        client = reader.uint()
+        clock = reader.uint()
+        if client in update.structs:
+            raise reader.fail(f"client {client} listed twice")
+        runs: list[Struct] = []
+        for _ in range(count):
+            start = reader.pos
+            info = reader.take(1)[0]
+            kind = info & 0x1F
+            if info in (GC, SKIP):  # as in yrs: with any flag set it is an item of kind 0/10
+                length = reader.uint()
+                runs.append(Struct(client, clock, length, kind, span=(start, reader.pos)))
+            else:
+                origin = reader.id() if info & _HAS_ORIGIN else None
+                right = reader.id() if info & _HAS_RIGHT_ORIGIN else None
+                parent: str | Id | None = None
+                parent_sub = None
+                if origin is None and right is None:
+                    parent = reader.string() if reader.uint() == 1 else reader.id()
+                    if info & _HAS_PARENT_SUB:
+                        parent_sub = reader.string()
+                length, type_ref = _content(reader, kind)
+                if length == 0:
+                    continue  # yrs drops empty items (an old bug wrote empty strings)
+                runs.append(
+                    Struct(
+                        client,
+                        clock,
+                        length,
+                        kind,
+                        origin,
+                        right,
+                        parent,
+                        parent_sub,
+                        type_ref,
+                        (start, reader.pos),
+                    )
+                )
+            clock += length
+            if clock > _MAX_VAR_UINT:
+                raise reader.fail("clock beyond 2**53")
+        update.structs[client] = runs
+    for _ in range(reader.uint()):
+        client = reader.uint()
+        ranges = update.deletes.setdefault(client, [])
+        for _ in range(reader.uint()):
+            ranges.append((reader.uint(), reader.uint()))
+    if reader.pos != len(data):
+        raise reader.fail(f"{len(data) - reader.pos} bytes after the end of the update")
+    return update
+
+
+def _var_uint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_update(
+    data: bytes,
+    structs: dict[int, list[Struct]],
+    deletes: dict[int, list[tuple[int, int]]],
+) -> bytes:
+    """Write an update holding `structs` (decoded from `data`, contiguous per client) and
+    `deletes`: the struct bytes are copied from `data` as they were."""
+    out = bytearray(_var_uint(sum(1 for runs in structs.values() if runs)))
+    for client, runs in structs.items():
+        if not runs:
+            continue
+        out += _var_uint(len(runs)) + _var_uint(client) + _var_uint(runs[0].clock)
+        for run in runs:
+            out += data[run.span[0] : run.span[1]]
+    kept = {client: ranges for client, ranges in deletes.items() if ranges}
+    out += _var_uint(len(kept))
+    for client, ranges in kept.items():
+        out += _var_uint(client) + _var_uint(len(ranges))
+        for clock, length in ranges:
+            out += _var_uint(clock) + _var_uint(length)
+    return bytes(out)
