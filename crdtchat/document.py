@@ -19,6 +19,8 @@ from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import schema
+from crdtchat.merge import merge
+from crdtchat.pending import PendingUpdates
 from crdtchat.prefix import RunningHashes
 from crdtchat.schema import (
     CancelRequest,
@@ -151,6 +153,7 @@ class Conversation:
         # when it commits, but later appends in the same transaction may follow them.
         self._pending: dict[str, Message] = {}
         self.view.on_change(self._pending.clear)
+        self.early = PendingUpdates()  # updates waiting for what they build on
 
     def _require(self, right: str) -> None:
         """Refuse a write this peer's role may not make (no check when the role is unknown)."""
@@ -208,20 +211,29 @@ class Conversation:
         return self.doc.get_state()
 
     def update_since(self, state_vector: bytes) -> bytes:
-        """What a peer with `state_vector` is missing."""
-        return self.doc.get_update(state_vector)
+        """What a peer with `state_vector` is missing, with the updates held here (as Yjs
+        sends its pending structs too: the peer may have what they wait for)."""
+        update = self.doc.get_update(state_vector)
+        if self.early:
+            return merge(update, *self.early.held)
+        return update
 
     def apply_update(self, update: bytes, *, origin: Any = None) -> None:
-        """Merge a peer's update.
+        """Merge a peer's update, or hold it until what it builds on has arrived (as Yjs does;
+        see `crdtchat.pending`). Held updates are in `early`.
 
         Bytes that do not decode are refused before anything changes. An update that decodes
         but cannot be integrated (an item whose parent is not a shared type) is refused too,
         but yrs may already have integrated the well-formed items before it: nothing that
         was here is lost, and the view shows what was merged, validated as always.
         """
-        try:
+
+        def apply(data: bytes) -> None:
             with self.doc.transaction(origin=origin):
-                self.doc.apply_update(update)
+                self.doc.apply_update(data)
+
+        try:
+            self.early.offer(update, self.doc.get_state, apply)
         except ValueError as error:
             raise ConversationError(f"not a Yjs update: {error}") from error
         except RuntimeError as error:

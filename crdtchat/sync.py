@@ -29,6 +29,7 @@ from typing import Any
 from pycrdt import Awareness, Doc, Subscription, TransactionEvent
 
 from crdtchat.merge import merge
+from crdtchat.pending import PendingUpdates
 from crdtchat.wire import (
     Ack,
     AuthDenied,
@@ -142,6 +143,7 @@ class SyncSession:
         self._outbox: list[WireMessage | _Step2 | LocalUpdate] = []
         self._applying_remote = False
         self._remote_changed = False
+        self._early = PendingUpdates()  # remote updates waiting for what they build on
         self._closed = False
         # Per-connection state, reset by connect()/disconnect().
         self._connected = False
@@ -314,7 +316,8 @@ class SyncSession:
         if isinstance(message, SyncStep1):
             self._answer_step1(message.state_vector)
         elif isinstance(message, SyncStep2):
-            self._apply_remote(message.update)
+            # The relay computed it from our state vector and holds nothing back: complete.
+            self._apply_remote(message.update, complete=True)
             if not self._synced:
                 self._synced = True
                 self._events.append(Synced())
@@ -344,23 +347,28 @@ class SyncSession:
         self._outbox.append(_Step2(update, next(reversed(self._pending), 0)))
         self._answered_step1 = True
 
-    def _apply_remote(self, update: bytes) -> None:
+    def _apply_remote(self, update: bytes, *, complete: bool = False) -> None:
+        """Apply what of `update` can be integrated now; `crdtchat.pending` holds the rest
+        (a broadcast can overtake the sync step 2 carrying what it builds on)."""
         if update == _EMPTY_UPDATE:
             return
+        try:
+            self._early.offer(update, self.doc.get_state, self._integrate, complete=complete)
+        except Exception as error:
+            raise SyncProtocolError(f"the relay sent an update pycrdt cannot apply: {error}") from (
+                error
+            )
+
+    def _integrate(self, update: bytes) -> None:
         self._applying_remote = True
         self._remote_changed = False
         try:
             with self.doc.transaction(origin=REMOTE_ORIGIN):
                 self.doc.apply_update(update)
-        except Exception as error:
-            raise SyncProtocolError(f"the relay sent an update pycrdt cannot apply: {error}") from (
-                error
-            )
         finally:
             self._applying_remote = False
         if self._remote_changed:
-            # Persisted as received (not as pycrdt's re-encoding of what it integrated), so that
-            # structs waiting for a missing dependency are kept too.
+            # Persisted as received (not as pycrdt's re-encoding of what it integrated).
             self._events.append(RemoteUpdate(update))
 
     def _on_transaction(self, event: TransactionEvent) -> None:

@@ -122,7 +122,7 @@ def test_two_workers_answering_the_same_message_show_one_reply() -> None:
 def test_updates_delivered_out_of_order_converge() -> None:
     ann = Conversation.create(author="ann")
     bob = Conversation(author="bob")
-    updates: list[bytes] = []
+    updates: list[bytes] = [ann.encode_state()]  # the creation: delivered last of all
     ann.on_update(updates.append)
     first = ann.append("user", "1")
     second = ann.append("user", "2", parent=first.id)
