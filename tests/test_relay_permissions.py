@@ -380,3 +380,48 @@ def test_rebuild_keeps_every_accepted_update(room: Room) -> None:
     expected = state_of(room.live)
     room.live.rebuild()
     assert state_of(room.live) == expected
+
+
+def _concurrent(room: Room, client: int, change: Change) -> bytes:
+    doc: Doc = Doc(client_id=client)
+    roots = roots_of(doc)
+    doc.apply_update(room.live.doc.get_update())
+    before = doc.get_state()
+    change(roots)
+    return doc.get_update(before)
+
+
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)])
+def test_a_concurrent_write_that_loses_its_key_is_accepted(
+    room: Room, order: tuple[int, ...]
+) -> None:
+    """Two devices of alice write her draft, and two workers the status of one turn, at once:
+    whichever update arrives second is integrated as a loser or a winner, never refused."""
+    draft = {
+        n: _concurrent(room, n, lambda r, n=n: r[schema.DRAFTS].__setitem__("alice", f"v{n}"))
+        for n in (1, 2)
+    }
+    for n in order:
+        assert isinstance(room.live.apply(draft[n], "writer", "alice"), Accepted)
+    room.must_accept(
+        "worker",
+        "w1",
+        lambda r: r[schema.MESSAGES].append(message("a1", "assistant", "w1", status="incomplete")),
+    )
+
+    def set_status(n: int) -> Change:  # n = 1, 2
+        return lambda r: r[schema.MESSAGES][len(r[schema.MESSAGES]) - 1].__setitem__(
+            "status", ("complete", "error")[n - 1]
+        )
+
+    status = {n: _concurrent(room, n + 10, set_status(n)) for n in (1, 2)}
+    for n in order:
+        assert isinstance(room.live.apply(status[n], "worker", "w1"), Accepted)
+    # Where the role may only delete, even an invisible write is refused.
+    derived = {
+        n: _concurrent(room, n + 20, lambda r, n=n: r[schema.DERIVED].__setitem__("e", n))
+        for n in (1, 2)
+    }
+    room.live.apply(derived[order[0]], "worker", "w1")
+    refused = room.live.apply(derived[order[1]], "writer", "alice")
+    assert isinstance(refused, Refused) and "may only delete" in refused.reason
