@@ -11,6 +11,7 @@ Options beyond DESIGN §6 (`--rate`, `--idle-unload`, ...) are read with default
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -34,6 +35,10 @@ from server.room import RoomManager
 from server.store import Store, StoreError
 
 log = logging.getLogger("crdtchat.relay")
+# The store thread needs the GIL several times per commit (sqlite3 releases it around each
+# statement); with the default 5 ms switch interval a busy event loop made it wait that long
+# each time, and every broadcast waits for a commit. See docs/performance.md "Relay".
+SWITCH_INTERVAL = 0.0005
 
 
 def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
@@ -124,8 +129,11 @@ def serve_command(args: argparse.Namespace) -> int:
             await run_relay(config, stop, announce)
             tg.cancel_scope.cancel()
 
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        anyio.run(main)
+        anyio.run(
+            main, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+        )
     except BaseException as error:
         leaf = _single_leaf(error)
         if isinstance(leaf, OSError | StoreError):
