@@ -77,6 +77,10 @@ class Peer:
 
     def __init__(self, ws: ServerConnection, claims: TokenClaims, want_ack: bool) -> None:
         self.ws = ws
+        # Fixed once the handshake is done; kept here for the broadcast loop (Room._send_many).
+        self.transport = ws.transport
+        self.protocol = ws.protocol
+        self.plain = not ws.protocol.extensions
         self.claims = claims
         self.want_ack = want_ack
         self.awareness_ids: set[int] = set()
@@ -265,11 +269,11 @@ class Room:
         self._send_many([peer], frame)
 
     def broadcast(self, frame: bytes, exclude: Peer | None = None) -> int:
-        targets = [peer for peer in self.peers.values() if peer is not exclude]
-        self._send_many(targets, frame)
-        return len(targets)
+        """Send `frame` to every peer but `exclude`; returns how many it was meant for."""
+        self._send_many(self.peers.values(), frame, exclude)
+        return len(self.peers) - (exclude is not None and exclude.ws in self.peers)
 
-    def _send_many(self, peers: Iterable[Peer], frame: bytes) -> None:
+    def _send_many(self, peers: Iterable[Peer], frame: bytes, exclude: Peer | None = None) -> None:
         """Write `frame` to every open peer, as one websocket frame built once.
 
         The relay's frames are unmasked and uncompressed (compression=None), so they are the
@@ -282,19 +286,19 @@ class Room:
         """
         wire: bytes | None = None
         limit = self.config.max_write_buffer
+        is_open = State.OPEN
         sent = 0
-        for peer in peers:
-            ws = peer.ws
-            transport = ws.transport
-            if transport is None or ws.protocol.state is not State.OPEN:
+        for peer in peers:  # the hot loop at 500 peers: keep it lean
+            if peer is exclude or peer.protocol.state is not is_open:
+                continue
+            transport = peer.transport
+            if transport is None:
                 continue
             if transport.get_write_buffer_size() > limit:
                 log.warning("closing %r: send buffer over %d bytes", peer, limit)
                 peer.request_close(1008, "client too slow: send buffer full")
                 continue
-            if ws.protocol.extensions:
-                broadcast([ws], frame)
-            else:
+            if peer.plain:
                 if wire is None:
                     wire = Frame(Opcode.BINARY, frame).serialize(mask=False)
                 try:
@@ -302,6 +306,8 @@ class Room:
                 except (RuntimeError, OSError) as error:  # e.g. after write_eof; like broadcast
                     log.warning("skipped a write to %r: %s", peer, error)
                     continue
+            else:
+                broadcast([peer.ws], frame)
             sent += 1
         self.metrics.bytes_out += len(frame) * sent
 
