@@ -187,6 +187,15 @@ class _Reader:
         self.pos = pos + 1
         return -value if negative else value
 
+    def byte(self) -> int:
+        pos = self.pos
+        try:
+            value = self.data[pos]
+        except IndexError:
+            raise self.fail("truncated update") from None
+        self.pos = pos + 1
+        return value
+
     def take(self, count: int) -> bytes:
         start = self.pos
         end = start + count
@@ -212,7 +221,7 @@ class _Reader:
         """Step over one lib0 `Any` value (its contents are not needed)."""
         if depth > MAX_ANY_DEPTH:
             raise self.fail(f"value nested deeper than {MAX_ANY_DEPTH}")
-        tag = self.take(1)[0]
+        tag = self.byte()
         if tag in (127, 126, 121, 120):  # undefined, null, false, true
             return
         if tag == 125:
@@ -222,10 +231,10 @@ class _Reader:
         elif tag in (123, 122):
             self.take(8)
         elif tag == 119:
-            self.string()
+            self.buf()  # a string; yrs checks its UTF-8 when the update is applied
         elif tag == 118:
             for _ in range(self.uint()):
-                self.string()
+                self.buf()
                 self.skip_any(depth + 1)
         elif tag == 117:
             for _ in range(self.uint()):
@@ -295,7 +304,7 @@ def decode_update(data: bytes) -> DecodedUpdate:
         runs: list[Struct] = []
         for _ in range(count):
             start = reader.pos
-            info = reader.take(1)[0]
+            info = reader.byte()
             kind = info & 0x1F
             if info in (GC, SKIP):  # as in yrs: with any flag set it is an item of kind 0/10
                 length = reader.uint()

@@ -25,6 +25,7 @@ Two things could slip past observers and are checked separately:
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -78,10 +79,20 @@ ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema
 
 
 def build_structure(state: bytes) -> StructureIndex:
-    """The structure index of a stored room state (trusted: it was checked on the way in)."""
+    """The structure index of a stored room state (trusted: it was checked on the way in).
+
+    A 10,000-message room decodes into ~80,000 small tuples; the cyclic garbage collector,
+    paused meanwhile, would otherwise scan them over and over (a third of the time).
+    """
     index = StructureIndex(ROOT_TYPES)
     if state and state != EMPTY_UPDATE:
-        index.add(decode_update(state), judge=False)
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            index.add(decode_update(state), judge=False)
+        finally:
+            if paused:
+                gc.enable()
     return index
 
 
