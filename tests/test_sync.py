@@ -170,6 +170,29 @@ def test_remote_updates_are_applied_with_the_remote_origin_and_recorded_once() -
     assert REMOTE_ORIGIN == "crdtchat.sync.remote"
 
 
+def test_a_broadcast_that_overtakes_the_step2_waits_for_it() -> None:
+    """After a reconnect the relay may broadcast an update before the step 2 carrying what it
+    builds on has gone out: the session holds it (pycrdt alone would integrate it behind a
+    gap, and it would never be passed on), then applies it after the step 2."""
+    source: Doc = Doc()
+    append_message(source, "first")
+    step2 = source.get_update()
+    before = source.get_state()
+    append_message(source, "second")
+    broadcast = source.get_update(before)
+    doc: Doc = Doc()
+    session = SyncSession(doc)
+    session.connect()
+    session.receive(SyncUpdate(broadcast))
+    assert contents(doc) == [] and session.events() == []
+    session.receive(SyncStep2(step2))
+    assert contents(doc) == ["first", "second"]
+    assert doc.get_state() == source.get_state()
+    # Both are stored, in the order they were applied (what the local file will replay).
+    stored = [event.update for event in session.events() if isinstance(event, RemoteUpdate)]
+    assert stored == [step2, broadcast]
+
+
 def test_bad_update_from_the_relay_is_a_protocol_error_and_leaves_the_doc_alone() -> None:
     doc: Doc = Doc()
     session = SyncSession(doc)
