@@ -149,9 +149,8 @@ class StructureIndex:
             starts = self._starts.setdefault(client, [])
             wheres = self._where.setdefault(client, [])
             for start, end, where in runs:
-                if wheres and wheres[-1] == where and self._ends.get(client, 0) == start:
-                    pass  # extends the last range
-                else:
+                extends_last = wheres and wheres[-1] == where and self._ends.get(client) == start
+                if not extends_last:
                     starts.append(start)
                     wheres.append(where)
                 self._ends[client] = end

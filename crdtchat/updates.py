@@ -109,10 +109,6 @@ class Struct(NamedTuple):
     def end(self) -> int:
         return self.clock + self.length
 
-    @property
-    def is_item(self) -> bool:
-        return self.kind not in (GC, SKIP)
-
 
 @dataclass(slots=True)
 class DecodedUpdate:
