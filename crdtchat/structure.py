@@ -128,6 +128,10 @@ class StructureIndex:
         """How many ranges the index holds (its size)."""
         return sum(len(starts) for starts in self._starts.values())
 
+    def state_vector(self) -> dict[int, int]:
+        """Per client, the clocks the index covers: the document's state vector."""
+        return {client: end for client, end in self._ends.items() if end}
+
     def _known(self, item: Id) -> _Where | None:
         client, clock = item
         if clock >= self._ends.get(client, 0):

@@ -79,7 +79,13 @@ class Room:
     def must_accept(self, role: str, sub: str, change: Change) -> bytes:
         outcome = self.submit(role, sub, change)
         assert isinstance(outcome, Accepted), outcome
+        self.check_structure()
         return outcome.delta
+
+    def check_structure(self) -> None:
+        """The structure index covers exactly what the live document holds."""
+        assert self.live.structure is not None
+        assert self.live.structure.state_vector() == decode_state_vector(self.live.state_vector())
 
     def must_refuse(self, role: str, sub: str, change: Change, reason: str) -> None:
         before = state_of(self.live)
@@ -89,6 +95,7 @@ class Room:
         assert reason in outcome.reason
         assert state_of(self.live) == before  # no trace in the live document
         assert decode_state_vector(self.live.state_vector()) == state_vector
+        self.check_structure()  # nor in the structure index
 
 
 @pytest.fixture

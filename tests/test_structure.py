@@ -18,6 +18,7 @@ from crdtchat.structure import MissingDependency, StructureError, StructureIndex
 from crdtchat.testing.machine import CreateConversation
 from crdtchat.testing.strategies import operations
 from crdtchat.updates import ARRAY, MAP, UpdateFormatError, decode_update
+from crdtchat.wire import decode_state_vector
 from server.livedoc import ROOT_TYPES
 
 ROOTS = {"m": MAP, "a": ARRAY}
@@ -127,7 +128,10 @@ def test_conversation_operations_are_accepted(data: st.DataObject) -> None:
     index = StructureIndex(ROOT_TYPES)
     for data_ in updates:
         index.add(decode_update(data_))
-    StructureIndex(ROOT_TYPES).add(decode_update(conversation.encode_state()))
+    whole = StructureIndex(ROOT_TYPES)
+    whole.add(decode_update(conversation.encode_state()))
+    state = decode_state_vector(conversation.state_vector())
+    assert index.state_vector() == whole.state_vector() == state
 
 
 def test_the_index_stays_small_for_streamed_text() -> None:
