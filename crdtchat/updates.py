@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from crdtchat.wire import write_var_uint
+
 MAX_ANY_DEPTH = 64
 
 GC = 0
@@ -345,15 +347,6 @@ def decode_update(data: bytes) -> DecodedUpdate:
     return update
 
 
-def _var_uint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_update(
     data: bytes,
     structs: dict[int, list[Struct]],
@@ -361,17 +354,17 @@ def encode_update(
 ) -> bytes:
     """Write an update holding `structs` (decoded from `data`, contiguous per client) and
     `deletes`: the struct bytes are copied from `data` as they were."""
-    out = bytearray(_var_uint(sum(1 for runs in structs.values() if runs)))
+    out = bytearray(write_var_uint(sum(1 for runs in structs.values() if runs)))
     for client, runs in structs.items():
         if not runs:
             continue
-        out += _var_uint(len(runs)) + _var_uint(client) + _var_uint(runs[0].clock)
+        out += write_var_uint(len(runs)) + write_var_uint(client) + write_var_uint(runs[0].clock)
         for run in runs:
             out += data[run.span[0] : run.span[1]]
     kept = {client: ranges for client, ranges in deletes.items() if ranges}
-    out += _var_uint(len(kept))
+    out += write_var_uint(len(kept))
     for client, ranges in kept.items():
-        out += _var_uint(client) + _var_uint(len(ranges))
+        out += write_var_uint(client) + write_var_uint(len(ranges))
         for clock, length in ranges:
-            out += _var_uint(clock) + _var_uint(length)
+            out += write_var_uint(clock) + write_var_uint(length)
     return bytes(out)
