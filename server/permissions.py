@@ -169,7 +169,7 @@ def _check_messages(
     if len(path) == 1 and event.kind == "map" and event.keys is not None:
         keys = set(event.keys)
         if not keys:
-            return None  # an invisible write: see _check_root
+            return None  # an invisible write (module docstring)
         if role == "writer" and keys != {"content"}:
             return "a writer may change only the text of its messages"
         fixed = keys & _FIXED_MESSAGE_KEYS
@@ -209,7 +209,7 @@ def _check_root(
         elif event.keys:
             keys = list(event.keys)
         elif event.kind == "map":
-            return None  # an invisible write: see below
+            return None  # an invisible write (module docstring)
         else:
             return f"{root} changed in a way that is not a key change"
         for key in keys:

@@ -270,7 +270,7 @@ class Room:
 
     def broadcast(self, frame: bytes, exclude: Peer | None = None) -> int:
         """Send `frame` to every peer but `exclude`; returns how many it was meant for."""
-        self._send_many(self.peers.values(), frame, exclude)
+        self._send_many(list(self.peers.values()), frame, exclude)  # a copy: peers may leave
         return len(self.peers) - (exclude is not None and exclude.ws in self.peers)
 
     def _send_many(self, peers: Iterable[Peer], frame: bytes, exclude: Peer | None = None) -> None:
