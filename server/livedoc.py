@@ -35,6 +35,7 @@ from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's class
 
 from crdtchat import schema
 from crdtchat.merge import merge
+from crdtchat.pending import split
 from crdtchat.structure import MissingDependency, StructureError, StructureIndex
 from crdtchat.updates import ARRAY, MAP, UpdateFormatError, decode_update
 from crdtchat.wire import Reader, WireError, decode_state_vector
@@ -179,11 +180,17 @@ class LiveDoc:
                 raise WireError("state vector could not be decoded") from None
             raise WireError(f"state vector could not be decoded: {error}") from None
 
-    def apply(self, update: bytes, role: str, sub: str) -> Outcome:
+    def apply(self, update: bytes, role: str, sub: str, *, partial: bool = False) -> Outcome:
         """Apply `update` if (`role`, `sub`) may make every change in it; all or nothing.
 
         An accepted update that changed something comes back as its own bytes (they are what
         gets stored and broadcast); one that changed nothing comes back as b"".
+
+        `partial`: part of an update may build on changes the room does not have; a Yjs
+        client's sync step 2 carries the structs it holds pending, for instance. With
+        `partial`, such an update is cut to the part that can be integrated (`crdtchat.pending`),
+        and that part is judged, stored and sent on as the update; without, it is refused
+        (a peer that asked for acknowledgements must not be told the rest was stored).
         """
         self._changes.clear()
         self._record_error = None
@@ -192,7 +199,12 @@ class LiveDoc:
         if structure is None:
             return Refused(f"the relay cannot check writes to this room: {self.structure_error}")
         try:
-            plan = structure.check(decode_update(update))
+            decoded = decode_update(update)
+            if partial:
+                ready, rest = split(decoded, decode_state_vector(self.doc.get_state()))
+                if ready is not None and rest is not None:
+                    update, decoded = ready, decode_update(ready)
+            plan = structure.check(decoded)
         except (UpdateFormatError, StructureError) as error:
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None
         except MissingDependency:

@@ -376,7 +376,7 @@ class Room:
         if claims.exp <= time.time():
             raise PeerViolation(1008, "token expired")
         try:
-            outcome = self.live.apply(update, claims.role, claims.sub)
+            outcome = self.live.apply(update, claims.role, claims.sub, partial=not peer.want_ack)
         except UndecodableUpdate as error:
             raise PeerViolation(1008, str(error)) from None
         if not isinstance(outcome, Accepted):

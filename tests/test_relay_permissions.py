@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from pycrdt import Array, Doc, Map, Text
+from pycrdt import Array, Doc, Map, Text, merge_updates
 
 from crdtchat import schema
 from crdtchat.wire import decode_state_vector
@@ -432,3 +432,32 @@ def test_a_concurrent_write_that_loses_its_key_is_accepted(
     room.live.apply(derived[order[0]], "worker", "w1")
     refused = room.live.apply(derived[order[1]], "writer", "alice")
     assert isinstance(refused, Refused) and "may only delete" in refused.reason
+
+
+def test_the_part_of_an_update_that_builds_on_missing_changes_is_cut_off(room: Room) -> None:
+    """As a Yjs client's sync step 2 carrying its pending structs: without acks, the part the
+    room can integrate is accepted alone; with acks (all or nothing) the update is refused."""
+    alice: Doc = Doc(client_id=31)
+    roots = roots_of(alice)
+    alice.apply_update(room.live.doc.get_update())
+    before = alice.get_state()
+    roots[schema.READ]["alice"] = 1.0  # the room never gets this write
+    middle = alice.get_state()
+    roots[schema.READ]["alice"] = 2.0
+    gap = alice.get_update(middle)  # builds on it
+    bob: Doc = Doc(client_id=32)
+    bob_roots = roots_of(bob)
+    bob.apply_update(room.live.doc.get_update())
+    before = bob.get_state()
+    bob_roots[schema.READ]["bob"] = 3.0
+    ready = bob.get_update(before)
+    both = merge_updates(ready, gap)
+    refused = room.live.apply(both, "writer", "alice")
+    assert isinstance(refused, Refused) and "sync first" in refused.reason
+    accepted = room.live.apply(both, "writer", "alice", partial=True)
+    assert isinstance(accepted, Accepted) and accepted.delta != both
+    assert room.live.doc.get(schema.READ, type=Map).to_py() == {"bob": 3.0}
+    room.check_structure()
+    check: Doc = Doc()
+    check.apply_update(accepted.delta)
+    assert check.get(schema.READ, type=Map).to_py() == {"bob": 3.0}
