@@ -13,10 +13,13 @@ after each update that is applied.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from crdtchat.updates import SKIP, DecodedUpdate, Struct, decode_update, encode_update
 from crdtchat.wire import decode_state_vector
+
+log = logging.getLogger(__name__)
 
 Ready = tuple[bytes | None, DecodedUpdate | None]
 
@@ -77,9 +80,15 @@ def split(update: DecodedUpdate, state: dict[int, int]) -> Ready:
 
 
 class PendingUpdates:
-    """What one document holds back; `offer` applies what it can and keeps the rest."""
+    """What one document holds back; `offer` applies what it can and keeps the rest.
 
-    def __init__(self) -> None:
+    At most `max_bytes` are held: past that the oldest held parts are dropped (logged). That
+    loses nothing for good, since a peer that sent them can send them again at the next sync,
+    and it bounds what a peer that sends updates which never become ready can make us keep.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
         self._held: list[DecodedUpdate] = []
 
     def __len__(self) -> int:
@@ -128,4 +137,7 @@ class PendingUpdates:
                     progress = True
                 elif rest is not None and rest.data != held.data:
                     self._held[self._held.index(held)] = rest
+        while sum(len(held.data) for held in self._held) > self.max_bytes:
+            dropped = self._held.pop(0)
+            log.warning("dropped %d bytes of updates held too long", len(dropped.data))
         return applied

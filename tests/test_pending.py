@@ -79,3 +79,20 @@ def test_a_deletion_of_unknown_clocks_waits_for_them() -> None:
     assert len(pending) == 1
     pending.offer(created, reader.get_state, reader.apply_update)
     assert reader.get("m", type=Map).to_py() == {} and len(pending) == 0
+
+
+def test_what_is_held_is_bounded() -> None:
+    writer = Doc(client_id=1)
+    root = writer.get("m", type=Map)
+    root["a"] = "x" * 100
+    held_back = []
+    for n in range(5):
+        before = writer.get_state()
+        root[f"k{n}"] = "y" * 100
+        held_back.append(writer.get_update(before))  # each needs "a", which never arrives
+    reader = Doc()
+    pending = PendingUpdates(max_bytes=300)
+    for update in held_back:
+        pending.offer(update, reader.get_state, reader.apply_update)
+    assert 0 < sum(map(len, pending.held)) <= 300
+    assert pending.held == held_back[-len(pending.held) :]  # the newest are kept
