@@ -82,12 +82,14 @@ class ConversationMachine(RuleBasedStateMachine):
     foreign_writes: ClassVar[bool] = True
     start_time: ClassVar[float] = 1_700_000_000.0
     #: state-vector exchange rounds at quiescence. One is what a reconnect does and what
-    #: Yjs needs; pycrdt 0.14 needs a second when a replica got an update before the ones
-    #: it follows (`update_since` leaves such updates out: see tests/test_convergence.py)
-    resync_rounds: ClassVar[int] = 3
-    #: hold back updates that start beyond what a replica has, as Yjs does; pycrdt 0.14
-    #: integrates them behind a gap (tests/test_convergence.py shows what goes wrong)
-    hold_early_updates: ClassVar[bool] = True
+    #: Yjs needs, and it is enough now that `Conversation` holds early updates and passes
+    #: them on as Yjs does (`crdtchat.pending`); code built on bare pycrdt needed more
+    resync_rounds: ClassVar[int] = 1
+    #: True: the network keeps back an update that a replica cannot integrate yet, before
+    #: the replica sees it. `Conversation.apply_update` keeps such updates back itself now
+    #: (pycrdt alone integrates them behind a gap: tests/test_convergence.py), so by default
+    #: the replica does it, which is the code path real peers take
+    hold_early_updates: ClassVar[bool] = False
     #: DESIGN §2: a regenerate request asking for more answers than a message has makes it
     #: wait, even with none yet (False: ignore such requests, for code that does)
     regenerate_unanswered: ClassVar[bool] = True
