@@ -16,9 +16,9 @@ room is built off the event loop (`build_structure`) and `Room` holds writes unt
 
 Two things could slip past observers and are checked separately:
 - Updates with missing dependencies stay *pending* inside yrs and raise no events now; they
-  would be integrated later under someone else's update. After applying, the update's structs
-  must all be below the new state vector and its deletions must name known items, otherwise it
-  is refused.
+  would be integrated later under someone else's update. The structure check refuses structs
+  that would wait; after applying, the update's deletions must name known clocks, otherwise
+  it is refused.
 - A write to a root that the schema does not name creates that root; the number of roots is
   compared before and after.
 """
@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pycrdt import Array, Doc, Map, get_update
+from pycrdt import Array, Doc, Map
 from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
 from crdtchat.merge import merge
 from crdtchat.pending import split
 from crdtchat.structure import MissingDependency, StructureError, StructureIndex
-from crdtchat.updates import ARRAY, MAP, UpdateFormatError, decode_update
-from crdtchat.wire import Reader, WireError, decode_state_vector
+from crdtchat.updates import ARRAY, MAP, DecodedUpdate, UpdateFormatError, decode_update
+from crdtchat.wire import WireError, decode_state_vector
 from server.permissions import RULES, Access, Change, check_changes
 
 EMPTY_UPDATE = b"\x00\x00"
@@ -220,7 +220,7 @@ class LiveDoc:
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None
         with self.doc.transaction():  # one read transaction for every check below
             after = self.doc.get_state()
-            reason = self._record_error or self._pending_reason(update, after)
+            reason = self._record_error or self._unknown_deletion(decoded, after)
             changed = bool(self._changes) or (
                 after != before and decode_state_vector(after) != decode_state_vector(before)
             )
@@ -242,27 +242,21 @@ class LiveDoc:
         self.since_bytes += len(update)
         return Accepted(update)
 
-    def _pending_reason(self, update: bytes, state: bytes) -> str | None:
-        """Why `update` is not fully integrated in a document at `state`, if it is not."""
-        try:
-            rest = get_update(update, state)
-            if rest == EMPTY_UPDATE:
-                return None
-            reader = Reader(rest)
-            if reader.var_uint("struct client count") != 0:
-                return "update depends on changes the relay does not have (sync first)"
-            known: dict[int, int] | None = None
-            for _ in range(reader.var_uint("delete set client count")):
-                client = reader.var_uint("delete set client")
-                for _ in range(reader.var_uint("delete set range count")):
-                    clock = reader.var_uint("delete range clock")
-                    length = reader.var_uint("delete range length")
-                    if known is None:
-                        known = decode_state_vector(state)
-                    if clock + length > known.get(client, 0):
-                        return "update deletes changes the relay does not have (sync first)"
-        except (WireError, ValueError) as error:
-            return f"update could not be checked: {error}"
+    @staticmethod
+    def _unknown_deletion(update: DecodedUpdate, state: bytes) -> str | None:
+        """Why `update` is not fully integrated in a document at `state`, if it is not.
+
+        Its structs were checked before it was applied (`StructureIndex.check` refuses any
+        that would stay pending); what is left is its delete set, which yrs keeps pending too
+        when it names clocks the document does not have.
+        """
+        if not update.deletes:
+            return None
+        known = decode_state_vector(state)
+        for client, ranges in update.deletes.items():
+            for clock, length in ranges:
+                if clock + length > known.get(client, 0):
+                    return "update deletes changes the relay does not have (sync first)"
         return None
 
     def rebuild(self) -> None:
