@@ -19,27 +19,15 @@ from crdtchat.testing.machine import CreateConversation
 from crdtchat.testing.strategies import operations
 from crdtchat.updates import ARRAY, MAP, UpdateFormatError, decode_update
 from crdtchat.wire import decode_state_vector
+from crdtchat.wire import write_var_string as string
+from crdtchat.wire import write_var_uint as uint
 from server.livedoc import ROOT_TYPES
 
 ROOTS = {"m": MAP, "a": ARRAY}
 C = 9  # the client of every crafted item
 
 
-# -- a tiny hand-written v1 encoder, independent of the decoder under test -----------------------
-
-
-def uint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def string(text: str) -> bytes:
-    raw = text.encode()
-    return uint(len(raw)) + raw
+# -- a tiny hand-written v1 encoder (lib0 from crdtchat.wire), independent of the decoder
 
 
 def item(
