@@ -19,6 +19,7 @@ from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import schema
+from crdtchat.errors import ConversationError
 from crdtchat.merge import merge
 from crdtchat.pending import PendingUpdates
 from crdtchat.prefix import RunningHashes
@@ -79,10 +80,6 @@ _RIGHTS: dict[str, frozenset[str]] = {
         {"message:assistant", "edit", "derived", "discard derived", "leases", "streams", "serve"}
     ),
 }
-
-
-class ConversationError(ValueError):
-    """A write that the document contract does not allow, refused before it is made."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crdtchat.errors import StorageError
+
 MAGIC = b"CRDTCHAT-KV\x00\x01\n"
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -35,7 +37,7 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600.0
 
 
-class CheckpointUnavailable(Exception):
+class CheckpointUnavailable(StorageError):
     """The checkpoint cannot be used (missing, corrupt, other model): do a full prefill."""
 
 

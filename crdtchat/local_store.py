@@ -22,6 +22,8 @@ import anyio
 import anyio.to_thread
 from pycrdt import Doc
 
+from crdtchat.errors import StorageError
+
 SCHEMA_VERSION = 1
 DEFAULT_COMPACT_EVERY = 500
 
@@ -35,7 +37,7 @@ CREATE TABLE IF NOT EXISTS pending (local_id INTEGER PRIMARY KEY);
 """
 
 
-class LocalStoreError(RuntimeError):
+class LocalStoreError(StorageError, RuntimeError):
     """The file is not a crdtchat replica store, or is from a newer version."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
+from crdtchat.errors import RemoteProtocolError
 from crdtchat.updates import (
     ANY,
     ARRAY,
@@ -71,11 +72,11 @@ _ALLOWED: dict[tuple[int, bool], frozenset[int]] = {
 _EVERYTHING = frozenset(CONTENT_NAMES) - {JSON}
 
 
-class StructureError(ValueError):
+class StructureError(RemoteProtocolError, ValueError):
     """An update with an item its parent cannot hold: a protocol violation."""
 
 
-class MissingDependency(ValueError):
+class MissingDependency(RemoteProtocolError, ValueError):
     """An update that builds on changes the document does not have yet."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from pycrdt import Awareness, Doc, Subscription, TransactionEvent
 
+from crdtchat.errors import RemoteProtocolError
 from crdtchat.merge import merge
 from crdtchat.pending import PendingUpdates
 from crdtchat.wire import (
@@ -54,7 +55,7 @@ _EMPTY_UPDATE = b"\x00\x00"
 MAX_MERGED_UPDATE = 1024 * 1024
 
 
-class SyncProtocolError(ValueError):
+class SyncProtocolError(RemoteProtocolError, ValueError):
     """The relay sent something a correct relay never sends; the connection should be dropped."""
 
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from crdtchat.errors import TokenError
 from crdtchat.schema import ROOM_NAME
 
 TokenRole = Literal["reader", "writer", "worker"]
@@ -29,14 +30,6 @@ ANY_ROOM = "*"
 SECRET_VARIABLE = "CRDTCHAT_SECRET"
 _VERSION = "v1"
 _B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-class TokenError(ValueError):
-    """A token that must not be honoured; `reason` is short enough for an auth message."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

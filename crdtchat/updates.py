@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from crdtchat.errors import RemoteProtocolError
 from crdtchat.wire import write_var_uint
 
 MAX_ANY_DEPTH = 64
@@ -84,7 +85,7 @@ _MAX_VAR_UINT = 2**53
 Id = tuple[int, int]  # (client, clock)
 
 
-class UpdateFormatError(ValueError):
+class UpdateFormatError(RemoteProtocolError, ValueError):
     """Bytes that are not a well-formed Yjs v1 update; the text says where and why."""
 
 

@@ -18,6 +18,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from crdtchat.errors import ProtocolError
+
 MAX_VAR_UINT = 2**53
 _MAX_VAR_UINT_BYTES = 10
 
@@ -34,7 +36,7 @@ SYNC_UPDATE = 2
 AUTH_PERMISSION_DENIED = 0
 
 
-class WireError(ValueError):
+class WireError(ProtocolError, ValueError):
     """Input that is not a well-formed y-websocket frame; the text says what is wrong."""
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import anyio.to_thread
 
+from crdtchat.errors import StorageError
+
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BlobError(ValueError):
+class BlobError(StorageError, ValueError):
     """An upload that must not be stored; `status` is the HTTP status to answer with."""
 
     def __init__(self, status: int, reason: str) -> None:

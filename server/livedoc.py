@@ -34,6 +34,7 @@ from pycrdt import Array, Doc, Map
 from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
+from crdtchat.errors import RemoteProtocolError
 from crdtchat.merge import merge
 from crdtchat.pending import split
 from crdtchat.structure import MissingDependency, StructureError, StructureIndex
@@ -44,7 +45,7 @@ from server.permissions import RULES, Access, Change, check_changes
 EMPTY_UPDATE = b"\x00\x00"
 
 
-class UndecodableUpdate(ValueError):
+class UndecodableUpdate(RemoteProtocolError, ValueError):
     """An update that pycrdt cannot decode or integrate: a protocol violation, not a refusal."""
 
 

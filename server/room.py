@@ -30,6 +30,7 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from crdtchat.errors import RemoteProtocolError, StorageError
 from crdtchat.tokens import TokenClaims
 from crdtchat.wire import (
     Ack,
@@ -59,7 +60,7 @@ REFUSALS_PER_SECOND = 1.0
 REFUSAL_BURST = 30.0
 
 
-class PeerViolation(Exception):
+class PeerViolation(RemoteProtocolError):
     """The peer broke the protocol; close its connection with this code and reason."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -68,7 +69,7 @@ class PeerViolation(Exception):
         self.reason = reason
 
 
-class RoomUnavailable(Exception):
+class RoomUnavailable(StorageError):
     """The room cannot be opened now (store failure, relay shutting down)."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crdtchat.errors import StorageError
 from crdtchat.merge import merge
 
 log = logging.getLogger("crdtchat.relay.store")
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS waiting (
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(StorageError, RuntimeError):
     """The store could not do what was asked; the room must not pretend it did."""
 
 

@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from crdtchat.errors import RemoteProtocolError
 from crdtchat.loopback.http import (
     Fault,
     JSONReply,
@@ -45,7 +46,7 @@ LOOKBACK_BLOCKS = 20
 TTL = {"5m": 300.0, "1h": 3600.0}
 
 
-class _BadRequest(Exception):
+class _BadRequest(RemoteProtocolError):
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from crdtchat.errors import RemoteProtocolError
 from crdtchat.loopback.http import (
     Fault,
     JSONReply,
@@ -50,7 +51,7 @@ class StoredResponse:
     response: dict[str, Any] = field(default_factory=dict)
 
 
-class _BadRequest(Exception):
+class _BadRequest(RemoteProtocolError):
     def __init__(
         self,
         status: int,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from crdtchat.errors import ProviderError as ProviderError
 from crdtchat.schema import DerivedEntry, Message, Status, ToolCall, ToolSpec
 
 
@@ -100,7 +101,3 @@ class Provider(Protocol):
         rather than raising. Cancellation is the caller's: it cancels the task that iterates.
         """
         ...
-
-
-class ProviderError(Exception):
-    """A configuration problem (no key, unknown model): becomes a turn with status error."""

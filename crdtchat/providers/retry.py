@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 
+from crdtchat.errors import ProviderError
+
 __all__ = ["RetryPolicy", "RetryableStreamError", "parse_retry_after", "zero_delay_policy"]
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
 
-class RetryableStreamError(Exception):
+class RetryableStreamError(ProviderError):
     """Raised by a stream parser for an in-band error event worth retrying (e.g. overloaded).
 
     Lives here, not next to httpx, so that parsers stay free of I/O imports.

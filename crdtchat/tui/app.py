@@ -23,6 +23,7 @@ from textual.timer import Timer
 from textual.widgets import Input
 
 from crdtchat.document import FOLLOW_CURRENT, Conversation, ConversationError
+from crdtchat.errors import ConfigError
 from crdtchat.portable import export_json
 from crdtchat.schema import SCHEMA_VERSION, FileRef, Message
 from crdtchat.tui import commands
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 MAX_SHOWN = 60
 
 
-class UserError(Exception):
+class UserError(ConfigError):
     """Something the person asked for that cannot be done; shown, never raised further."""
 
 

@@ -15,12 +15,13 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from crdtchat.errors import StorageError
 from crdtchat.schema import FileRef
 
 MAX_ATTACHMENT = 32 * 1024 * 1024
 
 
-class BlobError(RuntimeError):
+class BlobError(StorageError, RuntimeError):
     """The file could not be read or the relay did not store it; the text says which."""
 
 

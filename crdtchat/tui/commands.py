@@ -10,8 +10,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from crdtchat.errors import ConfigError
 
-class CommandError(ValueError):
+
+class CommandError(ConfigError, ValueError):
     """The input looked like a command but is not a valid one; the text says why."""
 
 

@@ -23,6 +23,7 @@ from typing import IO
 import anyio
 
 from crdtchat.document import Conversation
+from crdtchat.errors import ConfigError
 from crdtchat.schema import ROOM_NAME
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
@@ -36,7 +37,7 @@ DEVICE_VARIABLE = "CRDTCHAT_DEVICE"
 MAX_DEVICES_PER_HOST = 16
 
 
-class SetupError(Exception):
+class SetupError(ConfigError):
     """Why the client cannot start, in one line for stderr (exit status 1)."""
 
 

@@ -19,6 +19,7 @@ import anyio
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
+from crdtchat.errors import TokenError
 from crdtchat.wire import (
     Extension,
     Reader,
@@ -34,7 +35,7 @@ FEED_PATH = "/feed/waiting"
 ROOM_WAITING = 101
 
 
-class FeedRefused(Exception):
+class FeedRefused(TokenError):
     """The relay will not give us the feed with this token (do not retry)."""
 
 
