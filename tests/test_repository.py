@@ -1,0 +1,37 @@
+"""The repository stands on its own: nothing tracked refers to a path outside it.
+
+A clone holds only the tracked files, so a link or a "see" that points beside the checkout
+(the old contract file next to it) is a dead reference for everyone else; the design lives in
+docs/design.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Spelled in pieces so that this file does not match itself.
+OUTSIDE = ("../" + "shared", "shared/" + "DESIGN")
+
+
+def tracked_files() -> list[Path]:
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode()
+    return [REPO / name for name in listed.split("\0") if name]
+
+
+def test_no_tracked_file_refers_outside_the_repository() -> None:
+    files = tracked_files()
+    assert any(path.name == "README.md" for path in files)  # the listing found the tree
+    found = []
+    for path in files:
+        if not path.is_file():  # deleted in the working tree, not yet committed
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if any(outside in line for outside in OUTSIDE):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not found, "references outside the repository:\n" + "\n".join(found)
