@@ -13,7 +13,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
 
 from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
@@ -118,6 +119,9 @@ class Conversation:
 
     `author` is the subject of the token this peer writes with (DESIGN §4): the relay refuses
     writes in anyone else's name, so the document fills `author` in itself.
+
+    `close()` it (or use `with`) when done: observers live on the native side of pycrdt, out of
+    reach of Python's cycle collector, and only dropping them frees what they refer to.
     """
 
     def __init__(
@@ -151,6 +155,50 @@ class Conversation:
         self._pending: dict[str, Message] = {}
         self.view.on_change(self._pending.clear)
         self.early = PendingUpdates()  # updates waiting for what they build on
+        self._update_subscriptions: list[Subscription] = []
+
+    def close(self) -> None:
+        """Drop every subscription made through this conversation (idempotent).
+
+        That is the view's, `on_update`'s and any made on its roots (`conversation.leases
+        .observe(...)`): their callbacks usually refer back to their owner, and yrs holding
+        them keeps owner, document and view alive otherwise. The document itself stays usable
+        (it may be shared, e.g. with a `Replica`); this object's view no longer follows it.
+        """
+        self.view.close()
+        for subscription in self._update_subscriptions:
+            if subscription in self.doc._subscriptions:
+                self.doc.unobserve(subscription)
+        self._update_subscriptions.clear()
+        for root in self._roots():
+            for subscription in list(root._subscriptions):
+                root.unobserve(subscription)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _roots(self) -> tuple[Map | Array, ...]:
+        return (
+            self.meta,
+            self.settings_map,
+            self.tools_map,
+            self.messages,
+            self.derived,
+            self.leases,
+            self.streams,
+            self.cancels,
+            self.regenerations,
+            self.drafts,
+            self.read_marks,
+        )
 
     def _require(self, right: str) -> None:
         """Refuse a write this peer's role may not make (no check when the role is unknown)."""
@@ -238,7 +286,9 @@ class Conversation:
 
     def on_update(self, callback: Callable[[bytes], None]) -> Subscription:
         """Call `callback` with the update bytes of every transaction, local or remote."""
-        return self.doc.observe(lambda event: callback(event.update))
+        subscription = self.doc.observe(lambda event: callback(event.update))
+        self._update_subscriptions.append(subscription)
+        return subscription
 
     def on_messages_change(self, callback: Callable[[], None]) -> None:
         self.view.on_change(callback)

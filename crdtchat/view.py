@@ -33,6 +33,7 @@ from pycrdt import Array, Map, Text
 from pycrdt._base import process_event
 from pydantic import TypeAdapter, ValidationError
 
+from crdtchat.lifetime import weak_method
 from crdtchat.schema import MESSAGES, Message, Problem
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,17 @@ class MessageView:
         self._index: ThreadIndex | None = None
         self._listeners: list[Callable[[], None]] = []
         self._expected: list[Message] | None = None
-        self._subscription = array.integrated.observe_deep(self._on_raw_events)
+        # Held weakly: yrs holds the callback, and a strong reference back to the view would
+        # keep the view, its document and every entry alive for good (crdtchat.lifetime).
+        self._subscription = array.integrated.observe_deep(weak_method(self._on_raw_events))
+        self._closed = False
 
     def close(self) -> None:
-        self._subscription.drop()
+        """Stop following the array (idempotent); the view keeps what it last read."""
+        if not self._closed:
+            self._closed = True
+            self._subscription.drop()
+            self._listeners.clear()
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every change of the messages (from any peer)."""

@@ -28,13 +28,15 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from pycrdt import Array, Doc, Map
 from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
 from crdtchat.errors import RemoteProtocolError
+from crdtchat.lifetime import weak_method
 from crdtchat.merge import merge
 from crdtchat.pending import split
 from crdtchat.structure import MissingDependency, StructureError, StructureIndex
@@ -103,9 +105,15 @@ def _is_panic(error: BaseException) -> bool:
 
 
 class LiveDoc:
-    """The document of one room plus the last good state it can be rebuilt from."""
+    """The document of one room plus the last good state it can be rebuilt from.
+
+    `close()` (or `with LiveDoc(...)`) when the room is done with it: it drops the deep
+    observers, which yrs holds out of reach of Python's cycle collector (`crdtchat.lifetime`).
+    """
 
     def __init__(self, state: bytes = b"", structure: StructureIndex | None = None) -> None:
+        self._subscriptions: list[Any] = []
+        self.closed = False
         self._base = state
         self._since: list[bytes] = []
         self.since_bytes = 0
@@ -129,7 +137,29 @@ class LiveDoc:
             self.structure = structure
         self._loaded = b""
 
+    def close(self) -> None:
+        """Drop the observers; the document is not used again (idempotent)."""
+        self.closed = True
+        self._drop_subscriptions()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _drop_subscriptions(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            subscription.drop()
+
     def _build(self, state: bytes) -> None:
+        self._drop_subscriptions()  # the old document's, on a rebuild
         doc: Doc = Doc()
         roots: dict[str, Array | Map] = {}
         for name in schema.ALL_ROOTS:
@@ -141,10 +171,11 @@ class LiveDoc:
         self._record_error: str | None = None
         # Raw (unwrapped) deep observers: wrapping an event in pycrdt's Python classes costs
         # more than applying the update, and is only needed where the role's rights on that
-        # root depend on what exactly changed. The subscriptions live as long as the doc.
+        # root depend on what exactly changed. The callbacks hold this object weakly: yrs
+        # holds them, and a strong reference back would be a cycle the collector cannot see.
+        record = weak_method(self._record)
         self._subscriptions = [
-            root.integrated.observe_deep(partial(self._record, name, doc))
-            for name, root in roots.items()
+            root.integrated.observe_deep(partial(record, name, doc)) for name, root in roots.items()
         ]
         self.doc = doc
         self._roots = roots
@@ -193,6 +224,8 @@ class LiveDoc:
         and that part is judged, stored and sent on as the update; without, it is refused
         (a peer that asked for acknowledgements must not be told the rest was stored).
         """
+        if self.closed:
+            raise RuntimeError("this room document was closed")
         self._changes.clear()
         self._record_error = None
         self._rules = RULES.get(role, {})
