@@ -274,7 +274,18 @@ class Replica:
         # untouched after it). Feeding a cancellation through the task group in the stack
         # built a __context__ cycle that made anyio's task_done loop forever.
         await stack.aclose()
+        self.close()
         return None
+
+    def close(self) -> None:
+        """Drop the replica's observers of the document and awareness (idempotent).
+
+        `async with` does this on exit; call it yourself for a replica that was built but
+        never entered or whose exit failed. yrs holds the callbacks, out of reach of Python's
+        cycle collector, so until then the replica and the document keep each other alive.
+        """
+        if self._session is not None:
+            self._session.close()
 
     async def _open(self, stack: AsyncExitStack) -> None:
         pending: tuple[int, ...] = ()

@@ -67,16 +67,20 @@ class WaitingWatch:
         conversation = self._conversation
         if conversation is None or conversation.doc is not doc:
             # A refused update rebuilds the live document: follow it to the new one.
-            if conversation is not None:
-                conversation.view.close()
-                if self._subscription is not None:
-                    conversation.regenerations.unobserve(self._subscription)
+            self.close()
             conversation = Conversation(doc, author="relay")  # type: ignore[arg-type]
             conversation.view.on_change(self._mark)
             self._subscription = conversation.regenerations.observe(self._mark)
             self._conversation = conversation
             self._dirty = True
         return conversation
+
+    def close(self) -> None:
+        """Drop the observers on the room document (the room is unloading, or was rebuilt)."""
+        if self._conversation is not None:
+            self._conversation.close()  # its view's and the regenerations observer
+            self._conversation = None
+            self._subscription = None
 
     def check(self, doc: object) -> None:
         """Call after every accepted update of the room's live document."""

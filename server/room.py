@@ -157,7 +157,7 @@ class Room:
         self.ready = anyio.Event()  # set when open, or when loading failed
         self.structure_ready = anyio.Event()  # writes wait for the structure index
         self.finished = anyio.Event()
-        self.live = LiveDoc()
+        self.live = LiveDoc()  # empty until loaded; closed when the room is done
         self.awareness = Awareness(Doc())
         self.awareness.set_local_state(None)  # the relay itself is not present
         self.awareness.observe(self._on_awareness)
@@ -174,7 +174,21 @@ class Room:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
+            await self._run(task_status)
+        finally:
+            self._release_documents()
+
+    def _release_documents(self) -> None:
+        """Drop the observers of the room's documents: yrs holds their callbacks, and without
+        this every room ever loaded would stay in memory (issue 12)."""
+        self.live.close()
+        if self.waiting is not None:
+            self.waiting.close()
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
+        try:
             stored = await self.store.load(self.name)
+            self.live.close()
             self.live = LiveDoc(stored.state)
         except (StoreError, ValueError) as error:
             self.error = f"room {self.name!r} could not be loaded: {error}"

@@ -126,12 +126,25 @@ def _chat(args: argparse.Namespace) -> int:
 async def _run(
     relay: str, room: str, token: str, subject: TokenSubject, device: str, store_path: Path
 ) -> None:
-    from crdtchat.replica import Replica  # lazily: keeps `crdtchat --help` light
-
     conversation = Conversation(
         author=subject.sub,
         role=subject.role if subject.role in ("reader", "writer", "worker") else None,  # type: ignore[arg-type]
     )
+    with conversation:  # drops its observers when the chat ends (issue 12)
+        await _run_chat(conversation, relay, room, token, subject, device, store_path)
+
+
+async def _run_chat(
+    conversation: Conversation,
+    relay: str,
+    room: str,
+    token: str,
+    subject: TokenSubject,
+    device: str,
+    store_path: Path,
+) -> None:
+    from crdtchat.replica import Replica  # lazily: keeps `crdtchat --help` light
+
     async with Replica(
         relay,
         room,

@@ -32,7 +32,14 @@ class WorkerConfig:
 
 async def serve_remote_room(room: str, config: WorkerConfig, providers: ProviderPool) -> int:
     """Serve one room through a replica until idle; returns the turns committed."""
-    conversation = Conversation(author=config.identity, role="worker")
+    # Closed when the room is done: a worker opens conversations all day (issue 12).
+    with Conversation(author=config.identity, role="worker") as conversation:
+        return await _serve_with_replica(conversation, room, config, providers)
+
+
+async def _serve_with_replica(
+    conversation: Conversation, room: str, config: WorkerConfig, providers: ProviderPool
+) -> int:
     async with Replica(
         config.relay_url,
         room,
