@@ -7,6 +7,7 @@ docs/design.md.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Spelled in pieces so that this file does not match itself.
 OUTSIDE = ("../" + "shared", "shared/" + "DESIGN")
+TEXT_SUFFIXES = {".py", ".md", ".mjs", ".js", ".toml", ".txt", ""}
 
 
 def tracked_files() -> list[Path]:
@@ -35,3 +37,27 @@ def test_no_tracked_file_refers_outside_the_repository() -> None:
             if any(outside in line for outside in OUTSIDE):
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not found, "references outside the repository:\n" + "\n".join(found)
+
+
+def design_sections() -> set[str]:
+    """The numbers of the sections of docs/design.md: "2", "7", "7.4", ..."""
+    text = (REPO / "docs" / "design.md").read_text()
+    return set(re.findall(r"^#{2,4} (\d+(?:\.\d+)*)\.? ", text, flags=re.MULTILINE))
+
+
+def test_design_references_name_sections_that_exist() -> None:
+    """Code and docs cite docs/design.md as "design §N"; N must be a section of it."""
+    sections = design_sections()
+    assert {"1", "2", "3", "4", "5", "6", "7"} <= sections
+    dangling = []
+    for path in tracked_files():
+        if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
+            continue
+        text = path.read_text(errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            for cited in re.findall(r"design §(\d+(?:\.\d+)*)", line):
+                if cited not in sections:
+                    dangling.append(f"{path.relative_to(REPO)}:{number}: §{cited}")
+    assert not dangling, "references to sections docs/design.md does not have:\n" + "\n".join(
+        dangling
+    )
