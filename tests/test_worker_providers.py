@@ -196,24 +196,29 @@ async def test_turn_two_sends_only_the_new_message_and_the_response_id_the_worke
 
         first = await ask(person, worker, pool, "hello there")
         state = only(person, first.id, "provider_state")
-        assert state.data == {"response_id": last_response_id(oa)}
+        assert state.data == {"response_id": last_response_id(oa), "system_in_input": True}
         assert state.prefix_hash == person.prefix_hash(first.id)
         assert (state.provider, state.api, state.model) == ("openai", "responses", PLAIN_MODEL)
 
         second = await ask(person, worker, pool, "how are you")
         turn1, turn2 = bodies(oa.posts("/responses"))
         assert "previous_response_id" not in turn1
-        assert turn1["input"] == [user_item("hello there")]
+        # The system prompt goes once, inside turn 1's stored input, never as `instructions`.
+        assert turn1["input"] == [
+            {"type": "message", "role": "developer", "content": "Be brief."},
+            user_item("hello there"),
+        ]
         assert turn2["previous_response_id"] == state.data["response_id"]
         assert turn2["input"] == [user_item("how are you")]
-        assert turn2["instructions"] == "Be brief."
+        assert "instructions" not in turn1 and "instructions" not in turn2
         assert turn2["prompt_cache_key"] == "conv-1"
         # The server rebuilt the whole conversation from the id: it counted two user turns.
         assert (second.content, second.status) == ("[turn 2] You said: how are you", "complete")
         usage = only(person, second.id, "usage").data
-        # cached: "hello there" + "[turn 1] You said: hello there"; new: instructions + message
-        assert usage["cached_input_tokens"] == 2 + 6
-        assert usage["input_tokens"] - usage["cached_input_tokens"] == 2 + 3
+        # cached: "Be brief." + "hello there" + "[turn 1] You said: hello there"; new: the
+        # message alone
+        assert usage["cached_input_tokens"] == 2 + 2 + 6
+        assert usage["input_tokens"] - usage["cached_input_tokens"] == 3
         assert oa.posts("/responses")[1].usage["input_tokens"] == usage["input_tokens"]
 
 

@@ -6,6 +6,14 @@ worker checked DESIGN §2's three rules), only the messages after it are sent, w
 When the server has forgotten the id (`previous_response_not_found`), the entry is discarded
 and the full thread replayed within the same call.
 
+The system prompt travels as the first input item (role `developer`, which is what
+`instructions` stands for) of every full request: turn 1 and replays. It is then part of the
+stored response, so later turns send only new messages; `instructions` would have to be
+resent every turn, since `previous_response_id` never carries it over. A changed system prompt
+changes the prefix hash, so the old response id is unusable and the thread is replayed with
+the new one. Entries from before this rule lack the `system_in_input` mark, and turns chained
+on them still send `instructions`.
+
 With `store: false` nothing is kept server-side; reasoning items then come back with
 `encrypted_content`, are recorded as `hidden` entries, and are echoed in front of the
 assistant message that produced them whenever the worker passes them in (it passes them only
@@ -54,6 +62,7 @@ __all__ = [
     "ResponsesBody",
     "ResponsesStreamParser",
     "build_responses_body",
+    "system_item",
 ]
 
 NAME = "openai"
@@ -64,6 +73,8 @@ KEY_VAR = "OPENAI_API_KEY"
 BASE_VAR = "OPENAI_BASE_URL"
 # Stored responses live 30 days unless deleted; the entry says so, so it is dropped in time.
 RESPONSE_TTL = 30 * 24 * 3600.0
+# Marks a `provider_state` whose stored response holds the system prompt as an input item.
+SYSTEM_IN_CONTEXT = "system_in_input"
 # In-band `error` events worth another try (the request itself was fine).
 RETRYABLE_STREAM_CODES = frozenset({"server_error", "rate_limit_exceeded", "server_is_overloaded"})
 
@@ -88,6 +99,11 @@ class ResponsesBody:
     body: dict[str, Any]
     state_key: str | None = None
     hidden_keys: tuple[str, ...] = ()
+
+
+def system_item(text: str) -> dict[str, Any]:
+    """The system prompt as an input item (`developer`: what `instructions` stands for)."""
+    return {"type": "message", "role": "developer", "content": text}
 
 
 def _message_items(message: Message, hidden: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -143,7 +159,14 @@ def build_responses_body(
 
     body: dict[str, Any] = {"model": model, "input": items, "stream": True, "store": store}
     if request.system:
-        body["instructions"] = request.system  # not carried over by previous_response_id
+        if state is None:
+            # An input item is part of the stored response, so turns that chain on it need not
+            # resend it; `instructions` would be, since the API never carries it over.
+            items.insert(0, system_item(request.system))
+        elif state.entry.data.get(SYSTEM_IN_CONTEXT) is not True:
+            # A response stored before the system prompt travelled as an input item: its
+            # chain lacks it, so it goes as `instructions`, as it did then.
+            body["instructions"] = request.system
     if state is not None:
         body["previous_response_id"] = state.entry.data["response_id"]
     if request.tools:
@@ -311,7 +334,7 @@ class ResponsesStreamParser:
                 derived.append(
                     NewDerived(
                         kind="provider_state",
-                        data={"response_id": self.response_id},
+                        data={"response_id": self.response_id, SYSTEM_IN_CONTEXT: True},
                         expires_at=expires,
                     )
                 )

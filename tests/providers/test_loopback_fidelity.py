@@ -111,6 +111,35 @@ def test_previous_response_id_chains_and_expiry_gives_the_exact_error(oa) -> Non
     assert client.responses.retrieve(second.id).id == second.id
 
 
+def test_a_developer_item_is_stored_with_the_response_and_instructions_are_not(oa) -> None:
+    # The API's rule: input items become part of the stored response that
+    # `previous_response_id` resumes; `instructions` apply to one request only.
+    _, client = oa
+    developer = {"role": "developer", "content": "be brief now"}
+    with_item = client.responses.create(
+        model="gpt-4.1", input=[developer, {"role": "user", "content": "one two"}]
+    )
+    assert with_item.instructions is None
+    assert with_item.usage.input_tokens == 3 + 2
+    chained = client.responses.create(
+        model="gpt-4.1", input="three", previous_response_id=with_item.id
+    )
+    # Cached: the developer item, the question and the answer; new: "three" alone.
+    assert chained.usage.input_tokens_details.cached_tokens == 3 + 2 + 6
+    assert chained.usage.input_tokens == 3 + 2 + 6 + 1
+
+    with_instructions = client.responses.create(
+        model="gpt-4.1", input="one two", instructions="be brief now"
+    )
+    assert with_instructions.instructions == "be brief now"
+    chained = client.responses.create(
+        model="gpt-4.1", input="three", previous_response_id=with_instructions.id
+    )
+    assert chained.instructions is None
+    assert chained.usage.input_tokens_details.cached_tokens == 2 + 6  # not the instructions
+    assert chained.usage.input_tokens == 2 + 6 + 1
+
+
 def test_function_calling_round_trip_through_the_sdk(oa) -> None:
     _, client = oa
     first = client.responses.create(model="gpt-4.1", input="use get_weather in Oslo", tools=[TOOL])

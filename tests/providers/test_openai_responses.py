@@ -62,18 +62,46 @@ async def test_turn_two_sends_only_the_new_message_and_the_previous_response_id(
         assert posts[1].body["input"] == [
             {"type": "message", "role": "user", "content": "and again"}
         ]
-        assert posts[1].body["instructions"] == "be brief"  # never carried over by the API
+        # The system prompt went once, as turn 1's first input item: the stored response
+        # holds it, while `instructions` would never be carried over by the id.
+        assert posts[0].body["input"][0] == {
+            "type": "message",
+            "role": "developer",
+            "content": "be brief",
+        }
+        assert "instructions" not in posts[0].body and "instructions" not in posts[1].body
         # The server resolved the whole conversation from the id: it saw two user turns.
         assert second.text == "[turn 2] You said: and again"
         assert second.finished.status == "complete"
-        # Tokens reached through the id count as cached: turn 1's input items ("hello there")
-        # and output ("[turn 1] You said: hello there"); only the instructions and the new
-        # message are new.
+        # Tokens reached through the id count as cached: turn 1's input items ("be brief",
+        # "hello there") and output ("[turn 1] You said: hello there"); only the new message
+        # is new.
         usage = second.finished.usage
-        assert usage.cached_input_tokens == 2 + 6
-        assert usage.input_tokens - usage.cached_input_tokens == 2 + 2
+        assert usage.cached_input_tokens == 2 + 2 + 6
+        assert usage.input_tokens - usage.cached_input_tokens == 2
         expires = first.finished.derived[0].expires_at
         assert expires is not None and expires > time.time() + 29 * 24 * 3600
+
+
+async def test_a_response_id_stored_before_the_system_item_still_gets_instructions() -> None:
+    # An entry written by an older worker: its stored response never saw the system prompt,
+    # so chaining on it must keep sending the prompt as `instructions`.
+    with openai_server() as server:
+        p = provider(server)
+        thread = Thread()
+        thread.user("hello there")
+        first = await run_turn(p, request(thread, system="be brief"))
+        answer = thread.assistant(first.text)
+        derived = {
+            key: entry.model_copy(update={"data": {"response_id": entry.data["response_id"]}})
+            for key, entry in first.entries(p, MODEL, answer.id).items()
+        }
+        thread.user("and again")
+        await run_turn(p, request(thread, system="be brief", derived=derived))
+        chained = server.posts("/responses")[-1].body
+        assert "previous_response_id" in chained
+        assert chained["instructions"] == "be brief"
+        assert chained["input"] == [{"type": "message", "role": "user", "content": "and again"}]
 
 
 async def test_without_derived_state_the_full_thread_is_replayed_with_the_same_answer() -> None:
@@ -83,7 +111,9 @@ async def test_without_derived_state_the_full_thread_is_replayed_with_the_same_a
         _, _, without_state, _ = await two_turns(server, p, keep_state=False)
         replay = server.posts("/responses")[-1].body
         assert "previous_response_id" not in replay
-        assert [i["role"] for i in replay["input"]] == ["user", "assistant", "user"]
+        # A replay carries the system prompt again, as its first item.
+        assert [i["role"] for i in replay["input"]] == ["developer", "user", "assistant", "user"]
+        assert "instructions" not in replay
         assert without_state.text == with_state.text
         assert without_state.finished.usage.cached_input_tokens == 0
 
