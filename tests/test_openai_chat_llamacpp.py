@@ -49,7 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "crdtchat.providers.llama_server",  # llama_cpp.server, loaded as we load it
         "--model",
         str(find_smollm2_gguf()),
         "--model_alias",

@@ -20,6 +20,7 @@ model lock is released at once rather than when the generator is garbage-collect
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -27,7 +28,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,6 +159,37 @@ def longest_common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
+    """Load weights into plain CPU buffers, not llama.cpp's "extra" (repacked) ones.
+
+    With extra buffers ggml runs matrix products on AMX tiles wherever the CPU reports AMX,
+    and some virtual machines report it without enabling its register state: the first
+    evaluation then dies with a general protection fault (seen on this project's 2-core VM,
+    llama-cpp-python 0.3.36). SmolLM2's Q4_1 weights have no other repacked form, so this
+    costs nothing elsewhere. `Llama()` offers no parameter for it, hence the scoped swap of
+    the default model parameters it starts from.
+    """
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    with _params_lock:
+        module.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = original
+
+
 class _Engine:
     """One loaded model; `lock` is held by a turn from its prompt to its checkpoint."""
 
@@ -173,14 +205,15 @@ class _Engine:
         self.lib = llama_cpp
         self.model_path = model_path
         self.n_ctx = n_ctx
-        self.llm: Llama = llama_cpp.Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            seed=DEFAULT_SEED,
-            verbose=False,
-        )
+        with plain_cpu_buffers(llama_cpp):
+            self.llm: Llama = llama_cpp.Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                seed=DEFAULT_SEED,
+                verbose=False,
+            )
         self.lock = threading.Lock()
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         template = self.llm.metadata.get("tokenizer.chat_template")
