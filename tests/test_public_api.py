@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -75,6 +76,16 @@ EXPORTS = {
 def test_the_export_list_is_pinned() -> None:
     assert set(crdtchat.__all__) == EXPORTS
     assert len(crdtchat.__all__) == len(EXPORTS), "a name is listed twice in __all__"
+
+
+def test_docs_api_lists_every_export() -> None:
+    """docs/api.md's table "Every export" names exactly the exports."""
+    text = (REPO / "docs" / "api.md").read_text()
+    table = text[text.index("## Every export") :]
+    names = set()
+    for row in re.findall(r"^\| (.+?) \| .+ \|$", table, flags=re.MULTILINE):
+        names.update(re.findall(r"`([A-Za-z_]+)`", row))
+    assert names == EXPORTS
 
 
 def test_every_exported_name_resolves() -> None:
