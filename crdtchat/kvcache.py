@@ -8,20 +8,30 @@ full prefill, never into an error for the user.
 
 The file format is a sans-I/O pair (`encode_snapshot` / `decode_snapshot`); `KVCheckpointStore`
 is the thin layer that writes, verifies, touches (LRU) and prunes files.
+
+The directory is a cache, so a full one is never an error: a save first makes room under
+`max_bytes` by evicting the least recently used files, and when the disk itself is full
+(ENOSPC, EDQUOT) it evicts more and tries once again. Only if that fails too does `save`
+raise, and the provider then goes on without a checkpoint for that turn (the next one pays a
+prefill). The worker also removes checkpoints that nothing can use any more: only the last
+one on each live branch of a conversation is worth keeping (`crdtchat.worker.checkpoints`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,10 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 _REF = re.compile(r"^([0-9a-f]{64})\.kv$")
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600.0
+# Errors that mean "the disk is full": evicting our own files may fix them.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointUnavailable(StorageError):
@@ -198,7 +212,12 @@ class KVCheckpointStore:
         return self.directory / ref
 
     def save(self, snapshot: KVSnapshot) -> CheckpointRef | None:
-        """Write the snapshot; None when it alone would exceed the size bound."""
+        """Write the snapshot; None when it alone would exceed the size bound.
+
+        Room is made first (LRU files go until the new one fits under `max_bytes`), so the
+        directory stays within the bound. Raises OSError only when the file cannot be
+        written even after evicting every other checkpoint.
+        """
         blob = encode_snapshot(snapshot)
         if len(blob) > self.max_bytes:
             return None
@@ -209,16 +228,72 @@ class KVCheckpointStore:
         if path.exists():
             os.utime(path)  # same content already there: just mark it recently used
         else:
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.directory)
+            self.prune(room_for=len(blob))
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(blob)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        self.prune(keep=ref)
+                self._write(path, blob)
+            except OSError as exc:
+                if exc.errno not in _FULL:
+                    raise
+                # The disk is fuller than our bound assumed (other files share it): our own
+                # files are a cache, so they go first, oldest first, then one more try.
+                freed = self._evict_for_disk(len(blob))
+                log.warning(
+                    "KV checkpoint directory %s is full (%s): evicted %d bytes",
+                    self.directory,
+                    exc.strerror,
+                    freed,
+                )
+                if not freed:
+                    raise
+                self._write(path, blob)
+        self.prune(keep={ref})
         return CheckpointRef(ref=ref, n_tokens=snapshot.n_tokens, sha256=sha)
+
+    def _write(self, path: Path, blob: bytes) -> None:
+        """Write to a temporary name and rename: readers never see a partial file."""
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _evict_for_disk(self, needed: int) -> int:
+        """Delete LRU files until the disk has `needed` bytes free; returns bytes freed."""
+        freed = 0
+        for path, stat in self.files():
+            try:
+                if shutil.disk_usage(self.directory).free >= needed:
+                    break
+            except OSError:
+                pass
+            if self._unlink(path):
+                freed += stat.st_size
+        return freed
+
+    def remove(self, data: Mapping[str, Any]) -> int:
+        """Delete the file an entry's `data` names (no longer useful); returns bytes freed."""
+        try:
+            path = self.path_of(CheckpointRef.from_data(data).ref)
+            size = path.stat().st_size
+        except (CheckpointUnavailable, OSError):
+            return 0
+        return size if self._unlink(path) else 0
+
+    @staticmethod
+    def _unlink(path: Path) -> bool:
+        """Delete a cache file; another process deleting it first, or a read-only
+        directory, is not an error here (the cache just stays bigger)."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("cannot delete KV checkpoint %s: %s", path, exc)
+            return False
+        return True
 
     def load(self, data: Mapping[str, Any], *, model: str | None = None) -> KVSnapshot:
         """Read and verify the file an entry's `data` points at.
@@ -267,19 +342,20 @@ class KVCheckpointStore:
     def total_bytes(self) -> int:
         return sum(stat.st_size for _, stat in self.files())
 
-    def prune(self, keep: str | None = None) -> int:
-        """Delete least recently used files until the total fits; returns bytes freed."""
+    def prune(self, keep: Iterable[str] = (), *, room_for: int = 0) -> int:
+        """Delete least recently used files until the total plus `room_for` fits
+        `max_bytes`; files named in `keep` are never deleted here. Returns bytes freed."""
         self._remove_stale_temporaries()
+        kept = {keep} if isinstance(keep, str) else set(keep)
         files = self.files()
         total = sum(stat.st_size for _, stat in files)
         freed = 0
         for path, stat in files:
-            if total <= self.max_bytes:
+            if total + room_for <= self.max_bytes:
                 break
-            if path.name == keep:
+            if path.name in kept:
                 continue
-            with contextlib.suppress(FileNotFoundError):  # another process pruned it first
-                path.unlink()
+            self._unlink(path)
             total -= stat.st_size
             freed += stat.st_size
         return freed
@@ -297,5 +373,5 @@ class KVCheckpointStore:
             try:
                 if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
-            except FileNotFoundError:
+            except OSError:  # gone already, or a read-only directory
                 continue

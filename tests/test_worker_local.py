@@ -9,6 +9,11 @@ takes a few seconds once the model is loaded.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -143,3 +148,95 @@ async def test_a_stale_checkpoint_after_an_edit_is_dropped_not_used(
     assert stale_key not in person.derived_entries()  # the worker deleted it
     assert only(person, reply.id, "usage").data["cached_input_tokens"] == 0
     assert first.id in {m.id for m in person.current_thread()}
+
+
+def checkpoints(conversation: Conversation) -> dict[str, DerivedEntry]:
+    """kv_checkpoint entries by the id of the message they belong to."""
+    return {
+        e.message_id: e
+        for e in conversation.derived_entries().values()
+        if e.kind == "kv_checkpoint"
+    }
+
+
+async def test_only_the_last_checkpoint_of_each_live_branch_is_kept_within_the_byte_limit(
+    tmp_path: Path, provider: LocalProvider
+) -> None:
+    person, worker = peers()
+    pool = local_pool(provider)
+    store = provider.kv_store
+    assert store is not None
+
+    first = await ask(person, worker, pool, "Name a colour.")
+    size = only(person, first.id, "usage").data["kv_checkpoint_bytes"]
+    assert size == store.total_bytes() > 0  # reported per turn, in the usage entry
+
+    second = await ask(person, worker, pool, "And another one?")
+    # Turn 2 resumed from turn 1's checkpoint, which nothing can use any more: its entry and
+    # its file are gone, leaving one checkpoint, the newest on the only branch.
+    assert only(person, second.id, "usage").data["cached_input_tokens"] > 0
+    assert set(checkpoints(person)) == {second.id}
+    assert [p.name for p, _ in store.files()] == [checkpoints(person)[second.id].data["ref"]]
+    # A checkpoint's size grows with its tokens (~14 kB per token here). From now on the limit
+    # holds turn 2's checkpoint and half of turn 1's: never two of them.
+    store.max_bytes = store.total_bytes() + size // 2
+
+    # A second branch, from turn 1's answer: nearest checkpoint gone, so a full prefill.
+    branch = person.append("user", "Name a fruit instead.", parent=first.id)
+    with anyio.fail_after(30):
+        assert await serve_room(worker, pool, room="local", settings=ONCE) == 1
+    [other] = person.assistant_answers(branch.id)
+    assert_answered(other)
+    assert only(person, other.id, "usage").data["cached_input_tokens"] == 0
+    # Both branches keep their last checkpoint entry, but the byte limit holds one file: the
+    # least recently used one (turn 2's) was evicted to make room.
+    assert set(checkpoints(person)) == {second.id, other.id}
+    assert [p.name for p, _ in store.files()] == [checkpoints(person)[other.id].data["ref"]]
+    assert store.total_bytes() <= store.max_bytes
+
+    # Back on the first branch: its checkpoint file is gone, the turn still answers in full.
+    third = person.append("user", "Why that one?", parent=second.id)
+    with anyio.fail_after(30):
+        assert await serve_room(worker, pool, room="local", settings=ONCE) == 1
+    [reply] = person.assistant_answers(third.id)
+    assert_answered(reply)
+    assert only(person, reply.id, "usage").data["cached_input_tokens"] == 0
+    assert other.id in checkpoints(person)  # still the last one of a live branch
+    assert second.id not in checkpoints(person) or reply.id not in checkpoints(person)
+    assert store.total_bytes() <= store.max_bytes
+
+
+def test_a_full_or_read_only_checkpoint_directory_never_fails_a_turn(tmp_path: Path) -> None:
+    """A real tmpfs in a private mount namespace (root only): it fills up, then goes read-only."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs")
+    try:
+        find_smollm2_gguf()
+    except ProviderError as exc:
+        pytest.skip(f"local model not installed: {exc}")
+    directory = tmp_path / "kv"
+    directory.mkdir()
+    child = Path(__file__).with_name("kv_disk_support.py")
+    script = 'mount -t tmpfs -o size=64m tmpfs "$1" && exec "$2" "$3" "$1"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(directory), sys.executable, str(child)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    turns = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(turns) == 4
+    for turn in turns:  # every turn answered, whatever the disk did
+        assert turn["committed"] == 1 and turn["text"].strip()
+        assert turn["status"] in ("complete", "incomplete")
+    first, second, third, fourth = turns
+    assert first["checkpoint"] and len(first["files"]) == 1
+    # ENOSPC: the old checkpoint was evicted (it was superseded anyway) and the write retried.
+    assert second["cached"] > 0 and second["checkpoint"]
+    assert len(second["files"]) == 1 and second["files"] != first["files"]
+    assert second["sizes"][0] > first["sizes"][0]
+    # Full even after evicting everything: no checkpoint, and the answer is there all the same.
+    assert third["cached"] > 0 and not third["checkpoint"] and third["files"] == []
+    # Read-only: no checkpoint to resume from, a full prefill, no checkpoint written.
+    assert fourth["cached"] == 0 and not fourth["checkpoint"]

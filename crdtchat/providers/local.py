@@ -28,7 +28,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -462,8 +462,10 @@ class _Turn:
             started = time.perf_counter()
             try:
                 ref = self.store.save(self.engine.snapshot())
-            except OSError as exc:  # a full disk costs the next turn a prefill, nothing more
-                ref = None
+                if ref is not None:
+                    self.raw["kv_checkpoint_bytes"] = self.store.path_of(ref.ref).stat().st_size
+            except Exception as exc:  # a full or broken cache costs the next turn a prefill,
+                ref = None  # never this turn, whose answer is already there
                 self.raw.setdefault("kv_notes", []).append(f"checkpoint not saved: {exc}")
             self.raw["kv_save_seconds"] = round(time.perf_counter() - started, 6)
             if ref is not None:
@@ -543,6 +545,17 @@ class LocalProvider:
         if not path.is_file():
             raise ProviderError(f"model file not found: {path}")
         return _engine_for(path, self.n_ctx, self.n_threads)
+
+    async def release_checkpoints(self, datas: Iterable[Mapping[str, Any]]) -> int:
+        """Delete the files of checkpoint entries nothing can use any more; bytes freed.
+
+        Called by the worker with the entries it dropped (`crdtchat.worker.checkpoints`).
+        """
+        store = self.kv_store
+        if store is None:
+            return 0
+        pending = list(datas)
+        return await anyio.to_thread.run_sync(lambda: sum(store.remove(d) for d in pending))
 
     async def warm_up(self) -> None:
         """Load the model now rather than on the first turn."""

@@ -27,6 +27,7 @@ from crdtchat.providers.base import (
 )
 from crdtchat.schema import Message, ModelRef, ToolCall
 from crdtchat.signals import Changes
+from crdtchat.worker.checkpoints import drop_superseded_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ async def serve_turn(
     usage = finished.usage
     derived = [(d.kind, d.data, d.expires_at) for d in finished.derived]
     derived.append(("usage", _usage_data(usage), None))
-    return conversation.commit_turn(
+    message = conversation.commit_turn(
         answered,
         turn_id,
         model=model_ref,
@@ -184,12 +185,23 @@ async def serve_turn(
         error=finished.error,
         derived=derived,
     )
+    if any(d.kind == "kv_checkpoint" for d in finished.derived):
+        # The new checkpoint supersedes the one this turn resumed from (if no other branch
+        # still needs it): about 23 MB each, they must not pile up one per turn.
+        await drop_superseded_checkpoints(
+            conversation, provider, name=provider.name, api=provider.api, model=model
+        )
+    return message
 
 
 def _usage_data(usage: Usage) -> dict[str, object]:
-    return {
+    data: dict[str, object] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "cached_input_tokens": usage.cached_input_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
     }
+    saved = usage.raw.get("kv_checkpoint_bytes")
+    if isinstance(saved, int):
+        data["kv_checkpoint_bytes"] = saved  # what this turn added to the local cache
+    return data
