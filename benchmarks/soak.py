@@ -1,0 +1,256 @@
+"""The long soak (issue 12): a relay under mixed joins, writes, refusals and room unloads.
+
+Not a CI test: the suite's soak tests (tests/test_leaks.py) check the known leaks exactly in
+under a minute; this one runs the whole relay for as long as it is asked to and prints, once a
+minute, its resident memory, CPU and what it did, so that slow growth shows as a curve.
+
+    .venv/bin/python benchmarks/soak.py --minutes 60 --out soak.md
+
+The load, from one asyncio process over real websockets: `--rate` visits a second, at most
+`--concurrency` at once, each to one of `--rooms` rooms drawn uniformly, so that with
+`--idle-unload` seconds (default 5) most visits load a room and most rooms unload between
+visits. A visit joins with the Ack extension and syncs, then with probability 0.55 appends a
+user message (stored), 0.25 also tries an assistant message, which a writer may not write
+(refused, so the relay rebuilds the room's document), 0.2 only reads; it announces presence
+and leaves. `--idle` connections stay open all along, moved to another room every minute. The
+anchor of the curve is its own first minute: growth is reported against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._support import SECRET, cpu_seconds, running_relay  # noqa: E402
+from crdtchat.document import Conversation  # noqa: E402
+from crdtchat.tokens import mint_token  # noqa: E402
+from crdtchat.wire import (  # noqa: E402
+    Ack,
+    AuthDenied,
+    AwarenessEntry,
+    AwarenessMessage,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    decode_frame,
+    encode_awareness,
+    encode_frame,
+)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@dataclass
+class Counts:
+    visits: int = 0
+    writes: int = 0
+    refusals: int = 0
+    reads: int = 0
+    errors: int = 0
+    last_error: str = ""
+    latencies: list[float] = field(default_factory=list)
+
+
+def url_for(base: str, room: str, role: str, sub: str) -> str:
+    token = mint_token(SECRET, room, role, sub, 24 * 3600)
+    return f"{base}/{room}?token={token}&ext=ack"
+
+
+async def _sync(ws: ClientConnection, conversation: Conversation) -> None:
+    """y-websocket handshake: answer the relay's step 1, ask for its state, apply step 2."""
+    await ws.send(encode_frame([SyncStep1(conversation.state_vector())]))
+    while True:
+        for message in decode_frame(await ws.recv()):  # type: ignore[arg-type]
+            if isinstance(message, SyncStep1):
+                await ws.send(encode_frame([SyncStep2(conversation.update_since(b"\x00"))]))
+            elif isinstance(message, SyncStep2):
+                conversation.apply_update(message.update)
+                return
+
+
+async def _until(ws: ClientConnection, settled: int) -> list[str]:
+    """Read until the relay acknowledges `settled` updates; returns the refusals seen."""
+    denied: list[str] = []
+    while True:
+        for message in decode_frame(await ws.recv()):  # type: ignore[arg-type]
+            if isinstance(message, AuthDenied):
+                denied.append(message.reason)
+            elif isinstance(message, Ack) and message.seq >= settled:
+                return denied
+
+
+async def visit(base: str, room: str, rng: random.Random, counts: Counts) -> None:
+    sub = f"user{rng.randrange(50)}"
+    kind = rng.random()
+    role = "reader" if kind >= 0.8 else "writer"
+    started = time.perf_counter()
+    with Conversation(author=sub) as conversation:
+        async with connect(url_for(base, room, role, sub), compression=None) as ws:
+            await _sync(ws, conversation)
+            presence = AwarenessEntry(rng.getrandbits(31), 1, json.dumps({"user": sub}))
+            await ws.send(encode_frame([AwarenessMessage(encode_awareness([presence]))]))
+            if role == "writer":
+                before = conversation.state_vector()
+                conversation.append("user", f"soak line {rng.getrandbits(32):x}")
+                updates = [conversation.update_since(before)]
+                if kind >= 0.55:  # a write the relay must refuse: writers do not answer
+                    before = conversation.state_vector()
+                    conversation.append("assistant", "not yours to write")
+                    updates.append(conversation.update_since(before))
+                for index, update in enumerate(updates):
+                    # Step 2 (of our empty state) counts as settled message 1.
+                    await ws.send(encode_frame([SyncUpdate(update)]))
+                    denied = await _until(ws, index + 2)
+                    if index == 0 and denied:
+                        raise RuntimeError(f"an ordinary write was refused: {denied}")
+                    if index == 1 and not denied:
+                        raise RuntimeError("a forged assistant message was accepted")
+                counts.writes += 1
+                counts.refusals += len(updates) - 1
+            else:
+                counts.reads += 1
+    counts.visits += 1
+    counts.latencies.append(time.perf_counter() - started)
+
+
+async def idle_connections(base: str, count: int, rooms: int, stop: asyncio.Event) -> None:
+    """`count` connections that only hold on, moved to other rooms each minute."""
+    rng = random.Random(2)
+    while not stop.is_set():
+        sockets = []
+        for index in range(count):
+            room = f"soak-{rng.randrange(rooms)}"
+            ws = await connect(url_for(base, room, "reader", f"idle{index}"), compression=None)
+            sockets.append(ws)
+        try:
+            await asyncio.wait_for(stop.wait(), 60)
+        except TimeoutError:
+            pass
+        for ws in sockets:
+            await ws.close()
+
+
+async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
+    response = await http.get("/metrics")
+    values = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.removeprefix("crdtchat_")] = float(value)
+    return values
+
+
+HEADER = (
+    "| minute | relay RSS MiB | vs minute 1 | relay CPU % of a core | rooms loaded | "
+    "room loads | unloads | stored | refused | visits | visit p50 ms |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+async def soak(args: argparse.Namespace, data: Path, out: Path | None) -> int:
+    extra = ["--idle-unload", str(args.idle_unload)]
+    with running_relay(data, extra) as relay:
+        base = relay.url
+        http_base = base.replace("ws://", "http://")
+        counts = Counts()
+        rng = random.Random(args.seed)
+        stop = asyncio.Event()
+        limit = asyncio.Semaphore(args.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(room: str) -> None:
+            async with limit:
+                try:
+                    await asyncio.wait_for(visit(base, room, rng, counts), 60)
+                except Exception as error:  # noqa: BLE001 - counted and shown, the soak goes on
+                    counts.errors += 1
+                    counts.last_error = f"{type(error).__name__}: {error}"
+
+        idle = asyncio.create_task(idle_connections(base, args.idle, args.rooms, stop))
+        lines = [
+            f"relay pid {relay.pid}; {args.rate} visits/s over {args.rooms} rooms, "
+            f"{args.idle} idle connections, --idle-unload {args.idle_unload}",
+            "",
+            HEADER,
+        ]
+        print("\n".join(lines), flush=True)
+        first_rss: float | None = None
+        started = time.monotonic()
+        cpu_before = cpu_seconds(relay.pid)
+        period = args.sample_seconds
+        next_sample = started + period
+        async with httpx.AsyncClient(base_url=http_base, timeout=30) as http:
+            minute = 0
+            while minute * period < args.minutes * 60:
+                now = time.monotonic()
+                if now >= next_sample:
+                    minute += 1
+                    cpu_now = cpu_seconds(relay.pid)
+                    cpu = 100 * (cpu_now - cpu_before) / (now - next_sample + period)
+                    cpu_before = cpu_now
+                    next_sample += period
+                    rss = rss_kib(relay.pid) / 1024
+                    first_rss = rss if first_rss is None else first_rss
+                    m = await metrics(http)
+                    latencies = sorted(counts.latencies)
+                    counts.latencies.clear()
+                    p50 = latencies[len(latencies) // 2] * 1000 if latencies else float("nan")
+                    row = (
+                        f"| {minute} | {rss:.1f} | {rss - first_rss:+.1f} | {cpu:.1f} | "
+                        f"{m['rooms']:.0f} | {m['room_loads_total']:.0f} | "
+                        f"{m['room_unloads_total']:.0f} | {m['updates_stored_total']:.0f} | "
+                        f"{m['refused_writes_total']:.0f} | {counts.visits} | {p50:.0f} |"
+                    )
+                    if counts.errors:
+                        row += f" errors {counts.errors}: {counts.last_error[:80]}"
+                    lines.append(row)
+                    print(row, flush=True)
+                    if out is not None:
+                        out.write_text("\n".join(lines) + "\n")
+                room = f"soak-{rng.randrange(args.rooms)}"
+                task = asyncio.create_task(one(room))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(rng.expovariate(args.rate))  # Poisson arrivals
+        stop.set()
+        await asyncio.gather(*tasks, idle, return_exceptions=True)
+    return 0 if counts.errors == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=8.0, help="visits per second")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rooms", type=int, default=2000)
+    parser.add_argument("--idle", type=int, default=100, help="connections that only hold on")
+    parser.add_argument("--idle-unload", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--sample-seconds", type=float, default=60.0, help="one row per ...")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="crdtchat-soak-") as tmp:
+        data = Path(tmp) / "data"
+        return asyncio.run(soak(args, data, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
