@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -33,10 +34,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import SECRET, cpu_seconds, running_relay  # noqa: E402
-from crdtchat.document import Conversation  # noqa: E402
-from crdtchat.tokens import mint_token  # noqa: E402
-from crdtchat.wire import (  # noqa: E402
+from benchmarks._support import SECRET, cpu_seconds, running_relay
+from crdtchat.document import Conversation
+from crdtchat.tokens import mint_token
+from crdtchat.wire import (
     Ack,
     AuthDenied,
     AwarenessEntry,
@@ -140,10 +141,8 @@ async def idle_connections(base: str, count: int, rooms: int, stop: asyncio.Even
             room = f"soak-{rng.randrange(rooms)}"
             ws = await connect(url_for(base, room, "reader", f"idle{index}"), compression=None)
             sockets.append(ws)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 60)
-        except TimeoutError:
-            pass
         for ws in sockets:
             await ws.close()
 
@@ -180,7 +179,7 @@ async def soak(args: argparse.Namespace, data: Path, out: Path | None) -> int:
             async with limit:
                 try:
                     await asyncio.wait_for(visit(base, room, rng, counts), 60)
-                except Exception as error:  # noqa: BLE001 - counted and shown, the soak goes on
+                except Exception as error:  # counted and shown: the soak goes on
                     counts.errors += 1
                     counts.last_error = f"{type(error).__name__}: {error}"
 
