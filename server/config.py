@@ -19,6 +19,7 @@ class RelayConfig:
     rate_burst: float = 5000.0  # ... and how many may come at once
     rate_bytes: float = 64 * MIB  # per connection: sustained bytes per second (burst: 2 frames)
     idle_unload: float = 60.0  # seconds a room without connections stays in memory
+    max_rooms: int = 10_000  # rooms loaded at once; then idle ones are unloaded early (§7.6)
     compact_updates: int = 1000  # compact a room's log after this many updates ...
     compact_min_bytes: int = 256 * 1024  # ... or this many bytes, or its snapshot's size
     max_blob: int = 64 * MIB

@@ -42,6 +42,8 @@ class Metrics:
     refused_writes: int = 0
     room_loads: int = 0
     room_unloads: int = 0
+    room_evictions: int = 0  # idle rooms unloaded early at the room limit
+    room_limit_refusals: int = 0  # joins refused: the room limit reached, no room idle
     compactions: int = 0
     closed_connections: Counter[str] = field(default_factory=Counter)
     store_write_seconds: Histogram = field(default_factory=Histogram)
@@ -85,6 +87,18 @@ class Metrics:
         )
         metric("room_loads_total", "counter", "Rooms loaded from the store.", self.room_loads)
         metric("room_unloads_total", "counter", "Idle rooms unloaded.", self.room_unloads)
+        metric(
+            "room_evictions_total",
+            "counter",
+            "Idle rooms unloaded early to stay within the room limit.",
+            self.room_evictions,
+        )
+        metric(
+            "room_limit_refusals_total",
+            "counter",
+            "Joins refused at the room limit (every loaded room in use).",
+            self.room_limit_refusals,
+        )
         metric(
             "compactions_total",
             "counter",

@@ -33,7 +33,15 @@ from server.feed import WaitingFeed
 from server.http import HttpEndpoints, make_response
 from server.metrics import Metrics
 from server.ratelimit import ConnectionLimits
-from server.room import Peer, PeerViolation, Pending, Room, RoomManager, RoomUnavailable
+from server.room import (
+    Peer,
+    PeerViolation,
+    Pending,
+    Room,
+    RoomLimitReached,
+    RoomManager,
+    RoomUnavailable,
+)
 
 log = logging.getLogger("crdtchat.relay")
 
@@ -118,6 +126,9 @@ class Relay:
         try:
             try:
                 room = await self.rooms.acquire(target.room)
+            except RoomLimitReached as error:  # 1013 Try Again Later: clients back off
+                await ws.close(1013, _close_reason(str(error)))
+                return
             except RoomUnavailable as error:
                 await ws.close(1011, _close_reason(str(error)))
                 return

@@ -73,6 +73,10 @@ class RoomUnavailable(StorageError):
     """The room cannot be opened now (store failure, relay shutting down)."""
 
 
+class RoomLimitReached(RoomUnavailable):
+    """`max_rooms` rooms are loaded and every one has peers: try again later (close 1013)."""
+
+
 class Peer:
     """One websocket connection in a room."""
 
@@ -168,6 +172,8 @@ class Room:
         self._snapshot_bytes = 0
         self._stopping = False
         self._failed = False
+        self._evicted = False
+        self.last_used = time.monotonic()  # for unloading the least recently used idle room
         self._wake = anyio.Event()
 
     # -- lifetime ------------------------------------------------------------------------
@@ -229,7 +235,7 @@ class Room:
             self.structure_ready.set()
 
     async def _live_until_done(self) -> None:
-        while not (self._stopping or self._failed):
+        while not (self._stopping or self._failed or self._evicted):
             wake = self._wake = anyio.Event()
             if self.refs == 0:
                 with anyio.move_on_after(self.config.idle_unload) as scope:
@@ -256,12 +262,29 @@ class Room:
 
     def attach(self) -> None:
         self.refs += 1
+        self.last_used = time.monotonic()
         self._wake.set()
 
     def release(self) -> None:
         self.refs -= 1
+        self.last_used = time.monotonic()
         if self.refs == 0:
             self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        """Open with no peer attached: it may be unloaded early to make room for another."""
+        return self.state is RoomState.OPEN and self.refs == 0 and not self._evicted
+
+    def evict(self) -> None:
+        """Unload this idle room now (flushed as on an idle unload) to make room for another.
+
+        Marked CLOSING at once, so a join that was about to attach waits and reloads it.
+        """
+        assert self.idle
+        self._evicted = True
+        self.state = RoomState.CLOSING
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopping = True
@@ -528,6 +551,9 @@ class RoomManager:
                 raise RoomUnavailable("relay shutting down")
             room = self.rooms.get(name)
             if room is None:
+                if len(self.rooms) >= self.config.max_rooms:
+                    await self._make_room()
+                    continue  # the room may have been loaded meanwhile
                 room = Room(name, self.store, self.metrics, self.config, self.feed)
                 self.rooms[name] = room
                 self.metrics.rooms = len(self.rooms)
@@ -539,6 +565,28 @@ class RoomManager:
             if room.error is not None:
                 raise RoomUnavailable(room.error)
             await room.finished.wait()
+
+    async def _make_room(self) -> None:
+        """Unload the least recently used idle room and wait until it is gone (design §7.6).
+
+        Raises RoomLimitReached when every loaded room has peers: memory stays bounded, and
+        the joining peer is told to come back later rather than left waiting.
+        """
+        idle = [room for room in self.rooms.values() if room.idle]
+        if idle:
+            victim = min(idle, key=lambda room: room.last_used)
+            log.info("room limit %d reached: unloading idle room %s", len(self.rooms), victim.name)
+            victim.evict()
+            self.metrics.room_evictions += 1
+        else:
+            leaving = [room for room in self.rooms.values() if room.state is RoomState.CLOSING]
+            if not leaving:
+                self.metrics.room_limit_refusals += 1
+                raise RoomLimitReached(
+                    f"the relay has {len(self.rooms)} rooms loaded (its limit), all in use"
+                )
+            victim = leaving[0]
+        await victim.finished.wait()
 
     async def _run_room(self, room: Room) -> None:
         try:
