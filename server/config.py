@@ -23,7 +23,10 @@ class RelayConfig:
     compact_updates: int = 1000  # compact a room's log after this many updates ...
     compact_min_bytes: int = 256 * 1024  # ... or this many bytes, or its snapshot's size
     max_blob: int = 64 * MIB
+    blob_uploads_per_subject: int = 4  # uploads in progress at once per token subject (429)
+    blob_uploads_total: int = 32  # ... and in all (503)
+    blob_stall_timeout: float = 30.0  # a blob transfer with no byte moving this long is cut
     max_in_flight: int = 1024  # updates of one connection waiting for their commit
     max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed
     ping_interval: float = 30.0
-    open_timeout: float = 60.0  # also bounds one blob upload
+    open_timeout: float = 60.0  # a websocket handshake (blob transfers: blob_stall_timeout)

@@ -1,40 +1,73 @@
-"""Plain HTTP on the relay's port: `/healthz`, `/metrics`, and `GET`/`PUT /blobs/<sha256>`.
+"""Plain HTTP on the relay's port: `/healthz`, `/metrics`, and `GET`/`PUT /blobs/<room>/<sha256>`.
 
-GET requests come through websockets' `process_request` hook. websockets parses only GET
-requests without a body, so a `PUT` is recognised before websockets sees a byte: the
-connection class used by the server (`RelayConnection`) looks at the request method of the
-first bytes and, for a PUT, reads the request itself, answers it and closes the connection. It
-does so inside websockets' own handshake step, so the connection keeps its owner and its
-timeout (`open_timeout`, which therefore bounds one upload too).
+`/healthz` and `/metrics` are small and come through websockets' `process_request` hook, whose
+`Response` carries a whole body. Blobs do not fit that: websockets parses only GET requests
+without a body and answers with bodies held in memory, and a blob may be 64 MiB. So the
+connection class the server uses (`RelayConnection`) looks at the first bytes of a connection
+and, for `PUT ` or `GET /blobs/`, serves the request itself with h11, streaming: an upload goes
+to a temporary file as it arrives (reading pauses while the disk catches up), a download is
+read from disk in chunks and written as fast as the client takes them. It does so inside
+websockets' handshake step, so the server still owns the connection and waits for it on
+shutdown. The handshake timeout of websocket connections (`open_timeout`) is applied by
+`RelayConnection` itself, not by `serve()`, since a transfer may rightly take longer; a
+transfer is cut instead when no byte moves for `blob_stall_timeout` seconds (design §7.5).
 
-Tokens are checked on every request: `?token=` or `Authorization: Bearer`. Blobs are content
-addressed and shared by all rooms, so any valid token may read; only writer and worker tokens
-may upload.
+Blobs are scoped to rooms (design §7.5): an upload needs a writer or worker token for the room
+in its URL, and at most `blob_uploads_per_subject` uploads run at once per token subject (429)
+and `blob_uploads_total` in all (503). A download needs a token that may read the room, and is
+served only if the room references the blob in a message's `files` and the blob was uploaded to
+that room; in every other case the answer is the same 404, so it tells nothing about blobs of
+other rooms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import http
 import logging
-from collections.abc import Callable
+import os
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from typing import Any, BinaryIO, ClassVar
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
+import anyio.to_thread
+import h11
+from pycrdt import Array, Map
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from crdtchat.tokens import TokenClaims, TokenError, parse_claims
-from server.blobs import BlobError, BlobStore
+from crdtchat.schema import ROOM_NAME
+from crdtchat.tokens import TokenClaims, TokenError, verify_token
+from server.blobs import BlobError, BlobStore, Upload, check_name
 from server.metrics import Metrics
+from server.room import Room, RoomManager, RoomUnavailable
 
 log = logging.getLogger("crdtchat.relay.http")
 
 _MAX_HEAD = 16 * 1024
+_INBOX_HIGH = 256 * 1024  # pause reading an upload while this much waits for the disk
+_CHUNK = 256 * 1024  # bytes read from disk per write of a download
+_LINGER = 2.0  # seconds to discard the rest of a refused body, so the client reads the answer
+_HTTP_PREFIXES = (b"PUT ", b"GET /blobs/")
 UPLOAD_ROLES = frozenset({"writer", "worker"})
+BLOB_URL = "/blobs/<room>/<sha256>"
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What bounds one blob transfer and how many run at once (design §7.5)."""
+
+    uploads_per_subject: int = 4
+    uploads_total: int = 32
+    stall_timeout: float = 30.0  # seconds without a byte moving before a transfer is cut
+    open_timeout: float | None = 60.0  # websocket handshakes (not blob transfers)
 
 
 def make_response(
@@ -57,132 +90,317 @@ def _token_from(url: SplitResult, headers: Any) -> str:
     values = parse_qs(url.query).get("token")
     if values:
         return values[0]
-    authorization = headers.get("Authorization") or headers.get("authorization") or ""
+    authorization = headers.get("authorization") or ""
     scheme, _, value = authorization.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+class UploadSlots:
+    """Uploads in progress, per token subject and in all."""
+
+    def __init__(self, per_subject: int, total: int) -> None:
+        self.per_subject = per_subject
+        self.total = total
+        self.active: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, subject: str) -> Iterator[None]:
+        if self.active[subject] >= self.per_subject:
+            raise BlobError(
+                429,
+                f"{self.per_subject} uploads of {subject!r} are in progress already; "
+                "retry when one has finished",
+                retry_after=1,
+            )
+        if self.active.total() >= self.total:
+            raise BlobError(
+                503,
+                f"the relay is receiving {self.total} uploads already; retry later",
+                retry_after=1,
+            )
+        self.active[subject] += 1
+        try:
+            yield
+        finally:
+            self.active[subject] -= 1
+            if not self.active[subject]:
+                del self.active[subject]
+
+
 class HttpEndpoints:
-    def __init__(self, secret: str, blobs: BlobStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        secret: str,
+        blobs: BlobStore,
+        metrics: Metrics,
+        rooms: RoomManager | None = None,
+        limits: HttpLimits | None = None,
+    ) -> None:
         self.secret = secret
         self.blobs = blobs
         self.metrics = metrics
+        self.rooms = rooms
+        self.limits = limits or HttpLimits()
+        self.slots = UploadSlots(self.limits.uploads_per_subject, self.limits.uploads_total)
+        self.transfers: set[RelayConnection] = set()
+        # blobs each loaded room references, and the room's write count they were read at
+        self._references: weakref.WeakKeyDictionary[Room, tuple[int, frozenset[str]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def is_http_path(self, path: str) -> bool:
         return path in ("/healthz", "/metrics") or path.startswith("/blobs/")
 
-    def _claims(self, url: SplitResult, headers: Any) -> TokenClaims:
-        token = _token_from(url, headers)
-        if not token:
-            raise BlobError(401, "a token is required (?token= or Authorization: Bearer)")
-        try:
-            return parse_claims(self.secret, token)
-        except TokenError as error:
-            raise BlobError(401, f"token refused: {error.reason}") from None
-
     async def get(self, request: Request, url: SplitResult) -> Response:
+        """The small endpoints, answered through websockets' process_request."""
         if url.path == "/healthz":
             return make_response(200, "ok\n")
         if url.path == "/metrics":
             return make_response(200, self.metrics.render(), "text/plain; version=0.0.4")
-        try:
-            self._claims(url, request.headers)
-            sha256 = url.path.removeprefix("/blobs/")
-            data = await self.blobs.get(sha256)
-        except BlobError as error:
-            return make_response(error.status, error.reason + "\n")
-        if data is None:
-            return make_response(404, "no such blob\n")
-        return make_response(200, data, "application/octet-stream")
+        return make_response(404, f"blob URLs are {BLOB_URL}\n")
 
-    def check_upload(self, target: str, headers: dict[str, str]) -> tuple[str, int]:
-        """The blob name and body length of an acceptable PUT; BlobError otherwise."""
-        url = urlsplit(target)
-        if not url.path.startswith("/blobs/"):
-            raise BlobError(404, "only /blobs/<sha256> accepts PUT")
-        sha256 = url.path.removeprefix("/blobs/")
-        self.blobs.path_for(sha256)  # validates the name
-        claims = self._claims(url, headers)
+    def close(self) -> None:
+        """Shutting down: cut every transfer (an upload's temporary file is removed)."""
+        for conn in list(self.transfers):
+            conn.transport.abort()
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def target(self, url: SplitResult) -> tuple[str, str]:
+        """The room and blob name of `/blobs/<room>/<sha256>`."""
+        parts = url.path.removeprefix("/blobs/").split("/")
+        if len(parts) != 2:
+            raise BlobError(404, f"blob URLs are {BLOB_URL}")
+        room = unquote(parts[0])
+        if not ROOM_NAME.fullmatch(room):
+            raise BlobError(400, "a room name is 1-128 of A-Za-z0-9._-")
+        return room, check_name(parts[1])
+
+    def claims(self, url: SplitResult, headers: dict[str, str], room: str) -> TokenClaims:
+        token = _token_from(url, headers)
+        if not token:
+            raise BlobError(401, "a token is required (?token= or Authorization: Bearer)")
+        try:
+            return verify_token(self.secret, token, room)
+        except TokenError as error:
+            status = 403 if error.reason == "wrong room" else 401
+            raise BlobError(status, f"token refused: {error.reason}") from None
+
+    async def open_for(self, room_name: str, sha256: str) -> BinaryIO | None:
+        """The blob's bytes if `room_name` references it and it was uploaded there."""
+        if self.rooms is None:
+            return None
+        try:
+            room = await self.rooms.acquire(room_name)
+        except RoomUnavailable as error:
+            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+        try:
+            referenced = sha256 in self._referenced_by(room)
+        finally:
+            room.release()
+        return await self.blobs.open(room_name, sha256) if referenced else None
+
+    def _referenced_by(self, room: Room) -> frozenset[str]:
+        cached = self._references.get(room)
+        if cached is not None and cached[0] == room.writes:
+            return cached[1]
+        found = referenced_blobs(room.live.messages)
+        self._references[room] = (room.writes, found)
+        return found
+
+
+def referenced_blobs(messages: Array) -> frozenset[str]:
+    """Every `sha256` in the `files` of the messages; values of another shape are skipped."""
+    found: set[str] = set()
+    try:
+        for item in messages:
+            files = item.get("files") if isinstance(item, Map) else None
+            if not isinstance(files, list):
+                continue
+            for ref in files:
+                if isinstance(ref, dict) and isinstance(ref.get("sha256"), str):
+                    found.add(ref["sha256"])
+    except Exception as error:  # a document we cannot read serves nothing, and says why
+        log.warning("reading file references failed: %s", error)
+    return frozenset(found)
+
+
+class _Exchange:
+    """One HTTP request for a blob, over the connection that received it."""
+
+    def __init__(self, conn: RelayConnection, endpoints: HttpEndpoints) -> None:
+        self.conn = conn
+        self.endpoints = endpoints
+        self.stall = endpoints.limits.stall_timeout
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        self.responded = False
+
+    async def run(self) -> None:
+        try:
+            try:
+                await self._serve()
+            except BlobError as error:
+                level = logging.WARNING if error.status in (408, 429, 503) else logging.INFO
+                log.log(level, "blob request refused (%d): %s", error.status, error.reason)
+                if not self.responded:
+                    await self._answer(error.status, error.reason + "\n", error.retry_after)
+        except (TimeoutError, ConnectionError) as error:
+            log.info("blob transfer cut: %s", error or type(error).__name__)
+        finally:
+            self.conn.transport.close()
+
+    async def _serve(self) -> None:
+        event = await self._next_event()
+        if not isinstance(event, h11.Request):
+            raise BlobError(400, "connection closed before the request head")
+        url = urlsplit(event.target.decode("ascii", "replace"))
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+        if event.method == b"PUT":
+            await self._put(url, headers)
+        elif event.method == b"GET":
+            await self._get(url, headers)
+        else:
+            raise BlobError(405, "blobs take GET and PUT")
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _next_event(self) -> Any:
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as error:
+                raise BlobError(400, f"malformed request: {error}") from None
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.conn.receive_some(self.stall)
+            except TimeoutError:
+                raise BlobError(408, f"no bytes for {self.stall:g} s: request cut") from None
+            self.h11.receive_data(data)
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        if self.conn.transport.is_closing():
+            raise ConnectionError("client went away")
+        self.conn.transport.write(data)
+        async with asyncio.timeout(self.stall):
+            await self.conn.drain()
+
+    async def _answer(self, status: int, text: str, retry_after: int | None = None) -> None:
+        body = text.encode()
+        headers = [("content-type", "text/plain; charset=utf-8")]
+        if retry_after is not None:
+            headers.append(("retry-after", str(retry_after)))
+        await self._start(status, len(body), headers)
+        await self._write(self.h11.send(h11.Data(data=body)) or b"")
+        await self._write(self.h11.send(h11.EndOfMessage()) or b"")
+        await self._linger()
+
+    async def _start(self, status: int, length: int, headers: list[tuple[str, str]]) -> None:
+        self.responded = True
+        response = h11.Response(
+            status_code=status,
+            reason=http.HTTPStatus(status).phrase,
+            headers=[
+                ("date", email.utils.formatdate(usegmt=True)),
+                ("server", "crdtchat-relay"),
+                ("connection", "close"),
+                ("content-length", str(length)),
+                *headers,
+            ],
+        )
+        await self._write(self.h11.send(response) or b"")
+
+    async def _linger(self) -> None:
+        """Discard what is left of a request body for a moment, then close.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy
+        the answer before the client reads it; an early refusal (413, 429) must arrive.
+        """
+        if self.h11.their_state in (h11.DONE, h11.CLOSED, h11.ERROR):
+            return
+        if self.conn.transport.can_write_eof():
+            self.conn.transport.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(_LINGER):
+                while await self.conn.receive_some(_LINGER):
+                    pass
+
+    # -- PUT ------------------------------------------------------------------------------
+
+    async def _put(self, url: SplitResult, headers: dict[str, str]) -> None:
+        endpoints = self.endpoints
+        room, sha256 = endpoints.target(url)
+        claims = endpoints.claims(url, headers, room)
         if claims.role not in UPLOAD_ROLES:
             raise BlobError(403, f"a {claims.role} token may not upload blobs")
         if "transfer-encoding" in headers:
             raise BlobError(411, "send the blob with a Content-Length, not chunked")
-        raw = headers.get("content-length")
-        if raw is None or not raw.isdigit():
+        raw = headers.get("content-length", "")
+        if not raw.isdigit():
             raise BlobError(411, "Content-Length required")
-        length = int(raw)
-        if length > self.blobs.max_size:
-            raise BlobError(413, f"blob larger than {self.blobs.max_size} bytes")
-        return sha256, length
+        if int(raw) > endpoints.blobs.max_size:
+            raise BlobError(413, f"blob larger than {endpoints.blobs.max_size} bytes")
+        with endpoints.slots.hold(claims.sub):
+            upload = await endpoints.blobs.begin(room, sha256)
+            try:
+                if self.h11.they_are_waiting_for_100_continue:
+                    continued = h11.InformationalResponse(
+                        status_code=100, headers=[], reason="Continue"
+                    )
+                    await self._write(self.h11.send(continued) or b"")
+                await self._receive_body(upload)
+                await upload.finish()
+            finally:
+                upload.discard()  # nothing left to remove once finished
+        # The same answer whether these bytes were stored already: it must not tell a writer
+        # of one room that another room holds a file.
+        await self._answer(201, "stored\n")
 
-    async def finish_upload(self, sha256: str, body: bytes) -> tuple[int, str]:
-        created = await self.blobs.put(sha256, body)
-        return (201, "created\n") if created else (200, "already stored\n")
+    async def _receive_body(self, upload: Upload) -> None:
+        """Write the body to `upload` as it arrives: every batch the network gave at once."""
+        while True:
+            event = await self._next_event()
+            chunks: list[bytes] = []
+            while True:
+                if isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    if chunks:
+                        await upload.write(chunks)
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise BlobError(400, "connection closed before the whole body")
+                try:
+                    event = self.h11.next_event()
+                except h11.RemoteProtocolError as error:
+                    raise BlobError(400, f"malformed request: {error}") from None
+                if event is h11.NEED_DATA:
+                    break
+            if chunks:
+                await upload.write(chunks)
 
+    # -- GET ------------------------------------------------------------------------------
 
-@dataclass
-class _PutHead:
-    target: str
-    headers: dict[str, str]  # lower-case names
-
-
-class _PutReader:
-    """Incremental reader of one PUT request: head, then exactly Content-Length body bytes."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.buffer = bytearray()
-        self.head: _PutHead | None = None
-        self.error: str | None = None
-        self.expected: int | None = None
-        self.eof = False
-        self.changed = asyncio.Event()
-
-    def feed(self, data: bytes) -> None:
-        if len(self.buffer) + len(data) > self.cap:
-            self.error = "request too large"
-            self.changed.set()
-            return
-        self.buffer += data
-        if self.head is None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > _MAX_HEAD:
-                    self.error = "request head too large"
-            else:
-                self._parse_head(bytes(self.buffer[:end]))
-                del self.buffer[: end + 4]
-        self.changed.set()
-
-    def feed_eof(self) -> None:
-        self.eof = True
-        self.changed.set()
-
-    def _parse_head(self, raw: bytes) -> None:
+    async def _get(self, url: SplitResult, headers: dict[str, str]) -> None:
+        room, sha256 = self.endpoints.target(url)
+        self.endpoints.claims(url, headers, room)
+        file = await self.endpoints.open_for(room, sha256)
+        if file is None:  # missing, unreferenced or not uploaded here: one answer for all
+            raise BlobError(404, f"no such blob in room {room!r}")
         try:
-            lines = raw.decode("latin-1").split("\r\n")
-            method, target, version = lines[0].split(" ")
-            if method != "PUT" or not version.startswith("HTTP/1."):
-                raise ValueError(lines[0])
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name.strip():
-                    raise ValueError(line)
-                headers[name.strip().lower()] = value.strip()
-        except ValueError:
-            self.error = "malformed request head"
-            return
-        self.head = _PutHead(target, headers)
-
-    async def wait_for(self, ready: Callable[[], bool]) -> None:
-        while not ready() and self.error is None and not self.eof:
-            self.changed.clear()
-            await self.changed.wait()
+            size = os.fstat(file.fileno()).st_size
+            await self._start(200, size, [("content-type", "application/octet-stream")])
+            while chunk := await anyio.to_thread.run_sync(file.read, _CHUNK):
+                await self._write(self.h11.send(h11.Data(data=chunk)) or b"")
+            await self._write(self.h11.send(h11.EndOfMessage()) or b"")
+        finally:
+            file.close()
 
 
 class RelayConnection(ServerConnection):
-    """A websockets server connection that also answers `PUT /blobs/...` itself."""
+    """A websockets server connection that also serves blob requests itself, streaming."""
 
     endpoints: ClassVar[HttpEndpoints | None] = None
 
@@ -190,10 +408,12 @@ class RelayConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self.target: Any = None  # set by the relay's process_request for room connections
         self._sniffed = bytearray()
-        self._mode: str | None = None  # None until the method is known, then "ws" or "put"
+        self._mode: str | None = None  # None until the first bytes tell, then "ws" or "http"
         self._decided: asyncio.Future[None] = self.loop.create_future()
-        cap = _MAX_HEAD + (self.endpoints.blobs.max_size if self.endpoints else 0)
-        self._put = _PutReader(cap)
+        self._inbox = bytearray()
+        self._eof = False
+        self._arrived = asyncio.Event()
+        self._reading_paused = False
 
     def _decide(self, mode: str) -> None:
         self._mode = mode
@@ -204,24 +424,47 @@ class RelayConnection(ServerConnection):
         if self._mode == "ws":
             super().data_received(data)
             return
-        if self._mode == "put":
-            self._put.feed(data)
+        if self._mode == "http":
+            self._take(data)
             return
         self._sniffed += data
-        if b" " not in self._sniffed[:8] and len(self._sniffed) < 8:
-            return
         buffered = bytes(self._sniffed)
+        if self.endpoints is not None:
+            if buffered.startswith(_HTTP_PREFIXES):
+                self._sniffed.clear()
+                self._decide("http")
+                self._take(buffered)
+                return
+            if any(prefix.startswith(buffered) for prefix in _HTTP_PREFIXES):
+                return  # too few bytes to tell yet
         self._sniffed.clear()
-        if buffered.startswith(b"PUT ") and self.endpoints is not None:
-            self._decide("put")
-            self._put.feed(buffered)
-        else:
-            self._decide("ws")
-            super().data_received(buffered)
+        self._decide("ws")
+        super().data_received(buffered)
+
+    def _take(self, data: bytes) -> None:
+        self._inbox += data
+        self._arrived.set()
+        if len(self._inbox) >= _INBOX_HIGH and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    async def receive_some(self, timeout: float) -> bytes:
+        """What arrived since the last call, b"" at the end; TimeoutError if nothing came."""
+        async with asyncio.timeout(timeout):
+            while not self._inbox and not self._eof:
+                self._arrived.clear()
+                await self._arrived.wait()
+        data = bytes(self._inbox)
+        self._inbox.clear()
+        if self._reading_paused and not self._eof:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
 
     def eof_received(self) -> bool | None:
-        if self._mode == "put":
-            self._put.feed_eof()
+        if self._mode == "http":
+            self._eof = True
+            self._arrived.set()
             return True  # keep the transport open to write the response
         if self._mode is None:
             self._decide("ws")
@@ -231,40 +474,31 @@ class RelayConnection(ServerConnection):
                 super().data_received(buffered)
         return super().eof_received()
 
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        if self._mode is None:
-            await asyncio.wait(
-                [self._decided, self.connection_lost_waiter],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        if self._mode == "put":
-            await self._serve_put()
-            return
-        await super().handshake(*args, **kwargs)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._arrived.set()
+        super().connection_lost(exc)
 
-    async def _serve_put(self) -> None:
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
         endpoints = self.endpoints
-        assert endpoints is not None
-        reader = self._put
-        try:
-            await reader.wait_for(lambda: reader.head is not None)
-            if reader.head is None:
-                raise BlobError(400, reader.error or "connection closed before the request head")
-            sha256, length = endpoints.check_upload(reader.head.target, reader.head.headers)
-            if reader.head.headers.get("expect", "").lower() == "100-continue":
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            await reader.wait_for(lambda: len(reader.buffer) >= length)
-            if len(reader.buffer) < length:
-                raise BlobError(400, reader.error or "connection closed before the whole body")
-            status, text = await endpoints.finish_upload(sha256, bytes(reader.buffer[:length]))
-        except BlobError as error:
-            status, text = error.status, error.reason + "\n"
-            log.info("PUT refused (%d): %s", status, error.reason)
-        response = make_response(status, text)
-        if not self.transport.is_closing():
-            self.transport.write(response.serialize())
-            self.transport.close()
-        await self.connection_lost_waiter
+        open_timeout = endpoints.limits.open_timeout if endpoints is not None else None
+        if self._mode is None:
+            async with asyncio.timeout(open_timeout):
+                await asyncio.wait(
+                    [self._decided, self.connection_lost_waiter],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        if self._mode == "http":
+            assert endpoints is not None
+            endpoints.transfers.add(self)
+            try:
+                await _Exchange(self, endpoints).run()
+                await self.connection_lost_waiter
+            finally:
+                endpoints.transfers.discard(self)
+            return
+        async with asyncio.timeout(open_timeout):
+            await super().handshake(*args, **kwargs)
 
 
 def connection_class(endpoints: HttpEndpoints) -> type[RelayConnection]:

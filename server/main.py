@@ -27,7 +27,7 @@ from crdtchat.tokens import SECRET_VARIABLE
 from server.blobs import BlobStore
 from server.config import RelayConfig
 from server.feed import WaitingFeed
-from server.http import HttpEndpoints, connection_class
+from server.http import HttpEndpoints, HttpLimits, connection_class
 from server.metrics import Metrics
 from server.options import EXTRA_OPTIONS, add_extra_options
 from server.relay import Relay
@@ -64,9 +64,8 @@ async def run_relay(
 ) -> None:
     """Serve until `stop` is set, then shut down in order."""
     metrics = Metrics()
-    endpoints = HttpEndpoints(
-        config.secret, BlobStore(config.data / "blobs", config.max_blob), metrics
-    )
+    blobs = BlobStore(config.data / "blobs", config.max_blob)
+    await anyio.to_thread.run_sync(blobs.prepare)
     async with (
         Store(config.data, on_write_latency=metrics.store_write_seconds.observe) as store,
         anyio.create_task_group() as tg,
@@ -74,6 +73,13 @@ async def run_relay(
         feed = WaitingFeed(store)
         rooms = RoomManager(store, metrics, config, feed)
         await tg.start(rooms.run)
+        limits = HttpLimits(
+            uploads_per_subject=config.blob_uploads_per_subject,
+            uploads_total=config.blob_uploads_total,
+            stall_timeout=config.blob_stall_timeout,
+            open_timeout=config.open_timeout,
+        )
+        endpoints = HttpEndpoints(config.secret, blobs, metrics, rooms, limits)
         relay = Relay(config, rooms, endpoints, metrics, feed)
         try:
             async with serve(
@@ -85,7 +91,7 @@ async def run_relay(
                 max_size=config.max_frame,
                 ping_interval=config.ping_interval,
                 ping_timeout=config.ping_interval,
-                open_timeout=config.open_timeout,
+                open_timeout=None,  # RelayConnection applies it to websocket handshakes only
                 compression=None,
                 server_header="crdtchat-relay",
             ) as server:
@@ -94,6 +100,7 @@ async def run_relay(
                     on_listening(host, port)
                 await stop.wait()
                 log.info("shutting down")
+                endpoints.close()
                 server.close(code=1001, reason="relay shutting down")
         finally:
             rooms.close()

@@ -14,6 +14,17 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
     "compact_updates": ("compact_updates", int, "compact a room's log after this many updates"),
     "compact_bytes": ("compact_min_bytes", int, "... or after this many bytes"),
     "max_blob": ("max_blob", int, "largest blob upload, bytes"),
+    "blob_uploads_per_subject": (
+        "blob_uploads_per_subject",
+        int,
+        "blob uploads in progress at once per token subject",
+    ),
+    "blob_uploads_total": ("blob_uploads_total", int, "blob uploads in progress at once in all"),
+    "blob_stall_timeout": (
+        "blob_stall_timeout",
+        float,
+        "seconds without a byte moving before a blob transfer is cut",
+    ),
 }
 
 

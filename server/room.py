@@ -260,6 +260,11 @@ class Room:
             with contextlib.suppress(StoreError):
                 await asyncio.shield(future)
 
+    @property
+    def writes(self) -> int:
+        """Changes with every stored write: what readers of the document may cache against."""
+        return self._next_seq
+
     def attach(self) -> None:
         self.refs += 1
         self.last_used = time.monotonic()

@@ -1,10 +1,11 @@
-"""HTTP on the relay's port: blobs, /healthz, /metrics, handshake refusals, `crdtchat serve`."""
+"""HTTP on the relay's port: /healthz, /metrics, handshake refusals, `crdtchat serve`.
+
+Blobs: test_relay_blobs.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,93 +17,12 @@ from relay_support import REPO, RelayProcess, message_map, raw_client, running_r
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-MAX_BLOB = 100_000
-
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     data = Path(tmp_path_factory.mktemp("http")) / "data"
-    with running_relay(data, ["--max-blob", str(MAX_BLOB)]) as process:
+    with running_relay(data) as process:
         yield process
-
-
-def blob_url(relay: RelayProcess, sha: str, tok: str | None = None) -> str:
-    suffix = f"?token={tok}" if tok else ""
-    return f"{relay.http_url}/blobs/{sha}{suffix}"
-
-
-def test_blob_upload_and_download(relay: RelayProcess) -> None:
-    data = os.urandom(50_000)
-    sha = hashlib.sha256(data).hexdigest()
-    writer = token("any-room", "writer", "alice")
-    put = httpx.put(blob_url(relay, sha, writer), content=data, timeout=10)
-    assert put.status_code == 201, put.text
-    again = httpx.put(
-        blob_url(relay, sha), content=data, headers={"Authorization": f"Bearer {writer}"}
-    )
-    assert again.status_code == 200
-    reader = token("other-room", "reader", "bob")
-    got = httpx.get(blob_url(relay, sha, reader), timeout=10)
-    assert got.status_code == 200
-    assert got.content == data
-    assert got.headers["content-type"] == "application/octet-stream"
-    stored = relay.data / "blobs" / sha[:2] / sha
-    assert stored.read_bytes() == data
-
-
-def test_blob_refusals(relay: RelayProcess) -> None:
-    data = b"file bytes"
-    sha = hashlib.sha256(data).hexdigest()
-    writer = token("r", "writer", "alice")
-    cases = [
-        (httpx.put(blob_url(relay, sha), content=data), 401, "token is required"),
-        (httpx.put(blob_url(relay, sha, "v1.bad.token"), content=data), 401, "token refused"),
-        (
-            httpx.put(blob_url(relay, sha, token("r", "reader", "bob")), content=data),
-            403,
-            "reader token may not upload",
-        ),
-        (httpx.put(blob_url(relay, "0" * 64, writer), content=data), 400, "body hashes to"),
-        (httpx.put(blob_url(relay, "NOTHEX", writer), content=data), 400, "64 lowercase hex"),
-        (
-            httpx.put(blob_url(relay, "0" * 64, writer), content=b"x" * (MAX_BLOB + 1)),
-            413,
-            "larger than",
-        ),
-        (httpx.get(blob_url(relay, "1" * 64, writer)), 404, "no such blob"),
-        (httpx.get(blob_url(relay, sha)), 401, "token is required"),
-    ]
-    for response, status, text in cases:
-        assert response.status_code == status, (response.status_code, response.text)
-        assert text in response.text
-    assert not (relay.data / "blobs" / "00" / ("0" * 64)).exists()
-
-
-def test_chunked_upload_is_refused(relay: RelayProcess) -> None:
-    writer = token("r", "writer", "alice")
-
-    def chunks() -> Iterator[bytes]:
-        yield b"abc"
-
-    response = httpx.put(blob_url(relay, "2" * 64, writer), content=chunks())
-    assert response.status_code == 411
-
-
-def test_expect_continue_upload(relay: RelayProcess) -> None:
-    data = b"continue me"
-    sha = hashlib.sha256(data).hexdigest()
-    request = (
-        f"PUT /blobs/{sha}?token={token('r', 'worker', 'w')} HTTP/1.1\r\n"
-        f"Host: x\r\nContent-Length: {len(data)}\r\nExpect: 100-continue\r\n\r\n"
-    ).encode()
-    with socket.create_connection((relay.host, relay.port), timeout=10) as sock:
-        sock.sendall(request)
-        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
-        sock.sendall(data)
-        response = b""
-        while chunk := sock.recv(4096):
-            response += chunk
-    assert response.startswith(b"HTTP/1.1 201")
 
 
 def test_healthz_and_metrics(relay: RelayProcess) -> None:

@@ -24,7 +24,7 @@ from crdtchat.providers.base import Finished, TextDelta, TurnEvent, TurnRequest
 from crdtchat.replica import Backoff, Replica
 from crdtchat.schema import ModelRef, assistant_turn_id
 from crdtchat.tui.app import ChatApp
-from crdtchat.tui.blobs import BlobUploader
+from crdtchat.tui.blobs import BlobUploader, blob_url
 from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.widgets import Line, ThreadView
 from crdtchat.worker.room import unwatch, watch
@@ -315,7 +315,7 @@ async def device(
             ReplicaLink(replica),
             room=room,
             device=name,
-            uploader=BlobUploader(url, token(room, sub=sub)),
+            uploader=BlobUploader(url, room, token(room, sub=sub)),
         )
         yield app, replica
 
@@ -403,7 +403,10 @@ async def test_attach_uploads_to_the_relay_and_the_next_message_carries_the_file
     payload = tmp_path / "notes.txt"
     payload.write_bytes(b"some notes\n")
     async with (
-        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (app, _),
+        device(relay, room, tmp_path / "laptop.sqlite", sub="alice", name="laptop") as (
+            app,
+            replica,
+        ),
         app.run_test() as pilot,
     ):
         await submit(pilot, f"/attach {payload}")
@@ -412,9 +415,11 @@ async def test_attach_uploads_to_the_relay_and_the_next_message_carries_the_file
         [message] = app.conversation.current_thread()
         [ref] = message.files or ()
         assert (ref.name, ref.size, ref.mime) == ("notes.txt", 11, "text/plain")
+        # The relay serves a room's blob once a message there references it.
+        await replica.wait_until(lambda s: s.durable, timeout=30)
         async with httpx.AsyncClient() as client:
             response = await client.get(
-                f"{relay.http_url}/blobs/{ref.sha256}", params={"token": token(room)}
+                blob_url(relay.http_url, room, ref.sha256), params={"token": token(room)}
             )
         assert response.content == b"some notes\n"
         await until(app, lambda: "📎 notes.txt" in thread_texts(app)[0])

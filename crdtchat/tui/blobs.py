@@ -1,7 +1,9 @@
 """Uploading an attachment's bytes to the relay's blob store; the document keeps only a FileRef.
 
 The bytes are addressed by their SHA-256, so an upload is idempotent and the reference in a
-message can be checked by anyone who downloads the bytes.
+message can be checked by anyone who downloads the bytes. Blobs are scoped to rooms (design
+§7.5): the bytes go to `/blobs/<room>/<sha256>` with the token that opens the room, and are
+served to readers of that room once a message there references them.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -34,18 +36,25 @@ def http_base(relay_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, "", "", ""))
 
 
-class BlobUploader:
-    """PUT /blobs/<sha256> on the relay, with the token that also opens the room."""
+def blob_url(relay_url: str, room: str, sha256: str) -> str:
+    """Where the relay at `relay_url` keeps `sha256` for `room` (GET and PUT)."""
+    return f"{http_base(relay_url)}/blobs/{quote(room, safe='')}/{sha256}"
 
-    def __init__(self, relay_url: str, token: str, *, timeout: float = 60.0) -> None:
-        self.base = http_base(relay_url)
+
+class BlobUploader:
+    """PUT /blobs/<room>/<sha256> on the relay, with the token that also opens the room."""
+
+    def __init__(self, relay_url: str, room: str, token: str, *, timeout: float = 60.0) -> None:
+        http_base(relay_url)  # a bad URL fails here, not at the first attachment
+        self.relay_url = relay_url
+        self.room = room
         self.token = token
         self.timeout = timeout
 
     async def upload(self, path: Path) -> FileRef:
         data = await anyio.to_thread.run_sync(_read, path)
         digest = hashlib.sha256(data).hexdigest()
-        url = f"{self.base}/blobs/{digest}"
+        url = blob_url(self.relay_url, self.room, digest)
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
                 response = await client.put(

@@ -158,7 +158,7 @@ async def _run_chat(
             ReplicaLink(replica),
             room=room,
             device=device,
-            uploader=BlobUploader(relay, token),
+            uploader=BlobUploader(relay, room, token),
             read_only=subject.role == "reader",
         )
         await app.run_async()
