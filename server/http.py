@@ -190,15 +190,27 @@ class HttpEndpoints:
         """The blob's bytes if `room_name` references it and it was uploaded there."""
         if self.rooms is None:
             return None
+        # The files first: only a room a blob was uploaded to gets loaded to look for the
+        # reference, so asking about many rooms does not load them all.
+        file = await self.blobs.open(room_name, sha256)
+        if file is None:
+            return None
         try:
-            room = await self.rooms.acquire(room_name)
-        except RoomUnavailable as error:
-            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
-        try:
-            referenced = sha256 in self._referenced_by(room)
-        finally:
-            room.release()
-        return await self.blobs.open(room_name, sha256) if referenced else None
+            try:
+                room = await self.rooms.acquire(room_name)
+            except RoomUnavailable as error:
+                raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+            try:
+                referenced = sha256 in self._referenced_by(room)
+            finally:
+                room.release()
+        except BaseException:
+            file.close()
+            raise
+        if not referenced:
+            file.close()
+            return None
+        return file
 
     def _referenced_by(self, room: Room) -> frozenset[str]:
         cached = self._references.get(room)
@@ -244,10 +256,13 @@ class _Exchange:
                 log.log(level, "blob request refused (%d): %s", error.status, error.reason)
                 if not self.responded:
                     await self._answer(error.status, error.reason + "\n", error.retry_after)
+            self.conn.transport.close()
         except (TimeoutError, ConnectionError) as error:
             log.info("blob transfer cut: %s", error or type(error).__name__)
-        finally:
-            self.conn.transport.close()
+            self.conn.transport.abort()  # a client that reads nothing must not keep it open
+        except BaseException:
+            self.conn.transport.abort()
+            raise
 
     async def _serve(self) -> None:
         event = await self._next_event()
@@ -343,7 +358,10 @@ class _Exchange:
         if int(raw) > endpoints.blobs.max_size:
             raise BlobError(413, f"blob larger than {endpoints.blobs.max_size} bytes")
         with endpoints.slots.hold(claims.sub):
-            upload = await endpoints.blobs.begin(room, sha256)
+            try:
+                upload = await endpoints.blobs.begin(room, sha256)
+            except OSError as error:
+                raise BlobError(507, f"the relay cannot store blobs now: {error}") from None
             try:
                 if self.h11.they_are_waiting_for_100_continue:
                     continued = h11.InformationalResponse(
@@ -352,6 +370,11 @@ class _Exchange:
                     await self._write(self.h11.send(continued) or b"")
                 await self._receive_body(upload)
                 await upload.finish()
+            except (ConnectionError, TimeoutError):  # the client, not the disk
+                raise
+            except OSError as error:  # the disk: say so, keep nothing
+                log.error("storing blob %s failed: %s", sha256, error)
+                raise BlobError(507, f"the relay could not store the blob: {error}") from None
             finally:
                 upload.discard()  # nothing left to remove once finished
         # The same answer whether these bytes were stored already: it must not tell a writer
@@ -493,7 +516,12 @@ class RelayConnection(ServerConnection):
             endpoints.transfers.add(self)
             try:
                 await _Exchange(self, endpoints).run()
-                await self.connection_lost_waiter
+                try:  # close() waits for the answer to be flushed: not forever
+                    async with asyncio.timeout(endpoints.limits.stall_timeout):
+                        await asyncio.shield(self.connection_lost_waiter)
+                except TimeoutError:
+                    self.transport.abort()
+                    await self.connection_lost_waiter
             finally:
                 endpoints.transfers.discard(self)
             return

@@ -340,3 +340,22 @@ def test_expect_continue_upload(quick: RelayProcess) -> None:
         sock.sendall(data)
         assert read_response(sock).startswith(b"HTTP/1.1 201")
     assert (quick.data / "blobs" / sha_of(data)[:2] / sha_of(data)).read_bytes() == data
+
+
+@pytest.mark.anyio
+async def test_blobs_stored_before_rooms_stay_readable_where_referenced(tmp_path: Path) -> None:
+    """A data directory from before blobs were scoped: nothing stored is lost."""
+    old = b"uploaded by an older relay\n"
+    sha = sha_of(old)
+    blobs = tmp_path / "data" / "blobs"
+    (blobs / sha[:2]).mkdir(parents=True)
+    (blobs / sha[:2] / sha).write_bytes(old)
+    (blobs / "tmp").mkdir()
+    (blobs / "tmp" / "killed-mid-upload").write_bytes(b"partial")  # as after a SIGKILL
+    with running_relay(tmp_path / "data") as relay:
+        assert not temp_files(relay)
+        await reference(relay, "had-it", sha, "m1", sub="alice")
+        got = httpx.get(blob_url(relay, "had-it", sha, token("had-it", "reader")), timeout=60)
+        assert got.content == old
+        elsewhere = httpx.get(blob_url(relay, "never", sha, token("never", "reader")), timeout=60)
+        assert elsewhere.status_code == 404
