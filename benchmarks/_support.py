@@ -138,13 +138,19 @@ def _running(
 
 
 @contextmanager
-def running_relay(data: Path, extra_args: list[str] | None = None) -> Iterator[Server]:
-    """Our relay, `python -m server.main --port 0 --data DIR`, on 127.0.0.1."""
+def running_relay(
+    data: Path, extra_args: list[str] | None = None, src: Path = REPO
+) -> Iterator[Server]:
+    """Our relay, `python -m server.main --port 0 --data DIR`, on 127.0.0.1.
+
+    `src` is the source tree it runs from: another checkout runs an earlier relay side by side.
+    """
     command = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0"]
     command += ["--data", str(data), *(extra_args or [])]
     env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = str(src)
     log_path = data.parent / "relay.log"
-    with _running("relay", command, env, REPO, log_path, _RELAY_LISTENING) as (proc, port):
+    with _running("relay", command, env, src, log_path, _RELAY_LISTENING) as (proc, port):
         yield Server("crdtchat relay", proc, f"ws://127.0.0.1:{port}", log_path)
 
 
