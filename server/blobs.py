@@ -57,6 +57,9 @@ class BlobStore:
         self.temp = self.directory / "tmp"
         self.rooms = self.directory / "rooms"
         self.legacy = self.directory / "legacy"
+        # Blob disk work gets threads of its own: many transfers must not make a room that is
+        # loading wait for anyio's shared pool.
+        self.threads = anyio.CapacityLimiter(8)
 
     def path_for(self, sha256: str) -> Path:
         check_name(sha256)
@@ -89,11 +92,11 @@ class BlobStore:
     async def begin(self, room: str, sha256: str) -> Upload:
         """A new upload of `sha256` to `room`, streaming into a temporary file."""
         self.path_for(sha256)
-        return await anyio.to_thread.run_sync(Upload, self, room, sha256)
+        return await anyio.to_thread.run_sync(Upload, self, room, sha256, limiter=self.threads)
 
     async def open(self, room: str, sha256: str) -> BinaryIO | None:
         """The bytes of `sha256` if `room` may serve them (uploaded to it, or legacy), else None."""
-        return await anyio.to_thread.run_sync(self._open, room, sha256)
+        return await anyio.to_thread.run_sync(self._open, room, sha256, limiter=self.threads)
 
     def _open(self, room: str, sha256: str) -> BinaryIO | None:
         if not (self.marker_for(room, sha256).exists() or (self.legacy / sha256).exists()):
@@ -118,7 +121,7 @@ class Upload:
         self._file: BinaryIO | None = os.fdopen(fd, "wb")
 
     async def write(self, chunks: Sequence[bytes]) -> None:
-        await anyio.to_thread.run_sync(self._write, chunks)
+        await anyio.to_thread.run_sync(self._write, chunks, limiter=self.store.threads)
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         assert self._file is not None
@@ -131,7 +134,7 @@ class Upload:
 
     async def finish(self) -> None:
         """Verify the hash and move the bytes into place; BlobError if they are not `sha256`."""
-        await anyio.to_thread.run_sync(self._finish)
+        await anyio.to_thread.run_sync(self._finish, limiter=self.store.threads)
 
     def _finish(self) -> None:
         assert self._file is not None

@@ -450,7 +450,8 @@ class _Exchange:
         try:
             size = os.fstat(file.fileno()).st_size
             await self._start(200, size, [("content-type", "application/octet-stream")])
-            while chunk := await anyio.to_thread.run_sync(file.read, _CHUNK):
+            threads = self.endpoints.blobs.threads
+            while chunk := await anyio.to_thread.run_sync(file.read, _CHUNK, limiter=threads):
                 await self._write(self.h11.send(h11.Data(data=chunk)) or b"")
             await self._write(self.h11.send(h11.EndOfMessage()) or b"")
         finally:

@@ -89,6 +89,15 @@ def read_response(sock: socket.socket) -> bytes:
     return response
 
 
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
 def start_upload(
     relay: RelayProcess, room: str, tok: str, length: int, body: bytes
 ) -> socket.socket:
@@ -178,7 +187,7 @@ async def test_stalled_transfers_hold_no_memory_and_uploads_are_bounded(
                 f"GET /blobs/stream-1/{big_sha}?token={token('stream-1', 'reader')} HTTP/1.1\r\n"
                 "Host: x\r\n\r\n".encode()
             )
-            assert sock.recv(12) == b"HTTP/1.1 200"
+            assert recv_exactly(sock, 12) == b"HTTP/1.1 200"
         await room_still_serves(relay, "served-1", "during")
         growth = rss(relay) - before
         sent = 2 * TOTAL * STALLED
@@ -359,3 +368,12 @@ async def test_blobs_stored_before_rooms_stay_readable_where_referenced(tmp_path
         assert got.content == old
         elsewhere = httpx.get(blob_url(relay, "never", sha, token("never", "reader")), timeout=60)
         assert elsewhere.status_code == 404
+
+
+def test_shutdown_cuts_a_stalled_upload(tmp_path: Path) -> None:
+    """SIGTERM does not wait for a client that stopped sending (the stall timeout is 120 s)."""
+    with running_relay(tmp_path / "data", ["--blob-stall-timeout", "120"]) as relay:
+        with start_upload(relay, "bye", token("bye"), 2000, b"x" * 1000):
+            wait_until(lambda: bool(temp_files(relay)), "the upload to start")
+            assert relay.terminate(timeout=30) == 0
+        assert not temp_files(relay)
