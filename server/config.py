@@ -25,6 +25,8 @@ class RelayConfig:
     max_blob: int = 64 * MIB
     blob_uploads_per_subject: int = 4  # uploads in progress at once per token subject (429)
     blob_uploads_total: int = 32  # ... and in all (503)
+    blob_downloads_per_subject: int = 8  # downloads in progress at once per token subject (429)
+    blob_downloads_total: int = 64  # ... and in all (503)
     blob_stall_timeout: float = 30.0  # a blob transfer with no byte moving this long is cut
     max_in_flight: int = 1024  # updates of one connection waiting for their commit
     max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed

@@ -14,7 +14,8 @@ transfer is cut instead when no byte moves for `blob_stall_timeout` seconds (des
 
 Blobs are scoped to rooms (design §7.5): an upload needs a writer or worker token for the room
 in its URL, and at most `blob_uploads_per_subject` uploads run at once per token subject (429)
-and `blob_uploads_total` in all (503). A download needs a token that may read the room, and is
+and `blob_uploads_total` in all (503); downloads likewise (`blob_downloads_*`). A download
+needs a token that may read the room, and is
 served only if the room references the blob in a message's `files` and the blob was uploaded to
 that room; in every other case the answer is the same 404, so it tells nothing about blobs of
 other rooms.
@@ -68,6 +69,8 @@ class HttpLimits:
 
     uploads_per_subject: int = 4
     uploads_total: int = 32
+    downloads_per_subject: int = 8
+    downloads_total: int = 64
     stall_timeout: float = 30.0  # seconds without a byte moving before a transfer is cut
     open_timeout: float | None = 60.0  # websocket handshakes (not blob transfers)
 
@@ -97,33 +100,38 @@ def _token_from(url: SplitResult, headers: Any) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
-class UploadSlots:
-    """Uploads in progress, per token subject and in all."""
+class TransferSlots:
+    """Transfers of one kind in progress, per token subject and in all."""
 
-    def __init__(self, per_subject: int, total: int) -> None:
+    def __init__(self, kind: str, verb: str, per_subject: int, total: int) -> None:
+        self.kind = kind  # "uploads", "downloads"
+        self.verb = verb  # what the relay is doing: "receiving", "sending"
         self.per_subject = per_subject
         self.total = total
         self.active: Counter[str] = Counter()
+        self.in_progress = 0
 
     @contextmanager
     def hold(self, subject: str) -> Iterator[None]:
         if self.active[subject] >= self.per_subject:
             raise BlobError(
                 429,
-                f"{self.per_subject} uploads of {subject!r} are in progress already; "
+                f"{self.per_subject} {self.kind} of {subject!r} are in progress already; "
                 "retry when one has finished",
                 retry_after=1,
             )
-        if self.active.total() >= self.total:
+        if self.in_progress >= self.total:
             raise BlobError(
                 503,
-                f"the relay is receiving {self.total} uploads already; retry later",
+                f"the relay is {self.verb} {self.total} {self.kind} already; retry later",
                 retry_after=1,
             )
         self.active[subject] += 1
+        self.in_progress += 1
         try:
             yield
         finally:
+            self.in_progress -= 1
             self.active[subject] -= 1
             if not self.active[subject]:
                 del self.active[subject]
@@ -143,7 +151,12 @@ class HttpEndpoints:
         self.metrics = metrics
         self.rooms = rooms
         self.limits = limits or HttpLimits()
-        self.slots = UploadSlots(self.limits.uploads_per_subject, self.limits.uploads_total)
+        self.uploads = TransferSlots(
+            "uploads", "receiving", self.limits.uploads_per_subject, self.limits.uploads_total
+        )
+        self.downloads = TransferSlots(
+            "downloads", "sending", self.limits.downloads_per_subject, self.limits.downloads_total
+        )
         self.transfers: set[RelayConnection] = set()
         # blobs each loaded room references, and the room's write count they were read at
         self._references: weakref.WeakKeyDictionary[Room, _References] = weakref.WeakKeyDictionary()
@@ -392,7 +405,7 @@ class _Exchange:
             raise BlobError(411, "Content-Length required")
         if int(raw) > endpoints.blobs.max_size:
             raise BlobError(413, f"blob larger than {endpoints.blobs.max_size} bytes")
-        with endpoints.slots.hold(claims.sub):
+        with endpoints.uploads.hold(claims.sub):
             try:
                 upload = await endpoints.blobs.begin(room, sha256)
             except OSError as error:
@@ -443,7 +456,11 @@ class _Exchange:
 
     async def _get(self, url: SplitResult, headers: dict[str, str]) -> None:
         room, sha256 = self.endpoints.target(url)
-        self.endpoints.claims(url, headers, room)
+        claims = self.endpoints.claims(url, headers, room)
+        with self.endpoints.downloads.hold(claims.sub):
+            await self._send_blob(room, sha256)
+
+    async def _send_blob(self, room: str, sha256: str) -> None:
         file = await self.endpoints.open_for(room, sha256)
         if file is None:  # missing, unreferenced or not uploaded here: one answer for all
             raise BlobError(404, f"no such blob in room {room!r}")

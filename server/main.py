@@ -76,6 +76,8 @@ async def run_relay(
         limits = HttpLimits(
             uploads_per_subject=config.blob_uploads_per_subject,
             uploads_total=config.blob_uploads_total,
+            downloads_per_subject=config.blob_downloads_per_subject,
+            downloads_total=config.blob_downloads_total,
             stall_timeout=config.blob_stall_timeout,
             open_timeout=config.open_timeout,
         )

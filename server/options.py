@@ -20,6 +20,16 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
         "blob uploads in progress at once per token subject",
     ),
     "blob_uploads_total": ("blob_uploads_total", int, "blob uploads in progress at once in all"),
+    "blob_downloads_per_subject": (
+        "blob_downloads_per_subject",
+        int,
+        "blob downloads in progress at once per token subject",
+    ),
+    "blob_downloads_total": (
+        "blob_downloads_total",
+        int,
+        "blob downloads in progress at once in all",
+    ),
     "blob_stall_timeout": (
         "blob_stall_timeout",
         float,

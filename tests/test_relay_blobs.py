@@ -35,6 +35,10 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
         str(PER_SUBJECT),
         "--blob-uploads-total",
         str(TOTAL),
+        "--blob-downloads-per-subject",
+        str(TOTAL),
+        "--blob-downloads-total",
+        str(TOTAL),
         "--blob-stall-timeout",
         "120",
     ]
@@ -154,7 +158,7 @@ async def room_still_serves(relay: RelayProcess, room: str, text: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_stalled_transfers_hold_no_memory_and_uploads_are_bounded(
+async def test_stalled_transfers_hold_no_memory_and_transfers_are_bounded(
     relay: RelayProcess,
 ) -> None:
     big = os.urandom(STALLED)
@@ -211,6 +215,14 @@ async def test_stalled_transfers_hold_no_memory_and_uploads_are_bounded(
         )
         assert busy.status_code == 503, busy.text
         assert "receiving 6 uploads already" in busy.text
+        # Downloads likewise: six of alice's are stalled.
+        url = blob_url(relay, "stream-1", big_sha, token("stream-1", "reader", "alice"))
+        refused = httpx.get(url, timeout=60)
+        assert refused.status_code == 429, refused.text
+        assert "6 downloads of 'alice' are in progress" in refused.text
+        busy = httpx.get(blob_url(relay, "stream-1", big_sha, token("stream-1", "reader", "bob")))
+        assert busy.status_code == 503, busy.text
+        assert "sending 6 downloads already" in busy.text
     # The clients went away: every incomplete upload's temporary file is gone, the slots are
     # free again, and the room was served throughout.
     wait_until(lambda: not temp_files(relay), "the temporary files to be removed")
