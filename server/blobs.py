@@ -146,12 +146,11 @@ class Upload:
         with file:
             file.flush()
             os.fsync(file.fileno())
-        if path.exists():  # the same bytes, from an earlier upload (to this room or another)
-            self.temp_path.unlink()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.temp_path, path)
-            _fsync_directory(path.parent)
+        # Replaced even when the same bytes are there already (from this room or another): the
+        # same work either way, so the time an upload takes does not tell that either.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp_path, path)
+        _fsync_directory(path.parent)
         marker = self.store.marker_for(self.room, self.sha256)
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
