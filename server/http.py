@@ -558,8 +558,10 @@ class RelayConnection(ServerConnection):
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         endpoints = self.endpoints
         open_timeout = endpoints.limits.open_timeout if endpoints is not None else None
+        # One deadline for telling the kind of request and, for a websocket, its handshake.
+        deadline = None if open_timeout is None else self.loop.time() + open_timeout
         if self._mode is None:
-            async with asyncio.timeout(open_timeout):
+            async with asyncio.timeout_at(deadline):
                 await asyncio.wait(
                     [self._decided, self.connection_lost_waiter],
                     return_when=asyncio.FIRST_COMPLETED,
@@ -578,7 +580,7 @@ class RelayConnection(ServerConnection):
             finally:
                 endpoints.transfers.discard(self)
             return
-        async with asyncio.timeout(open_timeout):
+        async with asyncio.timeout_at(deadline):
             await super().handshake(*args, **kwargs)
 
 
