@@ -4,7 +4,10 @@ Measures, in one run and on the same 10,000 messages (issue 2):
   (a) opening from bytes and building the current thread, versus `json.loads` of the same JSON;
   (b) append latency p50/p99 at 10,000 messages, versus list.append + json.dumps of the message;
   (c) bytes of one append's incremental update, versus the message's own JSON;
-  (d) resident memory per message, versus the plain list (each measured in a fresh process).
+  (d) resident memory per message, versus the plain list (each measured in a fresh process);
+  (e) re-opening from a replica's local file: until the last 50 messages of the current thread
+      can be shown (from the stored view snapshot), and until the whole document is loaded
+      and the snapshot checked against it, versus `json.loads` of all the messages.
 
     .venv/bin/python benchmarks/document.py                 # print the table
     .venv/bin/python benchmarks/document.py --write docs/performance.md
@@ -30,7 +33,9 @@ from pycrdt import Array, Doc
 
 from crdtchat import schema
 from crdtchat.document import Conversation
+from crdtchat.local_store import AppendRemote, LocalStore, SaveView, read_view
 from crdtchat.schema import ModelRef
+from crdtchat.view import ViewSnapshot
 
 N = 10_000
 MODEL = ModelRef(provider="openai", api="responses", model="gpt-4.1")
@@ -169,6 +174,61 @@ def measure_open(state: bytes, plain_json: str, repeat: int) -> dict[str, float]
     }
 
 
+SCREEN = 50  # messages of the current thread a re-open must be able to show
+
+
+def measure_reopen(state: bytes, plain_json: str, repeat: int) -> dict[str, float]:
+    """Re-open from a replica's local file (SQLite), as `crdtchat chat` does."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "replica.db"
+        conversation = Conversation.from_update(state, author="ann")
+        with LocalStore(path) as store:
+            store.write([AppendRemote(state), SaveView(conversation.view.snapshot().encode())])
+            store.compact()
+        last_id = conversation.current_thread()[-1].id
+        del conversation
+
+        def screen_from_snapshot() -> None:
+            data = read_view(path)
+            assert data is not None
+            shown = ViewSnapshot.decode(data).tail[-SCREEN:]
+            assert len(shown) == SCREEN and shown[-1].id == last_id
+
+        def document_from_file() -> Conversation:
+            with LocalStore(path) as store:
+                stored = store.load().update
+            opened = Conversation.from_update(stored, author="ann")
+            shown = opened.current_thread()[-SCREEN:]
+            assert len(shown) == SCREEN and shown[-1].id == last_id
+            return opened
+
+        def snapshot_then_document() -> None:
+            data = read_view(path)
+            assert data is not None
+            snapshot = ViewSnapshot.decode(data)
+            opened = document_from_file()
+            assert snapshot.matches(opened.doc)
+
+        times = interleaved_medians(
+            {
+                "snapshot": screen_from_snapshot,
+                "document": lambda: document_from_file(),
+                "both": snapshot_then_document,
+                "json": lambda: json.loads(plain_json),
+            },
+            repeat,
+        )
+        snapshot_bytes = len(read_view(path) or b"")
+    json_time = times["json"][0]
+    return {
+        "snapshot": times["snapshot"][0],
+        "document": times["document"][0],
+        "both": times["both"][0],
+        "json": json_time,
+        "snapshot_bytes": snapshot_bytes,
+    }
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
@@ -291,6 +351,7 @@ def run(mix: str, repeat: int, appends: int) -> dict[str, Any]:
         "document_bytes": len(state),
         "json_bytes": len(plain_json.encode()),
         "open": measure_open(state, plain_json, repeat),
+        "reopen": measure_reopen(state, plain_json, repeat),
         "append": measure_append(state, plain, appends),
         "updates": measure_update_sizes(state) if mix == "chat" else {},
         "memory": measure_memory(state, plain_json),
@@ -307,8 +368,18 @@ def table(results: list[dict[str, Any]], load: tuple[float, float]) -> str:
     ]
     for result in results:
         mix = "realistic chat" if result["mix"] == "chat" else "all 60-char lines"
-        o, a, m = result["open"], result["append"], result["memory"]
+        o, a, m, r = result["open"], result["append"], result["memory"], result["reopen"]
         lines += [
+            f"| ({mix}) re-open from the local file until the last {SCREEN} messages of the "
+            f"current thread can be shown (view snapshot, {r['snapshot_bytes'] / 1e3:,.0f} kB) "
+            f"| {r['snapshot'] * 1e3:.1f} ms | {r['json'] * 1e3:.1f} ms (json.loads of all "
+            f"{N:,}) | {r['snapshot'] / r['json']:.2f}x | ≤ 1.5x |",
+            f"| ({mix}) re-open from the local file, whole document + current thread, no "
+            f"snapshot | {r['document'] * 1e3:.0f} ms | {r['json'] * 1e3:.1f} ms "
+            f"| {r['document'] / r['json']:.1f}x | |",
+            f"| ({mix}) same, then the snapshot checked against the document "
+            f"| {r['both'] * 1e3:.0f} ms | {r['json'] * 1e3:.1f} ms "
+            f"| {r['both'] / r['json']:.1f}x | |",
             f"| ({mix}) open {N:,} messages + current thread | {o['document'] * 1e3:.0f} ms "
             f"| {o['json'] * 1e3:.1f} ms (json.loads) | {o['ratio']:.1f}x | ≤ 8x |",
             f"| ({mix}) same, CPU time of the thread | {o['document_cpu'] * 1e3:.0f} ms "

@@ -11,6 +11,7 @@ time so that the event loop never waits on SQLite or on compaction.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pycrdt import Doc
 
 from crdtchat.errors import StorageError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 DEFAULT_COMPACT_EVERY = 500
 
@@ -34,6 +37,10 @@ CREATE TABLE IF NOT EXISTS updates (
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending (local_id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS view (
+    slot INTEGER PRIMARY KEY CHECK (slot = 1),
+    data BLOB NOT NULL
+);
 """
 
 
@@ -57,7 +64,24 @@ class MarkDurable:
     local_ids: tuple[int, ...]
 
 
-StoreOp = AppendLocal | AppendRemote | MarkDurable
+@dataclass(frozen=True)
+class SaveView:
+    """Replace the stored view snapshot (`crdtchat.view.ViewSnapshot.encode()`)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ResetTo:
+    """Replace everything stored (log, pending ids, view snapshot) by `update` (b"": nothing).
+
+    For a replica that throws its document away (`Replica.recover`); local ids keep growing.
+    """
+
+    update: bytes
+
+
+StoreOp = AppendLocal | AppendRemote | MarkDurable | SaveView | ResetTo
 
 
 @dataclass(frozen=True)
@@ -136,7 +160,10 @@ class LocalStore:
         rows = [bytes(r[0]) for r in self._db.execute("SELECT data FROM updates ORDER BY id")]
         pending = tuple(r[0] for r in self._db.execute("SELECT local_id FROM pending ORDER BY 1"))
         next_local_id = self._meta("next_local_id") or 1
-        return StoredState(_merge(rows), pending, next_local_id, len(rows))
+        # A compacted store is one row, already what the document holds: merging it through a
+        # scratch document would only decode and re-encode it (the cost of a second open).
+        update = rows[0] if len(rows) == 1 else _merge(rows)
+        return StoredState(update, pending, next_local_id, len(rows))
 
     def write(self, ops: Sequence[StoreOp]) -> None:
         """Apply `ops` in order, in one transaction; compact afterwards if the log is long."""
@@ -160,12 +187,40 @@ class LocalStore:
                     self._db.executemany(
                         "DELETE FROM pending WHERE local_id = ?", [(i,) for i in op.local_ids]
                     )
+                elif isinstance(op, ResetTo):
+                    for table in ("updates", "pending", "view"):
+                        self._db.execute(f"DELETE FROM {table}")  # fixed names
+                    self._log_rows = added = 0
+                    if op.update:
+                        self._db.execute("INSERT INTO updates (data) VALUES (?)", (op.update,))
+                        added = 1
+                elif isinstance(op, SaveView):
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO view (slot, data) VALUES (1, ?)", (op.data,)
+                    )
                 else:
                     raise TypeError(f"not a store operation: {op!r}")
             self._set_meta("next_local_id", next_local_id)
         self._log_rows += added
         if self._log_rows >= self.compact_every:
-            self.compact()
+            try:
+                self.compact()
+            except sqlite3.Error as error:
+                # The batch is committed; a compaction that does not fit (a full disk) is
+                # retried after a later write, and the log it would have replaced stays.
+                log.warning("%s: compaction failed, the log is kept: %s", self.path, error)
+
+    def load_view(self) -> bytes | None:
+        """The stored view snapshot's bytes, unchecked (decode them with ViewSnapshot)."""
+        row = self._db.execute("SELECT data FROM view WHERE slot = 1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_size_limit(self, max_bytes: int | None) -> None:
+        """Cap the database file (SQLite's max_page_count): writes past it fail with "database
+        or disk is full", exactly as on a full disk. None removes the cap."""
+        page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        pages = 0xFFFFFFFE if max_bytes is None else max(1, max_bytes // page_size)
+        self._db.execute(f"PRAGMA max_page_count = {int(pages)}")
 
     def compact(self) -> None:
         """Replace the log by one snapshot of the document (deleted content garbage-collected).
@@ -193,6 +248,28 @@ class LocalStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType
     ) -> None:
         self.close()
+
+
+def read_view(path: str | Path) -> bytes | None:
+    """The view snapshot of the replica file at `path`, read without opening it for writing.
+
+    What a client calls first on a re-open, to show the conversation before the document is
+    loaded. None when there is no file, no snapshot, or the file cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = db.execute("SELECT data FROM view WHERE slot = 1").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return None if row is None else bytes(row[0])
 
 
 class _Tx:
@@ -248,6 +325,9 @@ class AsyncLocalStore:
 
     async def load(self) -> StoredState:
         return await anyio.to_thread.run_sync(self.store.load, limiter=self._limiter)
+
+    async def load_view(self) -> bytes | None:
+        return await anyio.to_thread.run_sync(self.store.load_view, limiter=self._limiter)
 
     async def write(self, ops: Sequence[StoreOp]) -> None:
         # Shielded: a write that started finishes, so the file never lags what we reported.

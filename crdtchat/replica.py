@@ -14,9 +14,11 @@ is asyncio-only). The document must be edited from the event loop's thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from urllib.parse import quote
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pycrdt import Awareness, Doc, get_state
+from pycrdt import Array, Awareness, Doc, Map, Text, get_state
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
@@ -36,10 +38,13 @@ from crdtchat.local_store import (
     AppendLocal,
     AppendRemote,
     AsyncLocalStore,
+    LocalStoreError,
     MarkDurable,
+    ResetTo,
+    SaveView,
     StoreOp,
 )
-from crdtchat.schema import ROOM_NAME
+from crdtchat.schema import DRAFTS, MESSAGES, ROOM_NAME
 from crdtchat.signals import Changes
 from crdtchat.sync import (
     Denied,
@@ -51,6 +56,8 @@ from crdtchat.sync import (
     SyncProtocolError,
     SyncSession,
 )
+from crdtchat.tokens import TokenError, read_claims_unverified
+from crdtchat.view import MessageView, SnapshotError, ViewSnapshot
 from crdtchat.wire import WireError, WireMessage, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,24 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class Recovery:
+    """What `Replica.recover` dropped and kept. `doc` replaces the replica's old document."""
+
+    doc: Doc
+    dropped: int  # local updates thrown away (the refused ones and what built on them)
+    draft_kept: bool  # our draft text was written again into the new document
+    unsent: tuple[str, ...]  # texts of our messages the relay never stored, to offer again
+
+    def describe(self) -> str:
+        parts = [f"dropped {self.dropped} refused local change(s), reloaded from the relay"]
+        if self.draft_kept:
+            parts.append("kept your draft")
+        if self.unsent:
+            parts.append(f"{len(self.unsent)} unsent message(s) kept for you to send again")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
 class ReplicaStatus:
     """A snapshot of the replica's state; a new one is published on every change."""
 
@@ -91,6 +116,9 @@ class ReplicaStatus:
     unsaved: int = 0  # updates not yet written to the local SQLite file
     denied: str | None = None  # the last reason the relay gave for refusing something
     rejected: str | None = None  # set while reconnecting is suspended (token refused)
+    blocked: bool = False  # a local write was refused: later ones fail too until recover()
+    store_error: str | None = None  # the local file refuses writes; edits wait in memory
+    notice: str | None = None  # something the person should be told (e.g. after recover())
 
     @property
     def durable(self) -> bool:
@@ -108,6 +136,15 @@ class Replica:
     `durable_acks` asks the relay for durable-write acknowledgements; without them `pending`
     never goes down. `on_denied` is called with the relay's reason whenever it refuses
     something; it must not write to the document.
+
+    `view` (the `Conversation.view` over `doc`) makes the replica keep a snapshot of the end
+    of the current thread in its file, at most every `snapshot_interval` seconds while the
+    document changes and on close, so that the next open can show it at once
+    (`crdtchat.local_store.read_view`). On open, `opening_snapshot` is the stored one and
+    `opening_snapshot_matched` whether it showed the document as loaded (a stale or corrupt
+    one is never used beyond that first picture). When the file refuses writes (a full disk)
+    edits stay in memory, `status.store_error` says why, and writes are retried with
+    `store_retry`'s delays until they succeed.
     """
 
     def __init__(
@@ -127,6 +164,9 @@ class Replica:
         max_message_size: int = 64 * 1024 * 1024,
         on_denied: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
+        view: MessageView | None = None,
+        snapshot_interval: float = 10.0,
+        store_retry: Backoff | None = None,
     ) -> None:
         if not ROOM_NAME.match(room):
             raise ValueError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
@@ -147,6 +187,17 @@ class Replica:
         self._max_message_size = max_message_size
         self._on_denied = on_denied
         self._rng = rng or random.Random()
+        self._view = view
+        self._snapshot_interval = snapshot_interval
+        self._store_retry = store_retry or Backoff(initial=0.5, maximum=10.0)
+        self._store_error: str | None = None
+        self._store_retry_now = anyio.Event()
+        self._snapshot_due = anyio.Event()
+        self._notice: str | None = None
+        self._recover_requested = False
+        self._swapped = anyio.Event()
+        self.opening_snapshot: ViewSnapshot | None = None
+        self.opening_snapshot_matched: bool | None = None
 
         self._status = ReplicaStatus()
         self._status_changes = Changes()
@@ -167,6 +218,7 @@ class Replica:
         self._ws: ClientConnection | None = None
         self._connection_loop_done = anyio.Event()
         self._background_scope: anyio.CancelScope | None = None
+        self._attempt_scope: anyio.CancelScope | None = None
 
     # -- public API ----------------------------------------------------------------------
 
@@ -244,8 +296,79 @@ class Replica:
         self.reconnect_now()
 
     def reconnect_now(self) -> None:
-        """Skip the current backoff wait."""
+        """Skip the current backoff wait (for the relay, and for the local file)."""
         self._retry_now.set()
+        self._store_retry_now.set()
+
+    async def recover(self, *, timeout: float | None = 30.0) -> Recovery:
+        """Give a blocked replica a way back: drop its refused local changes and reload.
+
+        The relay refuses a write as a whole and never stores it, but the local document holds
+        it, and every later local write builds on it, so the relay refuses those too. This
+        throws the local document away, starts a new one (with a new client id, since the old
+        one's clocks were spent on the refused items) from what the relay stores, replaces the
+        local file's content by it, and writes our draft text again where the role allows
+        drafts. Messages of ours that the relay never stored are not written again (one of them
+        may be what was refused): their texts come back in `Recovery.unsent` to offer to the
+        person. Every local change not yet stored by the relay is dropped, refused or not.
+        `status.notice` tells the person what happened. The caller must rebuild anything that
+        wraps the old document (`Conversation(recovery.doc, ...)`); `self.doc` is the new one.
+        """
+        if self._session is None:
+            raise RuntimeError("the replica is not open")
+        old_doc, subject = self.doc, self._subject()
+        draft = _draft_of(old_doc, subject)
+        ours = _own_messages(old_doc, subject)
+        dropped = self.session.pending_count
+        with anyio.fail_after(timeout):
+            self._swapped = anyio.Event()
+            self._recover_requested = True
+            self._end_connection()
+            await self._swapped.wait()
+            await self.wait_until(lambda s: s.synced)
+        stored_ids = {m.get("id") for m in _message_dicts(self.doc)}
+        unsent = tuple(str(m.get("content", "")) for m in ours if m.get("id") not in stored_ids)
+        draft_kept = False
+        role = self._role()
+        if draft and role == "writer" and subject is not None:
+            drafts = self.doc.get(DRAFTS, type=Map)
+            current = drafts.get(subject)
+            if not isinstance(current, Text):
+                drafts[subject] = Text(draft)
+                draft_kept = True
+            elif str(current) != draft:
+                with self.doc.transaction():  # edit the stored Text: other devices share it
+                    del current[:]
+                    current += draft
+                draft_kept = True
+        recovery = Recovery(self.doc, dropped, draft_kept, unsent)
+        self._notice = recovery.describe()
+        log.warning("room %s: recovered: %s", self.room, self._notice)
+        self._publish()
+        return recovery
+
+    def set_view(self, view: MessageView | None) -> None:
+        """The view whose snapshots to keep from now on (after `recover`, the new one's)."""
+        self._view = view
+        self._snapshot_due.set()
+
+    def _subject(self) -> str | None:
+        try:
+            return read_claims_unverified(self._token).sub
+        except TokenError:
+            return None
+
+    def _role(self) -> str | None:
+        try:
+            return read_claims_unverified(self._token).role
+        except TokenError:
+            return None
+
+    def _end_connection(self) -> None:
+        self._retry_now.set()
+        scope = self._attempt_scope
+        if scope is not None:
+            scope.cancel()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -296,12 +419,20 @@ class Replica:
                 self._store_path, compact_every=self._compact_every
             )
             stack.push_async_callback(self._store.close)
+            snapshot = await self._store.load_view()
             state = await self._store.load()
             stored, pending, next_local_id = state.update, state.pending, state.next_local_id
+            if snapshot is not None:
+                try:
+                    self.opening_snapshot = ViewSnapshot.decode(snapshot)
+                except SnapshotError as error:
+                    log.warning("room %s: ignoring the stored view snapshot: %s", self.room, error)
         had_content = self.doc.get_state() != b"\x00"
         if stored:
             # Before the session observes the document: this is not a new local edit.
             self.doc.apply_update(stored)
+        if self.opening_snapshot is not None:
+            self.opening_snapshot_matched = self.opening_snapshot.matches(self.doc)
         session = SyncSession(
             self.doc,
             self.awareness,
@@ -338,8 +469,32 @@ class Replica:
 
     async def _close_store_queue(self) -> None:
         self._pump()  # whatever the last moments produced
+        if self._view is not None and self._store is not None and self._ops_send is not None:
+            self._queue_snapshot()
         if self._ops_send is not None:
             await self._ops_send.aclose()
+
+    def _queue_snapshot(self) -> None:
+        """Queue a snapshot of the view behind every update queued so far: if the process
+        dies in between, the file holds an older document and the snapshot's key says so."""
+        assert self._view is not None
+        if self._view.doc is not self.doc:  # after recover(), until set_view() gives the new one
+            return
+        try:
+            data = self._view.snapshot().encode()
+        except Exception:  # a snapshot is an optimisation: never fail the replica for it
+            log.exception("room %s: could not take a view snapshot", self.room)
+            return
+        self._queue_op(SaveView(data))
+
+    async def _snapshot_loop(self) -> None:
+        """At most one snapshot per `snapshot_interval` while the document changes."""
+        while True:
+            await self._snapshot_due.wait()
+            self._snapshot_due = anyio.Event()
+            if self._view is not None:
+                self._queue_snapshot()
+            await anyio.sleep(self._snapshot_interval)  # a rate limit, not a wait for work
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -349,6 +504,8 @@ class Replica:
         with self._background_scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.awareness.start)
+                if self._store is not None:
+                    tg.start_soon(self._snapshot_loop)
                 while True:
                     await self._dirty.wait()
                     self._dirty = anyio.Event()
@@ -377,16 +534,49 @@ class Replica:
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                 if self._store is not None:
-                    await self._store.write(batch)
+                    await self._write_until_stored(batch)
                 self._unsaved -= sum(isinstance(op, AppendLocal | AppendRemote) for op in batch)
                 self._publish()
+
+    async def _write_until_stored(self, batch: list[StoreOp]) -> None:
+        """Write `batch`, retrying while the file refuses it (a full disk, an I/O error).
+
+        The edits stay in the document and in the batch meanwhile, so nothing is lost while
+        the process lives; `status.store_error` says why they are not on disk. The batch is
+        one transaction, so a failed attempt leaves the file as it was.
+        """
+        assert self._store is not None
+        attempt = 0
+        while True:
+            try:
+                await self._store.write(batch)
+            except (sqlite3.Error, LocalStoreError) as error:
+                if self._store_error is None:
+                    log.error("room %s: local store write failed: %s", self.room, error)
+                self._store_error = str(error) or type(error).__name__
+                self._publish()
+                self._store_retry_now = anyio.Event()
+                with anyio.move_on_after(self._store_retry.delay(attempt, self._rng)):
+                    await self._store_retry_now.wait()
+                attempt += 1
+                continue
+            if self._store_error is not None:
+                log.info("room %s: local store writes again", self.room)
+                self._store_error = None
+            return
 
     async def _connection_loop(self) -> None:
         try:
             while not self._stopping.is_set():
                 self._retry_now = anyio.Event()
+                if self._recover_requested:
+                    self._swap_document()
                 if self._rejected is None:
-                    await self._connect_once()
+                    with anyio.CancelScope() as self._attempt_scope:
+                        await self._connect_once()
+                    self._attempt_scope = None
+                if self._recover_requested:
+                    continue
                 if self._stopping.is_set():
                     return
                 if self._rejected is not None:
@@ -399,6 +589,26 @@ class Replica:
                     await self._retry_now.wait()
         finally:
             self._connection_loop_done.set()
+
+    def _swap_document(self) -> None:
+        """recover()'s part between two connections: a new, empty document and session, and
+        the local file emptied behind every write queued for the old document."""
+        self._recover_requested = False
+        old = self.session
+        self._pump()  # the old session's last events go to the file before it is emptied
+        old.close()
+        self.doc = Doc(client_id=random.getrandbits(32))
+        self._session = SyncSession(
+            self.doc,
+            self.awareness,
+            next_local_id=old.next_local_id,
+            on_change=self._mark_dirty,
+        )
+        if self._store is not None:
+            self._queue_op(ResetTo(b""))
+        self._denied = None
+        self._swapped.set()
+        self._publish()
 
     def _connect_url(self) -> str:
         url = f"{self.url}/{self.room}?token={quote(self._token, safe='')}"
@@ -526,8 +736,10 @@ class Replica:
         for event in session.events():
             if isinstance(event, LocalUpdate):
                 self._queue_op(AppendLocal(event.local_id, event.update))
+                self._snapshot_due.set()
             elif isinstance(event, RemoteUpdate):
                 self._queue_op(AppendRemote(event.update))
+                self._snapshot_due.set()
             elif isinstance(event, Durable):
                 self._queue_op(MarkDurable(event.local_ids))
             elif isinstance(event, Synced):
@@ -571,6 +783,9 @@ class Replica:
             unsaved=self._unsaved,
             denied=self._denied,
             rejected=self._rejected,
+            blocked=session is not None and session.blocked,
+            store_error=self._store_error,
+            notice=self._notice,
         )
         if status == self._status:
             return
@@ -611,3 +826,24 @@ def _frames(messages: list[WireMessage]) -> list[bytes]:
     if group:
         frames.append(encode_frame(group))
     return frames
+
+
+def _message_dicts(doc: Doc) -> list[dict[str, Any]]:
+    try:
+        raw = json.loads(str(doc.get(MESSAGES, type=Array)))
+    except ValueError:
+        return []
+    return [m for m in raw if isinstance(m, dict)]
+
+
+def _own_messages(doc: Doc, subject: str | None) -> list[dict[str, Any]]:
+    if subject is None:
+        return []
+    return [m for m in _message_dicts(doc) if m.get("author") == subject]
+
+
+def _draft_of(doc: Doc, subject: str | None) -> str:
+    if subject is None:
+        return ""
+    value = doc.get(DRAFTS, type=Map).get(subject)
+    return str(value) if isinstance(value, Text) else ""

@@ -145,6 +145,10 @@ class SyncSession:
         self._applying_remote = False
         self._remote_changed = False
         self._early = PendingUpdates()  # remote updates waiting for what they build on
+        # Local ids the relay refused. They stay pending (the document holds them), and every
+        # later local write builds on them, so the relay refuses those too: the replica is
+        # blocked until `Replica.recover` drops them.
+        self._refused_ids: set[int] = set()
         self._closed = False
         # Per-connection state, reset by connect()/disconnect().
         self._connected = False
@@ -180,6 +184,16 @@ class SyncSession:
     @property
     def pending_count(self) -> int:
         return len(self._pending)
+
+    @property
+    def refused_ids(self) -> tuple[int, ...]:
+        """Pending local ids whose message the relay refused (see `blocked`)."""
+        return tuple(sorted(self._refused_ids))
+
+    @property
+    def blocked(self) -> bool:
+        """A local write was refused: it and what builds on it can never be stored."""
+        return bool(self._refused_ids)
 
     @property
     def durable(self) -> bool:
@@ -408,13 +422,14 @@ class SyncSession:
         durable: list[int] = []
         while self._inflight and self._inflight[0][0] <= seq:
             message_seq, covers_upto, local_ids = self._inflight.popleft()
-            if message_seq in self._refused:
-                continue
             settled = list(local_ids)
             for pending_id in self._pending:
                 if pending_id > covers_upto:
                     break
                 settled.append(pending_id)
+            if message_seq in self._refused:
+                self._refused_ids.update(i for i in settled if i in self._pending)
+                continue
             for local_id in settled:
                 if local_id in self._pending:
                     del self._pending[local_id]

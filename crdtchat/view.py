@@ -22,6 +22,7 @@ observer does (pycrdt is pinned below 0.15).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -29,9 +30,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Array, Map, Text
+from pycrdt import Array, Doc, Map, Text
 from pycrdt._base import process_event
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from crdtchat.lifetime import weak_method
 from crdtchat.schema import MESSAGES, Message, Problem
@@ -39,6 +40,7 @@ from crdtchat.schema import MESSAGES, Message, Problem
 log = logging.getLogger(__name__)
 
 _MESSAGE_LIST = TypeAdapter(list[Message])
+SNAPSHOT_TAIL = 200  # messages of the current thread a view snapshot keeps: a few screens
 
 
 @dataclass(slots=True)
@@ -177,6 +179,11 @@ class MessageView:
         self._subscription = array.integrated.observe_deep(weak_method(self._on_raw_events))
         self._closed = False
 
+    @property
+    def doc(self) -> Doc:
+        """The document whose array this view reads."""
+        return self._doc
+
     def close(self) -> None:
         """Stop following the array (idempotent); the view keeps what it last read."""
         if not self._closed:
@@ -209,6 +216,15 @@ class MessageView:
 
     def _on_events(self, events: list[Any]) -> None:
         expected, self._expected = self._expected, None
+        if not self.entries and expected is None:
+            # The first content of an empty view (a replica applying its stored document
+            # under an open Conversation): one JSON read, as on open, instead of the delta's
+            # item-by-item reads, which cost seconds at 10,000 messages.
+            self.entries = parse_all(str(self._array))
+            self._index = None
+            for listener in self._listeners:
+                listener()
+            return
         changed_positions: set[int] = set()
         for event in events:
             path = event.path
@@ -319,6 +335,24 @@ class MessageView:
         path.reverse()
         return path
 
+    def snapshot(self, tail: int = SNAPSHOT_TAIL) -> ViewSnapshot:
+        """What a device needs to show this view at once next time, keyed by the document's
+        state (see `ViewSnapshot`)."""
+        last = self.last()
+        messages: list[Message] = []
+        length = 0
+        if last is not None:
+            position_of, entries = self.index.position_of, self.entries
+            message: Message | None = last
+            while message is not None:
+                length += 1
+                if len(messages) < tail:
+                    messages.append(message)
+                parent = message.parent
+                message = None if parent is None else entries[position_of[parent]].message
+            messages.reverse()
+        return ViewSnapshot(state_key(self._doc), length, tuple(messages))
+
     def problems(self) -> list[Problem]:
         return [
             Problem(root=MESSAGES, key=position, reason=reason)
@@ -332,3 +366,82 @@ class MessageView:
         message = self.entries[position].message
         assert message is not None
         return message
+
+
+# -- snapshots of the view --------------------------------------------------------------------
+#
+# Opening a long conversation means applying the whole document and reading it as JSON (several
+# times `json.loads` of its messages, docs/performance.md). What the screen needs first is the
+# end of the current thread, so a replica stores that next to the document, keyed by the
+# document state it was taken from. A re-open shows it at once, then loads the document and
+# compares keys: the snapshot is only ever a first picture, the document always wins.
+
+SNAPSHOT_VERSION = 1
+_DIGEST = 32
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a snapshot this version can read (corrupt, truncated, newer)."""
+
+
+def state_key(doc: Doc) -> bytes:
+    """The identity of `doc`'s content: its state vector and its delete set.
+
+    A deletion advances no clock, so the state vector alone would not see it; the update a
+    document sends to itself holds exactly its delete set. ~1 ms at 10,000 messages.
+    """
+    state = doc.get_state()
+    return hashlib.sha256(state + doc.get_update(state)).digest()
+
+
+class _SnapshotBody(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int
+    key: str
+    thread_length: int
+    tail: tuple[Message, ...]
+
+
+_SNAPSHOT_BODY = TypeAdapter(_SnapshotBody)
+
+
+@dataclass(frozen=True)
+class ViewSnapshot:
+    """The end of the current thread as it was when the document had state `key`."""
+
+    key: bytes
+    thread_length: int  # messages on the whole current thread
+    tail: tuple[Message, ...]  # its last messages, oldest first
+
+    def encode(self) -> bytes:
+        """Checksummed JSON: a flipped bit anywhere makes `decode` refuse it."""
+        body = (
+            _SnapshotBody(
+                version=SNAPSHOT_VERSION,
+                key=self.key.hex(),
+                thread_length=self.thread_length,
+                tail=self.tail,
+            )
+            .model_dump_json(exclude_defaults=True)
+            .encode()
+        )
+        return hashlib.sha256(body).digest() + body
+
+    @classmethod
+    def decode(cls, data: bytes) -> ViewSnapshot:
+        digest, body = data[:_DIGEST], data[_DIGEST:]
+        if len(digest) < _DIGEST or hashlib.sha256(body).digest() != digest:
+            raise SnapshotError("view snapshot checksum mismatch")
+        try:
+            parsed = _SNAPSHOT_BODY.validate_json(body)
+            key = bytes.fromhex(parsed.key)
+        except (ValidationError, ValueError) as error:
+            raise SnapshotError(f"unreadable view snapshot: {error}") from error
+        if parsed.version != SNAPSHOT_VERSION:
+            raise SnapshotError(f"view snapshot version {parsed.version} is not {SNAPSHOT_VERSION}")
+        return cls(key, parsed.thread_length, parsed.tail)
+
+    def matches(self, doc: Doc) -> bool:
+        """Whether this snapshot shows `doc` as it is now (else it is stale: ignore it)."""
+        return self.key == state_key(doc)

@@ -152,6 +152,7 @@ async def _run_chat(
         doc=conversation.doc,
         store_path=store_path,
         presence=local_state(subject.sub, device, False),
+        view=conversation.view,  # keeps a snapshot of the screen for the next open
     ) as replica:
         app = ChatApp(
             conversation,
