@@ -289,7 +289,7 @@ class _Tx:
     ) -> None:
         if exc_type is None:
             self._db.execute("COMMIT")
-        else:
+        elif self._db.in_transaction:  # SQLite has already rolled back after e.g. SQLITE_FULL
             self._db.execute("ROLLBACK")
 
 
@@ -325,6 +325,9 @@ class AsyncLocalStore:
 
     async def load(self) -> StoredState:
         return await anyio.to_thread.run_sync(self.store.load, limiter=self._limiter)
+
+    async def set_size_limit(self, max_bytes: int | None) -> None:
+        await anyio.to_thread.run_sync(self.store.set_size_limit, max_bytes, limiter=self._limiter)
 
     async def load_view(self) -> bytes | None:
         return await anyio.to_thread.run_sync(self.store.load_view, limiter=self._limiter)

@@ -116,7 +116,7 @@ class ReplicaStatus:
     unsaved: int = 0  # updates not yet written to the local SQLite file
     denied: str | None = None  # the last reason the relay gave for refusing something
     rejected: str | None = None  # set while reconnecting is suspended (token refused)
-    blocked: bool = False  # a local write was refused: later ones fail too until recover()
+    refused: int = 0  # local updates the relay refused (they block later ones: recover())
     store_error: str | None = None  # the local file refuses writes; edits wait in memory
     notice: str | None = None  # something the person should be told (e.g. after recover())
 
@@ -124,6 +124,12 @@ class ReplicaStatus:
     def durable(self) -> bool:
         """Every local edit is durably stored by the relay (survives a relay crash)."""
         return self.pending == 0
+
+    @property
+    def blocked(self) -> bool:
+        """A local write was refused: it and every later one (they build on it) can never be
+        stored. `Replica.recover` is the way back."""
+        return self.refused > 0
 
 
 class Replica:
@@ -233,6 +239,11 @@ class Replica:
     @property
     def client_id(self) -> int:
         return self.doc.client_id
+
+    @property
+    def local_store(self) -> AsyncLocalStore | None:
+        """The replica's file, while open (None without `store_path`)."""
+        return self._store
 
     @property
     def session(self) -> SyncSession:
@@ -555,6 +566,16 @@ class Replica:
                     log.error("room %s: local store write failed: %s", self.room, error)
                 self._store_error = str(error) or type(error).__name__
                 self._publish()
+                if self._stopping.is_set() and attempt > 0:
+                    # Closing, and the file still refuses: say what is lost locally rather
+                    # than hang the close. (The relay has whatever it acknowledged.)
+                    log.error(
+                        "room %s: closing with %d updates not saved locally: %s",
+                        self.room,
+                        sum(isinstance(op, AppendLocal | AppendRemote) for op in batch),
+                        self._store_error,
+                    )
+                    return
                 self._store_retry_now = anyio.Event()
                 with anyio.move_on_after(self._store_retry.delay(attempt, self._rng)):
                     await self._store_retry_now.wait()
@@ -783,7 +804,7 @@ class Replica:
             unsaved=self._unsaved,
             denied=self._denied,
             rejected=self._rejected,
-            blocked=session is not None and session.blocked,
+            refused=0 if session is None else len(session.refused_ids),
             store_error=self._store_error,
             notice=self._notice,
         )

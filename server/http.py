@@ -32,7 +32,7 @@ import logging
 import os
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar
@@ -145,6 +145,7 @@ class HttpEndpoints:
         metrics: Metrics,
         rooms: RoomManager | None = None,
         limits: HttpLimits | None = None,
+        health: Callable[[], str | None] | None = None,
     ) -> None:
         self.secret = secret
         self.blobs = blobs
@@ -160,6 +161,7 @@ class HttpEndpoints:
         self.transfers: set[RelayConnection] = set()
         # blobs each loaded room references, and the room's write count they were read at
         self._references: weakref.WeakKeyDictionary[Room, _References] = weakref.WeakKeyDictionary()
+        self.health = health  # None when healthy, else the problem (e.g. the store's)
 
     def is_http_path(self, path: str) -> bool:
         return path in ("/healthz", "/metrics") or path.startswith("/blobs/")
@@ -167,6 +169,9 @@ class HttpEndpoints:
     async def get(self, request: Request, url: SplitResult) -> Response:
         """The small endpoints, answered through websockets' process_request."""
         if url.path == "/healthz":
+            problem = None if self.health is None else self.health()
+            if problem is not None:
+                return make_response(503, f"unhealthy: {problem}\n")
             return make_response(200, "ok\n")
         if url.path == "/metrics":
             return make_response(200, self.metrics.render(), "text/plain; version=0.0.4")

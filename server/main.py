@@ -81,7 +81,8 @@ async def run_relay(
             stall_timeout=config.blob_stall_timeout,
             open_timeout=config.open_timeout,
         )
-        endpoints = HttpEndpoints(config.secret, blobs, metrics, rooms, limits)
+        # /healthz answers 503 while the store cannot write (store.health says why)
+        endpoints = HttpEndpoints(config.secret, blobs, metrics, rooms, limits, store.health)
         relay = Relay(config, rooms, endpoints, metrics, feed)
         try:
             async with serve(

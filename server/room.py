@@ -295,6 +295,10 @@ class Room:
         self._stopping = True
         self._wake.set()
 
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
     def fail(self, reason: str) -> None:
         """The store lost a write: close every peer, drop the room, reload it from disk later."""
         if self._failed:
@@ -415,6 +419,8 @@ class Room:
 
     def _handle_update(self, peer: Peer, update: bytes) -> Pending:
         self.metrics.updates_in += 1
+        if self._failed:  # its live document may hold unstored writes: nothing builds on it
+            raise PeerViolation(1011, "relay storage failed")
         claims = peer.claims
         if claims.exp <= time.time():
             raise PeerViolation(1008, "token expired")
@@ -564,6 +570,9 @@ class RoomManager:
                 self.metrics.rooms = len(self.rooms)
                 self._tg.start_soon(self._run_room, room)
             await room.ready.wait()
+            if room.failed:  # unloading after a store failure: wait, then load it again
+                await room.finished.wait()
+                continue
             if room.state is RoomState.OPEN:
                 room.attach()
                 return room

@@ -7,6 +7,14 @@ next transaction (group commit): a burst of N updates costs one fsync, not N, an
 future resolves only after the COMMIT that contains its row returned (synchronous=FULL), which
 is what "durable" means to the relay: an update is broadcast or acknowledged only after that.
 Operations run in the order they were queued, so a load sees every write queued before it.
+
+When a commit fails (a full disk, a read-only file, an I/O error) SQLite rolls it back, every
+caller's future fails, and nothing was acknowledged. The rooms whose updates were in it are
+marked failed on the store thread: their later writes, already queued, fail too instead of
+being stored behind a gap (an update whose predecessor is missing would corrupt the room on
+the next load), until the room is loaded again. `health()` says what went wrong until a commit
+succeeds; while it reports a problem, the idle store thread probes with a small write every
+`probe_interval` seconds, so the relay notices by itself when space returns.
 """
 
 from __future__ import annotations
@@ -45,7 +53,13 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE TABLE IF NOT EXISTS waiting (
     room TEXT PRIMARY KEY
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS probe (
+    slot INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
 """
+# The probe writes this much, so that it needs fresh pages as a real update does.
+_PROBE_BYTES = 64 * 1024
 
 
 class StoreError(StorageError, RuntimeError):
@@ -90,8 +104,12 @@ class Store:
         directory: Path,
         *,
         on_write_latency: Callable[[float], None] | None = None,
+        probe_interval: float = 1.0,
     ) -> None:
         self.path = Path(directory) / DB_NAME
+        self.probe_interval = probe_interval
+        self._write_error: str | None = None
+        self._failed_rooms: set[str] = set()  # owned by the store thread
         self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +139,10 @@ class Store:
         self._queue.put(_STOP)
         assert self._stopped is not None
         await asyncio.shield(self._stopped)
+
+    def health(self) -> str | None:
+        """None while writes succeed; otherwise why the last one failed."""
+        return self._write_error
 
     # -- the event loop side -------------------------------------------------------------
 
@@ -209,7 +231,14 @@ class Store:
         stopping = False
         while not stopping:
             batch: list[_Op] = []
-            item = self._queue.get()
+            if self._write_error is None:
+                item = self._queue.get()
+            else:
+                try:
+                    item = self._queue.get(timeout=self.probe_interval)
+                except queue.Empty:
+                    self._probe(db)
+                    continue
             while True:
                 if item is _STOP:
                     stopping = True
@@ -233,9 +262,37 @@ class Store:
             self._post([self._read(db, op)])
         self._commit(db, writes)
 
+    def _probe(self, db: sqlite3.Connection) -> None:
+        """A small real write, to find out whether writing works again."""
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT OR REPLACE INTO probe (slot, data) VALUES (1, zeroblob(?))",
+                (_PROBE_BYTES,),
+            )
+            db.execute("DELETE FROM probe")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            self._write_error = f"store write failed: {exc}"
+            return
+        log.info("store writes again")
+        self._write_error = None
+
     def _commit(self, db: sqlite3.Connection, writes: list[_Op]) -> None:
         if not writes:
             return
+        if self._failed_rooms:
+            failed = self._failed_rooms
+            refused = [op for op in writes if op.kind != "waiting" and op.room in failed]
+            if refused:
+                gap = StoreError("an earlier write of this room failed; reload the room")
+                self._post([(op.future, None, gap) for op in refused])
+                writes = [op for op in writes if op not in refused]
+                if not writes:
+                    return
         error: BaseException | None = None
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -260,8 +317,13 @@ class Store:
         except sqlite3.Error as exc:
             log.error("store commit of %d writes failed: %s", len(writes), exc)
             if db.in_transaction:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             error = StoreError(f"store write failed: {exc}")
+            self._write_error = str(error)
+            self._failed_rooms.update(op.room for op in writes if op.kind == "append")
+        else:
+            self._write_error = None
         done = time.perf_counter()
         if error is None and self._on_write_latency is not None:
             latencies = [done - op.queued_at for op in writes if op.kind == "append"]
@@ -276,6 +338,9 @@ class Store:
     ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
         try:
             if op.kind == "load":
+                # Everything queued before this load has run: from here on the room's writes
+                # follow what is stored, without a gap.
+                self._failed_rooms.discard(op.room)
                 return op.future, self._load(db, op.room), None
             if op.kind == "stats":
                 return op.future, self._stats(db, op.room), None
