@@ -72,8 +72,14 @@ class ReplicaLink:
         status = self.replica.status
         if status.rejected:
             detail = f"refused: {status.rejected}"
+        elif status.blocked:
+            detail = f"blocked: the relay refused a write ({status.denied}); later ones wait"
         elif status.denied:
             detail = f"relay refused a write: {status.denied}"
+        elif status.store_error:
+            detail = f"local file not written ({status.store_error}); edits kept in memory"
+        elif status.notice:
+            detail = status.notice
         else:
             detail = ""
         return LinkStatus(online=status.connected, pending=status.pending, detail=detail)
