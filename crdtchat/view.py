@@ -34,6 +34,7 @@ from pycrdt import Array, Doc, Map, Text
 from pycrdt._base import process_event
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from crdtchat.errors import StorageError
 from crdtchat.lifetime import weak_method
 from crdtchat.schema import MESSAGES, Message, Problem
 
@@ -380,7 +381,7 @@ SNAPSHOT_VERSION = 1
 _DIGEST = 32
 
 
-class SnapshotError(ValueError):
+class SnapshotError(StorageError, ValueError):
     """Bytes that are not a snapshot this version can read (corrupt, truncated, newer)."""
 
 
