@@ -433,6 +433,21 @@ call, then the thread index (pure Python, ~10 ms). Before this work (commit ef6b
 message was validated with its own `model_validate` and the index kept a list per message:
 open+thread was 12x `json.loads` on the 60-character case (220 ms against 18 ms).
 
+Re-opening (the "re-open" rows). A replica keeps a snapshot of its view next to the document
+in its SQLite file (`crdtchat.view.ViewSnapshot`): the last 200 messages of the current thread,
+checksummed, keyed by a SHA-256 of the document's state vector and delete set (a deletion
+moves no clock). The rows open a real replica file holding the 10,000 messages (one compacted
+row) and the snapshot. "Until the last 50 can be shown" = `crdtchat.local_store.read_view` (a
+read-only SQLite open, one row) + `ViewSnapshot.decode` (checksum, one pydantic validation of
+200 messages): it does not grow with the conversation. "Whole document, no snapshot" = open
+the file, `LocalStore.load()`, `Conversation.from_update`, `current_thread()`: what every
+re-open paid before. "Then checked" is what a replica does after showing the snapshot: load
+the document and compare keys (`ViewSnapshot.matches`, ~1 ms at 10,000 messages). The
+snapshot is only the first picture: a stale one (the file gained updates after it was taken)
+or a corrupt one is reported and ignored, never trusted over the document
+(tests/test_view_snapshot.py). A compacted file is now loaded as its one row; before, `load()`
+decoded and re-encoded it through a scratch document, a second open's worth of time.
+
 Appending: yrs finds the end of an array by walking it (`insert` has no search marker),
 about 0.5 ms at 10,000 messages here, and computing an array event's delta walks it again.
 pycrdt's `observe_deep` computes every event attribute up front, so before this work each

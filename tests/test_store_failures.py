@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+from pycrdt import Array, Doc
 from relay_support import RelayProcess, raw_client, running_relay, token
 from test_replica import wait_doc
 
 from crdtchat.document import Conversation
 from crdtchat.local_store import LocalStore
 from crdtchat.replica import Backoff, Replica
+from server.store import Store, StoreError
 
 ROOM = "disk-1"
 FAST = Backoff(initial=0.05, maximum=0.5)
@@ -199,3 +203,69 @@ async def test_a_replica_whose_file_is_full_keeps_its_edits_and_writes_them_late
         saved = Conversation.from_update(state.update, author="ann")
         assert [m.id for m in saved.all_messages()] == [first.id, big.id]
         assert state.pending == ()
+
+
+class ReadOnlyStore(Store):
+    """The relay's store, whose SQLite connection is made read-only while `read_only` is set
+    (PRAGMA query_only: SQLite then fails writes with SQLITE_READONLY, as for a read-only
+    file). Everything else is the real store."""
+
+    read_only = False
+
+    def _commit(self, db: sqlite3.Connection, writes: list[Any]) -> None:
+        db.execute(f"PRAGMA query_only = {int(self.read_only)}")
+        super()._commit(db, writes)
+
+    def _probe(self, db: sqlite3.Connection) -> None:
+        db.execute(f"PRAGMA query_only = {int(self.read_only)}")
+        super()._probe(db)
+
+
+def _update(text: str, doc: Doc) -> bytes:
+    before = doc.get_state()
+    doc.get("canonical.messages", type=Array).append(text)
+    return doc.get_update(before)
+
+
+@pytest.mark.anyio
+async def test_relay_store_refuses_writes_behind_a_failed_one_until_the_room_reloads(
+    tmp_path: Path,
+) -> None:
+    doc_a, doc_b = Doc(), Doc()
+    async with ReadOnlyStore(tmp_path, probe_interval=0.05) as store:
+        await store.append("a", 1, _update("a1", doc_a))
+        assert store.health() is None
+
+        store.read_only = True
+        failed = store.append("a", 2, _update("a2", doc_a))
+        with pytest.raises(StoreError, match="readonly"):
+            await failed
+        assert "readonly" in (store.health() or "")
+        # Writable again, but "a" 3 builds on the lost "a" 2: it must not be stored.
+        store.read_only = False
+        with pytest.raises(StoreError, match="earlier write"):
+            await store.append("a", 3, _update("a3", doc_a))
+        await store.append("b", 1, _update("b1", doc_b))  # other rooms are unaffected
+        assert store.health() is None
+
+        loaded = await store.load("a")  # what a reloaded room starts from: no gap
+        assert loaded.next_seq == 2
+        reopened = Doc()
+        reopened.apply_update(loaded.state)
+        assert list(reopened.get("canonical.messages", type=Array)) == ["a1"]
+        await store.append("a", 2, _update("again", reopened))  # after a reload: accepted
+
+        # Health comes back by itself (the idle probe) when nobody writes.
+        store.read_only = True
+        with pytest.raises(StoreError):
+            await store.append("b", 2, _update("b2", doc_b))
+        assert store.health() is not None
+        store.read_only = False
+        with anyio.fail_after(10):
+            while store.health() is not None:  # the probe runs every 0.05 s
+                await anyio.sleep(0.02)
+
+    with sqlite3.connect(tmp_path / "relay.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = db.execute("SELECT room, seq FROM updates ORDER BY room, seq").fetchall()
+    assert rows == [("a", 1), ("a", 2), ("b", 1)]
