@@ -37,6 +37,7 @@ from crdtchat.tui.threads import (
     streams_on,
 )
 from crdtchat.tui.widgets import Item, Line, MessageItem, StreamItem, ThreadView
+from crdtchat.view import ViewSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,13 @@ class ChatApp(App[None]):
         uploader: Uploader | None = None,
         typing_idle: float = 3.0,
         read_only: bool = False,
+        preview: ViewSnapshot | None = None,
     ) -> None:
         super().__init__()
+        # The end of the thread as it was last time (the replica's stored view snapshot):
+        # shown until the document has loaded, never used for anything but showing.
+        self.preview = preview
+        self._document_unsubscribe: list[Callable[[], None]] = []
         self.conversation = conversation
         self.link = link
         self.room = room
@@ -136,11 +142,15 @@ class ChatApp(App[None]):
         self.query_one("#composer", Input).focus()
 
     def on_unmount(self) -> None:
-        for unsubscribe in self._unsubscribe:
+        for unsubscribe in self._unsubscribe + self._document_unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
+        self._document_unsubscribe.clear()
 
     def _watch_document(self) -> None:
+        for unsubscribe in self._document_unsubscribe:
+            unsubscribe()
+        self._document_unsubscribe.clear()
         conversation = self.conversation
         parts = [
             (conversation.messages, "thread"),
@@ -152,7 +162,7 @@ class ChatApp(App[None]):
         ]
         for root, part in parts:
             subscription = root.observe_deep(self._observer(part))
-            self._unsubscribe.append(_unobserver(root, subscription))
+            self._document_unsubscribe.append(_unobserver(root, subscription))
 
     def _observer(self, part: str) -> Callable[[Any], None]:
         # One positional parameter: pycrdt passes the transaction too to two-parameter callbacks.
@@ -195,6 +205,10 @@ class ChatApp(App[None]):
     async def _refresh_thread(self) -> None:
         conversation = self.conversation
         thread = shown_thread(conversation, self.anchor)
+        if not thread and self.preview is not None:
+            await self._show_preview(self.preview)
+            return
+        self.preview = None
         self.shown = thread
         self._shown_positions = {message.id: number for number, message in enumerate(thread)}
         if self.editing is not None and conversation.view.get(self.editing) is None:
@@ -216,6 +230,17 @@ class ChatApp(App[None]):
             and conversation.read_mark(conversation.author) != thread[-1].id
         ):
             conversation.mark_read(conversation.author, thread[-1].id)
+
+    async def _show_preview(self, preview: ViewSnapshot) -> None:
+        """The stored end of the thread, numbered as it was, while the document loads."""
+        tail = preview.tail[-MAX_SHOWN:]
+        first = preview.thread_length - len(tail) + 1
+        author = self.conversation.author
+        items: list[Item] = [
+            MessageItem(number=number, message=message, branch=None, mine=message.author == author)
+            for number, message in enumerate(tail, first)
+        ]
+        await self.query_one("#thread", ThreadView).show(items, elided=first - 1)
 
     async def _show_items(self) -> None:
         conversation = self.conversation
@@ -361,6 +386,8 @@ class ChatApp(App[None]):
             self.notice("attachments dropped")
         elif isinstance(command, c.Export):
             self.export(command.path)
+        elif isinstance(command, c.Recover):
+            await self.recover()
         elif isinstance(command, c.Help):
             self.notice(commands.HELP)
         elif isinstance(command, c.Quit):
@@ -392,6 +419,29 @@ class ChatApp(App[None]):
         self.notice("sent as a new branch" if was_editing else "")
         self._changed("thread")
         return message
+
+    async def recover(self) -> None:
+        """Drop the local changes the relay refused, reload from it, and say what was kept."""
+        recover = getattr(self.link, "recover", None)
+        if recover is None:
+            raise UserError("nothing to recover from: this client has no relay")
+        old = self.conversation
+        self.notice("reloading from the relay…")
+        conversation, recovery = await recover(
+            lambda doc: Conversation(doc, author=old.author, clock=old.clock, role=old.role)
+        )
+        self.conversation = conversation
+        self._watch_document()
+        old.close()
+        self.editing = None
+        composer = self.query_one("#composer", Input)
+        if recovery.unsent and not conversation.draft():
+            self._set_composer(recovery.unsent[-1])  # the last unsent message, to send again
+        elif composer.value != conversation.draft():
+            self._dirty.add("draft")
+        self._dirty |= {"thread", "header", "status"}
+        await self._apply_changes()
+        self.notice(recovery.describe())
 
     def regenerate(self) -> None:
         target = regeneration_target(self.shown)

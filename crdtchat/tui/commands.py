@@ -91,6 +91,11 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Recover:
+    """Drop the local changes the relay refused (they block later writes) and reload."""
+
+
+@dataclass(frozen=True)
 class Help:
     pass
 
@@ -114,6 +119,7 @@ Command = (
     | Attach
     | Detach
     | Export
+    | Recover
     | Help
     | Quit
 )
@@ -128,6 +134,7 @@ HELP = """\
 /switch N           show branch N of that list;  /follow  back to the newest thread
 /attach PATH        upload a file and attach it to the next message;  /detach  drop them
 /export PATH        write the conversation as portable JSON
+/recover            after the relay refused a write: drop unstored changes, reload, keep the draft
 /quit               leave                                                  (ctrl+q)
 //text              send a message that starts with /"""
 
@@ -176,6 +183,9 @@ def parse(line: str) -> Command | None:
         return Detach()
     if name == "export":
         return Export(Path(_path(name, rest)).expanduser())
+    if name == "recover":
+        _no_argument(name, rest)
+        return Recover()
     if name in ("help", "?"):
         return Help()
     if name in ("quit", "exit", "q"):

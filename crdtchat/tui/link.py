@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from pycrdt import Awareness, Doc
 
+from crdtchat.document import Conversation
+
 if TYPE_CHECKING:
-    from crdtchat.replica import Replica
+    from crdtchat.replica import Recovery, Replica
 
 Unsubscribe = Callable[[], None]
 
@@ -73,7 +75,7 @@ class ReplicaLink:
         if status.rejected:
             detail = f"refused: {status.rejected}"
         elif status.blocked:
-            detail = f"blocked: the relay refused a write ({status.denied}); later ones wait"
+            detail = f"the relay refused a write ({status.denied}); /recover to drop it"
         elif status.denied:
             detail = f"relay refused a write: {status.denied}"
         elif status.store_error:
@@ -86,3 +88,11 @@ class ReplicaLink:
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         return self.replica.on_status(lambda _status: callback())
+
+    async def recover(self, reopen: Callable[[Doc], Conversation]) -> tuple[Conversation, Recovery]:
+        """`Replica.recover`, and the new document wrapped by `reopen`, whose view the replica
+        keeps snapshots of from now on."""
+        recovery = await self.replica.recover()
+        conversation = reopen(recovery.doc)
+        self.replica.set_view(conversation.view)
+        return conversation, recovery

@@ -24,12 +24,17 @@ import anyio
 
 from crdtchat.document import Conversation
 from crdtchat.errors import ConfigError
+from crdtchat.local_store import read_view
 from crdtchat.schema import ROOM_NAME
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.blobs import BlobUploader
 from crdtchat.tui.link import ReplicaLink
 from crdtchat.tui.presence import local_state
+from crdtchat.view import SnapshotError, ViewSnapshot
+
+# How long the chat waits for its first screen (the saved one) before loading the document.
+FIRST_SCREEN_WAIT = 2.0
 
 TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
 HOME_VARIABLE = "CRDTCHAT_HOME"
@@ -145,7 +150,7 @@ async def _run_chat(
 ) -> None:
     from crdtchat.replica import Replica  # lazily: keeps `crdtchat --help` light
 
-    async with Replica(
+    replica = Replica(
         relay,
         room,
         token,
@@ -153,16 +158,45 @@ async def _run_chat(
         store_path=store_path,
         presence=local_state(subject.sub, device, False),
         view=conversation.view,  # keeps a snapshot of the screen for the next open
-    ) as replica:
-        app = ChatApp(
-            conversation,
-            ReplicaLink(replica),
-            room=room,
-            device=device,
-            uploader=BlobUploader(relay, room, token),
-            read_only=subject.role == "reader",
-        )
-        await app.run_async()
+    )
+    app = ChatApp(
+        conversation,
+        ReplicaLink(replica),
+        room=room,
+        device=device,
+        uploader=BlobUploader(relay, room, token),
+        read_only=subject.role == "reader",
+        preview=saved_screen(store_path),
+    )
+    # The app starts first and shows the saved screen; the replica then loads the document
+    # from its file (a long conversation takes a while) and the app redraws from it.
+    app_done = anyio.Event()
+
+    async def run_app() -> None:
+        try:
+            await app.run_async()
+        finally:
+            app_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_app)
+        with anyio.move_on_after(FIRST_SCREEN_WAIT):  # a bound, in case the app never draws
+            await app.updated.wait()
+        async with replica:
+            await app_done.wait()
+
+
+def saved_screen(store_path: Path) -> ViewSnapshot | None:
+    """The replica file's view snapshot, if it has a readable one (else the app shows the
+    document once it has loaded)."""
+    data = read_view(store_path)
+    if data is None:
+        return None
+    try:
+        return ViewSnapshot.decode(data)
+    except SnapshotError as error:
+        logging.getLogger(__name__).warning("ignoring the saved screen: %s", error)
+        return None
 
 
 def _log_to(path: Path) -> None:
