@@ -15,12 +15,16 @@ is `Ack`, whose payload is `varUint(seq)`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from crdtchat.errors import ProtocolError
 
 MAX_VAR_UINT = 2**53
+# Deepest JSON an awareness state may nest. Python's json parser recurses once per level and
+# raises RecursionError near 1,000 (design §7.3), so the depth is measured before parsing.
+MAX_AWARENESS_DEPTH = 64
 _MAX_VAR_UINT_BYTES = 10
 
 MESSAGE_SYNC = 0
@@ -274,8 +278,31 @@ def encode_frame(messages: Iterable[WireMessage]) -> bytes:
     return b"".join(encode_message(message) for message in messages)
 
 
-def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
-    """Parse an awareness update, checking that every state is JSON (a JS peer would throw)."""
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of JSON `text` nest, without parsing it (no recursion).
+
+    Brackets inside strings do not count; for text that is not JSON the number means nothing,
+    and the parser that runs next refuses it.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for char in brackets:
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
+
+
+def decode_awareness(payload: bytes, max_depth: int = MAX_AWARENESS_DEPTH) -> list[AwarenessEntry]:
+    """Parse an awareness update, checking that every state is JSON (a JS peer would throw)
+    nested at most `max_depth` deep."""
     reader = Reader(payload)
     count = reader.var_uint("awareness entry count")
     entries: list[AwarenessEntry] = []
@@ -283,6 +310,12 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
         client_id = reader.var_uint(f"client id of awareness entry {index}")
         clock = reader.var_uint(f"clock of awareness entry {index}")
         state = reader.var_string(f"state of awareness entry {index}")
+        if "[" in state or "{" in state:
+            depth = json_depth(state)
+            if depth > max_depth:
+                raise WireError(
+                    f"state of awareness entry {index} nests {depth} deep, more than {max_depth}"
+                )
         try:
             json.loads(state)
         except ValueError as error:

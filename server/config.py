@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.ratelimit import SubjectQuotas
+
 MIB = 1024 * 1024
 
 
@@ -32,3 +34,27 @@ class RelayConfig:
     max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed
     ping_interval: float = 30.0
     open_timeout: float = 60.0  # a websocket handshake (blob transfers: blob_stall_timeout)
+    # Awareness, per connection (design §7.3).
+    awareness_clients: int = 8  # client ids one connection may hold at once
+    awareness_state_bytes: int = 16 * 1024  # largest awareness state (JSON), bytes
+    awareness_depth: int = 32  # deepest nesting of an awareness state's JSON
+    awareness_rate: float = 20.0  # awareness messages per second, sustained ...
+    awareness_burst: float = 100.0  # ... and at once
+    # Per subject, across all of its connections (design §7.4).
+    subject_connections: int = 128  # open connections at once
+    refusal_rate: float = 1.0  # refused writes per second, sustained ...
+    refusal_burst: float = 30.0  # ... and at once
+    quota_rooms: float = 100.0  # rooms created per quota_interval
+    quota_bytes: float = 128 * MIB  # bytes of accepted updates per quota_interval
+    quota_interval: float = 3600.0  # seconds over which the two quotas above refill
+    max_document: int = 64 * MIB  # a room's document (snapshot + log) may not grow past this
+
+    def subject_quotas(self) -> SubjectQuotas:
+        return SubjectQuotas(
+            connections=self.subject_connections,
+            refusal_rate=self.refusal_rate,
+            refusal_burst=self.refusal_burst,
+            rooms=self.quota_rooms,
+            write_bytes=self.quota_bytes,
+            interval=self.quota_interval,
+        )

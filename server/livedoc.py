@@ -26,6 +26,7 @@ Two things could slip past observers and are checked separately:
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -43,6 +44,7 @@ from crdtchat.structure import MissingDependency, StructureError, StructureIndex
 from crdtchat.updates import ARRAY, MAP, DecodedUpdate, UpdateFormatError, decode_update
 from crdtchat.wire import WireError, decode_state_vector
 from server.permissions import RULES, Access, Change, check_changes
+from server.prejudge import refuse_before_applying
 
 EMPTY_UPDATE = b"\x00\x00"
 
@@ -212,7 +214,15 @@ class LiveDoc:
                 raise WireError("state vector could not be decoded") from None
             raise WireError(f"state vector could not be decoded: {error}") from None
 
-    def apply(self, update: bytes, role: str, sub: str, *, partial: bool = False) -> Outcome:
+    def apply(
+        self,
+        update: bytes,
+        role: str,
+        sub: str,
+        *,
+        partial: bool = False,
+        gate: Callable[[int], None] | None = None,
+    ) -> Outcome:
         """Apply `update` if (`role`, `sub`) may make every change in it; all or nothing.
 
         An accepted update that changed something comes back as its own bytes (they are what
@@ -223,6 +233,10 @@ class LiveDoc:
         `partial`, such an update is cut to the part that can be integrated (`crdtchat.pending`),
         and that part is judged, stored and sent on as the update; without, it is refused
         (a peer that asked for acknowledgements must not be told the rest was stored).
+
+        `gate(size)` is called before applying an update that adds new structs, with its size;
+        it may raise (a quota, design §7.4), which leaves the document untouched. Refusals
+        that the structure index can judge are made before applying too (`server.prejudge`).
         """
         if self.closed:
             raise RuntimeError("this room document was closed")
@@ -243,6 +257,11 @@ class LiveDoc:
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None
         except MissingDependency:
             return Refused("update depends on changes the relay does not have (sync first)")
+        early = refuse_before_applying(role, structure, plan)
+        if early is not None:
+            return Refused(early)  # nothing was applied: no rebuild
+        if gate is not None and plan.runs:
+            gate(len(update))
         try:
             with self.doc.transaction():  # events fire when this transaction commits
                 before = self.doc.get_state()

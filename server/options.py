@@ -35,6 +35,20 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
         float,
         "seconds without a byte moving before a blob transfer is cut",
     ),
+    # design §7.3
+    "awareness_clients": ("awareness_clients", int, "awareness client ids per connection"),
+    "awareness_bytes": ("awareness_state_bytes", int, "largest awareness state, bytes"),
+    "awareness_depth": ("awareness_depth", int, "deepest JSON nesting of an awareness state"),
+    "awareness_rate": ("awareness_rate", float, "awareness messages per second per connection"),
+    "awareness_burst": ("awareness_burst", float, "awareness messages sent at once"),
+    # design §7.4
+    "subject_connections": ("subject_connections", int, "open connections per token subject"),
+    "refusal_rate": ("refusal_rate", float, "refused writes per second per subject"),
+    "refusal_burst": ("refusal_burst", float, "refused writes a subject may have at once"),
+    "quota_rooms": ("quota_rooms", float, "rooms a subject may create per --quota-interval"),
+    "quota_bytes": ("quota_bytes", float, "bytes a subject may write per --quota-interval"),
+    "quota_interval": ("quota_interval", float, "seconds over which room and byte quotas refill"),
+    "max_document": ("max_document", int, "largest room document (snapshot + log), bytes"),
 }
 
 

@@ -9,7 +9,9 @@ room synchronously, and the settler, which finishes the results in order once th
 committed them (broadcast, Ack, AuthDenied, sync step 2 replies). When the connection ends the
 settler still drains what was accepted, so an update accepted just before a disconnect still
 reaches everyone else. Bad input closes only the offending connection (1008 policy violation,
-1003 for text frames, 1009 from websockets for frames over --max-frame), with the reason.
+1003 for text frames, 1009 for frames over --max-frame and other things too big), with the
+reason; a subject over its connection limit or a quota is closed with 1013 (try again later).
+The limits are design §7.3 and §7.4.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from server.config import RelayConfig
 from server.feed import WaitingFeed
 from server.http import HttpEndpoints, make_response
 from server.metrics import Metrics
-from server.ratelimit import ConnectionLimits
+from server.ratelimit import ConnectionLimits, Subjects
 from server.room import (
     Peer,
     PeerViolation,
@@ -81,6 +83,7 @@ class Relay:
         self.http = http
         self.metrics = metrics
         self.feed = feed
+        self.subjects = Subjects(config.subject_quotas())
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
@@ -122,6 +125,13 @@ class Relay:
             assert self.feed is not None
             await self.feed.serve(ws)
             return
+        # Counted before the room is loaded: a subject over its limit costs no room load.
+        subject = self.subjects.connect(target.claims.sub)
+        if isinstance(subject, str):
+            log.warning("refusing a connection to %s: %s", target.room, subject)
+            self.metrics.closed_connections["subject_connections"] += 1
+            await ws.close(1013, _close_reason(subject))
+            return
         self.metrics.connections += 1
         try:
             try:
@@ -133,11 +143,13 @@ class Relay:
                 await ws.close(1011, _close_reason(str(error)))
                 return
             try:
-                await self._serve(ws, room, Peer(ws, target.claims, target.want_ack))
+                peer = Peer(ws, target.claims, target.want_ack, subject, self.config)
+                await self._serve(ws, room, peer)
             finally:
                 room.release()
         finally:
             self.metrics.connections -= 1
+            self.subjects.disconnect(subject)
 
     async def _serve(self, ws: ServerConnection, room: Room, peer: Peer) -> None:
         send, receive = anyio.create_memory_object_stream[Pending](self.config.max_in_flight)
@@ -237,6 +249,12 @@ def _metric_reason(reason: str) -> str:
         return "too_slow"
     if reason.startswith("too many refused"):
         return "refused_writes"
+    if reason.startswith("awareness"):
+        return "awareness"
+    if reason.startswith("quota"):
+        return "quota"
+    if reason.startswith("room is full"):
+        return "room_full"
     if reason.startswith("relay storage"):
         return "storage_failure"
     return "other"

@@ -51,13 +51,10 @@ from server.config import RelayConfig
 from server.feed import WaitingFeed, WaitingWatch
 from server.livedoc import Accepted, LiveDoc, UndecodableUpdate, build_structure
 from server.metrics import Metrics
-from server.ratelimit import TokenBucket
+from server.ratelimit import Subject, TokenBucket
 from server.store import Store, StoreError
 
 log = logging.getLogger("crdtchat.relay.room")
-
-REFUSALS_PER_SECOND = 1.0
-REFUSAL_BURST = 30.0
 
 
 class PeerViolation(RemoteProtocolError):
@@ -80,7 +77,14 @@ class RoomLimitReached(RoomUnavailable):
 class Peer:
     """One websocket connection in a room."""
 
-    def __init__(self, ws: ServerConnection, claims: TokenClaims, want_ack: bool) -> None:
+    def __init__(
+        self,
+        ws: ServerConnection,
+        claims: TokenClaims,
+        want_ack: bool,
+        subject: Subject,
+        config: RelayConfig,
+    ) -> None:
         self.ws = ws
         # Fixed once the handshake is done; kept here for the broadcast loop (Room._send_many).
         self.transport = ws.transport
@@ -92,9 +96,11 @@ class Peer:
         self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
         self.acked = 0
         self.failed = False
-        # Each refusal rebuilds the room's document (O(document)): a peer that keeps sending
-        # refused writes is closed rather than allowed to burn the relay's CPU.
-        self.refusals = TokenBucket(REFUSALS_PER_SECOND, REFUSAL_BURST)
+        # Most refusals rebuild the room's document (O(document)): a subject that keeps
+        # sending refused writes, over however many connections, is closed rather than allowed
+        # to burn the relay's CPU. Its quotas are shared by its connections too (design §7.4).
+        self.subject = subject
+        self.awareness_rate = TokenBucket(config.awareness_rate, config.awareness_burst)
         self.close_requested = anyio.Event()
         self.close_code = 1000
         self.close_reason = ""
@@ -170,6 +176,7 @@ class Room:
         self._log_length = 0
         self._log_bytes = 0
         self._snapshot_bytes = 0
+        self._created = False  # the store holds something of this room (design §7.4 quotas)
         self._stopping = False
         self._failed = False
         self._evicted = False
@@ -207,6 +214,7 @@ class Room:
         self._log_length = stored.log_length
         self._log_bytes = stored.log_bytes
         self._snapshot_bytes = len(stored.state)
+        self._created = bool(stored.state) or stored.next_seq > 1
         self.metrics.room_loads += 1
         if self._should_compact():
             self._compact(self._next_seq - 1)
@@ -424,18 +432,29 @@ class Room:
         claims = peer.claims
         if claims.exp <= time.time():
             raise PeerViolation(1008, "token expired")
+        subject = peer.subject
         try:
-            outcome = self.live.apply(update, claims.role, claims.sub, partial=not peer.want_ack)
+            outcome = self.live.apply(
+                update,
+                claims.role,
+                claims.sub,
+                partial=not peer.want_ack,
+                gate=lambda size: self._admit_growth(subject, size),
+            )
         except UndecodableUpdate as error:
             raise PeerViolation(1008, str(error)) from None
         if not isinstance(outcome, Accepted):
             self.metrics.refused_writes += 1
             log.info("room %s: refused update from %r: %s", self.name, peer, outcome.reason)
-            if not peer.refusals.take(1):
-                raise PeerViolation(1008, "too many refused writes")
+            if not subject.refusals.take(1):
+                raise PeerViolation(1008, f"too many refused writes from subject {subject.sub!r}")
             return Refusal(outcome.reason)
         if not outcome.delta:
             return WriteDone(self._last_write, None)
+        subject.write_bytes.charge(len(outcome.delta))
+        if not self._created:
+            self._created = True
+            subject.rooms.charge(1)
         if self.waiting is not None:
             self.waiting.check(self.live.doc)
         seq = self._next_seq
@@ -448,18 +467,59 @@ class Room:
             self._compact(seq)
         return WriteDone(future, encode_message(SyncUpdate(outcome.delta)))
 
+    def _admit_growth(self, subject: Subject, size: int) -> None:
+        """Called by LiveDoc.apply, before applying, for an update that adds `size` bytes of
+        new structs: the room's size and the subject's quotas (design §7.4)."""
+        config = self.config
+        held = self._snapshot_bytes + self._log_bytes
+        if held + size > config.max_document:
+            raise PeerViolation(
+                1009, f"room is full: its document holds {held} bytes, limit {config.max_document}"
+            )
+        if not self._created and not subject.rooms.can_take(1):
+            raise PeerViolation(
+                1013,
+                f"quota: subject {subject.sub!r} created {config.quota_rooms:g} rooms "
+                f"in {config.quota_interval:g} s; try again later",
+            )
+        if not subject.write_bytes.can_take(size):
+            raise PeerViolation(
+                1013,
+                f"quota: subject {subject.sub!r} wrote {config.quota_bytes:g} bytes "
+                f"in {config.quota_interval:g} s; try again later",
+            )
+
     def _handle_awareness(self, peer: Peer, payload: bytes) -> None:
+        """Relay one awareness update within the limits of design §7.3, or end the peer."""
+        config = self.config
+        if not peer.awareness_rate.take(1):
+            rate = f"{config.awareness_rate:g}"
+            raise PeerViolation(1008, f"rate limit exceeded: more than {rate} awareness updates/s")
         try:
-            entries = decode_awareness(payload)
+            entries = decode_awareness(payload, config.awareness_depth)
         except WireError as error:
             raise PeerViolation(1008, f"malformed awareness update: {error}") from None
+        held = set(peer.awareness_ids)
+        for entry in entries:
+            size = len(entry.state.encode("utf-8"))
+            if size > config.awareness_state_bytes:
+                raise PeerViolation(
+                    1009,
+                    f"awareness state of client {entry.client_id} is {size} bytes, "
+                    f"limit {config.awareness_state_bytes}",
+                )
+            if entry.removed:
+                held.discard(entry.client_id)
+            else:
+                held.add(entry.client_id)
+        if len(held) > config.awareness_clients:
+            raise PeerViolation(
+                1008,
+                f"awareness for more than {config.awareness_clients} client ids on one connection",
+            )
         self.metrics.awareness_in += 1
         self.awareness.apply_awareness_update(payload, peer)
-        for entry in entries:
-            if entry.removed:
-                peer.awareness_ids.discard(entry.client_id)
-            else:
-                peer.awareness_ids.add(entry.client_id)
+        peer.awareness_ids = held
         self.broadcast(encode_message(AwarenessMessage(payload)))
 
     # -- compaction ----------------------------------------------------------------------
