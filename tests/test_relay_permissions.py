@@ -461,3 +461,32 @@ def test_the_part_of_an_update_that_builds_on_missing_changes_is_cut_off(room: R
     check: Doc = Doc()
     check.apply_update(accepted.delta)
     assert check.get(schema.READ, type=Map).to_py() == {"bob": 3.0}
+
+
+def test_refusals_the_structure_index_can_judge_cost_no_rebuild(room: Room) -> None:
+    """design §7.4: such refusals are made before applying, so the document is not rebuilt
+    (a rebuild makes a new Doc); refusals that depend on content still rebuild."""
+    cases: list[tuple[str, str, Change, str]] = [
+        ("reader", "r", lambda r: messages_of(r).append(message("m9", "user", "r")), "reader"),
+        ("reader", "r", lambda r: r[schema.READ].__setitem__("r", "m1"), "reader"),
+        ("writer", "alice", lambda r: r[schema.LEASES].__setitem__("x", "y"), "may not write"),
+        ("writer", "alice", lambda r: r[schema.DERIVED].__setitem__("e", 1), "only delete"),
+        ("worker", "w1", lambda r: r[schema.META].__setitem__("title", "x"), "may not write"),
+        ("worker", "w1", lambda r: r[schema.CANCEL].__setitem__("c", "x"), "only delete"),
+        # Nested: a Text inside a stream entry, written by a writer.
+        ("writer", "alice", lambda r: r[schema.STREAMS].__setitem__("t", Text("x")), "may not"),
+    ]
+    room.must_accept(
+        "worker", "w1", lambda r: r[schema.STREAMS].__setitem__("s1", Map({"text": Text("")}))
+    )
+    cases.append(
+        ("writer", "alice", lambda r: r[schema.STREAMS]["s1"]["text"].insert(0, "x"), "may not")
+    )
+    for role, sub, change, reason in cases:
+        doc = room.live.doc
+        room.must_refuse(role, sub, change, reason)
+        assert room.live.doc is doc, f"{role} {reason}: rebuilt"
+    doc = room.live.doc
+    forged = message("m9", "assistant", "alice")
+    room.must_refuse("writer", "alice", lambda r: messages_of(r).append(forged), "may not write")
+    assert room.live.doc is not doc  # judged on content, after applying: rebuilt
