@@ -5,8 +5,12 @@ roots and no observers, which is all a relay without permissions does, and (b) t
 `server.livedoc.LiveDoc.apply`, which records the changes with deep observers, checks for
 pending structs and unknown roots, and judges the changes by role; before any of that it
 decodes the update and checks its shape against the room's structure index (reported on its
-own too). A refused update also pays for rebuilding the document from its last good state,
-which grows with the document; a loaded room pays once for indexing its state (off the loop).
+own too). A refusal that depends on content also pays for rebuilding the document from its
+last good state, which grows with the document; one that the structure index can judge (design
+§7.4: a reader's write, a write into a root the role may not write) is made before applying.
+The refusal table times the same recorded updates refused (role without the right) and
+accepted (role with it), beside a plain apply of them. A loaded room pays once for indexing
+its state (off the loop).
 
 Run: .venv/bin/python benchmarks/relay_permissions.py [--quick]
 """
@@ -65,6 +69,17 @@ def record(
     return updates
 
 
+def record_apart(
+    base: bytes, count: int, step: Callable[[dict[str, Array | Map], int], None]
+) -> list[bytes]:
+    """`count` updates each made on its own replica of `base`: none builds on another, so
+    each stays new to a document that refused the ones before it."""
+    return [
+        record(base, 1, lambda roots, _i, index=index: step(roots, index))[0]
+        for index in range(count)
+    ]
+
+
 def plain_apply(base: bytes, updates: list[bytes]) -> float:
     doc: Doc = Doc()
     declare(doc)
@@ -101,12 +116,14 @@ def index_build(base: bytes) -> float:
     return time.perf_counter() - start
 
 
-def refused_apply(base: bytes, update: bytes, role: str, sub: str, repeat: int) -> float:
+def refused_apply(base: bytes, updates: list[bytes], role: str, sub: str) -> float:
+    """Each update refused in turn (the document stays as it was, so each is new to it)."""
     live = LiveDoc(base, structure=build_structure(base))
     start = time.perf_counter()
-    for _ in range(repeat):
-        assert isinstance(live.apply(update, role, sub), Refused)
-    return (time.perf_counter() - start) / repeat
+    for update in updates:
+        outcome = live.apply(update, role, sub)
+        assert isinstance(outcome, Refused), outcome
+    return (time.perf_counter() - start) / len(updates)
 
 
 def conversation(messages: int) -> bytes:
@@ -140,7 +157,8 @@ def main() -> None:
         "| of which structure check µs |"
     )
     print("|---:|---|---:|---:|---:|---:|")
-    refusal_rows = []
+    refusal_rows: list[tuple[int, str, float, float, float]] = []
+    build_rows: list[tuple[int, int, float]] = []
     for size in sizes:
         base = conversation(size) if size else b""
 
@@ -188,25 +206,51 @@ def main() -> None:
                 f"{checked / plain:.1f}x (+{(checked - plain) * 1e6:.1f} µs) "
                 f"| {structure * 1e6:.1f} |"
             )
-        forged = record(
-            base,
-            1,
-            lambda roots, i: roots[schema.MESSAGES].append(
-                message("forged", "assistant", "alice", "not yours")
+
+        def forged_step(roots: dict[str, Array | Map], index: int) -> None:
+            roots[schema.MESSAGES].append(message(f"f{index}", "assistant", "alice", "not yours"))
+
+        # (update, refused as, accepted as): the same bytes both ways.
+        refusals = [
+            ("user message, by a reader", append_step, ("reader", "r"), ("writer", "alice")),
+            ("derived entry, by a writer", derived_step, ("writer", "alice"), ("worker", "w1")),
+            (
+                "assistant message, by a writer",
+                forged_step,
+                ("writer", "alice"),
+                ("worker", "alice"),
             ),
-        )[0]
-        repeat = 20 if size >= 10_000 else 200
-        refused = refused_apply(base, forged, "writer", "alice", repeat)
+        ]
+        count = 20 if size >= 10_000 else 100
+        for name, step, (bad_role, bad_sub), (role, sub) in refusals:
+            updates = record_apart(base, count, step)
+            plain = best_of(runs, lambda updates=updates, base=base: plain_apply(base, updates))
+            refused = best_of(
+                runs,
+                lambda u=updates, r=bad_role, s=bad_sub, b=base: refused_apply(b, u, r, s),
+            )
+            accepted = best_of(
+                runs, lambda u=updates, r=role, s=sub, b=base: checked_apply(b, u, r, s)
+            )
+            refusal_rows.append((size, name, plain, refused, accepted))
         build = best_of(3, lambda base=base: index_build(base))
-        refusal_rows.append((size, len(base), refused, build))
+        build_rows.append((size, len(base), build))
     print()
     print(
-        "| doc size (messages) | encoded bytes | refused update (apply + rebuild) ms "
-        "| structure index of the loaded room ms |"
+        "| doc size (messages) | update | plain apply µs | refused µs | accepted µs "
+        "| refused / accepted | refused / plain |"
     )
-    print("|---:|---:|---:|---:|")
-    for size, nbytes, refused, build in refusal_rows:
-        print(f"| {size} | {nbytes} | {refused * 1e3:.2f} | {build * 1e3:.1f} |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for size, name, plain, refused, accepted in refusal_rows:
+        print(
+            f"| {size} | {name} | {plain * 1e6:.1f} | {refused * 1e6:.1f} | "
+            f"{accepted * 1e6:.1f} | {refused / accepted:.2f} | {refused / plain:.1f}x |"
+        )
+    print()
+    print("| doc size (messages) | encoded bytes | structure index of the loaded room ms |")
+    print("|---:|---:|---:|")
+    for size, nbytes, build in build_rows:
+        print(f"| {size} | {nbytes} | {build * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

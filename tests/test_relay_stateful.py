@@ -36,7 +36,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from pycrdt import Doc
-from relay_support import RelayProcess, token
+from relay_support import RelayProcess, raw_client, token
 
 from crdtchat.document import Conversation, PeerRole
 from crdtchat.replica import Backoff, Replica
@@ -49,10 +49,13 @@ from crdtchat.testing import (
     roots_json,
     strategies,
 )
+from crdtchat.testing.floods import AwarenessFlood, awareness_floods
 from crdtchat.testing.invariants import raw_message_ids
 from crdtchat.testing.operations import AppendMessage, CommitTurn, Operation
+from server.config import RelayConfig
 
 FAST = Backoff(initial=0.05, maximum=0.5)
+DEFAULTS = RelayConfig(secret="")  # the relay below runs with the default limits
 CONVERGE_TIMEOUT = 60.0
 LONG = hypothesis_profiles.PROFILE == "long"
 pytestmark = pytest.mark.timeout(0 if LONG else 300)
@@ -210,6 +213,25 @@ class RelayMachine(RuleBasedStateMachine):
         _count("client restarts")
 
     @precondition(lambda self: bool(self.clients))
+    @rule(
+        flood=awareness_floods(
+            max_clients=DEFAULTS.awareness_clients,
+            max_bytes=DEFAULTS.awareness_state_bytes,
+            max_depth=DEFAULTS.awareness_depth,
+            burst=int(DEFAULTS.awareness_burst),
+        )
+    )
+    def awareness_flood(self, flood: AwarenessFlood) -> None:
+        """A reader of the room floods awareness (design §7.3): it alone is closed, and the
+        relay and the replicas carry on (checked at the next quiescence)."""
+        url = self.relay.url(self.room, token(self.room, "reader", "mallory"))
+        code, reason = self.portal.call(_flood, url, flood)
+        assert code in flood.expected_codes, (flood, code, reason)
+        assert self.relay.proc is not None and self.relay.proc.poll() is None
+        event(f"awareness flood: {flood.kind}")
+        _count("awareness floods")
+
+    @precondition(lambda self: bool(self.clients))
     @rule()
     def quiesce(self) -> None:
         self.check_quiescent()
@@ -242,6 +264,15 @@ class RelayMachine(RuleBasedStateMachine):
         finally:
             for client in self.clients:
                 self._close(client)
+
+
+async def _flood(url: str, flood: AwarenessFlood) -> tuple[int | None, str | None]:
+    async with raw_client(url) as mallory:
+        for frame in flood.frames:
+            if mallory.closed:
+                break
+            await mallory.send_raw(frame)
+        return await mallory.wait_closed(timeout=CONVERGE_TIMEOUT)
 
 
 def _count(what: str, n: int = 1) -> None:
@@ -336,6 +367,12 @@ def test_replicas_on_a_real_relay_converge_through_relay_and_client_restarts(
         relay.stop()
     tally = RelayMachine.tally
     print(f"\nRelayMachine: {tally}")
-    for what in ("write as writer", "relay restarts", "client restarts", "quiescences"):
+    for what in (
+        "write as writer",
+        "relay restarts",
+        "client restarts",
+        "quiescences",
+        "awareness floods",
+    ):
         assert tally.get(what, 0) > 0, f"no {what} in {tally}"
     assert tally.get("messages checked", 0) > 0
