@@ -419,6 +419,7 @@ class Room:
             self._handle_awareness(peer, message.payload)
             return None
         if isinstance(message, QueryAwareness):
+            self._take_awareness_rate(peer)  # a small query, a reply of every state
             entries = self._awareness_entries()
             self.send(peer, encode_message(AwarenessMessage(encode_awareness(entries))))
             return None
@@ -489,12 +490,15 @@ class Room:
                 f"in {config.quota_interval:g} s; try again later",
             )
 
+    def _take_awareness_rate(self, peer: Peer) -> None:
+        if not peer.awareness_rate.take(1):
+            rate = f"{self.config.awareness_rate:g}"
+            raise PeerViolation(1008, f"rate limit exceeded: more than {rate} awareness messages/s")
+
     def _handle_awareness(self, peer: Peer, payload: bytes) -> None:
         """Relay one awareness update within the limits of design §7.3, or end the peer."""
         config = self.config
-        if not peer.awareness_rate.take(1):
-            rate = f"{config.awareness_rate:g}"
-            raise PeerViolation(1008, f"rate limit exceeded: more than {rate} awareness updates/s")
+        self._take_awareness_rate(peer)
         try:
             entries = decode_awareness(payload, config.awareness_depth)
         except WireError as error:

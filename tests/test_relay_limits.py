@@ -180,7 +180,13 @@ def nested(depth: int) -> str:
             "too fast",
             [awareness((600, {"n": n})) for n in range(AWARENESS_BURST * 3)],
             1008,
-            "awareness updates/s",
+            "awareness messages/s",
+        ),
+        (
+            "queries too fast",
+            [encode_message(QueryAwareness())] * (AWARENESS_BURST * 3),
+            1008,
+            "awareness messages/s",
         ),
     ],
 )
