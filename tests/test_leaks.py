@@ -192,7 +192,10 @@ async def _visit(relay_url: Callable[[str, str], str], index: int) -> None:
 @pytest.mark.anyio
 async def test_relay_loading_and_unloading_rooms_comes_back(tmp_path: Path) -> None:
     rooms = RELAY_ROOMS
-    with running_relay(tmp_path / "data", ["--idle-unload", "0.05"]) as relay:
+    # One subject creates every room and has a write refused in each: lift the per-subject
+    # limits of design §7.4 that exist to stop exactly that.
+    unlimited = ["--quota-rooms", str(10 * rooms), "--refusal-burst", str(10 * rooms)]
+    with running_relay(tmp_path / "data", ["--idle-unload", "0.05", *unlimited]) as relay:
         assert relay.proc is not None
         pid = relay.proc.pid
         url = relay.url
