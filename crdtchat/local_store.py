@@ -73,12 +73,14 @@ class SaveView:
 
 @dataclass(frozen=True)
 class ResetTo:
-    """Replace everything stored (log, pending ids, view snapshot) by `update` (b"": nothing).
+    """Replace everything stored (log, pending ids, view snapshot) by `update` (b"": nothing)
+    with `pending` as the pending local ids.
 
     For a replica that throws its document away (`Replica.recover`); local ids keep growing.
     """
 
     update: bytes
+    pending: tuple[int, ...] = ()
 
 
 StoreOp = AppendLocal | AppendRemote | MarkDurable | SaveView | ResetTo
@@ -194,6 +196,9 @@ class LocalStore:
                     if op.update:
                         self._db.execute("INSERT INTO updates (data) VALUES (?)", (op.update,))
                         added = 1
+                    self._db.executemany(
+                        "INSERT INTO pending (local_id) VALUES (?)", [(i,) for i in op.pending]
+                    )
                 elif isinstance(op, SaveView):
                     self._db.execute(
                         "INSERT OR REPLACE INTO view (slot, data) VALUES (1, ?)", (op.data,)

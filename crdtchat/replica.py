@@ -318,7 +318,9 @@ class Replica:
         it, and every later local write builds on it, so the relay refuses those too. This
         throws the local document away, starts a new one (with a new client id, since the old
         one's clocks were spent on the refused items) from what the relay stores, replaces the
-        local file's content by it, and writes our draft text again where the role allows
+        local file's content by it once it has arrived (if `timeout` passes first, the file
+        keeps the old document too, and a restart is blocked again), and writes our draft
+        text again where the role allows
         drafts. Messages of ours that the relay never stored are not written again (one of them
         may be what was refused): their texts come back in `Recovery.unsent` to offer to the
         person. Every local change not yet stored by the relay is dropped, refused or not.
@@ -337,6 +339,11 @@ class Replica:
             self._end_connection()
             await self._swapped.wait()
             await self.wait_until(lambda s: s.synced)
+        if self._store is not None:
+            # Only now, with the relay's state in hand, does the file let go of the old
+            # document: a crash before this point reopens the old one (still blocked, but
+            # with everything it had), never an empty one.
+            self._queue_op(ResetTo(self.doc.get_update(), self.session.pending_ids))
         stored_ids = {m.get("id") for m in _message_dicts(self.doc)}
         unsent = tuple(str(m.get("content", "")) for m in ours if m.get("id") not in stored_ids)
         draft_kept = False
@@ -612,8 +619,7 @@ class Replica:
             self._connection_loop_done.set()
 
     def _swap_document(self) -> None:
-        """recover()'s part between two connections: a new, empty document and session, and
-        the local file emptied behind every write queued for the old document."""
+        """recover()'s part between two connections: a new, empty document and session."""
         self._recover_requested = False
         old = self.session
         self._pump()  # the old session's last events go to the file before it is emptied
@@ -625,8 +631,6 @@ class Replica:
             next_local_id=old.next_local_id,
             on_change=self._mark_dirty,
         )
-        if self._store is not None:
-            self._queue_op(ResetTo(b""))
         self._denied = None
         self._swapped.set()
         self._publish()
