@@ -496,7 +496,10 @@ class Replica:
         """Queue a snapshot of the view behind every update queued so far: if the process
         dies in between, the file holds an older document and the snapshot's key says so."""
         assert self._view is not None
-        if self._view.doc is not self.doc:  # after recover(), until set_view() gives the new one
+        if self._view.doc is not self.doc or self._view.closed:
+            # After recover() until set_view() gives the new view; or a closed view, which no
+            # longer follows the document: its snapshot would carry the current key over old
+            # content, and a re-open would take it as up to date.
             return
         try:
             data = self._view.snapshot().encode()

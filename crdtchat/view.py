@@ -185,6 +185,11 @@ class MessageView:
         """The document whose array this view reads."""
         return self._doc
 
+    @property
+    def closed(self) -> bool:
+        """Closed views no longer follow the document: what they hold may be out of date."""
+        return self._closed
+
     def close(self) -> None:
         """Stop following the array (idempotent); the view keeps what it last read."""
         if not self._closed:

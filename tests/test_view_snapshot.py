@@ -152,3 +152,22 @@ async def test_a_replica_reopens_from_its_snapshot_and_ignores_a_stale_one(
     async with _replica(relay, path, fourth) as rep:
         assert rep.opening_snapshot is None
         assert fourth.current_thread()[-1].content == "written elsewhere"
+
+
+@pytest.mark.anyio
+async def test_a_closed_view_leaves_no_snapshot_that_claims_to_be_current(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "ann.db"
+    conversation = Conversation(author="ann", role="writer")
+    async with _replica(relay, path, conversation) as rep:
+        conversation.append("user", "seen by the view")
+        await rep.wait_until(lambda s: s.durable, timeout=30)
+        conversation.close()  # the view stops following; the document goes on
+        Conversation(conversation.doc, author="ann").append("user", "not in the closed view")
+        await rep.wait_until(lambda s: s.durable, timeout=30)
+    data = read_view(path)
+    if data is not None:  # one taken while the view was open is fine, if its key is old
+        reopened = Conversation(author="ann", role="writer")
+        async with _replica(relay, path, reopened) as rep:
+            assert rep.opening_snapshot_matched is False
