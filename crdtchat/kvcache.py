@@ -42,7 +42,8 @@ MAGIC = b"CRDTCHAT-KV\x00\x01\n"
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 2 * 1024**3
 # A reference comes from a shared document: only our own file names are ever opened.
-_REF = re.compile(r"^([0-9a-f]{64})\.kv$")
+# (fullmatch, and \Z rather than "$", which matches before a final newline too.)
+_REF = re.compile(r"\A([0-9a-f]{64})\.kv\Z")
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600.0
 # Errors that mean "the disk is full": evicting our own files may fix them.
@@ -88,7 +89,7 @@ class CheckpointRef:
     def from_data(cls, data: Mapping[str, Any]) -> CheckpointRef:
         """Validate an entry's `data`; anything a peer could have planted is rejected here."""
         ref, n_tokens, sha = data.get("ref"), data.get("n_tokens"), data.get("sha256")
-        if not isinstance(ref, str) or not (match := _REF.match(ref)):
+        if not isinstance(ref, str) or not (match := _REF.fullmatch(ref)):
             raise CheckpointUnavailable(f"not a checkpoint file name: {ref!r}")
         if not isinstance(sha, str) or sha != match.group(1):
             raise CheckpointUnavailable("sha256 does not match the file name")
@@ -207,7 +208,7 @@ class KVCheckpointStore:
             raise ValueError("max_bytes must not be negative")
 
     def path_of(self, ref: str) -> Path:
-        if not _REF.match(ref):
+        if not _REF.fullmatch(ref):
             raise CheckpointUnavailable(f"not a checkpoint file name: {ref!r}")
         return self.directory / ref
 
@@ -330,7 +331,7 @@ class KVCheckpointStore:
         except FileNotFoundError:
             return []
         for entry in entries:
-            if not _REF.match(entry.name):
+            if not _REF.fullmatch(entry.name):
                 continue
             try:
                 found.append((Path(entry.path), entry.stat()))

@@ -174,7 +174,7 @@ class Replica:
         snapshot_interval: float = 10.0,
         store_retry: Backoff | None = None,
     ) -> None:
-        if not ROOM_NAME.match(room):
+        if not ROOM_NAME.fullmatch(room):
             raise ValueError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"relay URL must start with ws:// or wss://, not {url!r}")

@@ -36,7 +36,9 @@ Role = Literal["system", "user", "assistant", "tool"]
 Status = Literal["complete", "incomplete", "cancelled", "error"]
 DerivedKind = Literal["provider_state", "hidden", "usage", "kv_checkpoint", "title", "summary"]
 
-ROOM_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Anchored with \A and \Z, and used with fullmatch: "$" also matches before a final newline,
+# which let "abc\n" through as a room of its own (issue 10, finding 8).
+ROOM_NAME = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -70,7 +70,7 @@ def _sign(secret: str | bytes, payload_part: str) -> str:
 
 def mint_token(secret: str | bytes, room: str, role: str, sub: str, ttl: float) -> str:
     """A token for `room` (or "*") valid for `ttl` seconds from now."""
-    if room != ANY_ROOM and not ROOM_NAME.match(room):
+    if room != ANY_ROOM and not ROOM_NAME.fullmatch(room):
         raise ValueError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._- or *")
     if role not in ROLES:
         raise ValueError(f"invalid role {role!r}: one of {', '.join(ROLES)}")

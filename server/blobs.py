@@ -31,7 +31,8 @@ import anyio.to_thread
 
 from crdtchat.errors import StorageError
 
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# fullmatch, and \Z rather than "$", which matches before a final newline too.
+SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 class BlobError(StorageError, ValueError):

@@ -92,7 +92,7 @@ class Relay:
         if url.path == FEED_PATH and self.feed is not None:
             return self._admit_feed(conn, url.query)
         room = unquote(url.path[1:])
-        if not ROOM_NAME.match(room):
+        if not ROOM_NAME.fullmatch(room):
             return make_response(400, "the path must be /<room>, 1-128 of A-Za-z0-9._-\n")
         query = parse_qs(url.query)
         token = (query.get("token") or [""])[0]

@@ -105,7 +105,7 @@ def chat_command(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     room: str = args.room
     relay: str = args.relay
-    if not ROOM_NAME.match(room):
+    if not ROOM_NAME.fullmatch(room):
         raise SetupError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
     if not relay.startswith(("ws://", "wss://")):
         raise SetupError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
