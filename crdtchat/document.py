@@ -41,6 +41,7 @@ from crdtchat.schema import (
     ToolCall,
     ToolSpec,
     assistant_turn_id,
+    message_id_refusal,
 )
 from crdtchat.view import MessageView
 
@@ -447,6 +448,7 @@ class Conversation:
     def append_message(self, message: Message) -> None:
         """Append an already validated message as it is, author included (for imports)."""
         self._require(f"message:{message.role}")
+        self._check_id(message)
         self._write_message(message)
 
     def _write_message(self, message: Message, *, alone: bool | None = None) -> None:
@@ -471,6 +473,20 @@ class Conversation:
         finally:
             self.view.forget_expected()
 
+    def _check_id(self, message: Message) -> None:
+        """Refuse an id the relay would refuse (design §7.2): a write the relay refuses would
+        block this replica's later writes, which build on it.
+
+        Stricter than the relay in one way: no id held here is reused at all, not even for
+        the same assistant turn (a worker that sees the turn committed has nothing to add).
+        """
+        taken = self.view.claimed(message.id) or self._pending.get(message.id)
+        if taken is not None:
+            raise ConversationError(f"a message {message.id!r} exists already")
+        reason = message_id_refusal(message.id, message.role, message.parent, None)
+        if reason is not None:
+            raise ConversationError(reason)
+
     def _lookup(self, message_id: str) -> Message | None:
         """An accepted message, or one appended earlier in the transaction still open."""
         message = self.view.get(message_id)
@@ -488,8 +504,7 @@ class Conversation:
             raise ConversationError(str(error)) from error
         if message.parent is not None and self._lookup(message.parent) is None:
             raise ConversationError(f"parent {message.parent!r} is not a message here")
-        if self._lookup(message.id) is not None:
-            raise ConversationError(f"a message {message.id!r} exists already")
+        self._check_id(message)
         if message.role == "assistant":
             if message.tool_call_id is not None:
                 raise ConversationError("an assistant message carries no tool_call_id")
@@ -631,11 +646,12 @@ class Conversation:
     def _free_answer_number(self, message_id: str, number: int) -> int:
         """`number`, or the next one whose turn id no message has taken yet.
 
-        Any peer may have written a message with the id the next answer would get; a worker
-        must not then be stuck committing a turn id that exists. Every replica skips the
+        Any peer may have written a message with the id the next answer would get (before the
+        relay refused that, or through another relay); a worker must not then be stuck
+        committing a turn id that exists, shown or not (design §7.2). Every replica skips the
         same ids, so workers still agree on the turn id.
         """
-        while self.view.get(assistant_turn_id(message_id, number)) is not None:
+        while self.view.claimed(assistant_turn_id(message_id, number)) is not None:
             number += 1
         return number
 
@@ -906,12 +922,18 @@ class Conversation:
         draft = self.drafts.get(author or self.author)
         return str(draft) if isinstance(draft, Text) else ""
 
-    def mark_read(self, peer: str, message_id: str) -> None:
-        self._require("read marks")
-        self.read_marks[peer] = message_id
+    def mark_read(self, message_id: str) -> None:
+        """Record that this author has been shown `message_id`.
 
-    def read_mark(self, peer: str) -> str | None:
-        value = self.read_marks.get(peer)
+        Keyed by the author (the token's subject), shared by that person's devices: the relay
+        refuses a read mark under any other key (design §7.2).
+        """
+        self._require("read marks")
+        self.read_marks[self.author] = message_id
+
+    def read_mark(self, subject: str | None = None) -> str | None:
+        """The last message `subject` (default: this author) has been shown."""
+        value = self.read_marks.get(self.author if subject is None else subject)
         return value if isinstance(value, str) else None
 
 

@@ -152,3 +152,36 @@ def assistant_turn_id(answered_id: str, number: int) -> str:
     if number < 1:
         raise ValueError("answer numbers start at 1")
     return f"{answered_id}~a{number}"
+
+
+# What `assistant_turn_id` makes: the answered id, "~a", then the answer number (no leading 0).
+_TURN_ID = re.compile(r"\A(.+)~a([1-9][0-9]*)\Z", re.DOTALL)
+
+
+def answered_id_of(message_id: str) -> str | None:
+    """The id that `message_id` answers if it has the assistant-turn form, else None."""
+    match = _TURN_ID.fullmatch(message_id)
+    return None if match is None else match.group(1)
+
+
+def message_id_refusal(
+    message_id: str, role: str, parent: str | None, taken: tuple[str, str | None] | None
+) -> str | None:
+    """Why a new message may not carry `message_id`, or None (design §7.2).
+
+    `taken` is (role, parent) of the message that already holds the id, if one does. Readers
+    keep the first message of an id in document order, so a new message with a taken id would
+    shadow the other one wherever it is inserted before it. The one designed exception is two
+    workers committing the same assistant turn (same id, role assistant, same parent): either
+    copy is the same answer. An assistant-turn id is predictable, so only the answer it names
+    may carry it: otherwise anybody could take it in advance and block that answer.
+    """
+    answered = answered_id_of(message_id)
+    if answered is not None and (role != "assistant" or parent != answered):
+        return (
+            f"message id {message_id!r} has the form of an answer to {answered!r}: only that "
+            "assistant turn may carry it"
+        )
+    if taken is not None and not (role == "assistant" and taken == ("assistant", parent)):
+        return f"message id {message_id!r} is taken by another message"
+    return None

@@ -105,6 +105,9 @@ class ThreadIndex:
     children: dict[str, list[str]] = field(default_factory=dict)  # only ids that have some
     leaves: dict[str, None] = field(default_factory=dict)  # ordered: document order
     problems: dict[int, str] = field(default_factory=dict)
+    # every id any well-formed message carries (first position), accepted or not: a new
+    # message may not take one of them (design §7.2), whether or not readers show its holder
+    claimed: dict[str, int] = field(default_factory=dict)
 
     def admit(self, position: int, entry: Entry) -> None:
         """Apply the reader rules of DESIGN §2 to the next entry in document order."""
@@ -113,6 +116,7 @@ class ThreadIndex:
             self.problems[position] = entry.problem or "invalid"
             return
         message_id = message.id
+        self.claimed.setdefault(message_id, position)
         if message_id in self.position_of:
             self.problems[position] = f"duplicate id {message_id!r}"
             return
@@ -139,13 +143,14 @@ class ThreadIndex:
         index = cls()
         admit = index.admit
         accepted, position_of = index.accepted, index.position_of
-        children, leaves = index.children, index.leaves
+        children, leaves, claimed = index.children, index.leaves, index.claimed
         with collector_paused():
             for position, entry in enumerate(entries):
                 message = entry.message
                 if message is None or message.id in position_of:
                     admit(position, entry)
                     continue
+                claimed.setdefault(message.id, position)
                 parent = message.parent
                 if parent is None:
                     pass
@@ -316,6 +321,11 @@ class MessageView:
 
     def get(self, message_id: str) -> Message | None:
         position = self.index.position_of.get(message_id)
+        return None if position is None else self.entries[position].message
+
+    def claimed(self, message_id: str) -> Message | None:
+        """The first well-formed message carrying `message_id`, shown by readers or not."""
+        position = self.index.claimed.get(message_id)
         return None if position is None else self.entries[position].message
 
     def position(self, message_id: str) -> int:

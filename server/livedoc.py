@@ -21,6 +21,9 @@ Two things could slip past observers and are checked separately:
   it is refused.
 - A write to a root that the schema does not name creates that root; the number of roots is
   compared before and after.
+
+New messages are also judged by their ids against every id the room holds (`server.message_ids`,
+design §7.2), which the observers cannot see: the old message is not changed by the update.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from crdtchat.pending import split
 from crdtchat.structure import MissingDependency, StructureError, StructureIndex
 from crdtchat.updates import ARRAY, MAP, DecodedUpdate, UpdateFormatError, decode_update
 from crdtchat.wire import WireError, decode_state_vector
+from server.message_ids import MessageIds
 from server.permissions import RULES, Access, Change, check_changes
 from server.prejudge import refuse_before_applying
 
@@ -80,6 +84,8 @@ def _change(event: Any, doc: Doc) -> Change:
         change.keys = process_event(event.keys, doc)
     return change
 
+
+MESSAGE_WRITERS = frozenset(role for role, rules in RULES.items() if schema.MESSAGES in rules)
 
 ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema.ALL_ROOTS}
 
@@ -122,6 +128,7 @@ class LiveDoc:
         self._loaded = state
         self.structure = structure
         self.structure_error: str | None = None
+        self.ids = MessageIds()  # the state never changes on a rebuild, so neither do they
         self._build(state)
 
     def _ensure_structure(self) -> StructureIndex | None:
@@ -262,6 +269,9 @@ class LiveDoc:
             return Refused(early)  # nothing was applied: no rebuild
         if gate is not None and plan.runs:
             gate(len(update))
+        self.ids.discard()
+        if not self.ids.loaded and role in MESSAGE_WRITERS:
+            self.ids.load(self.messages)  # once per load, before this update's messages land
         try:
             with self.doc.transaction():  # events fire when this transaction commits
                 before = self.doc.get_state()
@@ -283,11 +293,15 @@ class LiveDoc:
                 elif self._count_roots() != self._root_count:
                     reason = "update writes a root that is not part of the schema"
                 else:
-                    reason = check_changes(role, sub, self._changes, lambda: self.messages)
+                    reason = check_changes(
+                        role, sub, self._changes, lambda: self.messages, self.ids.claim
+                    )
         self._changes.clear()
         if reason is not None:
+            self.ids.discard()
             self.rebuild()
             return Refused(reason)
+        self.ids.commit()
         structure.commit(plan)
         if not changed:
             return Accepted(b"")

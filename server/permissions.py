@@ -13,12 +13,14 @@ Rules per root (anything not listed is refused):
 - canonical.meta, canonical.settings, canonical.tools: writer, any change.
 - canonical.messages: writer appends user/tool/system messages authored by its subject and
   edits the text of its subject's messages; worker appends assistant messages authored by its
-  subject and may change its own assistant messages except id/role/author/parent.
+  subject and may change its own assistant messages except id/role/author/parent. A new
+  message's id must be free and, in the assistant-turn form, name the message it answers
+  (design §7.2; the ids are kept by `server.message_ids`).
 - derived.entries: worker, any change; writer, deleting entries only.
 - transport.leases, transport.streams: worker, any change.
-- transport.cancel, transport.regenerate: writer, any change; worker, deleting entries only.
-- transport.drafts: writer, its own entry only (the key is its subject).
-- transport.read: writer, any change.
+- transport.cancel, transport.regenerate: writer, deleting any entry or writing one whose `by`
+  is its subject (a request in nobody else's name); worker, deleting entries only.
+- transport.drafts, transport.read: writer, its own entry only (the key is its subject).
 
 Readers may not change the document at all. Nobody deletes canonical messages. Subdocuments
 are refused wherever a role's rights depend on content (the relay cannot see inside them).
@@ -49,6 +51,7 @@ class Access(Enum):
     FULL = "full"
     DELETE_ONLY = "delete-only"
     OWN_KEY = "own-key"
+    SIGNED = "signed"  # entries whose `by` is the writer's subject
     MESSAGES = "messages"
 
 
@@ -60,10 +63,10 @@ RULES: dict[str, dict[str, Access]] = {
         schema.TOOLS: Access.FULL,
         schema.MESSAGES: Access.MESSAGES,
         schema.DERIVED: Access.DELETE_ONLY,
-        schema.CANCEL: Access.FULL,
-        schema.REGENERATE: Access.FULL,
+        schema.CANCEL: Access.SIGNED,
+        schema.REGENERATE: Access.SIGNED,
         schema.DRAFTS: Access.OWN_KEY,
-        schema.READ: Access.FULL,
+        schema.READ: Access.OWN_KEY,
     },
     "worker": {
         schema.MESSAGES: Access.MESSAGES,
@@ -134,8 +137,11 @@ def check_message(value: Any, role: str, sub: str) -> str | None:
     return None
 
 
+Claim = Callable[[str, str, str | None], str | None]
+
+
 def _check_messages(
-    event: Change, role: str, sub: str, messages: Callable[[], Array]
+    event: Change, role: str, sub: str, messages: Callable[[], Array], claim: Claim | None
 ) -> str | None:
     path = event.path
     if not path:
@@ -149,6 +155,8 @@ def _check_messages(
                 inserted = True
                 for value in op["insert"]:
                     reason = check_message(value, role, sub)
+                    if reason is None and claim is not None:
+                        reason = claim(value.get("id"), value.get("role"), value.get("parent"))
                     if reason is not None:
                         return reason
         if not inserted:
@@ -186,6 +194,7 @@ def _check_root(
     role: str,
     sub: str,
     messages: Callable[[], Array],
+    claim: Claim | None,
 ) -> str | None:
     if access is Access.FULL:
         return None  # the role owns this root: what changed does not matter
@@ -194,7 +203,7 @@ def _check_root(
     if _has_subdoc(_event_values(event)):
         return "subdocuments are not allowed"
     if access is Access.MESSAGES:
-        return _check_messages(event, role, sub, messages)
+        return _check_messages(event, role, sub, messages, claim)
     path = event.path
     if access is Access.DELETE_ONLY:
         if path or event.keys is None or not event.keys:
@@ -216,7 +225,22 @@ def _check_root(
             if key != sub:
                 return f"a {role} may only write its own entry {sub!r} of {root}, not {key!r}"
         return None
+    if access is Access.SIGNED:
+        return _check_signed(root, event, role, sub)
     raise AssertionError(access)
+
+
+def _check_signed(root: str, event: Change, role: str, sub: str) -> str | None:
+    """Requests are plain JSON objects written whole, in the writer's own name (`by`)."""
+    if event.path or event.keys is None:
+        return f"{root} changed in a way that is not a key change"
+    for key, change in event.keys.items():
+        if change.get("action") == "delete":
+            continue
+        value = change.get("newValue")
+        if not isinstance(value, dict) or value.get("by") != sub:
+            return f"a {role} may write {root} entries only with by = its subject {sub!r} ({key!r})"
+    return None  # no keys: an invisible write (module docstring)
 
 
 def check_changes(
@@ -224,6 +248,7 @@ def check_changes(
     sub: str,
     changes: Iterable[tuple[str, Change | None]],
     messages: Callable[[], Array],
+    claim: Claim | None = None,
 ) -> str | None:
     """The reason to refuse an update that made `changes` (root name, event), or None.
 
@@ -231,7 +256,8 @@ def check_changes(
     root changed matters there.
 
     `messages` returns the live canonical.messages array (after the update), to look up the
-    author of a message whose text or keys changed.
+    author of a message whose text or keys changed. `claim` (`MessageIds.claim`) judges the id
+    of each new message; without it, ids are not checked.
     """
     rules = RULES.get(role)
     if rules is None:
@@ -242,7 +268,7 @@ def check_changes(
             if role == "reader":
                 return "a reader may not change the document"
             return f"a {role} may not write {root}"
-        reason = _check_root(root, access, event, role, sub, messages)
+        reason = _check_root(root, access, event, role, sub, messages, claim)
         if reason is not None:
             return reason
     return None

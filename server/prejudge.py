@@ -8,10 +8,10 @@ item into a root it may not write, or into a root where it may only delete. Thos
 here, before applying, for the price of the structure check.
 
 What still needs applying (and a rebuild when refused), because it depends on content or on
-which items a deletion hits: messages (schema, author, role, fixed keys), drafts under
-another's key, deletions (a reader's, or into roots the role may not touch), deleted-content
-items (they change nothing visible), and updates whose new items sit in types the index
-cannot place.
+which items a deletion hits: messages (schema, author, role, fixed keys, ids), drafts and read
+marks under another's key, requests in another's name, deletions (a reader's, or into roots
+the role may not touch), deleted-content items (they change nothing visible), and updates
+whose new items sit in types the index cannot place.
 """
 
 from __future__ import annotations

@@ -773,9 +773,12 @@ def test_drafts_are_per_author_and_shared_by_that_authors_devices() -> None:
 def test_read_marks() -> None:
     ann = Conversation.create(author="ann")
     message = ann.append("user", "q")
-    assert ann.read_mark("phone") is None
-    ann.mark_read("phone", message.id)
-    assert fresh_copy(ann).read_mark("phone") == message.id
+    assert ann.read_mark() is None
+    ann.mark_read(message.id)
+    # keyed by the author, the token's subject, so the relay can tell whose it is (design §7.2)
+    assert ann.read_marks.to_py() == {"ann": message.id}
+    assert fresh_copy(ann).read_mark("ann") == message.id
+    assert Conversation(ann.doc, author="bob").read_mark() is None
     ann.read_marks["laptop"] = 7
     assert ann.read_mark("laptop") is None
 

@@ -62,7 +62,7 @@ def test_reader_writes_nothing() -> None:
     person.append("user", "hi")
     reader = Conversation(person.doc, author="r", role="reader")
     with pytest.raises(ConversationError, match="a reader may not write"):
-        reader.mark_read("phone", person.current_thread()[0].id)
+        reader.mark_read(person.current_thread()[0].id)
     with pytest.raises(ConversationError, match="a reader may not write meta"):
         Conversation.create(author="r", role="reader")
 

@@ -218,11 +218,11 @@ def test_garbage_in_the_other_roots_is_reported_and_skipped() -> None:
     worker.append_stream(turn, "hi")
     worker.commit_turn(question.id, turn, model=MODEL, status="complete")
     ann.set_draft("new draft")
-    ann.mark_read("phone", turn)
+    ann.mark_read(turn)
     ann.apply_update(worker.update_since(ann.state_vector()))
     assert ann.message(turn).content == "hi"
     assert ann.draft() == "new draft"
-    assert ann.read_mark("phone") == turn
+    assert ann.read_mark() == turn
     ann.discard_all_derived()
     assert not any(p.root == schema.DERIVED for p in ann.problems())
 

@@ -78,7 +78,7 @@ def test_js_reads_python_writes_and_python_reads_js_back(tmp_path: Path) -> None
     ann.apply_update(worker.update_since(ann.state_vector()))
     result = ann.append("tool", '{"temp": -3}', tool_call_id="call-1")
     ann.set_draft("draft 😀")
-    ann.mark_read("phone", result.id)
+    ann.mark_read(result.id)
 
     written = tmp_path / "python.bin"
     written.write_bytes(ann.encode_state())
@@ -96,7 +96,7 @@ def test_js_reads_python_writes_and_python_reads_js_back(tmp_path: Path) -> None
         "text": "draft 😀",
         "utf16Length": 8,
     }
-    assert roots["transport.read"]["phone"]["value"] == result.id
+    assert roots["transport.read"]["ann"]["value"] == result.id
     assert texts(report) == {m.id: m.content for m in ann.all_messages()}
     by_id = {item["entries"]["id"]["value"]: item["entries"] for item in report["messages"]}
     reply = by_id[assistant_turn_id(edited.id, 1)]

@@ -110,7 +110,9 @@ def room() -> Room:
     room.must_accept(
         "worker",
         "w1",
-        lambda r: r[schema.MESSAGES].append(message("m1~a1", "assistant", "w1", "answer")),
+        lambda r: r[schema.MESSAGES].append(
+            message("m1~a1", "assistant", "w1", "answer", parent="m1")
+        ),
     )
     return room
 
@@ -156,7 +158,9 @@ def test_writers_append_their_own_user_tool_system_messages(room: Room) -> None:
 
 def test_workers_append_only_their_own_assistant_messages(room: Room) -> None:
     room.must_accept(
-        "worker", "w1", lambda r: messages_of(r).append(message("m2~a1", "assistant", "w1"))
+        "worker",
+        "w1",
+        lambda r: messages_of(r).append(message("m2~a1", "assistant", "w1", parent="m2")),
     )
     room.must_refuse(
         "worker",
@@ -275,17 +279,32 @@ def test_leases_and_streams_are_for_workers(room: Room) -> None:
 
 @pytest.mark.parametrize("root", [schema.CANCEL, schema.REGENERATE])
 def test_cancel_and_regenerate(room: Room, root: str) -> None:
-    value = (
-        {"n": 2, "by": "alice", "at": 1.0} if root == schema.REGENERATE else {"by": "a", "at": 1}
-    )
+    def request(by: object) -> dict[str, object]:
+        if root == schema.REGENERATE:
+            return {"n": 2, "by": by, "at": 1.0}
+        return {"by": by, "at": 1}
+
+    value = request("alice")
     room.must_refuse(
         "worker",
         "w1",
         lambda r: r[root].__setitem__("m2", value),
         f"may only delete entries of {root}",
     )
+    # A request is made in its writer's own name (design §7.2), as a plain JSON object.
+    for forged in (request("bob"), request(None), {"at": 1.0}, "alice", ["alice"]):
+        room.must_refuse(
+            "writer", "alice", lambda r, v=forged: r[root].__setitem__("m2", v), "by = its subject"
+        )
+    room.must_refuse(
+        "writer", "alice", lambda r: r[root].__setitem__("m2", Map(value)), "by = its subject"
+    )
     room.must_accept("writer", "alice", lambda r: r[root].__setitem__("m2", value))
-    room.must_accept("worker", "w1", lambda r: r[root].__delitem__("m2"))
+    # Anyone's request may be replaced by one's own, or withdrawn.
+    room.must_accept("writer", "bob", lambda r: r[root].__setitem__("m2", request("bob")))
+    room.must_accept("writer", "alice", lambda r: r[root].__delitem__("m2"))
+    room.must_accept("writer", "bob", lambda r: r[root].__setitem__("m1", request("bob")))
+    room.must_accept("worker", "w1", lambda r: r[root].__delitem__("m1"))
 
 
 def test_drafts_are_per_author(room: Room) -> None:
@@ -308,7 +327,15 @@ def test_drafts_are_per_author(room: Room) -> None:
 
 
 def test_read_marks(room: Room) -> None:
-    room.must_accept("writer", "alice", lambda r: r[schema.READ].__setitem__("phone", "m1"))
+    """A read mark is keyed by its writer's subject (design §7.2)."""
+    room.must_accept("writer", "alice", lambda r: r[schema.READ].__setitem__("alice", "m1"))
+    room.must_accept("writer", "alice", lambda r: r[schema.READ].__setitem__("alice", "m2"))
+    room.must_accept("writer", "bob", lambda r: r[schema.READ].__setitem__("bob", "m1"))
+    for key in ("bob", "phone", "alice/phone", ""):
+        room.must_refuse(
+            "writer", "alice", lambda r, k=key: r[schema.READ].__setitem__(k, "m1"), "own entry"
+        )
+    room.must_refuse("writer", "alice", lambda r: r[schema.READ].__delitem__("bob"), "own entry")
     room.must_refuse("worker", "w1", lambda r: r[schema.READ].__setitem__("w1", "m1"), "may not")
 
 
@@ -452,9 +479,10 @@ def test_the_part_of_an_update_that_builds_on_missing_changes_is_cut_off(room: R
     bob_roots[schema.READ]["bob"] = 3.0
     ready = bob.get_update(before)
     both = merge_updates(ready, gap)
-    refused = room.live.apply(both, "writer", "alice")
+    # bob's device relays alice's pending structs along with its own write
+    refused = room.live.apply(both, "writer", "bob")
     assert isinstance(refused, Refused) and "sync first" in refused.reason
-    accepted = room.live.apply(both, "writer", "alice", partial=True)
+    accepted = room.live.apply(both, "writer", "bob", partial=True)
     assert isinstance(accepted, Accepted) and accepted.delta != both
     assert room.live.doc.get(schema.READ, type=Map).to_py() == {"bob": 3.0}
     room.check_structure()

@@ -78,8 +78,14 @@ class Client:
     client_ids: list[int] = field(default_factory=list)
 
 
-def writes_for(conversation: Conversation, role: PeerRole) -> st.SearchStrategy[Operation]:
-    """What a token of `role` may write (DESIGN §4): the relay refuses anything else."""
+def writes_for(
+    conversation: Conversation, role: PeerRole, id_prefix: str
+) -> st.SearchStrategy[Operation]:
+    """What a token of `role` may write (DESIGN §4): the relay refuses anything else.
+
+    Message ids start with `id_prefix`, one per client: the relay refuses a taken id (design
+    §7.2), so two clients must not both append a message with the same one.
+    """
     if role == "worker":
         holder = (conversation.author,)
         return st.one_of(
@@ -89,9 +95,11 @@ def writes_for(conversation: Conversation, role: PeerRole) -> st.SearchStrategy[
             strategies.derived_changes(conversation),
             strategies.text_edits(conversation),
         )
-    transport = strategies.transport_changes(conversation, peers=(conversation.author,))
+    transport = strategies.transport_changes(conversation)
     return st.one_of(
-        strategies.append_messages(conversation, roles=("system", "user", "tool")),
+        strategies.append_messages(
+            conversation, roles=("system", "user", "tool"), id_prefix=id_prefix
+        ),
         strategies.text_edits(conversation),
         strategies.settings_changes(),
         transport.filter(lambda op: type(op).__name__ != "ClearRegeneration"),
@@ -182,7 +190,7 @@ class RelayMachine(RuleBasedStateMachine):
             client = data.draw(st.sampled_from(self.clients), label="client")
             conversation = client.conversation
             assert conversation is not None
-            strategy = self._on_loop(writes_for, conversation, client.role)
+            strategy = self._on_loop(writes_for, conversation, client.role, f"{client.index}")
             if strategy.is_empty:
                 continue
             operation = data.draw(strategy, label="operation")

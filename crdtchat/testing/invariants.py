@@ -103,6 +103,7 @@ def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = Tr
     """
     accepted: list[Message] = []
     by_id: dict[str, Message] = {}
+    claimed: set[str] = set()  # ids of every well-formed message, shown or not
     problems: list[int] = []
     for position, raw in enumerate(roots[schema.MESSAGES]):
         try:
@@ -110,6 +111,7 @@ def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = Tr
         except ValidationError:
             problems.append(position)
             continue
+        claimed.add(message.id)
         if message.id in by_id or (message.parent is not None and message.parent not in by_id):
             problems.append(position)  # later duplicate, or parent not (yet) a message
             continue
@@ -137,8 +139,9 @@ def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = Tr
             hashes[path[end - 1].id] = reference_prefix_hash(system, tools, path[:end])
 
     def free_number(message_id: str, number: int) -> int:
-        # the next answer number whose turn id no message holds yet (a peer may have taken it)
-        while assistant_turn_id(message_id, number) in by_id:
+        # the next answer number whose turn id no well-formed message holds yet, shown or not
+        # (a peer may have taken it)
+        while assistant_turn_id(message_id, number) in claimed:
             number += 1
         return number
 

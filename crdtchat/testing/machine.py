@@ -229,8 +229,7 @@ class ConversationMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def transport_step(self, data: st.DataObject) -> None:
-        peers = tuple(sorted({r.author for r in self.net.replicas}))
-        self.write_with(data, lambda c: strategies.transport_changes(c, peers=peers))
+        self.write_with(data, strategies.transport_changes)
 
     @rule(data=st.data())
     def foreign_write(self, data: st.DataObject) -> None:

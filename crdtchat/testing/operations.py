@@ -388,12 +388,13 @@ class SetDraft:
 
 @dataclass(frozen=True)
 class MarkRead:
-    peer: str
+    """This author's read mark (keyed by the author: design §7.2)."""
+
     message_id: str
 
     def apply(self, conversation: Conversation) -> None:
-        conversation.mark_read(self.peer, self.message_id)
-        _check(conversation.read_mark(self.peer) == self.message_id, "read mark not kept")
+        conversation.mark_read(self.message_id)
+        _check(conversation.read_mark() == self.message_id, "read mark not kept")
 
 
 @dataclass(frozen=True)

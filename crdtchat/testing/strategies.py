@@ -172,11 +172,13 @@ def _editable(conversation: Conversation) -> list[Message]:
     return result
 
 
-def _fresh_id(conversation: Conversation) -> SearchStrategy[str]:
-    """A drawn id, suffixed until no message here has it (other replicas may: on purpose)."""
+def _fresh_id(conversation: Conversation, prefix: str = "") -> SearchStrategy[str]:
+    """A drawn id, suffixed until no message here has it (other replicas may: on purpose,
+    unless each replica draws with a prefix of its own)."""
 
     def free(candidate: str) -> str:
-        while conversation.view.get(candidate) is not None:
+        candidate = prefix + candidate
+        while conversation.view.claimed(candidate) is not None:
             candidate += "'"
         return candidate
 
@@ -191,7 +193,7 @@ def _answerable(conversation: Conversation) -> list[tuple[str, str]]:
             continue
         number = len(conversation.assistant_answers(message.id)) + 1
         turn_id = assistant_turn_id(message.id, number)
-        if conversation.view.get(turn_id) is None:
+        if conversation.view.claimed(turn_id) is None:
             result.append((message.id, turn_id))
     return result
 
@@ -210,9 +212,13 @@ def _open_calls(conversation: Conversation, parent: Message | None) -> list[str]
 
 
 def append_messages(
-    conversation: Conversation, *, roles: Sequence[schema.Role] = ROLES
+    conversation: Conversation, *, roles: Sequence[schema.Role] = ROLES, id_prefix: str = ""
 ) -> SearchStrategy[AppendMessage]:
-    """A message of any role, following any existing message (or none)."""
+    """A message of any role, following any existing message (or none).
+
+    Ids start with `id_prefix`: replicas behind a relay, which refuses a taken id (design
+    §7.2), each use their own so that their concurrent appends never collide.
+    """
     messages = _messages(conversation)
 
     @st.composite
@@ -240,7 +246,7 @@ def append_messages(
         if role in ("user", "tool") and draw(st.integers(0, 4)) == 0:
             fields["files"] = draw(file_refs())
         return AppendMessage(
-            message_id=draw(_fresh_id(conversation)),
+            message_id=draw(_fresh_id(conversation, id_prefix)),
             role=role,
             content=draw(texts()),
             parent=None if parent is None else parent.id,
@@ -422,10 +428,7 @@ def worker_operations(
 
 
 def transport_changes(
-    conversation: Conversation,
-    *,
-    peers: Sequence[str] = ("alice", "bob"),
-    regenerate_unanswered: bool = False,
+    conversation: Conversation, *, regenerate_unanswered: bool = False
 ) -> SearchStrategy[Operation]:
     """Drafts, read marks, cancel and regenerate requests.
 
@@ -436,7 +439,7 @@ def transport_changes(
     options: list[SearchStrategy[Operation]] = [st.builds(SetDraft, texts(max_size=10))]
     if messages:
         ids = [m.id for m in messages]
-        options.append(st.builds(MarkRead, st.sampled_from(tuple(peers)), st.sampled_from(ids)))
+        options.append(st.builds(MarkRead, st.sampled_from(ids)))
         answerable = [
             m.id
             for m in messages
@@ -514,7 +517,6 @@ def operations(
     conversation: Conversation,
     *,
     holders: Sequence[str] = HOLDERS,
-    peers: Sequence[str] = ("alice", "bob"),
     foreign: bool = True,
 ) -> SearchStrategy[Operation]:
     """Any operation valid for the replica's current state."""
@@ -523,7 +525,7 @@ def operations(
         text_edits(conversation),
         settings_changes(),
         worker_operations(conversation, holders=holders),
-        transport_changes(conversation, peers=peers),
+        transport_changes(conversation),
     ]
     if foreign:
         options.append(foreign_writes(conversation))

@@ -224,12 +224,8 @@ class ChatApp(App[None]):
             for number, message in enumerate(thread[start:], start + 1)
         ]
         await self._show_items()
-        if (
-            not self.read_only
-            and thread
-            and conversation.read_mark(conversation.author) != thread[-1].id
-        ):
-            conversation.mark_read(conversation.author, thread[-1].id)
+        if not self.read_only and thread and conversation.read_mark() != thread[-1].id:
+            conversation.mark_read(thread[-1].id)
 
     async def _show_preview(self, preview: ViewSnapshot) -> None:
         """The stored end of the thread, numbered as it was, while the document loads."""
