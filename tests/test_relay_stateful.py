@@ -35,11 +35,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from pycrdt import Doc
+from pycrdt import Doc, Map, Text
 from relay_support import RelayProcess, raw_client, token
 
 from crdtchat.document import Conversation, PeerRole
 from crdtchat.replica import Backoff, Replica
+from crdtchat.schema import answered_id_of, assistant_turn_id, message_id_refusal
 from crdtchat.testing import (
     CreateConversation,
     check_converged,
@@ -51,7 +52,7 @@ from crdtchat.testing import (
 )
 from crdtchat.testing.floods import AwarenessFlood, awareness_floods
 from crdtchat.testing.invariants import raw_message_ids
-from crdtchat.testing.operations import AppendMessage, CommitTurn, Operation
+from crdtchat.testing.operations import AppendMessage, CommitTurn, ForeignMessageAt, Operation
 from server.config import RelayConfig
 
 FAST = Backoff(initial=0.05, maximum=0.5)
@@ -182,6 +183,9 @@ class RelayMachine(RuleBasedStateMachine):
         first = self.clients[0].conversation
         assert first is not None
         self._on_loop(CreateConversation().apply, first)
+        # alice's first question: something for every run to answer, edit, and forge
+        self._on_loop(AppendMessage("q", "user", "first", parent=None).apply, first)
+        self.written.add("q")
 
     @rule(data=st.data(), count=st.integers(1, 6))
     def write(self, data: st.DataObject, count: int) -> None:
@@ -244,6 +248,42 @@ class RelayMachine(RuleBasedStateMachine):
     def quiesce(self) -> None:
         self.check_quiescent()
 
+    # -- a forger: messages reusing taken ids (design §7.2) ---------------------------------------
+
+    @precondition(lambda self: bool(self.written))
+    @rule(data=st.data())
+    def forge_duplicate_id(self, data: st.DataObject) -> None:
+        """mallory inserts, at any position, a message reusing the id of a message written
+        here (or the id of an answer to it). The relay refuses it unless it is the same
+        assistant turn, and keeps serving the replicas, which converge without it (checked at
+        every quiescence). What the replicas hold depends on the real network's timing, so the
+        draws depend only on what was written; the forger waits until the relay has it."""
+        written = sorted(self.written)
+        answers = [assistant_turn_id(i, 1) for i in written if answered_id_of(i) is None]
+        role = data.draw(st.sampled_from(strategies.ROLES), label="role")
+        fields: dict[str, Any] = {
+            "id": data.draw(st.sampled_from([*written, *answers]), label="id"),
+            "role": role,
+            "author": "mallory",
+            "parent": data.draw(st.sampled_from([None, *written]), label="parent"),
+            "content": data.draw(strategies.texts(), label="content"),
+        }
+        if role == "tool":
+            fields["tool_call_id"] = "x"
+        # a position in the document the forger gets: taken modulo its length
+        operation = ForeignMessageAt(data.draw(st.integers(0, 2**16), label="position"), fields)
+        role = "worker" if operation.fields["role"] == "assistant" else "writer"
+        url = f"ws://{self.relay.host}:{self.relay.port}/{self.room}"
+        tok = token(self.room, role, "mallory")
+        expected, reason = self.portal.call(_forge, f"{url}?token={tok}&ext=ack", operation)
+        if expected is None:
+            assert reason is None, reason
+            _count("forgeries accepted (the same assistant turn)")
+        else:
+            assert reason == expected
+            _count("forgeries refused")
+        event(f"forgery {'refused' if expected else 'accepted'}")
+
     # -- invariants -------------------------------------------------------------------------------
 
     def check_quiescent(self) -> None:
@@ -281,6 +321,34 @@ async def _flood(url: str, flood: AwarenessFlood) -> tuple[int | None, str | Non
                 break
             await mallory.send_raw(frame)
         return await mallory.wait_closed(timeout=CONVERGE_TIMEOUT)
+
+
+async def _forge(url: str, operation: ForeignMessageAt) -> tuple[str | None, str | None]:
+    """Make `operation` on a fresh connection, once the relay holds what the id belongs to;
+    (the relay's reason as `message_id_refusal` gives it, the reason the relay gave)."""
+    fields = operation.fields
+    message_id = fields["id"]
+    async with raw_client(url) as forger:
+        seen = Conversation(forger.doc, author="mallory")
+        try:
+            needed = answered_id_of(message_id) or message_id
+            await forger.wait_for(
+                lambda: seen.view.claimed(needed) is not None, timeout=CONVERGE_TIMEOUT
+            )
+            taken = seen.view.claimed(message_id)
+            expected = message_id_refusal(
+                message_id,
+                fields["role"],
+                fields["parent"],
+                None if taken is None else (taken.role, taken.parent),
+            )
+            item = Map({**fields, "created_at": 0.0, "content": Text(fields["content"])})
+            position = operation.position % (len(forger.messages) + 1)
+            await forger.push(lambda doc: forger.messages.insert(position, item))
+            await forger.wait_acked(timeout=CONVERGE_TIMEOUT)
+        finally:
+            seen.view.close()
+        return expected, (forger.denied[0] if forger.denied else None)
 
 
 def _count(what: str, n: int = 1) -> None:
@@ -381,6 +449,7 @@ def test_replicas_on_a_real_relay_converge_through_relay_and_client_restarts(
         "client restarts",
         "quiescences",
         "awareness floods",
+        "forgeries refused",
     ):
         assert tally.get(what, 0) > 0, f"no {what} in {tally}"
     assert tally.get("messages checked", 0) > 0

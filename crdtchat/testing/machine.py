@@ -236,6 +236,13 @@ class ConversationMachine(RuleBasedStateMachine):
         if self.foreign_writes:
             self.write_with(data, strategies.foreign_writes)
 
+    @rule(data=st.data())
+    def foreign_duplicate_id(self, data: st.DataObject) -> None:
+        """A message reusing a taken id at any position: what our relay refuses, in a document
+        that came from elsewhere. Every replica must read the same first-of-an-id."""
+        if self.foreign_writes:
+            self.write_with(data, strategies.duplicate_ids)
+
     # -- the network --------------------------------------------------------------------------
 
     def _busy(self) -> bool:

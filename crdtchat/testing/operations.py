@@ -453,6 +453,25 @@ class ForeignMessage:
 
 
 @dataclass(frozen=True)
+class ForeignMessageAt:
+    """Insert a message Map at `position` of `canonical.messages`, bypassing validation: a
+    message reusing an id that is already taken, anywhere (design §7.2).
+
+    The relay refuses such a message from its own peers; a document from elsewhere may still
+    hold one, and readers keep the first of an id in document order.
+    """
+
+    position: int
+    fields: dict[str, JSON]
+
+    def apply(self, conversation: Conversation) -> None:
+        values = dict(self.fields)
+        values["content"] = Text(str(values.get("content", "")))
+        conversation.messages.insert(self.position, Map(values))
+        _check_all_items_read(conversation)
+
+
+@dataclass(frozen=True)
 class ForeignDeleteMessage:
     """Delete the item at `position` of `canonical.messages` (outside the contract: §4)."""
 

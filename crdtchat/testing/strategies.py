@@ -34,6 +34,7 @@ from crdtchat.testing.operations import (
     ForeignDeleteMessage,
     ForeignMapWrite,
     ForeignMessage,
+    ForeignMessageAt,
     InsertText,
     MarkRead,
     Operation,
@@ -508,6 +509,55 @@ def foreign_writes(conversation: Conversation) -> SearchStrategy[Operation]:
         positions = st.integers(0, len(conversation.messages) - 1)
         options.append(st.builds(ForeignDeleteMessage, positions))
     return st.one_of(options)
+
+
+# -- duplicate ids (design §7.2) ---------------------------------------------------------------
+
+
+def taken_ids(conversation: Conversation) -> list[str]:
+    """Ids a new message may not carry here: every well-formed message's, and the next answer
+    id of each user and tool message (a shadow can be written in advance)."""
+    messages = [entry.message for entry in conversation.view.entries if entry.message is not None]
+    ids = dict.fromkeys(m.id for m in messages)
+    for message in messages:
+        if message.role in ("user", "tool"):
+            number = len(conversation.assistant_answers(message.id)) + 1
+            ids[assistant_turn_id(message.id, number)] = None
+    return list(ids)
+
+
+def duplicate_ids(
+    conversation: Conversation, *, authors: Sequence[str] = ("alice", "bob", "mallory")
+) -> SearchStrategy[ForeignMessageAt]:
+    """A well-formed message reusing a taken id (`taken_ids`), inserted at any position.
+
+    What a writer would do to shadow someone's message, or to block an answer by taking its
+    id first. The relay refuses it (test_relay_stateful.py); a replica that gets it from
+    elsewhere shows the first message of the id in document order, like every other replica.
+    """
+    ids = taken_ids(conversation)
+    if not ids:
+        return st.nothing()
+    parents = [m.id for m in _messages(conversation)]
+    size = len(conversation.messages)
+
+    @st.composite
+    def build(draw: st.DrawFn) -> ForeignMessageAt:
+        role = draw(st.sampled_from(ROLES))
+        fields: dict[str, Any] = {
+            "id": draw(st.sampled_from(ids)),
+            "role": role,
+            "author": draw(st.sampled_from(tuple(authors))),
+            "parent": draw(st.none() | st.sampled_from(parents)) if parents else None,
+            "created_at": 0.0,
+            "content": draw(texts()),
+        }
+        if role == "tool":
+            fields["tool_call_id"] = "x"
+        position = draw(st.integers(0, size))
+        return ForeignMessageAt(position, fields)
+
+    return build()
 
 
 # -- everything ------------------------------------------------------------------------------
