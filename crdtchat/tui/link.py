@@ -80,8 +80,6 @@ class ReplicaLink:
             detail = f"relay refused a write: {status.denied}"
         elif status.store_error:
             detail = f"local file not written ({status.store_error}); edits kept in memory"
-        elif status.notice:
-            detail = status.notice
         else:
             detail = ""
         return LinkStatus(online=status.connected, pending=status.pending, detail=detail)
