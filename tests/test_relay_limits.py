@@ -39,6 +39,7 @@ from crdtchat.wire import (
     encode_awareness,
     encode_message,
 )
+from server.ratelimit import Subject, SubjectQuotas, Subjects
 
 pytestmark = pytest.mark.anyio
 
@@ -412,3 +413,21 @@ async def test_document_size(relay: RelayProcess) -> None:
         assert not survivor.closed
     async with raw_client(url(relay, room, "reader", role="reader")) as reader:
         assert len(reader.messages) % 6 == 0 and len(reader.messages) > 0
+
+
+def test_the_subject_table_keeps_only_active_subjects() -> None:
+    """A subject is counted while it has connections or something left to refill; then it is
+    forgotten, so the table does not grow with every subject ever seen."""
+    subjects = Subjects(SubjectQuotas(connections=2))
+    first, second = subjects.connect("a"), subjects.connect("a")
+    assert isinstance(first, Subject) and isinstance(second, Subject)
+    assert subjects.connect("a") == "too many connections for subject 'a': limit 2; try again later"
+    subjects.disconnect(first)
+    subjects.disconnect(second)
+    assert len(subjects) == 0
+    owing = subjects.connect("b")
+    assert isinstance(owing, Subject)
+    assert owing.refusals.take(1)
+    subjects.disconnect(owing)
+    assert len(subjects) == 1  # its refusal has not refilled: forgetting it would reset it
+    assert subjects.get("b") is owing
