@@ -36,7 +36,7 @@ from websockets.uri import parse_uri
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE_SERVER = NODE_DIR / "node_modules" / "y-websocket" / "bin" / "server.cjs"
-SECRET = "benchmark-secret-for-the-relay"
+SECRET = "benchmark-secret-for-the-relay-32-bytes"
 _RELAY_LISTENING = re.compile(r"crdtchat relay listening on ws://([^:\s]+):(\d+)")
 _NODE_LISTENING = re.compile(r"running at '([^']+)' on port (\d+)")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -29,11 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_extra_options(serve)
 
-    token = commands.add_parser("token", help="print a signed token")
-    token.add_argument("--room", required=True, help="a room name, or * for every room")
-    token.add_argument("--role", required=True, choices=["reader", "writer", "worker"])
+    token = commands.add_parser(
+        "token", help="print a signed token (without --room: an identity token)"
+    )
     token.add_argument("--sub", required=True, help="the person or worker it is issued to")
+    token.add_argument("--room", default=None, help="a room name, or * for every room")
+    token.add_argument("--role", default=None, choices=["reader", "writer", "worker"])
     token.add_argument("--ttl", type=float, default=30 * 24 * 3600, help="seconds until expiry")
+    token.add_argument(
+        "--link", default=None, metavar="URL", help="print URL#token=<token>, to sign in a device"
+    )
+    token.add_argument(
+        "--qr", action="store_true", help="also draw it as a QR code, for a phone's camera"
+    )
 
     worker = commands.add_parser("worker", help="run the LLM worker peer")
     worker.add_argument("--relay", required=True, help="ws://HOST:PORT")

@@ -14,12 +14,14 @@ is asyncio-only). The document must be edited from the event loop's thread.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import random
 import sqlite3
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +60,17 @@ from crdtchat.sync import (
 )
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.view import MessageView, SnapshotError, ViewSnapshot
-from crdtchat.wire import WireError, WireMessage, decode_frame, encode_frame
+from crdtchat.wire import (
+    MESSAGE_TOKEN_REFRESH,
+    Extension,
+    RefreshAnswer,
+    WireError,
+    WireMessage,
+    decode_frame,
+    encode_frame,
+    encode_message,
+    encode_token_refresh,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +78,9 @@ log = logging.getLogger(__name__)
 # client treats them. (1008 is not one: the relay uses it for bad input and rate limits, after
 # which a reconnect is right; an expired token is then refused at the HTTP upgrade.)
 _REJECTING_CLOSE_CODES = range(4400, 4500)
+# A token is refreshed this long before it expires (at most a third of its lifetime before).
+REFRESH_AHEAD = 60.0
+TokenProvider = Callable[[], Awaitable[str] | str]
 # Messages are packed into frames of about this size (one larger message goes alone).
 _FRAME_TARGET = 256 * 1024
 
@@ -151,6 +166,12 @@ class Replica:
     one is never used beyond that first picture). When the file refuses writes (a full disk)
     edits stay in memory, `status.store_error` says why, and writes are retried with
     `store_retry`'s delays until they succeed.
+
+    `token_provider` (a function, sync or async, returning a current token for this room) keeps
+    a long-lived connection open past its token's expiry: the replica asks for the refresh
+    extension (design §3) and sends a fresh token ahead of each expiry; when the relay still
+    ends the connection for an expired token, or refuses one at connect, it asks the provider
+    once more and reconnects, with its local edits kept and sent on.
     """
 
     def __init__(
@@ -173,6 +194,7 @@ class Replica:
         view: MessageView | None = None,
         snapshot_interval: float = 10.0,
         store_retry: Backoff | None = None,
+        token_provider: TokenProvider | None = None,
     ) -> None:
         if not ROOM_NAME.fullmatch(room):
             raise ValueError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
@@ -181,6 +203,7 @@ class Replica:
         self.url = url.rstrip("/")
         self.room = room
         self._token = token
+        self._token_provider = token_provider
         self.doc: Doc = doc if doc is not None else Doc()
         self.awareness = Awareness(self.doc)
         self.awareness.set_local_state(dict(presence) if presence is not None else {})
@@ -215,6 +238,10 @@ class Replica:
         self._unsaved = 0
         self._denied: str | None = None
         self._rejected: str | None = None
+        self._token_obtained = time.time()
+        self._offered_token: str | None = None
+        self._token_answered = anyio.Event()
+        self._fresh_refused = False
         self._attempt = 0
         self._dirty = anyio.Event()
         self._send_wakeup = anyio.Event()
@@ -611,6 +638,14 @@ class Replica:
                 if self._stopping.is_set():
                     return
                 if self._rejected is not None:
+                    # Once per rejection: a provider whose tokens are refused too must not spin.
+                    token = None if self._fresh_refused else await self._fresh_token()
+                    if token is not None and token != self._token:
+                        log.info("room %s: reconnecting with a fresh token", self.room)
+                        self._fresh_refused = True  # until a connection with it syncs
+                        self._token_obtained = time.time()
+                        self.set_token(token)
+                        continue
                     await self._retry_now.wait()  # until set_token() or close
                     continue
                 delay = self._backoff.delay(self._attempt, self._rng)
@@ -640,7 +675,62 @@ class Replica:
 
     def _connect_url(self) -> str:
         url = f"{self.url}/{self.room}?token={quote(self._token, safe='')}"
-        return url + "&ext=ack" if self._durable_acks else url
+        extensions = [
+            name
+            for name, wanted in (
+                ("ack", self._durable_acks),
+                ("refresh", self._token_provider is not None),
+            )
+            if wanted
+        ]
+        return url + "&ext=" + ",".join(extensions) if extensions else url
+
+    async def _fresh_token(self) -> str | None:
+        """A token from the provider, or None when it has none or fails (logged)."""
+        if self._token_provider is None:
+            return None
+        try:
+            token = self._token_provider()
+            if inspect.isawaitable(token):
+                token = await token
+        except Exception:
+            log.exception("room %s: the token provider failed", self.room)
+            return None
+        return token if isinstance(token, str) and token else None
+
+    async def _refresh_loop(self, ws: ClientConnection) -> None:
+        """Send a fresh token ahead of each expiry, over the open connection (extension 102)."""
+        while True:
+            try:
+                claims = read_claims_unverified(self._token)
+            except TokenError:
+                return
+            lifetime = max(0.0, claims.exp - self._token_obtained)
+            ahead = min(REFRESH_AHEAD, lifetime / 3)
+            await anyio.sleep(max(0.0, claims.exp - ahead - time.time()))
+            token = await self._fresh_token()
+            if token is None or token == self._token:
+                await anyio.sleep(max(1.0, ahead / 2))  # ask again, until the relay closes
+                continue
+            self._offered_token = token
+            self._token_answered = anyio.Event()
+            try:
+                await ws.send(encode_message(encode_token_refresh(token)))
+            except ConnectionClosed:
+                return
+            with anyio.move_on_after(30.0):  # a relay without the extension never answers
+                await self._token_answered.wait()
+
+    def _on_refresh_answer(self, payload: bytes) -> None:
+        answer = RefreshAnswer.decode(payload)
+        if answer.accepted and self._offered_token is not None:
+            self._token = self._offered_token
+            self._token_obtained = time.time()
+            log.info("room %s: token refreshed, valid until %d", self.room, answer.exp)
+        else:
+            log.warning("room %s: relay refused the token refresh: %s", self.room, answer.reason)
+        self._offered_token = None
+        self._token_answered.set()
 
     async def _connect_once(self) -> None:
         """One connection attempt and, if it opens, the connection's whole life.
@@ -704,6 +794,8 @@ class Replica:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._send_loop, ws, tg.cancel_scope)
             tg.start_soon(self._receive_loop, ws, tg.cancel_scope)
+            if self._token_provider is not None:
+                tg.start_soon(self._refresh_loop, ws)
 
     async def _receive_loop(self, ws: ClientConnection, connection: anyio.CancelScope) -> None:
         session = self.session
@@ -712,6 +804,9 @@ class Replica:
                 if isinstance(frame, str):
                     raise WireError("the relay sent a text frame")
                 for message in decode_frame(frame):
+                    if isinstance(message, Extension) and message.type == MESSAGE_TOKEN_REFRESH:
+                        self._on_refresh_answer(message.payload)
+                        continue
                     session.receive(message)
                 self._pump()
         except ConnectionClosed:
@@ -772,6 +867,7 @@ class Replica:
                 self._queue_op(MarkDurable(event.local_ids))
             elif isinstance(event, Synced):
                 self._attempt = 0  # a connection that synced did useful work
+                self._fresh_refused = False
             elif isinstance(event, Denied):
                 log.warning("room %s: relay denied: %s", self.room, event.reason)
                 self._report_denied(event.reason)

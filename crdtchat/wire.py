@@ -9,7 +9,9 @@ is a varUint *UTF-8 byte* length then the bytes.
 Message types (DESIGN §3): 0 sync (0 step 1, 1 step 2, 2 update), 1 awareness, 2 auth
 (0 = permission denied + reason), 3 query awareness, and extensions from 100 up. Every extension
 is `varUint(type) varUint8Array(payload)` so a peer can skip the ones it does not know; type 100
-is `Ack`, whose payload is `varUint(seq)`.
+is `Ack`, whose payload is `varUint(seq)`; 101 the room feed's notice; 102 the token refresh
+(`encode_token_refresh` and `RefreshAnswer`), whose payload depends on its direction, so it
+stays an opaque `Extension` in `decode_frame`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ MESSAGE_AWARENESS = 1
 MESSAGE_AUTH = 2
 MESSAGE_QUERY_AWARENESS = 3
 MESSAGE_ACK = 100
+MESSAGE_ROOM_WAITING = 101
+MESSAGE_TOKEN_REFRESH = 102
 FIRST_EXTENSION = 100
+REFRESH_ACCEPTED = 0
+REFRESH_REFUSED = 1
 
 SYNC_STEP1 = 0
 SYNC_STEP2 = 1
@@ -276,6 +282,49 @@ def encode_frame(messages: Iterable[WireMessage]) -> bytes:
     """Several messages back to back in one frame (y-websocket 4.x clients read them all;
     2.x clients read only the first, so the relay sends one message per frame)."""
     return b"".join(encode_message(message) for message in messages)
+
+
+@dataclass(frozen=True)
+class RefreshAnswer:
+    """The relay's answer to a token refresh: the new expiry, or why it kept the old token."""
+
+    accepted: bool
+    exp: int = 0  # unix seconds, when accepted
+    reason: str = ""  # when refused
+
+    def encode(self) -> Extension:
+        if self.accepted:
+            payload = write_var_uint(REFRESH_ACCEPTED) + write_var_uint(self.exp)
+        else:
+            payload = write_var_uint(REFRESH_REFUSED) + write_var_string(self.reason)
+        return Extension(MESSAGE_TOKEN_REFRESH, payload)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RefreshAnswer:
+        reader = Reader(payload)
+        status = reader.var_uint("token refresh status")
+        if status == REFRESH_ACCEPTED:
+            answer = cls(True, exp=reader.var_uint("token refresh expiry"))
+        elif status == REFRESH_REFUSED:
+            answer = cls(False, reason=reader.var_string("token refresh reason"))
+        else:
+            raise WireError(f"unknown token refresh status {status}")
+        if reader.remaining:
+            raise WireError(f"token refresh answer has {reader.remaining} trailing bytes")
+        return answer
+
+
+def encode_token_refresh(token: str) -> Extension:
+    """Client to relay: use `token` for this connection from now on (design §3)."""
+    return Extension(MESSAGE_TOKEN_REFRESH, write_var_string(token))
+
+
+def decode_token_refresh(payload: bytes) -> str:
+    reader = Reader(payload)
+    token = reader.var_string("refreshed token")
+    if reader.remaining:
+        raise WireError(f"token refresh has {reader.remaining} trailing bytes")
+    return token
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from crdtchat.tokens import Issuer
 from server.ratelimit import SubjectQuotas
 
 MIB = 1024 * 1024
@@ -13,6 +14,7 @@ MIB = 1024 * 1024
 @dataclass(frozen=True)
 class RelayConfig:
     secret: str
+    issuers: tuple[Issuer, ...] = ()  # identity providers trusted besides the secret (§4)
     host: str = "127.0.0.1"
     port: int = 8765
     data: Path = Path("./crdtchat-data")

@@ -46,7 +46,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from crdtchat.schema import ROOM_NAME
-from crdtchat.tokens import TokenClaims, TokenError, verify_token
+from crdtchat.tokens import FORBIDDEN_REASONS, TokenClaims, TokenError, TokenVerifier, refusal_text
 from server.blobs import BlobError, BlobStore, Upload, check_name
 from server.metrics import Metrics
 from server.room import Room, RoomManager, RoomUnavailable
@@ -137,17 +137,28 @@ class TransferSlots:
                 del self.active[subject]
 
 
+async def verify(verifier: TokenVerifier, token: str, room: str | None) -> TokenClaims:
+    """Check a token; one whose issuer's keys may need fetching is checked on a thread."""
+
+    def check() -> TokenClaims:
+        return verifier.parse(token) if room is None else verifier.verify(token, room)
+
+    if verifier.fetches(token):
+        return await anyio.to_thread.run_sync(check)
+    return check()
+
+
 class HttpEndpoints:
     def __init__(
         self,
-        secret: str,
+        verifier: TokenVerifier | str,
         blobs: BlobStore,
         metrics: Metrics,
         rooms: RoomManager | None = None,
         limits: HttpLimits | None = None,
         health: Callable[[], str | None] | None = None,
     ) -> None:
-        self.secret = secret
+        self.verifier = TokenVerifier(verifier) if isinstance(verifier, str) else verifier
         self.blobs = blobs
         self.metrics = metrics
         self.rooms = rooms
@@ -194,15 +205,15 @@ class HttpEndpoints:
             raise BlobError(400, "a room name is 1-128 of A-Za-z0-9._-")
         return room, check_name(parts[1])
 
-    def claims(self, url: SplitResult, headers: dict[str, str], room: str) -> TokenClaims:
+    async def claims(self, url: SplitResult, headers: dict[str, str], room: str) -> TokenClaims:
         token = _token_from(url, headers)
         if not token:
             raise BlobError(401, "a token is required (?token= or Authorization: Bearer)")
         try:
-            return verify_token(self.secret, token, room)
+            return await verify(self.verifier, token, room)
         except TokenError as error:
-            status = 403 if error.reason == "wrong room" else 401
-            raise BlobError(status, f"token refused: {error.reason}") from None
+            status = 403 if error.reason in FORBIDDEN_REASONS else 401
+            raise BlobError(status, f"token refused: {refusal_text(error.reason)}") from None
 
     async def open_for(self, room_name: str, sha256: str) -> BinaryIO | None:
         """The blob's bytes if `room_name` references it and it was uploaded there."""
@@ -400,7 +411,7 @@ class _Exchange:
     async def _put(self, url: SplitResult, headers: dict[str, str]) -> None:
         endpoints = self.endpoints
         room, sha256 = endpoints.target(url)
-        claims = endpoints.claims(url, headers, room)
+        claims = await endpoints.claims(url, headers, room)
         if claims.role not in UPLOAD_ROLES:
             raise BlobError(403, f"a {claims.role} token may not upload blobs")
         if "transfer-encoding" in headers:
@@ -461,7 +472,7 @@ class _Exchange:
 
     async def _get(self, url: SplitResult, headers: dict[str, str]) -> None:
         room, sha256 = self.endpoints.target(url)
-        claims = self.endpoints.claims(url, headers, room)
+        claims = await self.endpoints.claims(url, headers, room)
         with self.endpoints.downloads.hold(claims.sub):
             await self._send_blob(room, sha256)
 

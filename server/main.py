@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 from websockets.asyncio.server import serve
 
-from crdtchat.tokens import SECRET_VARIABLE
+from crdtchat.tokens import SECRET_VARIABLE, TokenVerifier, load_trust_file
 from server.blobs import BlobStore
 from server.config import RelayConfig
 from server.feed import WaitingFeed
@@ -42,7 +42,10 @@ SWITCH_INTERVAL = 0.0005
 
 
 def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
+    """The relay's settings; ValueError names what is wrong (e.g. in the trust file)."""
+    trust = getattr(args, "trust", None)
     values: dict[str, object] = {
+        "issuers": tuple(load_trust_file(trust)) if trust else (),
         "secret": secret,
         "host": args.host,
         "port": args.port,
@@ -82,8 +85,9 @@ async def run_relay(
             open_timeout=config.open_timeout,
         )
         # /healthz answers 503 while the store cannot write (store.health says why)
-        endpoints = HttpEndpoints(config.secret, blobs, metrics, rooms, limits, store.health)
-        relay = Relay(config, rooms, endpoints, metrics, feed)
+        verifier = TokenVerifier(config.secret, config.issuers)
+        endpoints = HttpEndpoints(verifier, blobs, metrics, rooms, limits, store.health)
+        relay = Relay(config, rooms, endpoints, metrics, feed, verifier)
         try:
             async with serve(
                 relay.handle,
@@ -115,7 +119,11 @@ def serve_command(args: argparse.Namespace) -> int:
     if not secret:
         print(f"crdtchat serve: {SECRET_VARIABLE} is not set", file=sys.stderr)
         return 1
-    config = config_from_args(args, secret)
+    try:
+        config = config_from_args(args, secret)
+    except ValueError as error:
+        print(f"crdtchat serve: {error}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

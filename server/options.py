@@ -55,3 +55,9 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
 def add_extra_options(parser: argparse.ArgumentParser) -> None:
     for dest, (_, kind, help_text) in EXTRA_OPTIONS.items():
         parser.add_argument("--" + dest.replace("_", "-"), type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--trust",
+        default=None,
+        metavar="FILE",
+        help="JSON file of identity providers whose tokens are accepted (design §4)",
+    )

@@ -1,8 +1,10 @@
 """The websocket side of the relay: who may connect, and one task group per connection.
 
-URL: `ws://HOST:PORT/<room>?token=<token>[&ext=ack]`. The token is checked before the upgrade
-(HTTP 400/401/403 with the reason otherwise). `ext=ack` turns on the Ack extension for that
-connection (DESIGN §3: extensions only for clients that asked).
+URL: `ws://HOST:PORT/<room>?token=<token>[&ext=ack,refresh]`. The token is checked before the
+upgrade (HTTP 400/401/403 with the reason otherwise). `ext=ack` turns on the Ack extension for
+that connection, `ext=refresh` the token refresh (DESIGN §3: extensions only for clients that
+asked). A connection lasts only as long as its token: at its expiry the relay stops sending to
+it and closes it (4401 "token expired"), unless a refresh moved the expiry.
 
 Each connection runs two tasks: the reader, which decodes frames and hands every message to the
 room synchronously, and the settler, which finishes the results in order once the store has
@@ -17,6 +19,7 @@ The limits are design §7.3 and §7.4.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -27,15 +30,34 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from crdtchat.schema import ROOM_NAME
-from crdtchat.tokens import ANY_ROOM, TokenClaims, TokenError, parse_claims, verify_token
-from crdtchat.wire import SyncStep2, SyncUpdate, WireError, decode_frame
+from crdtchat.tokens import (
+    ANY_ROOM,
+    FORBIDDEN_REASONS,
+    TokenClaims,
+    TokenError,
+    TokenVerifier,
+    refusal_text,
+)
+from crdtchat.wire import (
+    MESSAGE_TOKEN_REFRESH,
+    Extension,
+    RefreshAnswer,
+    SyncStep2,
+    SyncUpdate,
+    WireError,
+    decode_frame,
+    decode_token_refresh,
+    encode_message,
+)
 from crdtchat.worker.feed import FEED_PATH
 from server.config import RelayConfig
 from server.feed import WaitingFeed
-from server.http import HttpEndpoints, make_response
+from server.http import HttpEndpoints, make_response, verify
 from server.metrics import Metrics
 from server.ratelimit import ConnectionLimits, Subjects
 from server.room import (
+    TOKEN_EXPIRED,
+    TOKEN_EXPIRED_CODE,
     Peer,
     PeerViolation,
     Pending,
@@ -55,6 +77,7 @@ class Target:
     room: str
     claims: TokenClaims
     want_ack: bool
+    want_refresh: bool = False
 
 
 def _close_reason(text: str) -> str:
@@ -77,8 +100,10 @@ class Relay:
         http: HttpEndpoints,
         metrics: Metrics,
         feed: WaitingFeed | None = None,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self.config = config
+        self.verifier = verifier or TokenVerifier(config.secret, config.issuers)
         self.rooms = rooms
         self.http = http
         self.metrics = metrics
@@ -90,7 +115,7 @@ class Relay:
         if self.http.is_http_path(url.path):
             return await self.http.get(request, url)
         if url.path == FEED_PATH and self.feed is not None:
-            return self._admit_feed(conn, url.query)
+            return await self._admit_feed(conn, url.query)
         room = unquote(url.path[1:])
         if not ROOM_NAME.fullmatch(room):
             return make_response(400, "the path must be /<room>, 1-128 of A-Za-z0-9._-\n")
@@ -99,21 +124,23 @@ class Relay:
         if not token:
             return make_response(401, "a token is required: ?token=...\n")
         try:
-            claims = verify_token(self.config.secret, token, room)
+            claims = await verify(self.verifier, token, room)
         except TokenError as error:
-            status = 403 if error.reason == "wrong room" else 401
-            return make_response(status, f"token refused: {error.reason}\n")
+            status = 403 if error.reason in FORBIDDEN_REASONS else 401
+            return make_response(status, f"token refused: {refusal_text(error.reason)}\n")
         extensions = {ext for value in query.get("ext", []) for ext in value.split(",")}
-        conn.target = Target(room, claims, want_ack="ack" in extensions)  # type: ignore[attr-defined]
+        conn.target = Target(  # type: ignore[attr-defined]
+            room, claims, want_ack="ack" in extensions, want_refresh="refresh" in extensions
+        )
         return None
 
-    def _admit_feed(self, conn: ServerConnection, query_string: str) -> Response | None:
+    async def _admit_feed(self, conn: ServerConnection, query_string: str) -> Response | None:
         """The room feed is for workers that serve every room."""
         token = (parse_qs(query_string).get("token") or [""])[0]
         try:
-            claims = parse_claims(self.config.secret, token)
+            claims = await verify(self.verifier, token, None)
         except TokenError as error:
-            return make_response(401, f"token refused: {error.reason}\n")
+            return make_response(401, f"token refused: {refusal_text(error.reason)}\n")
         if claims.role != "worker" or claims.room != ANY_ROOM:
             return make_response(403, "the room feed needs a worker token for every room\n")
         conn.target = FeedTarget(claims)  # type: ignore[attr-defined]
@@ -123,7 +150,10 @@ class Relay:
         target: Target | FeedTarget = ws.target  # type: ignore[attr-defined]
         if isinstance(target, FeedTarget):
             assert self.feed is not None
-            await self.feed.serve(ws)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._close_feed_at_expiry, ws, target.claims.exp)
+                await self.feed.serve(ws)
+                tg.cancel_scope.cancel()
             return
         # Counted before the room is loaded: a subject over its limit costs no room load.
         subject = self.subjects.connect(target.claims.sub)
@@ -143,7 +173,9 @@ class Relay:
                 await ws.close(1011, _close_reason(str(error)))
                 return
             try:
-                peer = Peer(ws, target.claims, target.want_ack, subject, self.config)
+                peer = Peer(
+                    ws, target.claims, target.want_ack, subject, self.config, target.want_refresh
+                )
                 await self._serve(ws, room, peer)
             finally:
                 room.release()
@@ -157,6 +189,7 @@ class Relay:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._close_on_request, peer)
+                outer.start_soon(self._close_at_expiry, peer)
                 async with anyio.create_task_group() as inner:
                     inner.start_soon(self._settle, room, peer, receive)
                     async with send:
@@ -169,6 +202,45 @@ class Relay:
         await peer.close_requested.wait()
         self.metrics.closed_connections[_metric_reason(peer.close_reason)] += 1
         await peer.ws.close(peer.close_code, _close_reason(peer.close_reason))
+
+    async def _close_at_expiry(self, peer: Peer) -> None:
+        """Access ends with the token: close the connection when it expires (or its refresh)."""
+        while True:
+            changed = peer.claims_changed
+            delay = peer.expires - time.time()
+            if delay <= 0:
+                log.info("closing %r: token expired", peer)
+                peer.request_close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
+                return
+            with anyio.move_on_after(delay):
+                await changed.wait()
+
+    async def _close_feed_at_expiry(self, ws: ServerConnection, exp: int) -> None:
+        await anyio.sleep(max(0.0, exp - time.time()))
+        self.metrics.closed_connections["token_expired"] += 1
+        await ws.close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
+
+    async def _refresh(self, room: Room, peer: Peer, payload: bytes) -> None:
+        """Extension 102: a newer token for this connection; the relay answers either way."""
+        if peer.expires <= time.time():  # too late: access has ended, the close is on its way
+            raise PeerViolation(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
+        try:
+            token = decode_token_refresh(payload)
+        except WireError as error:
+            raise PeerViolation(1008, f"malformed token refresh: {error}") from None
+        try:
+            claims = await verify(self.verifier, token, room.name)
+        except TokenError as error:
+            answer = RefreshAnswer(False, reason=f"token refused: {refusal_text(error.reason)}")
+        else:
+            if claims.sub != peer.claims.sub:
+                answer = RefreshAnswer(False, reason="a refreshed token must name the same subject")
+            else:
+                peer.refresh(claims)
+                answer = RefreshAnswer(True, exp=claims.exp)
+        if not answer.accepted:
+            log.info("room %s: refused a token refresh from %r: %s", room.name, peer, answer.reason)
+        room.send(peer, encode_message(answer.encode()))
 
     async def _settle(
         self, room: Room, peer: Peer, receive: MemoryObjectReceiveStream[Pending]
@@ -223,6 +295,16 @@ class Relay:
         if over is not None:
             return 1008, over
         for message in messages:
+            if (
+                isinstance(message, Extension)
+                and message.type == MESSAGE_TOKEN_REFRESH
+                and peer.want_refresh
+            ):
+                try:
+                    await self._refresh(room, peer, message.payload)
+                except PeerViolation as violation:
+                    return violation.code, violation.reason
+                continue
             if isinstance(message, SyncStep2 | SyncUpdate) and not room.structure_ready.is_set():
                 await room.structure_ready.wait()
             try:

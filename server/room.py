@@ -56,6 +56,11 @@ from server.store import Store, StoreError
 
 log = logging.getLogger("crdtchat.relay.room")
 
+# Close code and reason for a connection whose token expired (design §3): in the 4400s, which
+# y-websocket clients and `Replica` take as "do not come back with this token".
+TOKEN_EXPIRED_CODE = 4401
+TOKEN_EXPIRED = "token expired"
+
 
 class PeerViolation(RemoteProtocolError):
     """The peer broke the protocol; close its connection with this code and reason."""
@@ -84,6 +89,7 @@ class Peer:
         want_ack: bool,
         subject: Subject,
         config: RelayConfig,
+        want_refresh: bool = False,
     ) -> None:
         self.ws = ws
         # Fixed once the handshake is done; kept here for the broadcast loop (Room._send_many).
@@ -91,7 +97,11 @@ class Peer:
         self.protocol = ws.protocol
         self.plain = not ws.protocol.extensions
         self.claims = claims
+        # A plain attribute: the broadcast loop reads it for every peer (design §3, access ends).
+        self.expires = float(claims.exp)
+        self.claims_changed = anyio.Event()  # set by a token refresh: the expiry moved
         self.want_ack = want_ack
+        self.want_refresh = want_refresh
         self.awareness_ids: set[int] = set()
         self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
         self.acked = 0
@@ -104,6 +114,13 @@ class Peer:
         self.close_requested = anyio.Event()
         self.close_code = 1000
         self.close_reason = ""
+
+    def refresh(self, claims: TokenClaims) -> None:
+        """Use a newer token of the same subject from now on (extension 102)."""
+        self.claims = claims
+        self.expires = float(claims.exp)
+        self.claims_changed.set()
+        self.claims_changed = anyio.Event()
 
     def request_close(self, code: int, reason: str) -> None:
         if not self.close_requested.is_set():
@@ -171,6 +188,9 @@ class Room:
         self.awareness = Awareness(Doc())
         self.awareness.set_local_state(None)  # the relay itself is not present
         self.awareness.observe(self._on_awareness)
+        # Which connection introduced each awareness client id: only it may change or clear
+        # that state (design §3, presence is bound to its connection).
+        self.awareness_owners: dict[int, Peer] = {}
         self._next_seq = 1
         self._last_write: asyncio.Future[None] | None = None
         self._log_length = 0
@@ -343,8 +363,12 @@ class Room:
         limit = self.config.max_write_buffer
         is_open = State.OPEN
         sent = 0
+        now = time.time()
         for peer in peers:  # the hot loop at 500 peers: keep it lean
             if peer is exclude or peer.protocol.state is not is_open:
+                continue
+            if peer.expires <= now:  # its token expired: nothing more, its close is coming
+                peer.request_close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
                 continue
             transport = peer.transport
             if transport is None:
@@ -375,6 +399,9 @@ class Room:
 
     def leave(self, peer: Peer) -> None:
         self.peers.pop(peer.ws, None)
+        for cid in peer.awareness_ids:
+            if self.awareness_owners.get(cid) is peer:
+                del self.awareness_owners[cid]
         gone = [cid for cid in peer.awareness_ids if cid in self.awareness.states]
         if gone:
             self.awareness.remove_awareness_states(gone, "close")
@@ -401,12 +428,16 @@ class Room:
         if topic == "update" and origin == "timeout" and changes["removed"]:
             for peer in self.peers.values():
                 peer.awareness_ids.difference_update(changes["removed"])
+            for cid in changes["removed"]:
+                self.awareness_owners.pop(cid, None)
             self._broadcast_removal(list(changes["removed"]))
 
     # -- the protocol core ---------------------------------------------------------------
 
     def handle(self, peer: Peer, message: WireMessage) -> Pending | None:
         """Apply one message from `peer`; raises PeerViolation for input that ends the peer."""
+        if peer.expires <= time.time():  # no sync, no awareness once the token has expired
+            raise PeerViolation(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
         if isinstance(message, SyncStep2 | SyncUpdate):
             return self._handle_update(peer, message.update)
         if isinstance(message, SyncStep1):
@@ -431,8 +462,6 @@ class Room:
         if self._failed:  # its live document may hold unstored writes: nothing builds on it
             raise PeerViolation(1011, "relay storage failed")
         claims = peer.claims
-        if claims.exp <= time.time():
-            raise PeerViolation(1008, "token expired")
         subject = peer.subject
         try:
             outcome = self.live.apply(
@@ -496,15 +525,34 @@ class Room:
             raise PeerViolation(1008, f"rate limit exceeded: more than {rate} awareness messages/s")
 
     def _handle_awareness(self, peer: Peer, payload: bytes) -> None:
-        """Relay one awareness update within the limits of design §7.3, or end the peer."""
+        """Relay one awareness update within the limits of design §7.3, or end the peer.
+
+        Entries for client ids another connection owns are dropped first (design §3: presence
+        is bound to its connection), so they count for nothing here.
+        """
         config = self.config
         self._take_awareness_rate(peer)
         try:
             entries = decode_awareness(payload, config.awareness_depth)
         except WireError as error:
             raise PeerViolation(1008, f"malformed awareness update: {error}") from None
+        owners = self.awareness_owners
+        relay_id = self.awareness.client_id
+        own = [
+            e for e in entries if owners.get(e.client_id, peer) is peer and e.client_id != relay_id
+        ]
+        if len(own) < len(entries):
+            log.info(
+                "room %s: %r may not change the presence of another connection's client ids %s",
+                self.name,
+                peer,
+                sorted({e.client_id for e in entries} - {e.client_id for e in own}),
+            )
+            if not own:
+                return
+            payload = encode_awareness(own)
         held = set(peer.awareness_ids)
-        for entry in entries:
+        for entry in own:
             size = len(entry.state.encode("utf-8"))
             if size > config.awareness_state_bytes:
                 raise PeerViolation(
@@ -524,6 +572,11 @@ class Room:
         self.metrics.awareness_in += 1
         self.awareness.apply_awareness_update(payload, peer)
         peer.awareness_ids = held
+        for entry in own:
+            if entry.removed:
+                owners.pop(entry.client_id, None)
+            else:
+                owners[entry.client_id] = peer
         self.broadcast(encode_message(AwarenessMessage(payload)))
 
     # -- compaction ----------------------------------------------------------------------

@@ -46,7 +46,7 @@ from crdtchat.wire import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-SECRET = "test-secret-for-the-relay"
+SECRET = "test-secret-for-the-relay-32-bytes-long"
 LISTENING = re.compile(r"crdtchat relay listening on ws://([^:\s]+):(\d+)")
 
 
