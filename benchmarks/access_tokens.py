@@ -31,9 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from token_support import KeyPair, claims  # noqa: E402
+from token_support import KeyPair, claims
 
-from crdtchat.tokens import Issuer, TokenVerifier, mint_token  # noqa: E402
+from crdtchat.tokens import Issuer, TokenVerifier, mint_token
 
 SECRET = "benchmark-secret-for-the-relay-32-bytes"
 IDP = "https://idp.example/"
@@ -103,8 +103,8 @@ def main() -> None:
                 ],
             )
             tok = key.sign(claims(IDP, "alice", AUDIENCE, room="r", role="writer"))
-            checks[f"JWT {algorithm}, trusted issuer"] = (
-                lambda verifier=verifier, tok=tok: verifier.verify(tok, "r")
+            checks[f"JWT {algorithm}, trusted issuer"] = lambda verifier=verifier, tok=tok: (
+                verifier.verify(tok, "r")
             )
         for check in checks.values():
             check()  # warm up, and fail loudly if any is refused

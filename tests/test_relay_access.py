@@ -10,13 +10,14 @@ from pathlib import Path
 
 import anyio
 import httpx
+import jwt
 import pytest
-from pycrdt import Array
+from pycrdt import Array, Doc
 from relay_support import SECRET, RelayProcess, message_map, raw_client, token
 from token_support import JwksServer, KeyPair, claims, forge_hs256, forge_none, jwks_server
 from token_support import write_trust_file as write_trust
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtchat.replica import Replica
 from crdtchat.tokens import mint_token, read_claims_unverified
@@ -29,6 +30,7 @@ from crdtchat.wire import (
     encode_awareness,
     encode_token_refresh,
 )
+from crdtchat.worker.feed import FEED_PATH
 
 pytestmark = pytest.mark.anyio
 
@@ -298,3 +300,42 @@ async def test_presence_is_bound_to_its_connection(access: Access) -> None:
 
 def _removal(client_id: int, clock: int) -> list[AwarenessMessage]:
     return [AwarenessMessage(encode_awareness([AwarenessEntry(client_id, clock, "null")]))]
+
+
+async def test_replica_with_a_provider_replaces_a_refused_token_and_keeps_edits(
+    access: Access,
+) -> None:
+    relay = access.relay
+    room = "replica-provider"
+    expired = jwt.encode(
+        claims("crdtchat", "fay", "crdtchat", ttl=-10, room=room, role="writer"), SECRET
+    )
+    fresh: list[str] = []
+
+    def provider() -> str:
+        fresh.append(token(room, "writer", "fay", ttl=600))
+        return fresh[-1]
+
+    base = f"ws://{relay.host}:{relay.port}"
+    doc = Doc()
+    doc.get("canonical.messages", type=Array).append(message_map("m", "user", "fay", "offline"))
+    async with Replica(base, room, expired, doc=doc, token_provider=provider) as replica:
+        await replica.wait_until(lambda s: s.synced and s.durable, timeout=30)
+        assert replica.status.denied == "token refused: expired"  # what the person is shown
+        assert len(fresh) == 1
+    async with raw_client(relay.url(room, token(room, "reader", "check"))) as check:
+        assert check.texts() == ["offline"]
+
+
+async def test_feed_and_blobs_follow_the_same_rules(access: Access) -> None:
+    relay = access.relay
+    feed_url = f"ws://{relay.host}:{relay.port}{FEED_PATH}?token="
+    async with connect(feed_url + token("*", "worker", "w", ttl=2)) as feed:
+        with anyio.fail_after(30):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await feed.recv()
+        assert (feed.close_code, feed.close_reason) == (4401, "token expired")
+    identity = mint_token(SECRET, None, None, "alice", 60)
+    blob = httpx.get(f"{relay.http_url}/blobs/r1/{'0' * 64}?token={identity}", timeout=30)
+    assert blob.status_code == 403 and "identity token" in blob.text
