@@ -126,8 +126,7 @@ def load_trust_file(path: str | Path) -> list[Issuer]:
         if issuer.key_file is not None and not issuer.key_file.is_absolute():
             # A key file named relative to the trust file, wherever the relay was started.
             issuer = issuer.model_copy(update={"key_file": Path(path).parent / issuer.key_file})
-        if issuer.key_file is not None:
-            _StaticKeys(issuer.key_file)  # a bad key stops the relay at start, not at a login
+        _Trusted(issuer, jwks_timeout=0)  # a bad key stops the relay at start, not at a login
         resolved.append(issuer)
     return resolved
 
@@ -274,6 +273,17 @@ class _Trusted:
     def __init__(self, config: Issuer, jwks_timeout: float) -> None:
         self.config = config
         self.static = None if config.key_file is None else _StaticKeys(config.key_file)
+        pem = None if self.static is None else self.static.single
+        if pem is not None and not isinstance(pem, jwt.PyJWK):
+            # A PEM key is a bare key: each pinned algorithm must be able to use it, or a
+            # token naming one would fail inside PyJWT instead of being refused.
+            for name in config.algorithms:
+                try:
+                    jwt.get_algorithm_by_name(name).prepare_key(pem)
+                except (jwt.InvalidKeyError, TypeError, ValueError):
+                    raise ValueError(
+                        f"issuer {config.issuer!r}: its PEM key cannot verify {name}"
+                    ) from None
         self.client = (
             None
             if config.jwks_url is None
@@ -355,11 +365,7 @@ class TokenVerifier:
             algorithms = list(trusted.config.algorithms)
             if header.get("alg") not in algorithms:
                 raise TokenError("algorithm not allowed")
-            key = trusted.key(header.get("kid"))
-            if isinstance(key, jwt.PyJWK):
-                if key.algorithm_name != header.get("alg") and "alg" in key._jwk_data:
-                    raise TokenError("algorithm not allowed for this key")
-                key = key.key
+            key = trusted.key(header.get("kid"))  # a PyJWK: PyJWT holds it to its own algorithm
             audience = trusted.config.audience
             grants_rooms = trusted.config.grants_rooms
         try:
@@ -371,6 +377,8 @@ class TokenVerifier:
                 issuer=issuer,
                 options={"require": ["exp", "sub", "iss", "aud"]},
             )
+        except TypeError:  # a key of another type than the algorithm's; load_trust_file checks
+            raise TokenError("bad signature") from None
         except jwt.PyJWTError as error:
             for kind, reason in _ERRORS:
                 if isinstance(error, kind):

@@ -211,6 +211,7 @@ def test_trust_file_is_checked_when_loaded(tmp_path: Path, keys: dict[str, KeyPa
     assert loaded.key_file == tmp_path / "k.pem"  # relative to the trust file
     bad = [
         {**good, "algorithms": ["HS256"]},
+        {**good, "algorithms": ["ES256", "RS256"]},  # the PEM key is an EC key
         {**good, "algorithms": ["none"]},
         {**good, "algorithms": []},
         {**good, "jwks_url": "https://idp.example/jwks"},
@@ -223,6 +224,24 @@ def test_trust_file_is_checked_when_loaded(tmp_path: Path, keys: dict[str, KeyPa
         path.write_text(f'{{"issuers": [{_json(config)}]}}')
         with pytest.raises(ValueError):
             load_trust_file(path)
+
+
+def test_jwks_file_keys_are_held_to_their_algorithms(
+    tmp_path: Path, keys: dict[str, KeyPair]
+) -> None:
+    ed, rs = keys["EdDSA"], keys["RS256"]
+    path = tmp_path / "jwks.json"
+    path.write_text(_json({"keys": [ed.jwk(), rs.jwk()]}))
+    config = {"issuer": IDP, "audience": AUDIENCE, "algorithms": ["EdDSA", "RS256"]}
+    verifier = TokenVerifier(SECRET, [Issuer.model_validate({**config, "key_file": path})])
+    for key in (ed, rs):
+        assert verifier.parse(key.sign(claims(IDP, "alice", AUDIENCE))).sub == f"{IDP}#alice"
+    # An RS256 token that names the EdDSA key's kid is not checked with that key.
+    swapped = rs.sign(claims(IDP, "alice", AUDIENCE), kid=ed.kid)
+    with pytest.raises(TokenError, match="algorithm not allowed"):
+        verifier.parse(swapped)
+    with pytest.raises(TokenError, match="unknown signing key"):
+        verifier.parse(KeyPair.generate("RS256", "nobody").sign(claims(IDP, "a", AUDIENCE)))
 
 
 def _json(value: object) -> str:

@@ -33,9 +33,10 @@ def worker_config(
     except TokenError as error:
         raise CommandError(f"{TOKEN_VARIABLE}: {error}") from error
     if claims.role != "worker" or claims.room != "*":
+        held = "an identity token" if claims.identity else f"{claims.role} for {claims.room!r}"
         raise CommandError(
             f"{TOKEN_VARIABLE} must be a worker token for every room (--role worker --room '*'),"
-            f" not {claims.role} for {claims.room!r}"
+            f" not {held}"
         )
     return WorkerConfig(
         relay_url=relay_url.rstrip("/"),
