@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from pycrdt import Array, Doc, Text
 from relay_support import RelayProcess, message_map, raw_client, running_relay, token
 
 from crdtchat.replica import Backoff, Replica
+from crdtchat.tokens import read_claims_unverified
 
 JS_DIR = Path(__file__).parent / "js"
 SCRIPT = JS_DIR / "relay_peer.mjs"
@@ -232,3 +234,42 @@ async def test_js_sees_typing_presence_of_a_persons_other_device(
         # The browser left: the phone no longer lists it among ada's devices.
         await phone.wait_for_peers(lambda ps: not ps, timeout=20)
         assert phone.other_devices() == {}
+
+
+@pytest.mark.anyio
+async def test_web_client_refreshes_its_token_in_band(
+    relay: RelayProcess, node_modules: Path
+) -> None:
+    """Extension 102 as design §3 specifies it for a web client (tests/js/refresh_peer.mjs): the
+    connection outlives the token it was opened with."""
+    assert NODE is not None
+    room = "js-refresh"
+    short = token(room, "reader", "web", ttl=2)
+    fresh = token(room, "reader", "web", ttl=600)
+    url = f"ws://{relay.host}:{relay.port}"
+    command = [NODE, str(JS_DIR / "refresh_peer.mjs"), url, room, short, fresh, "late"]
+    async with await anyio.open_process(command, cwd=JS_DIR) as process:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+
+        async def line() -> dict[str, Any]:
+            with anyio.fail_after(30):
+                return json.loads(await lines.receive_until(b"\n", 65536))
+
+        try:
+            assert await line() == {
+                "answer": {"accepted": True, "exp": read_claims_unverified(fresh).exp}
+            }
+            # Past the first token's expiry (no event marks it), a new message still arrives.
+            await anyio.sleep(max(0.0, read_claims_unverified(short).exp + 1.5 - time.time()))
+            writer_url = relay.url(room, token(room, "writer", "writer"), ack=True)
+            async with raw_client(writer_url) as writer:
+                await writer.push(
+                    lambda doc: writer.messages.append(message_map("late", "user", "writer", "x"))
+                )
+                assert await line() == {"got": "late"}
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
