@@ -308,6 +308,8 @@ class _Trusted:
             raise TokenError("the issuer's keys cannot be fetched now") from None
         except (jwt.PyJWKClientError, jwt.PyJWKSetError):
             raise TokenError("unknown signing key (kid)") from None
+        except ValueError:  # the endpoint answered something that is not JSON
+            raise TokenError("the issuer's keys cannot be fetched now") from None
 
 
 _ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -341,7 +343,8 @@ class TokenVerifier:
             _, payload = _unverified(token)
         except TokenError:
             return False
-        trusted = self._issuers.get(payload.get("iss"))  # type: ignore[arg-type]
+        issuer = payload.get("iss")
+        trusted = self._issuers.get(issuer) if isinstance(issuer, str) else None
         return trusted is not None and trusted.client is not None
 
     def parse(self, token: str) -> TokenClaims:
@@ -351,6 +354,8 @@ class TokenVerifier:
         """
         header, payload = _unverified(token)
         issuer = payload.get("iss")
+        if not isinstance(issuer, str) or not issuer:
+            raise TokenError("malformed token: no issuer")
         if issuer == LOCAL_ISSUER:
             if self._secret is None:
                 raise TokenError("untrusted issuer")
@@ -359,9 +364,9 @@ class TokenVerifier:
             audience: str | list[str] = LOCAL_AUDIENCE
             grants_rooms = True
         else:
-            trusted = self._issuers.get(issuer) if isinstance(issuer, str) else None
+            trusted = self._issuers.get(issuer)
             if trusted is None:
-                raise TokenError("untrusted issuer" if issuer else "malformed token: no issuer")
+                raise TokenError("untrusted issuer")
             algorithms = list(trusted.config.algorithms)
             if header.get("alg") not in algorithms:
                 raise TokenError("algorithm not allowed")
@@ -384,7 +389,7 @@ class TokenVerifier:
                 if isinstance(error, kind):
                     raise TokenError(reason) from None
             raise TokenError("malformed token") from None
-        return _claims_of(decoded, issuer, grants_rooms)  # type: ignore[arg-type]
+        return _claims_of(decoded, issuer, grants_rooms)
 
     def verify(self, token: str, room: str) -> TokenClaims:
         """The claims of a token that may be used for `room` now; raises TokenError otherwise.

@@ -97,6 +97,7 @@ def _local(**changes: object) -> dict[str, object]:
         (lambda: jwt.encode(_local(role="admin"), SECRET), "r", "malformed token: invalid role"),
         (lambda: jwt.encode(_local(role=None), SECRET), "r", "malformed token"),
         (lambda: jwt.encode(_local(sub="x#y"), SECRET), "r", "malformed token"),
+        (lambda: forge_hs256(_local(iss=["crdtchat"]), SECRET.encode()), "r", "malformed token"),
         (lambda: "v1.eyJyb29tIjoiciJ9.c2ln", "r", V1_REFUSAL),
         (lambda: "", "r", "malformed token"),
         (lambda: "a.b", "r", "malformed token"),
