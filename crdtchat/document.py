@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from pycrdt import Array, Doc, Map, Subscription, Text
+from pycrdt._base import process_event  # wraps raw yrs values, as the view does
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import schema
@@ -43,6 +44,7 @@ from crdtchat.schema import (
     assistant_turn_id,
     message_id_refusal,
 )
+from crdtchat.shape import read_map
 from crdtchat.view import MessageView
 
 Clock = Callable[[], float]
@@ -132,7 +134,11 @@ class Conversation:
         author: str,
         clock: Clock = time.time,
         role: PeerRole | None = None,
+        shape_checked: bool = False,
+        _items: list[Any] | None = None,
     ) -> None:
+        """`shape_checked`: the caller knows `doc` holds no value nested too deeply to read
+        (design §7.1), so the messages are read in one go without checking first."""
         self.doc = doc if doc is not None else new_doc()
         self.author = author
         self.role = role
@@ -149,7 +155,7 @@ class Conversation:
         self.regenerations = get_map(schema.REGENERATE)
         self.drafts = get_map(schema.DRAFTS)
         self.read_marks = get_map(schema.READ)
-        self.view = MessageView(self.messages)
+        self.view = MessageView(self.messages, items=_items, shape_checked=shape_checked)
         self._running_hashes = RunningHashes()
         # Messages appended inside a transaction that is still open: the view sees them only
         # when it commits, but later appends in the same transaction may follow them.
@@ -241,13 +247,25 @@ class Conversation:
     ) -> Conversation:
         """Open a conversation from update bytes (a saved state is one update)."""
         doc = new_doc()
+        # The messages arrive as one array event: its delta lists them all, which is how the
+        # view checks their shape without reading items one by one (`view.open_entries`).
+        items: list[Any] = []
+
+        def collect(event: Any) -> None:
+            with doc._read_transaction(event.transaction):
+                for op in process_event(event.delta, doc):
+                    items.extend(op.get("insert", ()))
+
+        subscription = doc.get(schema.MESSAGES, type=Array).integrated.observe(collect)
         try:
             doc.apply_update(update)
         except ValueError as error:
             raise ConversationError(f"not a Yjs update: {error}") from error
         except RuntimeError as error:
             raise ConversationError(f"a malformed Yjs update: {error}") from error
-        return cls(doc, author=author, clock=clock, role=role)
+        finally:
+            subscription.drop()
+        return cls(doc, author=author, clock=clock, role=role, _items=items)
 
     def encode_state(self) -> bytes:
         """The whole document as one update: save it, or send it to a new peer."""
@@ -298,7 +316,7 @@ class Conversation:
 
     @property
     def settings(self) -> Settings:
-        raw = json.loads(str(self.settings_map))
+        raw = read_map(self.settings_map)[0]  # too deep to read: skipped (problems())
         try:
             return Settings.model_validate(raw)
         except ValidationError:
@@ -342,7 +360,7 @@ class Conversation:
 
     def tools_raw(self) -> dict[str, Any]:
         """`canonical.tools` as stored: this is what the prefix hash covers."""
-        return json.loads(str(self.tools_map))
+        return read_map(self.tools_map)[0]  # too deep to read: skipped (problems())
 
     def set_tool(self, name: str, description: str, parameters: Mapping[str, Any]) -> None:
         self._require("tools")
@@ -387,12 +405,16 @@ class Conversation:
             (schema.REGENERATE, RegenerateRequest),
             (schema.TOOLS, ToolSpec),
         ):
-            for key, raw in json.loads(str(self._root_map(name))).items():
+            values, too_deep = read_map(self._root_map(name))
+            found.extend(Problem(root=name, key=k, reason=r) for k, r in too_deep.items())
+            for key, raw in values.items():
                 reason = _invalid_reason(model, raw)
                 if reason is not None:
                     found.append(Problem(root=name, key=key, reason=reason))
         for name, model in ((schema.SETTINGS, Settings), (schema.META, Meta)):
-            for key, value in json.loads(str(self._root_map(name))).items():
+            values, too_deep = read_map(self._root_map(name))
+            found.extend(Problem(root=name, key=k, reason=r) for k, r in too_deep.items())
+            for key, value in values.items():
                 reason = _invalid_reason(model, {key: value})
                 if reason is not None:
                     found.append(Problem(root=name, key=key, reason=reason))
@@ -403,7 +425,9 @@ class Conversation:
         for author in list(self.drafts.keys()):
             if not isinstance(self.drafts.get(author), Text):
                 found.append(Problem(root=schema.DRAFTS, key=author, reason="a draft is a Text"))
-        for peer, value in json.loads(str(self.read_marks)).items():
+        marks, too_deep = read_map(self.read_marks)
+        found.extend(Problem(root=schema.READ, key=k, reason=r) for k, r in too_deep.items())
+        for peer, value in marks.items():
             if not isinstance(value, str):
                 reason = "a read mark is a message id"
                 found.append(Problem(root=schema.READ, key=peer, reason=reason))
@@ -960,7 +984,7 @@ def _invalid_reason(model: type[BaseModel], raw: Any) -> str | None:
 def _valid_entries(root: Map, model: type[ModelT]) -> dict[str, ModelT]:
     """The entries of a JSON-valued root map that validate; the rest are skipped."""
     result: dict[str, ModelT] = {}
-    for key, raw in json.loads(str(root)).items():
+    for key, raw in read_map(root)[0].items():  # too deep to read: skipped (problems())
         try:
             result[key] = model.model_validate(raw)
         except ValidationError:

@@ -15,6 +15,13 @@ Text, XmlText: string, embed, format, type / Array, XmlFragment, XmlElement: any
 subdocument / Map, XmlHook: nothing in sequence. Under a key (Map, XmlElement, XmlText,
 XmlHook): any, binary, type, subdocument. Deleted items fit anywhere. The deprecated JSON
 content is refused (yrs and Yjs decode it differently), as are yrs-only weak links.
+
+The index also bounds the shape of what is stored (design §7.1, `ShapeLimits`): how deeply
+shared types nest (yrs renders a value as JSON, and pycrdt converts it, by native recursion: a
+Map nested 20,000 deep overflows the stack and kills the process), how many entries one nested
+Map or Array receives, and how large one item's content is. It records, per shared type, its
+depth and the root it lives under, so that a write can be judged by its root before it is
+applied, even when its parent type has been deleted (`Plan.roots`).
 """
 
 from __future__ import annotations
@@ -80,6 +87,29 @@ class MissingDependency(RemoteProtocolError, ValueError):
     """An update that builds on changes the document does not have yet."""
 
 
+class ShapeError(StructureError):
+    """An update whose values exceed the shape limits (design §7.1): nesting, entries, size."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeLimits:
+    """Bounds on what one document may hold (design §7.1); None: not bounded.
+
+    `depth`: shared types inside shared types below a root (a message Map in the messages
+    array is 1, its content Text 2; a stream Map and its Text likewise). `entries`: entries
+    ever written into one nested Map or Array (a key overwritten counts again; roots are not
+    bounded here: they grow with the conversation). `value_bytes`: the encoded size of one
+    item's content (a run of text, a JSON value, a binary).
+    """
+
+    depth: int | None = 32
+    entries: int | None = 100_000
+    value_bytes: int | None = 1024 * 1024
+
+
+NO_LIMITS = ShapeLimits(None, None, None)
+
+
 class _Class(Enum):
     ITEM = "item"
     DELETED = "deleted"
@@ -90,9 +120,11 @@ class _Where(NamedTuple):
     parent: Parent | None  # None: the item is garbage-collected on arrival (no live parent)
     keyed: bool
     cls: _Class
+    root: str | None = None  # the root it lives under, also when its parent type is gone
 
 
 _GONE = _Where(None, False, _Class.GC)
+_UNSET: str = "\x00unset"  # a root name no document can have (a sentinel for a cache)
 
 
 @dataclass(slots=True)
@@ -101,6 +133,9 @@ class Plan:
 
     runs: dict[int, list[tuple[int, int, _Where]]] = field(default_factory=dict)
     types: dict[Id, int] = field(default_factory=dict)
+    shapes: dict[Id, tuple[int, str | None]] = field(default_factory=dict)  # depth, root
+    entries: dict[Id, int] = field(default_factory=dict)  # new entries per nested Map/Array
+    roots: set[str] = field(default_factory=set)  # roots that new items land in
 
 
 _CLASS_OF = {kind: _Class.ITEM for kind in CONTENT_NAMES} | {
@@ -117,12 +152,22 @@ def _class_of(struct: Struct) -> _Class:
 class StructureIndex:
     """The parent of every item of one document, by id; fed every update it accepts."""
 
-    def __init__(self, root_types: Mapping[str, int]) -> None:
+    def __init__(self, root_types: Mapping[str, int], limits: ShapeLimits = NO_LIMITS) -> None:
         self.root_types = dict(root_types)  # roots not listed are not judged here
+        self.limits = limits
         self._starts: dict[int, list[int]] = {}
         self._where: dict[int, list[_Where]] = {}
         self._ends: dict[int, int] = {}
         self._types: dict[Id, int] = {}
+        self._shapes: dict[Id, tuple[int, str | None]] = {}
+        self._entries: dict[Id, int] = {}
+        self.deepest = 0  # the deepest shared type recorded, judged or not
+
+    def too_deep(self) -> bool:
+        """Whether the document holds a shared type deeper than the limit (one recorded
+        without judging: a stored state from before the limit, for instance)."""
+        depth = self.limits.depth
+        return depth is not None and self.deepest > depth
 
     @property
     def ranges(self) -> int:
@@ -160,6 +205,13 @@ class StructureIndex:
                     wheres.append(where)
                 self._ends[client] = end
         self._types.update(plan.types)
+        self._shapes.update(plan.shapes)
+        entries = self._entries
+        for parent, count in plan.entries.items():
+            entries[parent] = entries.get(parent, 0) + count
+        for depth, _ in plan.shapes.values():
+            if depth > self.deepest:
+                self.deepest = depth
 
     def add(self, update: DecodedUpdate, *, judge: bool = True) -> None:
         """Check and record `update` in one step (e.g. a stored state, when loading)."""
@@ -175,6 +227,7 @@ class _Checker:
         self.new: dict[int, list[Struct]] = {}
         self.new_starts: dict[int, list[int]] = {}
         self.resolved: dict[Id, _Where] = {}
+        self.plan = Plan()
         for client, runs in update.structs.items():
             cursor = index._ends.get(client, 0)
             fresh: list[Struct] = []
@@ -192,12 +245,20 @@ class _Checker:
                 self.new_starts[client] = [struct.clock for struct in fresh]
 
     def run(self) -> Plan:
-        plan = Plan()
+        plan = self.plan = Plan()
         known_end = self.index._ends
         resolved = self.resolved
         judge = self.judge
         new_types = plan.types
         known_types = self.index._types
+        limits = self.index.limits
+        max_bytes = limits.value_bytes if judge else None
+        max_depth = limits.depth if judge else None
+        max_entries = limits.entries if judge else None
+        known_entries = self.index._entries
+        entries = plan.entries
+        roots = plan.roots
+        root_at: dict[Parent, str | None] = {}
         allowed_at: dict[tuple[Parent, bool], frozenset[int]] = {}
         for client, fresh in self.new.items():
             runs = plan.runs.setdefault(client, [])
@@ -229,19 +290,85 @@ class _Checker:
                         raise StructureError(
                             f"item {client}:{clock} puts known clocks in another parent"
                         )
-                if judge and where.parent is not None:
+                at = where.parent
+                if at is None:
+                    root = where.root
+                else:
+                    root = root_at.get(at, _UNSET)
+                    if root is _UNSET:
+                        root = root_at[at] = at if type(at) is str else self._shape_of(at)[1]
+                if root is not None and where.cls is not _Class.GC:
+                    roots.add(root)
+                if judge and at is not None:
                     allowed = allowed_at.get(where[:2])
                     if allowed is None:
                         allowed = allowed_at[where[:2]] = self._allowed(where)
                     if kind not in allowed:
                         self._refuse(struct, where)
+                if max_bytes is not None and struct.span[1] - struct.span[0] > max_bytes:
+                    size = struct.span[1] - struct.span[0]
+                    raise ShapeError(f"a value of {size} bytes (limit {max_bytes})")
+                if type(at) is tuple and where.cls is _Class.ITEM:
+                    parent_type = self._type_of(at)
+                    if parent_type in (MAP, ARRAY):
+                        count = entries.get(at, 0) + (1 if where.keyed else struct.length)
+                        entries[at] = count
+                        if max_entries is not None and count > max_entries - known_entries.get(
+                            at, 0
+                        ):
+                            raise ShapeError(
+                                f"over {max_entries} entries in one nested Map or Array"
+                            )
                 runs.append((start, end, where))
                 if kind == TYPE:
                     if judge and struct.type_ref not in _SEQUENCE_KINDS:
                         self._refuse(struct, where)
                     plan.types[(client, clock)] = struct.type_ref  # type: ignore[assignment]
+                    depth = self._shape_of((client, clock))[0]
+                    if max_depth is not None and depth > max_depth:
+                        raise ShapeError(
+                            f"shared types nested {depth} deep in {root} (limit {max_depth})"
+                        )
                 last, last_end = where, end
         return plan
+
+    def _shape_of(self, type_id: Id) -> tuple[int, str | None]:
+        """(depth, root) of the shared type held by item `type_id`: known, or new in this
+        update, resolved up its chain of parents without recursion (chains can be long)."""
+        shapes = self.plan.shapes
+        known = self.index._shapes
+        chain: list[Id] = []
+        seen: set[Id] = set()
+        current: Parent | None = type_id
+        while True:
+            if current is None:
+                base: tuple[int, str | None] = (0, None)
+                break
+            if type(current) is str:
+                base = (0, current)
+                break
+            shape = shapes.get(current) or known.get(current)  # type: ignore[arg-type]
+            if shape is not None:
+                base = shape
+                break
+            if current in seen:
+                raise StructureError(f"item {current[0]}:{current[1]}: parents form a cycle")
+            seen.add(current)  # type: ignore[arg-type]
+            holder = self._find_new(current)  # type: ignore[arg-type]
+            if holder is None or holder.kind != TYPE or holder.clock != current[1]:
+                base = (0, None)  # not a type here: nothing can live in it
+                break
+            chain.append(current)  # type: ignore[arg-type]
+            where = self.resolved.get((holder.client, holder.clock)) or self._resolve(holder)
+            current = where.parent
+            if current is None:
+                base = (0, where.root)
+                break
+        depth, root = base
+        for item in reversed(chain):
+            depth += 1
+            shapes[item] = (depth, root)
+        return shapes.get(type_id) or known.get(type_id) or base
 
     # -- parents ----------------------------------------------------------------------------
 
@@ -323,8 +450,15 @@ class _Checker:
             return _Where(parent, keyed, cls)
         known = self.index._known(parent)
         if known is not None:
-            if known.cls is not _Class.ITEM:
-                return _Where(None, keyed, cls)  # a deleted type: yrs drops the item
+            if known.cls is not _Class.ITEM:  # a deleted type: yrs drops the item
+                holder_root = known.root
+                if known.parent is not None:
+                    holder_root = (
+                        known.parent
+                        if isinstance(known.parent, str)
+                        else self._shape_of(known.parent)[1]
+                    )
+                return _Where(None, keyed, cls, holder_root)
             raise StructureError(
                 f"item {struct.client}:{struct.clock} names {parent[0]}:{parent[1]} as its "
                 "parent, which is not a shared type"

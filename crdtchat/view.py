@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
-from pycrdt._base import process_event
+from pycrdt._base import BaseType, process_event
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from crdtchat.errors import StorageError
 from crdtchat.lifetime import weak_method
 from crdtchat.schema import MESSAGES, Message, Problem
+from crdtchat.shape import TooDeep, check_depth, holds_types, read_json
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,62 @@ def parse_all(array_json: str) -> list[Entry]:
 
 
 def read_item(item: Any) -> Any:
-    """The JSON value of one array item, as `str(array)` would render it."""
-    if isinstance(item, Map | Array):
-        return json.loads(str(item))
-    if isinstance(item, Text):
-        return str(item)
-    return item
+    """The JSON value of one array item, as `str(array)` would render it; TooDeep for one
+    nested too deeply to read (`crdtchat.shape`)."""
+    return read_json(item)
+
+
+def entry_of(item: Any) -> Entry:
+    """The entry for one array item, read safely."""
+    try:
+        return parse_entry(read_item(item))
+    except TooDeep as error:
+        return Entry(None, str(error))
+
+
+def items_of(array: Array) -> tuple[list[Any], Doc]:
+    """Every item of `array`, in O(n): pycrdt reads an item by index by walking the array
+    from its start, so the items are taken from the event of applying the whole document to
+    a scratch copy (returned too: the items live as long as it does)."""
+    scratch = Doc()
+    target = scratch.get(MESSAGES, type=Array)
+    items: list[Any] = []
+
+    def collect(event: Any) -> None:
+        with scratch._read_transaction(event.transaction):
+            for op in process_event(event.delta, scratch):
+                items.extend(op.get("insert", ()))
+
+    subscription = target.integrated.observe(collect)
+    scratch.apply_update(array.doc.get_update())
+    subscription.drop()
+    return items, scratch
+
+
+def _needs_check(item: Any) -> bool:
+    if isinstance(item, Map):
+        return holds_types(item)
+    return isinstance(item, BaseType) and not isinstance(item, Text)
+
+
+def open_entries(array: Array, items: list[Any] | None = None) -> list[Entry]:
+    """The entries of a populated array, never asking yrs to render a value nested too deeply
+    (design §7.1): one `str(array)` when no item holds shared types deeper than a reader's
+    bound, else item by item. `items`: the array's items, if the caller has them."""
+    if len(array) == 0:
+        return []
+    scratch = None
+    if items is None or len(items) != len(array):
+        items, scratch = items_of(array)
+    try:
+        for item in items:
+            if _needs_check(item):
+                check_depth(item)
+    except TooDeep:
+        entries = [entry_of(item) for item in items]
+        del scratch
+        return entries
+    return parse_all(str(array))
 
 
 @dataclass
@@ -173,10 +224,16 @@ class ThreadIndex:
 class MessageView:
     """The validated messages of one document, in document order."""
 
-    def __init__(self, array: Array) -> None:
+    def __init__(
+        self, array: Array, *, items: list[Any] | None = None, shape_checked: bool = False
+    ) -> None:
+        """`shape_checked`: the caller knows no value is nested too deeply to read (the relay's
+        structure index says so); else the array is checked first (`open_entries`)."""
         self._array = array
         self._doc = array.doc
-        self.entries: list[Entry] = parse_all(str(array))
+        self.entries: list[Entry] = (
+            parse_all(str(array)) if shape_checked else open_entries(array, items)
+        )
         self._index: ThreadIndex | None = None
         self._listeners: list[Callable[[], None]] = []
         self._expected: list[Message] | None = None
@@ -271,7 +328,7 @@ class MessageView:
                 del self.entries[cursor : cursor + op["delete"]]
                 structural = True
             elif "insert" in op:
-                new = [parse_entry(read_item(item)) for item in op["insert"]]
+                new = [entry_of(item) for item in op["insert"]]
                 if cursor == len(self.entries) and appended_from is None:
                     appended_from = cursor
                 else:
@@ -288,7 +345,7 @@ class MessageView:
 
     def _reread(self, position: int) -> None:
         before = self.entries[position]
-        after = parse_entry(read_item(self._array[position]))
+        after = entry_of(self._array[position])
         self.entries[position] = after
         if self._index is None:
             return

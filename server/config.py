@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from crdtchat.structure import ShapeLimits
 from crdtchat.tokens import Issuer
 from server.ratelimit import SubjectQuotas
 
@@ -36,6 +37,10 @@ class RelayConfig:
     max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed
     ping_interval: float = 30.0
     open_timeout: float = 60.0  # a websocket handshake (blob transfers: blob_stall_timeout)
+    # The shape of stored values (design §7.1); 0 turns a bound off.
+    max_depth: int = 32  # shared types nested below a root (a message's content Text is 2)
+    max_entries: int = 100_000  # entries ever written into one nested Map or Array
+    max_value_bytes: int = 1 * MIB  # the encoded size of one item's content
     # Awareness, per connection (design §7.3).
     awareness_clients: int = 8  # client ids one connection may hold at once
     awareness_state_bytes: int = 16 * 1024  # largest awareness state (JSON), bytes
@@ -59,4 +64,10 @@ class RelayConfig:
             rooms=self.quota_rooms,
             write_bytes=self.quota_bytes,
             interval=self.quota_interval,
+        )
+
+    @property
+    def shape_limits(self) -> ShapeLimits:
+        return ShapeLimits(
+            self.max_depth or None, self.max_entries or None, self.max_value_bytes or None
         )

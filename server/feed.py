@@ -63,12 +63,16 @@ class WaitingWatch:
     def _mark(self, *_: object) -> None:
         self._dirty = True
 
-    def _conversation_of(self, doc: object) -> Conversation:
+    def _conversation_of(self, doc: object, shape_checked: bool) -> Conversation:
         conversation = self._conversation
         if conversation is None or conversation.doc is not doc:
             # A refused update rebuilds the live document: follow it to the new one.
             self.close()
-            conversation = Conversation(doc, author="relay")  # type: ignore[arg-type]
+            conversation = Conversation(
+                doc,  # type: ignore[arg-type]
+                author="relay",
+                shape_checked=shape_checked,
+            )
             conversation.view.on_change(self._mark)
             self._subscription = conversation.regenerations.observe(self._mark)
             self._conversation = conversation
@@ -82,9 +86,10 @@ class WaitingWatch:
             self._conversation = None
             self._subscription = None
 
-    def check(self, doc: object) -> None:
-        """Call after every accepted update of the room's live document."""
-        conversation = self._conversation_of(doc)
+    def check(self, doc: object, *, shape_checked: bool = False) -> None:
+        """Call after every accepted update of the room's live document. `shape_checked`: the
+        room's structure index holds no type nested deeper than the limit (design §7.1)."""
+        conversation = self._conversation_of(doc, shape_checked)
         if not self._dirty:
             return
         self._dirty = False

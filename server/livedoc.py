@@ -43,7 +43,15 @@ from crdtchat.errors import RemoteProtocolError
 from crdtchat.lifetime import weak_method
 from crdtchat.merge import merge
 from crdtchat.pending import split
-from crdtchat.structure import MissingDependency, StructureError, StructureIndex
+from crdtchat.shape import MAX_READ_DEPTH
+from crdtchat.structure import (
+    NO_LIMITS,
+    MissingDependency,
+    ShapeError,
+    ShapeLimits,
+    StructureError,
+    StructureIndex,
+)
 from crdtchat.updates import ARRAY, MAP, DecodedUpdate, UpdateFormatError, decode_update
 from crdtchat.wire import WireError, decode_state_vector
 from server.message_ids import MessageIds
@@ -55,6 +63,10 @@ EMPTY_UPDATE = b"\x00\x00"
 
 class UndecodableUpdate(RemoteProtocolError, ValueError):
     """An update that pycrdt cannot decode or integrate: a protocol violation, not a refusal."""
+
+
+class OverLimits(UndecodableUpdate):
+    """An update whose values exceed the shape limits (design §7.1): closes the connection."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +102,13 @@ MESSAGE_WRITERS = frozenset(role for role, rules in RULES.items() if schema.MESS
 ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema.ALL_ROOTS}
 
 
-def build_structure(state: bytes) -> StructureIndex:
+def build_structure(state: bytes, limits: ShapeLimits = NO_LIMITS) -> StructureIndex:
     """The structure index of a stored room state (trusted: it was checked on the way in).
 
     A 10,000-message room decodes into ~80,000 small tuples; the cyclic garbage collector,
     paused meanwhile, would otherwise scan them over and over (a third of the time).
     """
-    index = StructureIndex(ROOT_TYPES)
+    index = StructureIndex(ROOT_TYPES, limits)
     if state and state != EMPTY_UPDATE:
         paused = gc.isenabled()
         gc.disable()
@@ -119,7 +131,13 @@ class LiveDoc:
     observers, which yrs holds out of reach of Python's cycle collector (`crdtchat.lifetime`).
     """
 
-    def __init__(self, state: bytes = b"", structure: StructureIndex | None = None) -> None:
+    def __init__(
+        self,
+        state: bytes = b"",
+        structure: StructureIndex | None = None,
+        limits: ShapeLimits = NO_LIMITS,
+    ) -> None:
+        self.limits = limits
         self._subscriptions: list[Any] = []
         self.closed = False
         self._base = state
@@ -134,11 +152,22 @@ class LiveDoc:
     def _ensure_structure(self) -> StructureIndex | None:
         if self.structure is None and self.structure_error is None:
             try:  # nobody built it off the loop: build it now
-                self.structure = build_structure(self._loaded)
+                self.structure = build_structure(self._loaded, self.limits)
             except ValueError as error:
                 self.structure_error = str(error)
             self._loaded = b""
         return self.structure
+
+    def shape_checked(self) -> bool:
+        """Whether every shared type of the document is within the depth limit (design §7.1):
+        then it can be read without checking first."""
+        structure, depth = self.structure, self.limits.depth
+        return (
+            structure is not None
+            and depth is not None
+            and depth <= MAX_READ_DEPTH
+            and not structure.too_deep()
+        )
 
     def adopt_structure(self, structure: StructureIndex) -> None:
         """Take the index `build_structure` made of the state this document was loaded from."""
@@ -260,6 +289,8 @@ class LiveDoc:
                 if ready is not None and rest is not None:
                     update, decoded = ready, decode_update(ready)
             plan = structure.check(decoded)
+        except ShapeError as error:
+            raise OverLimits(f"update exceeds limits: {error}") from None
         except (UpdateFormatError, StructureError) as error:
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None
         except MissingDependency:
@@ -267,6 +298,9 @@ class LiveDoc:
         early = refuse_before_applying(role, structure, plan)
         if early is not None:
             return Refused(early)  # nothing was applied: no rebuild
+        reason = self._unwritable_root(plan.roots, role)
+        if reason is not None:
+            return Refused(reason)  # judged before applying: nothing to rebuild
         if gate is not None and plan.runs:
             gate(len(update))
         self.ids.discard()
@@ -308,6 +342,26 @@ class LiveDoc:
         self._since.append(update)
         self.since_bytes += len(update)
         return Accepted(update)
+
+    def _unwritable_root(self, roots: set[str], role: str) -> str | None:
+        """Why new items may not land in `roots`, judged by the root alone.
+
+        Items written into a type that is already deleted raise no event (yrs drops them
+        unseen), so the rules over events cannot see them; the structure index knows the root
+        they belong to. A role with no rights on a root, or only the right to delete, never
+        adds items there.
+        """
+        for root in roots:
+            if root not in ROOT_TYPES:
+                continue  # a root outside the schema: refused after applying, as such
+            access = self._rules.get(root)
+            if access is None or access is Access.DELETE_ONLY:
+                if role == "reader":
+                    return "a reader may not change the document"
+                if access is None:
+                    return f"a {role} may not write {root}"
+                return f"a {role} may only delete entries of {root}"
+        return None
 
     @staticmethod
     def _unknown_deletion(update: DecodedUpdate, state: bytes) -> str | None:

@@ -49,6 +49,10 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
     "quota_bytes": ("quota_bytes", float, "bytes a subject may write per --quota-interval"),
     "quota_interval": ("quota_interval", float, "seconds over which room and byte quotas refill"),
     "max_document": ("max_document", int, "largest room document (snapshot + log), bytes"),
+    # design §7.1
+    "max_depth": ("max_depth", int, "shared types nested below a root (0: unbounded)"),
+    "max_entries": ("max_entries", int, "entries written into one nested Map/Array (0: any)"),
+    "max_value_bytes": ("max_value_bytes", int, "bytes of one stored value (0: unbounded)"),
 }
 
 

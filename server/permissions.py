@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from crdtchat import schema
 from crdtchat.schema import Message
+from crdtchat.shape import TooDeep, holds_types, read_json
 
 
 class Access(Enum):
@@ -125,7 +126,14 @@ def check_message(value: Any, role: str, sub: str) -> str | None:
         return "message content must be a Text"
     try:
         # str() is the map as JSON, made in Rust: much cheaper than to_py() for each check.
-        message = Message.model_validate_json(str(value))
+        # A Map holding shared types (not a message Yjs clients write) is walked first: a
+        # value nested too deeply would overflow the stack in str() (design §7.1).
+        if holds_types(value):
+            message = Message.model_validate(read_json(value))
+        else:
+            message = Message.model_validate_json(str(value))
+    except TooDeep as error:
+        return f"invalid message: {error}"
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "message"

@@ -184,7 +184,8 @@ class Room:
         self.ready = anyio.Event()  # set when open, or when loading failed
         self.structure_ready = anyio.Event()  # writes wait for the structure index
         self.finished = anyio.Event()
-        self.live = LiveDoc()  # empty until loaded; closed when the room is done
+        # empty until loaded; closed when the room is done
+        self.live = LiveDoc(limits=config.shape_limits)
         self.awareness = Awareness(Doc())
         self.awareness.set_local_state(None)  # the relay itself is not present
         self.awareness.observe(self._on_awareness)
@@ -222,7 +223,7 @@ class Room:
         try:
             stored = await self.store.load(self.name)
             self.live.close()
-            self.live = LiveDoc(stored.state)
+            self.live = LiveDoc(stored.state, limits=self.config.shape_limits)
         except (StoreError, ValueError) as error:
             self.error = f"room {self.name!r} could not be loaded: {error}"
             log.error("%s", self.error)
@@ -253,7 +254,7 @@ class Room:
     async def _index_structure(self, state: bytes) -> None:
         """Index the loaded state on a thread: joins and reads need not wait for it."""
         try:
-            index = await anyio.to_thread.run_sync(build_structure, state)
+            index = await anyio.to_thread.run_sync(build_structure, state, self.config.shape_limits)
         except ValueError as error:  # a stored state we cannot decode: writes are refused
             log.error("room %s: structure index failed: %s", self.name, error)
             self.live.structure_error = str(error)
@@ -486,7 +487,7 @@ class Room:
             self._created = True
             subject.rooms.charge(1)
         if self.waiting is not None:
-            self.waiting.check(self.live.doc)
+            self.waiting.check(self.live.doc, shape_checked=self.live.shape_checked())
         seq = self._next_seq
         self._next_seq += 1
         future = self.store.append(self.name, seq, outcome.delta)

@@ -1,0 +1,110 @@
+"""Reading values that may be nested too deeply to read natively (design §7.1).
+
+yrs renders a shared type as JSON (`str(map)`) by native recursion, one stack frame per level
+of shared types inside shared types: a Map nested ~20,000 deep overflows the stack and the
+process dies with SIGSEGV, which no `except` can catch. Our relay refuses such values, but a
+document may hold one anyway (written before the limit, or synced through another relay). So a
+reader walks the shared types of a value iteratively, with a bound, before it asks yrs for the
+JSON: past `MAX_READ_DEPTH` the value is reported as a problem and skipped. Plain (`Any`)
+values are bounded where updates are decoded (`crdtchat.updates.MAX_ANY_DEPTH`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pycrdt import Array, Map, Text, XmlElement, XmlFragment
+from pycrdt._base import BaseType  # the class every shared type derives from
+from pycrdt._pycrdt import Array as _RawArray
+from pycrdt._pycrdt import Map as _RawMap
+from pycrdt._pycrdt import XmlElement as _RawXmlElement
+from pycrdt._pycrdt import XmlFragment as _RawXmlFragment
+from pycrdt._pycrdt import XmlText as _RawXmlText
+
+_RAW_CONTAINERS = (_RawMap, _RawArray, _RawXmlElement, _RawXmlFragment, _RawXmlText)
+
+# Deeper than any value our relay accepts (its default limit is 32) and far below the depth at
+# which native recursion overflows the stack (~10,000 levels on an 8 MiB stack).
+MAX_READ_DEPTH = 64
+
+
+class TooDeep(ValueError):
+    """A value whose shared types nest deeper than a reader is willing to read."""
+
+
+def _children(value: BaseType) -> list[Any]:
+    if isinstance(value, Map):
+        return [value[key] for key in value]
+    if isinstance(value, Array):
+        return list(value)
+    if isinstance(value, XmlFragment | XmlElement):
+        return list(value.children)
+    return []  # Text (its string holds no types), XmlText, subdocuments
+
+
+def check_depth(value: Any, max_depth: int = MAX_READ_DEPTH) -> None:
+    """Raise TooDeep if shared types nest more than `max_depth` levels inside `value`.
+
+    Iterative, and it stops at the first level past the bound, so its cost is bounded by the
+    size of what is legitimately there.
+    """
+    if not isinstance(value, BaseType) or isinstance(value, Text):
+        return
+    with value.doc.transaction():
+        stack: list[tuple[BaseType, int]] = [(value, 1)]
+        while stack:
+            current, depth = stack.pop()
+            for child in _children(current):
+                if isinstance(child, BaseType) and not isinstance(child, Text):
+                    if depth + 1 > max_depth:
+                        raise TooDeep(f"value nested deeper than {max_depth} shared types")
+                    stack.append((child, depth + 1))
+
+
+def holds_types(value: Map) -> bool:
+    """Whether any value of `value` is a shared type other than a Text (what a message Map
+    holds): the cheap test before `check_depth`, with pycrdt's raw reads (no wrapping)."""
+    raw = value.integrated
+    with value.doc.transaction() as txn:
+        handle = txn._txn
+        for key in raw.keys(handle):
+            item = raw.get(handle, key)
+            if isinstance(item, _RAW_CONTAINERS):
+                return True
+    return False
+
+
+def read_json(value: Any, max_depth: int = MAX_READ_DEPTH) -> Any:
+    """The JSON value of `value` as `str()` renders it, after `check_depth`."""
+    if isinstance(value, Text):
+        return str(value)
+    if isinstance(value, BaseType):
+        if not isinstance(value, Map) or holds_types(value):
+            check_depth(value, max_depth)
+        return json.loads(str(value))
+    return value
+
+
+def read_map(root: Map, max_depth: int = MAX_READ_DEPTH) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every entry of `root` as JSON, and the entries too deep to read (key -> why).
+
+    The common case, a map with no nested shared types, costs one `str()` as before: values
+    are fetched once to look at their types, and only nested types are walked.
+    """
+    with root.doc.transaction():
+        nested: list[str] = []
+        for key in root:
+            value = root[key]
+            if isinstance(value, BaseType) and not isinstance(value, Text):
+                nested.append(key)
+        if not nested:
+            return json.loads(str(root)), {}
+        good: dict[str, Any] = {}
+        bad: dict[str, str] = {}
+        for key in root:
+            try:
+                good[key] = read_json(root[key], max_depth)
+            except TooDeep as error:
+                bad[key] = str(error)
+        return good, bad

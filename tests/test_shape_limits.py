@@ -1,0 +1,318 @@
+"""The shape of stored values (design §7.1, issue 10 findings 1, 2 and 10).
+
+A writer's value nested 20,000 shared types deep used to kill the relay (yrs renders it as JSON
+by native recursion: SIGSEGV); the relay now refuses it before anything reads it, and keeps
+serving every other room. The limits (depth, entries, value size) are checked by the structure
+index as it resolves parents, so a write into a deleted type is judged by its root too.
+Readers survive a document that holds such a value anyway: those cases run in a subprocess,
+since a crash would take the test process with it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Map
+from relay_support import (
+    REPO,
+    RelayProcess,
+    declare_roots,
+    message_map,
+    raw_client,
+    running_relay,
+    token,
+)
+
+from crdtchat import schema
+from crdtchat.structure import ShapeError, ShapeLimits
+from crdtchat.updates import decode_update
+from crdtchat.wire import SyncUpdate
+from server.livedoc import Accepted, LiveDoc, OverLimits, Refused, build_structure
+
+DEEP = 20_000  # deep enough to overflow the native stack when rendered
+
+
+def nest(top: Map, levels: int) -> None:
+    """Hang a chain of `levels` Maps under key "k" of the integrated Map `top`."""
+    current = top
+    for _ in range(levels):
+        inner: Map = Map()
+        current["k"] = inner
+        current = inner
+
+
+def deep_message_update(msg_id: str, author: str, levels: int) -> bytes:
+    """A user message whose Map has an extra key holding Maps nested `levels` deep."""
+    doc: Doc = Doc()
+    messages = declare_roots(doc)[schema.MESSAGES]
+    with doc.transaction():
+        messages.append(message_map(msg_id, "user", author, "look"))
+        extra: Map = Map()
+        messages[0]["extra"] = extra
+        nest(extra, levels)
+    return doc.get_update()
+
+
+def deep_settings_update(levels: int) -> bytes:
+    doc: Doc = Doc()
+    settings = declare_roots(doc)[schema.SETTINGS]
+    with doc.transaction():
+        top: Map = Map()
+        settings["x"] = top
+        nest(top, levels)
+    return doc.get_update()
+
+
+# -- the limits, on the relay's document (in process: fast, exact boundaries) ---------------
+
+
+def test_depth_limit_is_exact_and_judged_before_applying() -> None:
+    live = LiveDoc(limits=ShapeLimits(depth=6))
+    # message Map (1) > extra Map (2) > 4 more levels: 6 deep, at the limit
+    assert isinstance(
+        live.apply(deep_message_update("m1", "alice", 4), "writer", "alice"), Accepted
+    )
+    with pytest.raises(OverLimits, match=r"nested 7 deep in canonical\.messages"):
+        live.apply(deep_message_update("m2", "alice", 5), "writer", "alice")
+    with pytest.raises(OverLimits, match=r"nested 7 deep in canonical\.settings"):
+        live.apply(deep_settings_update(6), "writer", "alice")
+    assert [m["id"] for m in live.messages] == ["m1"]  # nothing of the refused ones
+
+
+def test_depth_counts_through_types_written_in_earlier_updates() -> None:
+    """A chain built one level per update is as deep as one built at once."""
+    live = LiveDoc(limits=ShapeLimits(depth=3))
+    doc: Doc = Doc()
+    settings = declare_roots(doc)[schema.SETTINGS]
+    current = settings
+    for level in range(1, 5):
+        before = doc.get_state()
+        inner: Map = Map()
+        current["k"] = inner
+        current = inner
+        update = doc.get_update(before)
+        if level <= 3:
+            assert isinstance(live.apply(update, "writer", "alice"), Accepted)
+        else:
+            with pytest.raises(OverLimits, match="nested 4 deep"):
+                live.apply(update, "writer", "alice")
+
+
+def test_value_size_and_entries_are_bounded() -> None:
+    live = LiveDoc(limits=ShapeLimits(depth=8, entries=10, value_bytes=1000))
+    doc: Doc = Doc()
+    settings = declare_roots(doc)[schema.SETTINGS]
+    settings["system"] = "x" * 900
+    assert isinstance(live.apply(doc.get_update(), "writer", "a"), Accepted)
+    before = doc.get_state()
+    settings["system"] = "x" * 1100
+    with pytest.raises(OverLimits, match=r"a value of \d+ bytes \(limit 1000\)"):
+        live.apply(doc.get_update(before), "writer", "a")
+
+    doc = Doc()
+    tools = declare_roots(doc)[schema.TOOLS]
+    with doc.transaction():
+        tools["t"] = nested = Map()
+        for n in range(11):
+            nested[f"k{n}"] = n
+    with pytest.raises(OverLimits, match="over 10 entries in one nested Map or Array"):
+        live.apply(doc.get_update(), "writer", "a")
+
+
+def test_a_stored_state_is_indexed_without_judging_but_known_to_be_too_deep() -> None:
+    """A room stored before the limit loads; its depth is known, so readers are warned and
+    nothing is written deeper below it."""
+    limits = ShapeLimits(depth=8)
+    state = deep_settings_update(40)
+    index = build_structure(state, limits)
+    assert index.too_deep() and index.deepest == 41
+    assert not build_structure(deep_settings_update(7), limits).too_deep()
+    live = LiveDoc(state, limits=limits)
+    assert not live.shape_checked()
+    with pytest.raises(ShapeError):
+        index.check(decode_update(deep_settings_update(9)))
+
+
+def test_a_write_into_a_deleted_type_is_judged_by_its_root() -> None:
+    """Finding 10: the write raises no event (yrs drops it unseen), so the rules over events
+    saw nothing; the structure index knows which root the deleted Map was under."""
+    live = LiveDoc()
+    writer: Doc = Doc()
+    meta = declare_roots(writer)[schema.META]
+    meta["note"] = Map({"a": 1})
+    assert isinstance(live.apply(writer.get_update(), "writer", "alice"), Accepted)
+    before_delete = writer.get_update()
+    state = writer.get_state()
+    del meta["note"]
+    assert isinstance(live.apply(writer.get_update(state), "writer", "alice"), Accepted)
+
+    worker: Doc = Doc()  # a peer that still has the Map, as if the deletion had not reached it
+    worker_meta = declare_roots(worker)[schema.META]
+    worker.apply_update(before_delete)
+    state = worker.get_state()
+    worker_meta["note"]["b"] = 2  # type: ignore[index]
+    write = worker.get_update(state)
+    outcome = live.apply(write, "worker", "w")
+    assert outcome == Refused("a worker may not write canonical.meta")
+    assert live.apply(write, "reader", "r") == Refused("a reader may not change the document")
+    # the writer, who may write meta, makes the same invisible write: accepted as before
+    assert isinstance(live.apply(write, "writer", "alice"), Accepted)
+
+
+# -- through the relay subprocess ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    args = ["--max-value-bytes", "65536"]
+    with running_relay(Path(tmp_path_factory.mktemp("shape")) / "data", args) as process:
+        yield process
+
+
+@pytest.mark.anyio
+async def test_deep_message_closes_only_its_connection_and_every_room_carries_on(
+    relay: RelayProcess,
+) -> None:
+    """Finding 1: before, the relay died with SIGSEGV checking the message."""
+    attack = deep_message_update("evil", "mallory", DEEP)
+    async with (
+        raw_client(relay.url("calm", token("calm", "writer", "bob"), ack=True)) as bystander,
+        raw_client(relay.url("shared", token("shared", "writer", "alice"), ack=True)) as alice,
+        raw_client(relay.url("shared", token("shared", "writer", "mallory"))) as mallory,
+    ):
+        await mallory.send(SyncUpdate(attack))
+        code, reason = await mallory.wait_closed(timeout=60)
+        assert code == 1008
+        assert reason is not None and "update exceeds limits: shared types nested" in reason
+        assert relay.proc is not None and relay.proc.poll() is None
+
+        for client, text in ((bystander, "still here"), (alice, "and here")):
+            await client.push(
+                lambda doc, text=text: declare_roots(doc)[schema.MESSAGES].append(
+                    message_map(text, "user", "bob" if text == "still here" else "alice", text)
+                )
+            )
+            await client.wait_acked(timeout=30)
+            assert client.denied == []
+
+    async with raw_client(relay.url("shared", token("shared", "reader", "carol"))) as late:
+        assert late.texts() == ["and here"]  # nothing of the refused message
+
+
+@pytest.mark.anyio
+async def test_deep_settings_and_oversized_values_are_refused_with_a_clear_reason(
+    relay: RelayProcess,
+) -> None:
+    """Finding 2's way in (a deep value under canonical.settings, never read by the relay,
+    was stored and poisoned every reader) is closed, and the value size is configurable."""
+    room = "settings"
+    url = relay.url(room, token(room, "writer", "mallory"))
+    async with raw_client(url) as mallory:
+        await mallory.send(SyncUpdate(deep_settings_update(DEEP)))
+        code, reason = await mallory.wait_closed(timeout=60)
+    assert code == 1008 and reason is not None and "nested" in reason
+    async with raw_client(url) as mallory:
+        await mallory.push(
+            lambda doc: declare_roots(doc)[schema.SETTINGS].update({"s": "x" * 70_000})
+        )
+        code, reason = await mallory.wait_closed(timeout=30)
+    assert code == 1008 and reason is not None and "(limit 65536)" in reason
+    async with raw_client(relay.url(room, token(room, "reader", "carol"))) as late:
+        assert dict(late.roots[schema.SETTINGS]) == {}
+
+
+@pytest.mark.anyio
+async def test_a_workers_write_into_a_deleted_meta_map_is_refused(relay: RelayProcess) -> None:
+    """Finding 10, end to end: before, it was accepted and broadcast."""
+    room = "deleted"
+    async with raw_client(relay.url(room, token(room, "writer", "alice"), ack=True)) as alice:
+        await alice.push(lambda doc: declare_roots(doc)[schema.META].update({"n": Map({"a": 1})}))
+        await alice.wait_acked()
+        async with raw_client(relay.url(room, token(room, "worker", "w"), ack=True)) as worker:
+            stale: Doc = Doc()  # the worker's view from before the deletion
+            stale_meta = declare_roots(stale)[schema.META]
+            stale.apply_update(worker.doc.get_update())
+            await alice.push(lambda doc: declare_roots(doc)[schema.META].pop("n"))
+            await alice.wait_acked()
+            state = stale.get_state()
+            stale_meta["n"]["b"] = 2  # type: ignore[index]
+            await worker.send(SyncUpdate(stale.get_update(state)))
+            await worker.wait_for(lambda: bool(worker.denied), timeout=30)
+            assert worker.denied == ["a worker may not write canonical.meta"]
+
+
+# -- readers survive a document that holds such a value (subprocess: a crash is a failure) ---
+
+READER_SCRIPT = """
+import json, sys
+from pycrdt import Map
+from crdtchat.document import Conversation
+
+levels = int(sys.argv[1])
+
+def nest(top):
+    current = top
+    for _ in range(levels):
+        inner = Map(); current["k"] = inner; current = inner
+
+source = Conversation.create(author="alice", title="poisoned")
+source.set_settings(system="be brief")
+source.set_tool("search", "find things", {"type": "object"})
+source.append("user", "hello", message_id="m1")
+source.append("user", "again", message_id="m2", parent=None)
+with source.doc.transaction():
+    for root in (source.settings_map, source.tools_map, source.meta, source.derived):
+        root["deep"] = top = Map(); nest(top)
+    source.messages[0]["extra"] = top = Map(); nest(top)
+state = source.encode_state()
+
+opened = Conversation.from_update(state, author="bob")
+synced = Conversation(author="bob")
+synced.apply_update(state)
+out = []
+for c in (opened, synced):
+    out.append({
+        "system": c.settings.system,
+        "tools": sorted(c.tools),
+        "title": c.title,
+        "messages": [m.id for m in c.all_messages()],
+        "problems": sorted((p.root, str(p.key)) for p in c.problems()),
+        "derived": len(c.derived_entries()),
+        "waiting": [w.message.id for w in c.waiting_for_reply()],
+    })
+print(json.dumps(out))
+"""
+
+
+def test_readers_report_and_skip_a_value_too_deep_to_read() -> None:
+    """Finding 2: settings, tools, meta, derived and messages of a poisoned document are read
+    (opened from bytes and synced in), the deep values reported as problems."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(READER_SCRIPT), str(DEEP)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    for reading in json.loads(done.stdout):
+        assert reading["system"] == "be brief"
+        assert reading["tools"] == ["search"]
+        assert reading["title"] == "poisoned"
+        assert reading["messages"] == ["m2"]  # m1 holds the deep value: reported, skipped
+        assert reading["waiting"] == ["m2"]
+        assert reading["derived"] == 0
+        assert reading["problems"] == [
+            ["canonical.messages", "0"],
+            ["canonical.meta", "deep"],
+            ["canonical.settings", "deep"],
+            ["canonical.tools", "deep"],
+            ["derived.entries", "deep"],
+        ]
