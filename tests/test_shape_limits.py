@@ -28,8 +28,11 @@ from relay_support import (
     running_relay,
     token,
 )
+from test_worker_relay import WorkerProcess, person, wait_for, watch_all
 
 from crdtchat import schema
+from crdtchat.loopback.openai_server import OpenAILoopback
+from crdtchat.schema import assistant_turn_id
 from crdtchat.structure import ShapeError, ShapeLimits
 from crdtchat.updates import decode_update
 from crdtchat.wire import SyncUpdate
@@ -316,3 +319,40 @@ def test_readers_report_and_skip_a_value_too_deep_to_read() -> None:
             ["canonical.tools", "deep"],
             ["derived.entries", "deep"],
         ]
+
+
+# -- the worker serves every other room when one holds such a value -----------------------
+
+
+@pytest.mark.anyio
+async def test_worker_serving_every_room_answers_beside_a_poisoned_one(tmp_path: Path) -> None:
+    """Finding 2: a `crdtchat worker` serving '*' died reading a deep settings value, on every
+    restart, so no room was answered. The relay runs with the depth check off (`--max-depth
+    0`), as one from before the limit, or a relay that is not ours, would have stored it."""
+    with (
+        running_relay(tmp_path / "data", ["--max-depth", "0"]) as relay,
+        OpenAILoopback() as model,
+    ):
+        base = f"ws://127.0.0.1:{relay.port}"
+        worker = WorkerProcess("worker-1", relay.port, model.base_url, tmp_path)
+        async with person(base, "poisoned", "alice") as alice, person(base, "fine", "bob") as bob:
+            with alice.doc.transaction():
+                alice.settings_map["deep"] = top = Map()
+                nest(top, DEEP)
+            poisoned_question = alice.append("user", "first, the poisoned room")
+            worker.start()
+            try:
+                fine_question = bob.append("user", "and a fine room")
+                for conversation, question in ((alice, poisoned_question), (bob, fine_question)):
+                    answer_id = assistant_turn_id(question.id, 1)
+                    await wait_for(
+                        lambda c=conversation, a=answer_id: c.view.get(a) is not None,
+                        watch_all(conversation),
+                        90,
+                    )
+                    assert conversation.message(answer_id).status == "complete"
+                assert worker.proc is not None and worker.proc.poll() is None
+                problems = [(p.root, p.key) for p in alice.problems()]
+                assert problems == [(schema.SETTINGS, "deep")]
+            finally:
+                worker.stop()

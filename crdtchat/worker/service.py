@@ -2,7 +2,8 @@
 
 Each room gets its own task and replica for as long as it has work, then is closed; a
 notification that arrives while a room is being served makes it look again once it is done,
-so no request can slip between "idle" and "closed".
+so no request can slip between "idle" and "closed". A room that fails (whatever a peer put in
+it) is logged and skipped: one room never stops the worker from serving the others.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ async def run_worker(config: WorkerConfig, providers: ProviderPool) -> None:
                         await serve_remote_room(room, config, providers)
                     except (OSError, TimeoutError) as error:
                         log.warning("room %s: %s", room, error)
+                    except Exception:
+                        log.exception("room %s failed; skipped until it waits again", room)
+                        return
                     if room not in look_again:
                         return
             finally:
