@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pycrdt import Array, Map, Text, XmlElement, XmlFragment
+from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment
 from pycrdt._base import BaseType  # the class every shared type derives from
 from pycrdt._pycrdt import Array as _RawArray
 from pycrdt._pycrdt import Map as _RawMap
@@ -107,4 +107,11 @@ def read_map(root: Map, max_depth: int = MAX_READ_DEPTH) -> tuple[dict[str, Any]
                 good[key] = read_json(root[key], max_depth)
             except TooDeep as error:
                 bad[key] = str(error)
-        return good, bad
+    # Rendered by yrs, as `str(root)` would have: pycrdt returns numbers as floats (3.0) where
+    # yrs's JSON writes integral ones as integers (3), and readers must agree on every path.
+    scratch = Doc()
+    copy = scratch.get("copy", type=Map)
+    with scratch.transaction():
+        for key, value in good.items():
+            copy[key] = value
+    return json.loads(str(copy)), bad

@@ -36,8 +36,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from pycrdt import Doc, Map, Text
-from relay_support import RelayProcess, raw_client, token
+from relay_support import RelayProcess, declare_roots, message_map, raw_client, token
 
+from crdtchat import schema
 from crdtchat.document import Conversation, PeerRole
 from crdtchat.replica import Backoff, Replica
 from crdtchat.schema import answered_id_of, assistant_turn_id, message_id_refusal
@@ -53,11 +54,13 @@ from crdtchat.testing import (
 from crdtchat.testing.floods import AwarenessFlood, awareness_floods
 from crdtchat.testing.invariants import raw_message_ids
 from crdtchat.testing.operations import AppendMessage, CommitTurn, ForeignMessageAt, Operation
+from crdtchat.wire import SyncUpdate
 from server.config import RelayConfig
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 DEFAULTS = RelayConfig(secret="")  # the relay below runs with the default limits
 CONVERGE_TIMEOUT = 60.0
+DEEP = 20_000  # a hostile value this deep killed the relay before it had a depth limit
 LONG = hypothesis_profiles.PROFILE == "long"
 pytestmark = pytest.mark.timeout(0 if LONG else 300)
 
@@ -244,6 +247,19 @@ class RelayMachine(RuleBasedStateMachine):
         _count("awareness floods")
 
     @precondition(lambda self: bool(self.clients))
+    @rule(kind=st.sampled_from(["deep message", "deep settings", "oversized", "entries"]))
+    def hostile_write(self, kind: str) -> None:
+        """Another writer sends a value past the relay's shape limits (design §7.1): its
+        connection is closed, and the relay and every replica carry on and converge."""
+        url = f"ws://{self.relay.host}:{self.relay.port}"
+        tok = token(self.room, "writer", "mallory")
+        code, reason = self.portal.call(_hostile_write, url, self.room, tok, _hostile(kind))
+        assert code == 1008 and reason is not None, (code, reason)
+        assert reason.startswith("update exceeds limits"), reason
+        event(f"hostile {kind} refused")
+        _count("hostile writes refused")
+
+    @precondition(lambda self: bool(self.clients))
     @rule()
     def quiesce(self) -> None:
         self.check_quiescent()
@@ -351,6 +367,42 @@ async def _forge(url: str, operation: ForeignMessageAt) -> tuple[str | None, str
         return expected, (forger.denied[0] if forger.denied else None)
 
 
+MAX_VALUE_BYTES = 65_536
+MAX_ENTRIES = 1_000
+RELAY_ARGS = ["--max-value-bytes", str(MAX_VALUE_BYTES), "--max-entries", str(MAX_ENTRIES)]
+
+
+def _hostile(kind: str) -> bytes:
+    """An update past one of the relay's shape limits (default depth 32, RELAY_ARGS)."""
+    doc: Doc = Doc()
+    roots = declare_roots(doc)
+    with doc.transaction():
+        if kind == "oversized":
+            roots[schema.SETTINGS]["system"] = "x" * (MAX_VALUE_BYTES + 1)
+            return doc.get_update()
+        top: Map = Map()
+        if kind == "deep message":
+            roots[schema.MESSAGES].append(message_map("hostile", "user", "mallory", "hi"))
+            roots[schema.MESSAGES][0]["extra"] = top
+        else:
+            roots[schema.SETTINGS]["x"] = top
+        if kind == "entries":
+            for n in range(MAX_ENTRIES + 1):
+                top[str(n)] = n
+        else:
+            current = top
+            for _ in range(DEEP if kind == "deep message" else 40):
+                current["k"] = inner = Map()
+                current = inner
+    return doc.get_update()
+
+
+async def _hostile_write(url: str, room: str, tok: str, update: bytes) -> tuple[Any, Any]:
+    async with raw_client(f"{url}/{room}?token={tok}") as client:
+        await client.send(SyncUpdate(update))
+        return await client.wait_closed(timeout=CONVERGE_TIMEOUT)
+
+
 def _count(what: str, n: int = 1) -> None:
     RelayMachine.tally[what] = RelayMachine.tally.get(what, 0) + n
 
@@ -421,7 +473,7 @@ def test_replicas_on_a_real_relay_converge_through_relay_and_client_restarts(
     tmp_path: Path,
 ) -> None:
     RelayMachine.tally = {}
-    relay = RelayProcess(tmp_path / "relay-data").start()
+    relay = RelayProcess(tmp_path / "relay-data", RELAY_ARGS).start()
     try:
         with start_blocking_portal("asyncio") as portal:
             RelayMachine.relay = relay
@@ -450,6 +502,7 @@ def test_replicas_on_a_real_relay_converge_through_relay_and_client_restarts(
         "quiescences",
         "awareness floods",
         "forgeries refused",
+        "hostile writes refused",
     ):
         assert tally.get(what, 0) > 0, f"no {what} in {tally}"
     assert tally.get("messages checked", 0) > 0

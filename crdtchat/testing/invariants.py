@@ -24,6 +24,7 @@ from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.prefix import reference_prefix_hash
 from crdtchat.schema import Message, RegenerateRequest, assistant_turn_id
+from crdtchat.shape import MAX_READ_DEPTH
 from crdtchat.testing.network import Replica, _decode_state_vector, has_gap
 from crdtchat.testing.operations import message_problems, root_json
 
@@ -31,6 +32,29 @@ from crdtchat.testing.operations import message_problems, root_json
 def decode_state_vector(state_vector: bytes) -> dict[int, int]:
     """client id → clock; the encoding's entry order is not part of the state."""
     return _decode_state_vector(state_vector)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a JSON value (a scalar is 0), iteratively.
+
+    Foreign values of plain JSON stay shallow, so for the values the machine writes this is
+    the depth of shared types that readers bound (`crdtchat.shape`)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        children = (
+            current.values()
+            if isinstance(current, dict)
+            else current
+            if isinstance(current, list)
+            else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def roots_json(conversation: Conversation) -> dict[str, Any]:
@@ -106,6 +130,9 @@ def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = Tr
     claimed: set[str] = set()  # ids of every well-formed message, shown or not
     problems: list[int] = []
     for position, raw in enumerate(roots[schema.MESSAGES]):
+        if json_depth(raw) > MAX_READ_DEPTH:
+            problems.append(position)  # too deep to read (design §7.1)
+            continue
         try:
             message = Message.model_validate(raw)
         except ValidationError:
@@ -131,7 +158,7 @@ def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = Tr
 
     settings = roots[schema.SETTINGS]
     system = settings.get("system") if isinstance(settings.get("system"), str) else ""
-    tools = roots[schema.TOOLS]
+    tools = {k: v for k, v in roots[schema.TOOLS].items() if json_depth(v) <= MAX_READ_DEPTH}
     hashes = {}
     for leaf in leaves:
         path = thread(leaf)

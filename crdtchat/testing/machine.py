@@ -80,6 +80,7 @@ class ConversationMachine(RuleBasedStateMachine):
     holders: ClassVar[tuple[str, ...]] = ("worker-1", "worker-2")
     #: include writes no `Conversation` method makes (junk that readers must skip)
     foreign_writes: ClassVar[bool] = True
+    deep_writes: ClassVar[bool] = True  # foreign values nested around the readers' bound
     start_time: ClassVar[float] = 1_700_000_000.0
     #: state-vector exchange rounds at quiescence. One is what a reconnect does and what
     #: Yjs needs, and it is enough now that `Conversation` holds early updates and passes
@@ -242,6 +243,11 @@ class ConversationMachine(RuleBasedStateMachine):
         that came from elsewhere. Every replica must read the same first-of-an-id."""
         if self.foreign_writes:
             self.write_with(data, strategies.duplicate_ids)
+
+    @rule(data=st.data())
+    def deep_write(self, data: st.DataObject) -> None:
+        if self.deep_writes:
+            self.write_with(data, strategies.deep_writes)
 
     # -- the network --------------------------------------------------------------------------
 

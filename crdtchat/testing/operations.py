@@ -497,3 +497,48 @@ class ForeignMapWrite:
             target.pop(self.key, None)
         else:
             target[self.key] = self.value
+
+
+@dataclass(frozen=True)
+class ForeignNesting:
+    """Hang shared types nested `depth` deep (Maps, with Arrays every other level when
+    `arrays`) under `key` of the Map root `target`, or, with `target` "message", under `key`
+    of a new, otherwise valid message `message_id`.
+
+    Readers bound how deep they read (design §7.1, `crdtchat.shape.MAX_READ_DEPTH`): past
+    it the value is reported and skipped, identically on every replica, and never crashes.
+    """
+
+    target: str
+    key: str
+    depth: int
+    arrays: bool = False
+    message_id: str = "deep"
+
+    def apply(self, conversation: Conversation) -> None:
+        with conversation.doc.transaction():
+            top: Map = Map()
+            if self.target == "message":
+                message = Map(
+                    {
+                        "id": self.message_id,
+                        "role": "user",
+                        "author": conversation.author,
+                        "parent": None,
+                        "created_at": 0.0,
+                        "content": Text("deep"),
+                    }
+                )
+                conversation.messages.append(message)
+                message[self.key] = top
+            else:
+                conversation.doc.get(self.target, type=Map)[self.key] = top
+            current: Map | Array = top
+            for level in range(1, self.depth):
+                inner: Map | Array = Array() if self.arrays and level % 2 else Map()
+                if isinstance(current, Map):
+                    current["k"] = inner
+                else:
+                    current.append(inner)
+                current = inner
+        _check_all_items_read(conversation)

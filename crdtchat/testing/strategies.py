@@ -22,6 +22,7 @@ from pycrdt import Map, Text
 from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.schema import DerivedEntry, FileRef, Message, ModelRef, ToolCall, assistant_turn_id
+from crdtchat.shape import MAX_READ_DEPTH
 from crdtchat.testing.operations import (
     AppendMessage,
     AppendStream,
@@ -35,6 +36,7 @@ from crdtchat.testing.operations import (
     ForeignMapWrite,
     ForeignMessage,
     ForeignMessageAt,
+    ForeignNesting,
     InsertText,
     MarkRead,
     Operation,
@@ -558,6 +560,26 @@ def duplicate_ids(
         return ForeignMessageAt(position, fields)
 
     return build()
+
+
+# -- deep nesting ----------------------------------------------------------------------------
+
+
+def deep_writes(conversation: Conversation) -> SearchStrategy[Operation]:
+    """Foreign values of shared types nested around a reader's bound (design §7.1): under a
+    key of any Map root, or in an otherwise valid new message. Depths cluster at the bound
+    (`crdtchat.shape.MAX_READ_DEPTH`), where off-by-one mistakes live; deep enough to crash
+    natively (~20,000) would make every example slow, so that is tested apart."""
+    bound = MAX_READ_DEPTH
+    depths = st.sampled_from((1, 2, 30, bound - 2, bound - 1, bound, bound + 1, 2 * bound))
+    return st.builds(
+        ForeignNesting,
+        target=st.sampled_from((*schema.MAP_ROOTS, "message")),
+        key=st.sampled_from(("extra", "system", "k", "content")),
+        depth=depths,
+        arrays=st.booleans(),
+        message_id=message_ids(),
+    )
 
 
 # -- everything ------------------------------------------------------------------------------
