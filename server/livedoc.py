@@ -45,7 +45,6 @@ from crdtchat.merge import merge
 from crdtchat.pending import split
 from crdtchat.shape import MAX_READ_DEPTH
 from crdtchat.structure import (
-    NO_LIMITS,
     MissingDependency,
     ShapeError,
     ShapeLimits,
@@ -59,6 +58,7 @@ from server.permissions import RULES, Access, Change, check_changes
 from server.prejudge import refuse_before_applying
 
 EMPTY_UPDATE = b"\x00\x00"
+DEFAULT_LIMITS = ShapeLimits()  # the relay's defaults (server.config.RelayConfig)
 
 
 class UndecodableUpdate(RemoteProtocolError, ValueError):
@@ -102,7 +102,7 @@ MESSAGE_WRITERS = frozenset(role for role, rules in RULES.items() if schema.MESS
 ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema.ALL_ROOTS}
 
 
-def build_structure(state: bytes, limits: ShapeLimits = NO_LIMITS) -> StructureIndex:
+def build_structure(state: bytes, limits: ShapeLimits = DEFAULT_LIMITS) -> StructureIndex:
     """The structure index of a stored room state (trusted: it was checked on the way in).
 
     A 10,000-message room decodes into ~80,000 small tuples; the cyclic garbage collector,
@@ -135,7 +135,7 @@ class LiveDoc:
         self,
         state: bytes = b"",
         structure: StructureIndex | None = None,
-        limits: ShapeLimits = NO_LIMITS,
+        limits: ShapeLimits = DEFAULT_LIMITS,
     ) -> None:
         self.limits = limits
         self._subscriptions: list[Any] = []
