@@ -15,7 +15,6 @@ is asyncio-only). The document must be edited from the event loop's thread.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import random
@@ -47,6 +46,7 @@ from crdtchat.local_store import (
     StoreOp,
 )
 from crdtchat.schema import DRAFTS, MESSAGES, ROOM_NAME
+from crdtchat.shape import array_json
 from crdtchat.signals import Changes
 from crdtchat.sync import (
     Denied,
@@ -954,7 +954,8 @@ def _frames(messages: list[WireMessage]) -> list[bytes]:
 
 def _message_dicts(doc: Doc) -> list[dict[str, Any]]:
     try:
-        raw = json.loads(str(doc.get(MESSAGES, type=Array)))
+        # Checked first: a value nested too deeply would overflow the stack (design §7.1).
+        raw = array_json(doc.get(MESSAGES, type=Array), MESSAGES)
     except ValueError:
         return []
     return [m for m in raw if isinstance(m, dict)]

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment
-from pycrdt._base import BaseType  # the class every shared type derives from
+from pycrdt._base import BaseType, process_event  # process_event: wraps raw yrs values
 from pycrdt._pycrdt import Array as _RawArray
 from pycrdt._pycrdt import Map as _RawMap
 from pycrdt._pycrdt import XmlElement as _RawXmlElement
@@ -115,3 +115,46 @@ def read_map(root: Map, max_depth: int = MAX_READ_DEPTH) -> tuple[dict[str, Any]
         for key, value in good.items():
             copy[key] = value
     return json.loads(str(copy)), bad
+
+
+def items_of(array: Array, name: str) -> tuple[list[Any], Doc]:
+    """Every item of the root array `name`, in O(n): pycrdt reads an item by index by walking the
+    array from its start, so the items are taken from the event of applying the whole
+    document to a scratch copy (returned too: the items live as long as it does)."""
+    scratch = Doc()
+    target = scratch.get(name, type=Array)
+    items: list[Any] = []
+
+    def collect(event: Any) -> None:
+        with scratch._read_transaction(event.transaction):
+            for op in process_event(event.delta, scratch):
+                items.extend(op.get("insert", ()))
+
+    subscription = target.integrated.observe(collect)
+    scratch.apply_update(array.doc.get_update())
+    subscription.drop()
+    return items, scratch
+
+
+def array_json(array: Array, name: str, *, shape_checked: bool = False) -> list[Any]:
+    """The JSON of every item of the root array `name`, as `json.loads(str(array))` gives it, with
+    None for an item nested too deeply to read. `shape_checked`: the caller knows none is
+    (the relay's structure index says so), so it is one `str()`."""
+    if shape_checked or len(array) == 0:
+        return json.loads(str(array))
+    items, scratch = items_of(array, name)
+    try:
+        for item in items:
+            if isinstance(item, Map) and not holds_types(item):
+                continue
+            check_depth(item)
+    except TooDeep:
+        result = []
+        for item in items:
+            try:
+                result.append(read_json(item))
+            except TooDeep:
+                result.append(None)
+        del scratch
+        return result
+    return json.loads(str(array))

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from crdtchat.errors import StorageError
 from crdtchat.lifetime import weak_method
 from crdtchat.schema import MESSAGES, Message, Problem
-from crdtchat.shape import TooDeep, check_depth, holds_types, read_json
+from crdtchat.shape import TooDeep, check_depth, holds_types, items_of, read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +102,6 @@ def entry_of(item: Any) -> Entry:
         return Entry(None, str(error))
 
 
-def items_of(array: Array) -> tuple[list[Any], Doc]:
-    """Every item of `array`, in O(n): pycrdt reads an item by index by walking the array
-    from its start, so the items are taken from the event of applying the whole document to
-    a scratch copy (returned too: the items live as long as it does)."""
-    scratch = Doc()
-    target = scratch.get(MESSAGES, type=Array)
-    items: list[Any] = []
-
-    def collect(event: Any) -> None:
-        with scratch._read_transaction(event.transaction):
-            for op in process_event(event.delta, scratch):
-                items.extend(op.get("insert", ()))
-
-    subscription = target.integrated.observe(collect)
-    scratch.apply_update(array.doc.get_update())
-    subscription.drop()
-    return items, scratch
-
-
 def _needs_check(item: Any) -> bool:
     if isinstance(item, Map):
         return holds_types(item)
@@ -135,7 +116,7 @@ def open_entries(array: Array, items: list[Any] | None = None) -> list[Entry]:
         return []
     scratch = None
     if items is None or len(items) != len(array):
-        items, scratch = items_of(array)
+        items, scratch = items_of(array, MESSAGES)
     try:
         for item in items:
             if _needs_check(item):
@@ -287,8 +268,16 @@ class MessageView:
         if not self.entries and expected is None:
             # The first content of an empty view (a replica applying its stored document
             # under an open Conversation): one JSON read, as on open, instead of the delta's
-            # item-by-item reads, which cost seconds at 10,000 messages.
-            self.entries = parse_all(str(self._array))
+            # item-by-item reads, which cost seconds at 10,000 messages. The delta lists the
+            # items, so their shape is checked first without reading them (design §7.1).
+            items = [
+                item
+                for event in events
+                if not event.path
+                for op in process_event(event.delta, self._doc)
+                for item in op.get("insert", ())
+            ]
+            self.entries = open_entries(self._array, items)
             self._index = None
             for listener in self._listeners:
                 listener()

@@ -256,6 +256,8 @@ READER_SCRIPT = """
 import json, sys
 from pycrdt import Map
 from crdtchat.document import Conversation
+from crdtchat.replica import _message_dicts
+from server.http import referenced_blobs
 
 levels = int(sys.argv[1])
 
@@ -288,6 +290,9 @@ for c in (opened, synced):
         "problems": sorted((p.root, str(p.key)) for p in c.problems()),
         "derived": len(c.derived_entries()),
         "waiting": [w.message.id for w in c.waiting_for_reply()],
+        # the relay's blob scoping and the replica's recovery read the array too
+        "blobs": sorted(referenced_blobs(c.messages)),
+        "dicts": [m.get("id") for m in _message_dicts(c.doc)],
     })
 print(json.dumps(out))
 """
@@ -312,6 +317,7 @@ def test_readers_report_and_skip_a_value_too_deep_to_read() -> None:
         assert reading["messages"] == ["m2"]  # m1 holds the deep value: reported, skipped
         assert reading["waiting"] == ["m2"]
         assert reading["derived"] == 0
+        assert reading["blobs"] == [] and reading["dicts"] == ["m2"]
         assert reading["problems"] == [
             ["canonical.messages", "0"],
             ["canonical.meta", "deep"],
