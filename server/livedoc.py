@@ -305,7 +305,8 @@ class LiveDoc:
             gate(len(update))
         self.ids.discard()
         if not self.ids.loaded and role in MESSAGE_WRITERS:
-            self.ids.load(self.messages)  # once per load, before this update's messages land
+            # once per load, before this update's messages land
+            self.ids.load(self.messages, self.shape_checked())
         try:
             with self.doc.transaction():  # events fire when this transaction commits
                 before = self.doc.get_state()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pycrdt import Array
 
 from crdtchat.schema import message_id_refusal
-from crdtchat.view import parse_all
+from crdtchat.view import open_entries, parse_all
 
 Taken = tuple[str, str | None]  # (role, parent) of the message holding an id
 
@@ -32,10 +32,13 @@ class MessageIds:
     def loaded(self) -> bool:
         return self._taken is not None
 
-    def load(self, messages: Array) -> None:
-        """Index `messages` as they are now (before the update that is about to be judged)."""
+    def load(self, messages: Array, shape_checked: bool = False) -> None:
+        """Index `messages` as they are now (before the update that is about to be judged).
+        Unless the room's structure index vouches for their shape (`shape_checked`), items
+        nested too deeply to render are skipped first (design §7.1)."""
         taken: dict[str, Taken] = {}
-        for entry in parse_all(str(messages)):
+        entries = parse_all(str(messages)) if shape_checked else open_entries(messages)
+        for entry in entries:
             message = entry.message
             if message is not None and message.id not in taken:
                 taken[message.id] = (message.role, message.parent)

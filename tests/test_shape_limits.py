@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, Text
 from relay_support import (
     REPO,
     RelayProcess,
@@ -37,6 +37,7 @@ from crdtchat.structure import ShapeError, ShapeLimits
 from crdtchat.updates import decode_update
 from crdtchat.wire import SyncUpdate
 from server.livedoc import Accepted, LiveDoc, OverLimits, Refused, build_structure
+from server.store import Store
 
 DEEP = 20_000  # deep enough to overflow the native stack when rendered
 
@@ -248,6 +249,33 @@ async def test_a_workers_write_into_a_deleted_meta_map_is_refused(relay: RelayPr
             await worker.send(SyncUpdate(stale.get_update(state)))
             await worker.wait_for(lambda: bool(worker.denied), timeout=30)
             assert worker.denied == ["a worker may not write canonical.meta"]
+
+
+@pytest.mark.anyio
+async def test_a_room_stored_before_the_limit_is_served_and_written_to(tmp_path: Path) -> None:
+    """A message nested 20,000 deep in a room stored before the limit (put in the relay's own
+    store here): the relay loads it, its readers (the message-id index, the waiting feed, the
+    permission check) skip it instead of dying, and writes to the room are judged as usual."""
+    data = tmp_path / "data"
+    data.mkdir()
+    async with Store(data) as store:
+        await store.append("old", 1, deep_message_update("m1", "alice", DEEP))
+    with running_relay(data) as relay:
+        url = relay.url("old", token("old", "writer", "alice"), ack=True)
+        async with raw_client(url) as alice:
+            await alice.push(
+                lambda doc: declare_roots(doc)[schema.MESSAGES].append(
+                    message_map("m2", "user", "alice", "after the limit")
+                )
+            )
+            await alice.wait_acked(timeout=60)
+            assert alice.denied == []
+            await alice.push(
+                lambda doc: declare_roots(doc)[schema.MESSAGES][0].update({"content": Text("edit")})
+            )
+            await alice.wait_for(lambda: bool(alice.denied), timeout=60)
+            assert alice.denied == ["invalid message: value nested deeper than 64 shared types"]
+        assert relay.proc is not None and relay.proc.poll() is None
 
 
 # -- readers survive a document that holds such a value (subprocess: a crash is a failure) ---
