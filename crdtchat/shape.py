@@ -22,6 +22,8 @@ from pycrdt._pycrdt import XmlElement as _RawXmlElement
 from pycrdt._pycrdt import XmlFragment as _RawXmlFragment
 from pycrdt._pycrdt import XmlText as _RawXmlText
 
+from crdtchat.errors import RemoteProtocolError
+
 _RAW_CONTAINERS = (_RawMap, _RawArray, _RawXmlElement, _RawXmlFragment, _RawXmlText)
 
 # Deeper than any value our relay accepts (its default limit is 32) and far below the depth at
@@ -29,8 +31,9 @@ _RAW_CONTAINERS = (_RawMap, _RawArray, _RawXmlElement, _RawXmlFragment, _RawXmlT
 MAX_READ_DEPTH = 64
 
 
-class TooDeep(ValueError):
-    """A value whose shared types nest deeper than a reader is willing to read."""
+class TooDeep(RemoteProtocolError, ValueError):
+    """A value whose shared types nest deeper than a reader is willing to read (a peer wrote
+    what our relay refuses, design §7.1)."""
 
 
 def _children(value: BaseType) -> list[Any]:
