@@ -7,6 +7,12 @@ request is timed again with the checkpoint (`with`) and as a full prefill (`with
 median of `--repeats` runs is shown side by side (one run for the long full prefills). Target:
 turn N with checkpoints at most 1.3x turn 1; without, the cost grows with the thread.
 
+While building, every turn records the tokens it evaluated against the tokens that are new
+to it: its prompt minus the tokens the previous turn's checkpoint holds (that turn's prompt
+and the tokens the model generated and evaluated there). Target: the new ones only. It also
+records the size of each turn's checkpoint file (the worker keeps only the last one of each
+branch).
+
 Times are wall clock and CPU time of the evaluating thread. The model runs on one thread by
 default (`--threads`): llama.cpp then computes in that thread, so its CPU time is the cost of
 the evaluation even on a machine busy with other work, where wall times (and multi-threaded
@@ -106,6 +112,8 @@ async def main(turns: int, max_tokens: int, repeats: int, threads: int, kv_dir: 
     entry: DerivedEntry | None = None
     requests: list[TurnRequest] = []
     parent: str | None = None
+    built: list[tuple[int, int, int, int]] = []  # (prompt, new, evaluated, checkpoint bytes)
+    previous_total = 0
     for number in range(1, turns + 1):
         topic = TOPICS[number % len(TOPICS)]
         asked = Message(
@@ -125,6 +133,16 @@ async def main(turns: int, max_tokens: int, repeats: int, threads: int, kv_dir: 
         thread.append(reply)
         parent = reply.id
         (checkpoint,) = [d for d in finished.derived if d.kind == "kv_checkpoint"]
+        prompt = finished.usage.input_tokens
+        built.append(
+            (
+                prompt,
+                prompt - previous_total,
+                int(finished.usage.raw["prompt_eval_tokens"]),
+                int(finished.usage.raw["kv_checkpoint_bytes"]),
+            )
+        )
+        previous_total = int(checkpoint.data["n_tokens"])  # what the next turn can resume
         entry = DerivedEntry(
             kind="kv_checkpoint",
             message_id=reply.id,
@@ -141,6 +159,27 @@ async def main(turns: int, max_tokens: int, repeats: int, threads: int, kv_dir: 
             flush=True,
         )
     print(file=sys.stderr)
+
+    print("\nper turn while building (each turn resumes from the previous checkpoint file):\n")
+    print(f"{'turn':>4} {'prompt':>6} {'new':>4} {'evaluated':>9} {'x new':>6} {'checkpoint':>11}")
+    for number, (prompt, new, evaluated, size) in enumerate(built, start=1):
+        if number in {1, 2, 3, 5, 10, 20, 30, 40, 50, turns}:
+            print(
+                f"{number:>4} {prompt:>6} {new:>4} {evaluated:>9} {evaluated / new:>6.2f} "
+                f"{size / 1e6:>8.2f} MB"
+            )
+    later = built[1:]
+    if later:
+        exact = sum(evaluated == new for _, new, evaluated, _ in later)
+        worst = max(evaluated / new for _, new, evaluated, _ in later)
+        print(
+            f"turns 2-{turns}: evaluated == new on {exact} of {len(later)} turns, worst "
+            f"{worst:.2f}x new; evaluated {sum(e for _, _, e, _ in later)} of "
+            f"{sum(p for p, _, _, _ in later)} prompt tokens in all; checkpoint of turn {turns} "
+            f"{built[-1][3] / 1e6:.2f} MB, {built[-1][3] / built[-1][0] / 1e3:.1f} kB per token "
+            f"(kept: one per live branch; all {turns} would take "
+            f"{sum(b for _, _, _, b in built) / 1e6:.0f} MB)"
+        )
 
     points = sorted({1, *range(10, turns + 1, 10), turns})
     rows: dict[int, tuple[Sample, Sample]] = {}

@@ -256,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if sent and owner.event_delay:
                 time.sleep(owner.event_delay)  # pacing like a model that takes its time
-            self._chunk(_sse_bytes(name, data))
+            self._chunk(_sse_bytes(*owner.outgoing_event(name, data)))
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -273,6 +273,9 @@ def _sse_bytes(name: str | None, data: Any) -> bytes:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a burst of new connections (hundreds of replies
+    # starting at once) would overflow it and see resets, which a real API never shows.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], owner: LoopbackServer) -> None:
         self.owner = owner
@@ -444,6 +447,11 @@ class LoopbackServer:
 
     def common_headers(self) -> dict[str, str]:
         return {}
+
+    def outgoing_event(self, name: str | None, data: Any) -> SSEEventSpec:
+        """Each streamed event just before it is written; a subclass may rewrite it (e.g. a
+        benchmark stamps the send time into text deltas, to measure token-to-screen delay)."""
+        return name, data
 
 
 def run_until_interrupted(server: LoopbackServer, env_var: str) -> None:
