@@ -67,7 +67,8 @@ from crdtchat.wire import SyncStep1, SyncUpdate, encode_message
 MODEL = "gpt-4.1"
 KEY = "sk-bench"
 FLUSH_SECONDS = 0.1  # the worker's TurnSettings.flush_interval; the floor batches the same
-STAMP = re.compile(rb"(\d{1,9}\.\d{6}) ")
+# Delimited: a bare number could run into a digit-valued byte before it (a length prefix).
+STAMP = re.compile(rb"<(\d{1,9}\.\d{6})>")
 PLACEHOLDER = "@"
 P99_LIMIT_MS = 250.0
 
@@ -87,7 +88,7 @@ def serve_loopback(rate: float) -> None:
                 and data.get("type") == "response.output_text.delta"
                 and data.get("delta", "").startswith(PLACEHOLDER)
             ):
-                data = {**data, "delta": f"{time.monotonic():.6f} "}
+                data = {**data, "delta": f"<{time.monotonic():.6f}> "}
             return name, data
 
     run_until_interrupted(Stamping(api_key=KEY, event_delay=1.0 / rate), "OPENAI_BASE_URL")
@@ -249,7 +250,13 @@ def token(room: str, role: str, sub: str) -> str:
 
 
 async def crdtchat_phase(
-    n: int, tokens: int, openai_url: str, work: Path, timeout: float, profile: Path | None = None
+    n: int,
+    tokens: int,
+    openai_url: str,
+    work: Path,
+    timeout: float,
+    profile: Path | None = None,
+    worker_count: int = 1,
 ) -> Phase:
     """N rooms on a fresh relay, one worker process, N writers and N observers here."""
     data = work / f"relay-{n}-{time.monotonic_ns()}"
@@ -284,22 +291,36 @@ async def crdtchat_phase(
             }
             command = [sys.executable, "-m", "crdtchat.cli", "worker", "--relay", relay.url]
             command += ["--provider", "openai", "--model", MODEL, "--idle-after", "5"]
-            worker = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open_log(work)
-            )
+            # Several workers share the rooms through leases: each claims, waits until the
+            # relay stored its lease, and only the holder streams.
+            workers = [
+                subprocess.Popen(
+                    [*command, "--lease-ttl", "30"],
+                    cwd=REPO,
+                    env={**env, "CRDTCHAT_TOKEN": token("*", "worker", f"worker-{i + 1}")},
+                    stdout=subprocess.DEVNULL,
+                    stderr=open_log(work),
+                )
+                for i in range(worker_count)
+            ]
             spy = None
             if profile is not None:  # py-spy must be installed (pip install py-spy)
                 spy = subprocess.Popen(
                     [
-                        *("py-spy", "record", "--pid", str(worker.pid), "--output", str(profile)),
-                        *("--format", "raw", "--rate", "250", "--nonblocking"),
+                        *("py-spy", "record", "--pid", str(workers[0].pid)),
+                        *("--output", str(profile), "--format", "raw", "--rate", "250"),
+                        "--nonblocking",
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
+
+            def worker_cpu() -> float:
+                return sum(cpu_seconds(w.pid) for w in workers)
+
             try:
-                await asyncio.sleep(1.0)  # the worker connects to the feed (nothing waits yet)
-                before = {"worker": cpu_seconds(worker.pid), "relay": relay.cpu()}
+                await asyncio.sleep(1.0)  # the workers connect to the feed (nothing waits yet)
+                before = {"worker": worker_cpu(), "relay": relay.cpu()}
                 started = time.monotonic()
                 for writer, conversation in writers:
                     vector = conversation.state_vector()
@@ -310,19 +331,21 @@ async def crdtchat_phase(
                         await watch.complete.wait()
                 seconds = time.monotonic() - started
                 cpu = {
-                    "worker": cpu_seconds(worker.pid) - before["worker"],
+                    "worker": worker_cpu() - before["worker"],
                     "relay": relay.cpu() - before["relay"],
                 }
             finally:
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
-                worker.send_signal(signal.SIGINT)
-                try:
-                    worker.wait(20)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait(10)
+                for worker in workers:
+                    worker.send_signal(signal.SIGINT)
+                for worker in workers:
+                    try:
+                        worker.wait(20)
+                    except subprocess.TimeoutExpired:
+                        worker.kill()
+                        worker.wait(10)
         finally:
             for client in clients:
                 client.close()
@@ -425,11 +448,12 @@ async def run(args: argparse.Namespace) -> None:
             if args.limit:
                 for n in args.limit:
                     phase = await crdtchat_phase(
-                        n, args.tokens, openai_url, work, args.timeout, args.profile
+                        n, args.tokens, openai_url, work, args.timeout, args.profile, args.workers
                     )
                     verdict = "over" if phase.p99 > P99_LIMIT_MS else "within"
                     print(
-                        f"limit search: {n} conversations: p50 {phase.p50:.1f} ms, p99 "
+                        f"limit search: {args.workers} worker(s), {n} conversations: "
+                        f"p50 {phase.p50:.1f} ms, p99 "
                         f"{phase.p99:.1f} ms ({verdict} {P99_LIMIT_MS:.0f} ms), worker "
                         f"{phase.cpu_us_per_token('worker'):.1f} µs/token, relay "
                         f"{phase.cpu_us_per_token('relay'):.1f} µs/token, {phase.seconds:.1f} s; "
@@ -448,7 +472,9 @@ async def run(args: argparse.Namespace) -> None:
                 for round_ in range(args.rounds):
                     n, k = args.conversations, args.tokens
                     print(f"round {round_ + 1}: crdtchat, load {load()}", file=sys.stderr)
-                    ours = await crdtchat_phase(n, k, openai_url, work, args.timeout)
+                    ours = await crdtchat_phase(
+                        n, k, openai_url, work, args.timeout, worker_count=args.workers
+                    )
                     print(f"round {round_ + 1}: floor, load {load()}", file=sys.stderr)
                     floor = await floor_phase(n, k, proxy_url, proxy.pid, args.timeout)
                     pairs.append((ours, floor))
@@ -482,6 +508,7 @@ def cli() -> None:
     parser.add_argument("--tokens", type=int, default=100, help="tokens per reply")
     parser.add_argument("--rate", type=float, default=20.0, help="tokens per second per reply")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="crdtchat worker processes")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", type=Path, help="--limit runs: py-spy the worker to FILE")
     parser.add_argument("--work", type=Path, help="keep logs and stores here (default: a temp dir)")

@@ -246,3 +246,29 @@ async def test_provider_switch_mid_conversation_and_unbuildable_provider() -> No
     assert answers[1].model.model == "beta-large"
     assert answers[2].status == "error" and "no key" in (answers[2].error or "")
     assert built == ["alpha", "beta"]
+
+
+async def test_a_room_answered_by_another_live_worker_is_left_until_its_lease_expires() -> None:
+    # A second worker that stayed in the room would receive every token the first streams.
+    person = Conversation.create(author="alice")
+    question = person.append("user", "hello")
+    other = Conversation(person.doc, author="worker-2")
+    [waiting] = other.waiting_for_reply()
+    assert other.claim_lease(question.id, waiting.turn_id, holder="worker-2", ttl=20.0)
+    worker = Conversation(person.doc, author="worker-1")
+    model = ScriptedModel(["never"])
+    pool = ProviderPool("scripted", make=lambda name, *, model_name=None, **_: model)
+    recheck: list[float] = []
+
+    with anyio.fail_after(5):  # idle_after is 30 s: it left because of the lease
+        committed = await serve_room(
+            worker,
+            pool,
+            room="r",
+            settings=RoomSettings(idle_after=30.0),
+            on_foreign_leases=recheck.append,
+        )
+
+    assert committed == 0 and model.requests == []
+    [delay] = recheck
+    assert 15.0 < delay <= 20.0  # when to look again, to take over if worker-2 died

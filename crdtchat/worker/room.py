@@ -99,8 +99,15 @@ async def serve_room(
     room: str,
     settings: RoomSettings = RoomSettings(),
     on_claimed: Callable[[], Awaitable[None]] | None = None,
+    on_foreign_leases: Callable[[float], None] | None = None,
 ) -> int:
-    """Answer what is waiting in `conversation` until it is idle; returns turns committed."""
+    """Answer what is waiting in `conversation` until it is idle; returns turns committed.
+
+    With `on_foreign_leases`, a room where everything waiting is being answered by another
+    live worker is left at once, and the callback gets the seconds until the first of those
+    leases expires (when the caller should look again, to take over from a dead worker).
+    Without it the room stays open and watched until then, receiving every streamed token.
+    """
     changes = Changes()
     subscriptions = watch(conversation, changes)
     committed = 0
@@ -143,6 +150,9 @@ async def serve_room(
                         continue
                     active.add(waiting.turn_id)
                     turns.start_soon(run, waiting)
+                if not active and next_expiry is not None and on_foreign_leases is not None:
+                    on_foreign_leases(next_expiry)
+                    break
                 if active or next_expiry is not None:
                     idle_since = anyio.current_time()
                 timeout = settings.idle_after - (anyio.current_time() - idle_since)

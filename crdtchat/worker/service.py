@@ -9,6 +9,7 @@ it) is logged and skipped: one room never stops the worker from serving the othe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,6 +20,9 @@ from crdtchat.worker.feed import waiting_rooms
 from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
 
 log = logging.getLogger(__name__)
+
+# After another worker's lease would have expired: the margin for its last renewal to arrive.
+LEASE_GRACE = 0.5
 
 
 @dataclass(frozen=True)
@@ -31,15 +35,24 @@ class WorkerConfig:
     durable_timeout: float = 30.0
 
 
-async def serve_remote_room(room: str, config: WorkerConfig, providers: ProviderPool) -> int:
+async def serve_remote_room(
+    room: str,
+    config: WorkerConfig,
+    providers: ProviderPool,
+    on_foreign_leases: Callable[[float], None] | None = None,
+) -> int:
     """Serve one room through a replica until idle; returns the turns committed."""
     # Closed when the room is done: a worker opens conversations all day (issue 12).
     with Conversation(author=config.identity, role="worker") as conversation:
-        return await _serve_with_replica(conversation, room, config, providers)
+        return await _serve_with_replica(conversation, room, config, providers, on_foreign_leases)
 
 
 async def _serve_with_replica(
-    conversation: Conversation, room: str, config: WorkerConfig, providers: ProviderPool
+    conversation: Conversation,
+    room: str,
+    config: WorkerConfig,
+    providers: ProviderPool,
+    on_foreign_leases: Callable[[float], None] | None,
 ) -> int:
     async with Replica(
         config.relay_url,
@@ -57,7 +70,12 @@ async def _serve_with_replica(
             await replica.wait_until(lambda status: status.durable)
 
         committed = await serve_room(
-            conversation, providers, room=room, settings=config.room, on_claimed=lease_is_stored
+            conversation,
+            providers,
+            room=room,
+            settings=config.room,
+            on_claimed=lease_is_stored,
+            on_foreign_leases=on_foreign_leases,
         )
         with anyio.move_on_after(config.durable_timeout):
             await replica.wait_until(lambda status: status.durable)
@@ -77,13 +95,20 @@ async def run_worker(config: WorkerConfig, providers: ProviderPool) -> None:
             try:
                 while True:
                     look_again.discard(room)
+                    recheck: list[float] = []
                     try:
-                        await serve_remote_room(room, config, providers)
+                        await serve_remote_room(room, config, providers, recheck.append)
                     except (OSError, TimeoutError) as error:
                         log.warning("room %s: %s", room, error)
                     except Exception:
                         log.exception("room %s failed; skipped until it waits again", room)
                         return
+                    if recheck:
+                        # Another worker is answering: do not hold the room open (and receive
+                        # every token it streams); come back when its lease would expire, to
+                        # take over if it died. A feed notice meanwhile changes nothing.
+                        await anyio.sleep(recheck[0] + LEASE_GRACE)
+                        continue
                     if room not in look_again:
                         return
             finally:
