@@ -10,7 +10,9 @@ last good state, which grows with the document; one that the structure index can
 §7.4: a reader's write, a write into a root the role may not write) is made before applying.
 The refusal table times the same recorded updates refused (role without the right) and
 accepted (role with it), beside a plain apply of them. A loaded room pays once for indexing
-its state (off the loop).
+its state (off the loop), and once, before its first write that may add a message, for
+reading the ids of its messages (on the loop; design §7.2): both timed on their own, beside
+loading the room's document as the anchor.
 
 Run: .venv/bin/python benchmarks/relay_permissions.py [--quick]
 """
@@ -91,9 +93,16 @@ def plain_apply(base: bytes, updates: list[bytes]) -> float:
     return (time.perf_counter() - start) / len(updates)
 
 
-def checked_apply(base: bytes, updates: list[bytes], role: str, sub: str) -> float:
-    # The relay indexes a loaded room off the event loop before it takes writes: not timed.
+def loaded_room(base: bytes) -> LiveDoc:
+    """A room as it is once loaded and written to: not timed (timed on their own below)."""
+    # The relay indexes a loaded room off the event loop before it takes writes.
     live = LiveDoc(base, structure=build_structure(base))
+    live.ids.load(live.messages)  # at the room's first write that may add a message
+    return live
+
+
+def checked_apply(base: bytes, updates: list[bytes], role: str, sub: str) -> float:
+    live = loaded_room(base)
     start = time.perf_counter()
     for update in updates:
         outcome = live.apply(update, role, sub)
@@ -116,9 +125,23 @@ def index_build(base: bytes) -> float:
     return time.perf_counter() - start
 
 
+def document_load(base: bytes) -> float:
+    """The anchor: loading the room's live document (the relay does it on the loop)."""
+    start = time.perf_counter()
+    LiveDoc(base)
+    return time.perf_counter() - start
+
+
+def ids_load(base: bytes) -> float:
+    live = LiveDoc(base)
+    start = time.perf_counter()
+    live.ids.load(live.messages)
+    return time.perf_counter() - start
+
+
 def refused_apply(base: bytes, updates: list[bytes], role: str, sub: str) -> float:
     """Each update refused in turn (the document stays as it was, so each is new to it)."""
-    live = LiveDoc(base, structure=build_structure(base))
+    live = loaded_room(base)
     start = time.perf_counter()
     for update in updates:
         outcome = live.apply(update, role, sub)
@@ -158,7 +181,7 @@ def main() -> None:
     )
     print("|---:|---|---:|---:|---:|---:|")
     refusal_rows: list[tuple[int, str, float, float, float]] = []
-    build_rows: list[tuple[int, int, float]] = []
+    build_rows: list[tuple[int, int, float, float, float]] = []
     for size in sizes:
         base = conversation(size) if size else b""
 
@@ -234,7 +257,9 @@ def main() -> None:
             )
             refusal_rows.append((size, name, plain, refused, accepted))
         build = best_of(3, lambda base=base: index_build(base))
-        build_rows.append((size, len(base), build))
+        loading = best_of(3, lambda base=base: document_load(base))
+        ids = best_of(3, lambda base=base: ids_load(base))
+        build_rows.append((size, len(base), build, loading, ids))
     print()
     print(
         "| doc size (messages) | update | plain apply µs | refused µs | accepted µs "
@@ -247,10 +272,17 @@ def main() -> None:
             f"{accepted * 1e6:.1f} | {refused / accepted:.2f} | {refused / plain:.1f}x |"
         )
     print()
-    print("| doc size (messages) | encoded bytes | structure index of the loaded room ms |")
-    print("|---:|---:|---:|")
-    for size, nbytes, build in build_rows:
-        print(f"| {size} | {nbytes} | {build * 1e3:.1f} |")
+    print(
+        "| doc size (messages) | encoded bytes | structure index of the loaded room ms "
+        "| document load ms (anchor) | message ids ms | ids / document load |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for size, nbytes, build, loading, ids in build_rows:
+        ratio = f"{ids / loading:.2f}" if size else "-"
+        print(
+            f"| {size} | {nbytes} | {build * 1e3:.1f} | {loading * 1e3:.1f} | {ids * 1e3:.1f} "
+            f"| {ratio} |"
+        )
 
 
 if __name__ == "__main__":

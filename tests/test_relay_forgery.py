@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from pycrdt import Map
+from pydantic import ValidationError
 from relay_support import (
     REPO,
     SECRET,
@@ -34,7 +35,7 @@ from websockets.exceptions import InvalidStatus
 from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.kvcache import CheckpointRef, CheckpointUnavailable
-from crdtchat.schema import ROOM_NAME
+from crdtchat.schema import ROOM_NAME, FileRef
 from crdtchat.tokens import mint_token
 from crdtchat.wire import SyncUpdate
 from server.blobs import BlobError, BlobStore
@@ -234,6 +235,9 @@ def test_full_matches_for_room_names_blob_hashes_and_checkpoint_refs(tmp_path: P
     for bad in (digest + "\n", digest.upper(), digest[:-1]):
         with pytest.raises(BlobError):
             store.path_for(bad)
+    # pydantic's patterns use Rust's regex, where "$" is the end of the text: checked anyway
+    with pytest.raises(ValidationError):
+        FileRef(sha256=digest + "\n", name="a", mime="text/plain", size=1)
     good = {"ref": f"{digest}.kv", "n_tokens": 3, "sha256": digest}
     assert CheckpointRef.from_data(good).ref == f"{digest}.kv"
     with pytest.raises(CheckpointUnavailable, match="not a checkpoint file name"):
