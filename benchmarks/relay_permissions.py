@@ -97,7 +97,8 @@ def loaded_room(base: bytes) -> LiveDoc:
     """A room as it is once loaded and written to: not timed (timed on their own below)."""
     # The relay indexes a loaded room off the event loop before it takes writes.
     live = LiveDoc(base, structure=build_structure(base))
-    live.ids.load(live.messages)  # at the room's first write that may add a message
+    # at the room's first write that may add a message
+    live.ids.load(live.messages, live.shape_checked())
     return live
 
 
@@ -133,9 +134,10 @@ def document_load(base: bytes) -> float:
 
 
 def ids_load(base: bytes) -> float:
-    live = LiveDoc(base)
+    """As the relay reads them: the structure index (built off the loop) vouches for shape."""
+    live = LiveDoc(base, structure=build_structure(base))
     start = time.perf_counter()
-    live.ids.load(live.messages)
+    live.ids.load(live.messages, live.shape_checked())
     return time.perf_counter() - start
 
 
