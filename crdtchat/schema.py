@@ -25,12 +25,16 @@ CANCEL = "transport.cancel"
 REGENERATE = "transport.regenerate"
 DRAFTS = "transport.drafts"
 READ = "transport.read"
+# Who may open the room (design §4, membership): written only by the relay, read by everyone.
+MEMBERS = "access.members"
+INVITES = "access.invites"
 
 CANONICAL_ROOTS = (META, SETTINGS, TOOLS, MESSAGES)
 DERIVED_ROOTS = (DERIVED,)
 TRANSPORT_ROOTS = (LEASES, STREAMS, CANCEL, REGENERATE, DRAFTS, READ)
 MAP_ROOTS = (META, SETTINGS, TOOLS, DERIVED, *TRANSPORT_ROOTS)
-ALL_ROOTS = (*CANONICAL_ROOTS, *DERIVED_ROOTS, *TRANSPORT_ROOTS)
+ACCESS_ROOTS = (MEMBERS, INVITES)
+ALL_ROOTS = (*CANONICAL_ROOTS, *DERIVED_ROOTS, *TRANSPORT_ROOTS, *ACCESS_ROOTS)
 
 Role = Literal["system", "user", "assistant", "tool"]
 Status = Literal["complete", "incomplete", "cancelled", "error"]
@@ -185,3 +189,25 @@ def message_id_refusal(
     if taken is not None and not (role == "assistant" and taken == ("assistant", parent)):
         return f"message id {message_id!r} is taken by another message"
     return None
+
+
+MemberRole = Literal["owner", "writer", "reader"]
+
+
+class Member(_Model):
+    """`access.members[<subject>]`: the owner is the room's creator, the others were added."""
+
+    role: MemberRole
+    by: str  # the subject who added this member (the owner, or the invitee itself by link)
+    at: float
+
+
+class Invite(_Model):
+    """`access.invites[<id>]`: a link's secret is never stored, only its SHA-256."""
+
+    hash: Sha256Hex
+    role: Literal["writer", "reader"]
+    expires_at: float | None = None  # unix seconds
+    uses: int | None = Field(default=None, ge=1)  # redemptions left; None: unlimited
+    by: str
+    at: float

@@ -8,7 +8,8 @@ against a public key, and `none` is never allowed. `exp`, `nbf`, `iss` and `aud`
 by PyJWT.
 
 Besides the standard claims a token may carry two of ours, `room` and `role`. Without them it
-identifies a person (an identity token): it grants no room by itself (membership will). With
+identifies a person (an identity token): it opens the rooms the person is a member of
+(`server.membership`), and grants nothing elsewhere (blobs, the feed). With
 them it is a capability for one room or `*`, as workers and apps that mint per-room tokens use.
 Subjects of other issuers are namespaced, `<iss>#<sub>`, so one issuer's "alice" is neither
 another's nor the relay's own; the holder computes the same name from its token.
@@ -48,7 +49,7 @@ MAX_TOKEN_LENGTH = 8192
 # Refusals that mean "valid, but not for this": HTTP 403 rather than 401.
 FORBIDDEN_REASONS = frozenset({"wrong room", "identity token"})
 IDENTITY_REFUSAL = (
-    "identity token: it names a person, not a room; room access by membership is not built yet"
+    "identity token: it names a person, not a room; only a token for the room is accepted here"
 )
 V1_REFUSAL = "v1 tokens are no longer accepted: mint a new one with `crdtchat token`"
 

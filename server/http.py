@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import email.utils
 import http
+import json
 import logging
 import os
 import weakref
@@ -40,6 +41,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 import anyio.to_thread
 import h11
 from pycrdt import Array
+from pydantic import BaseModel, ValidationError
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -49,6 +51,16 @@ from crdtchat.schema import ROOM_NAME
 from crdtchat.shape import array_json
 from crdtchat.tokens import FORBIDDEN_REASONS, TokenClaims, TokenError, TokenVerifier, refusal_text
 from server.blobs import BlobError, BlobStore, Upload, check_name
+from server.membership import (
+    AccessError,
+    InviteRequest,
+    JoinRequest,
+    MemberChange,
+    change_member,
+    create_invite,
+    redeem,
+    revoke_invite,
+)
 from server.metrics import Metrics
 from server.room import Room, RoomManager, RoomUnavailable
 
@@ -59,7 +71,8 @@ _INBOX_HIGH = 256 * 1024  # pause reading an upload while this much waits for th
 _CHUNK = 256 * 1024  # bytes read from disk per write of a download
 _LINGER = 2.0  # seconds to discard the rest of a refused body, so the client reads the answer
 _READ_SHARE = 0.1  # at most this share of the time goes to reading one room's references
-_HTTP_PREFIXES = (b"PUT ", b"GET /blobs/")
+_HTTP_PREFIXES = (b"PUT ", b"GET /blobs/", b"POST ", b"DELETE ")
+_MAX_ACCESS_BODY = 16 * 1024  # a membership request is a small JSON object
 UPLOAD_ROLES = frozenset({"writer", "worker"})
 BLOB_URL = "/blobs/<room>/<sha256>"
 
@@ -337,12 +350,14 @@ class _Exchange:
             raise BlobError(400, "connection closed before the request head")
         url = urlsplit(event.target.decode("ascii", "replace"))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
-        if event.method == b"PUT":
+        if url.path.startswith("/rooms/") and event.method in (b"POST", b"DELETE"):
+            await self._access(event.method, url, headers)
+        elif event.method == b"PUT":
             await self._put(url, headers)
         elif event.method == b"GET":
             await self._get(url, headers)
         else:
-            raise BlobError(405, "blobs take GET and PUT")
+            raise BlobError(405, "blobs take GET and PUT; /rooms/<room>/... take POST and DELETE")
 
     # -- reading --------------------------------------------------------------------------
 
@@ -408,6 +423,123 @@ class _Exchange:
             async with asyncio.timeout(_LINGER):
                 while await self.conn.receive_some(_LINGER):
                     pass
+
+    # -- membership (design §4): POST/DELETE /rooms/<room>/... ----------------------------
+
+    async def _access(self, method: bytes, url: SplitResult, headers: dict[str, str]) -> None:
+        """An owner's change to a room's members or invites, or an invite redeemed.
+
+        The caller is named by an identity token in `Authorization: Bearer`; the change is
+        judged against the room's membership and written by the relay into the document.
+        """
+        endpoints = self.endpoints
+        parts = url.path.removeprefix("/rooms/").split("/")
+        room_name = unquote(parts[0])
+        if not ROOM_NAME.fullmatch(room_name):
+            raise BlobError(400, "a room name is 1-128 of A-Za-z0-9._-")
+        action = (method.decode(), *parts[1:])
+        models: dict[tuple[str, ...], type[BaseModel] | None] = {
+            ("POST", "members"): MemberChange,
+            ("POST", "invites"): InviteRequest,
+            ("POST", "join"): JoinRequest,
+        }
+        if len(action) == 3 and action[:2] == ("DELETE", "invites"):
+            model: type[BaseModel] | None = None
+        elif action in models:
+            model = models[action]
+        else:
+            raise BlobError(
+                404,
+                "membership URLs are POST /rooms/<room>/members, POST /rooms/<room>/invites, "
+                "DELETE /rooms/<room>/invites/<id>, POST /rooms/<room>/join",
+            )
+        token = _token_from(url, headers)
+        if not token:
+            raise BlobError(401, "an identity token is required: Authorization: Bearer <token>")
+        try:
+            claims = await verify(endpoints.verifier, token, None)
+        except TokenError as error:
+            raise BlobError(401, f"token refused: {refusal_text(error.reason)}") from None
+        if not claims.identity:
+            raise BlobError(403, "membership changes need an identity token (no room or role)")
+        body = await self._small_body()
+        request: Any = None
+        if model is not None:
+            try:
+                request = model.model_validate_json(body or b"{}")
+            except ValidationError as error:
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()
+                )
+                raise BlobError(400, f"bad request body: {problems}") from None
+        if endpoints.rooms is None:
+            raise BlobError(503, "this relay serves no rooms")
+        try:
+            room = await endpoints.rooms.acquire(room_name)
+        except RoomUnavailable as error:
+            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+        try:
+            await room.structure_ready.wait()
+            answer = await self._change_access(room, claims.sub, action, request)
+        except AccessError as error:
+            raise BlobError(error.status, error.reason) from None
+        except RoomUnavailable as error:
+            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+        finally:
+            room.release()
+        log.info("room %s: %s %s by %s", room_name, *action[:2], claims.sub)
+        await self._answer_json(201 if action[:2] == ("POST", "invites") else 200, answer)
+
+    @staticmethod
+    async def _change_access(
+        room: Room, sub: str, action: tuple[str, ...], request: Any
+    ) -> dict[str, Any]:
+        """Decide and write in one step: nothing is awaited between reading the membership
+        and applying the change (`Room.write_access`)."""
+        doc = room.live.doc
+        if action[1] == "members":
+            await room.write_access(change_member(doc, sub, request))
+            if request.remove:
+                return {"room": room.name, "sub": request.sub, "removed": True}
+            return {"room": room.name, "sub": request.sub, "role": request.role}
+        if action[1] == "join":
+            role, write = redeem(doc, sub, request.secret)
+            await room.write_access(write)
+            return {"room": room.name, "sub": sub, "role": role}
+        if action[0] == "DELETE":
+            await room.write_access(revoke_invite(doc, sub, action[2]))
+            return {"room": room.name, "id": action[2], "revoked": True}
+        invite_id, secret, write = create_invite(doc, sub, request)
+        await room.write_access(write)
+        return {
+            "room": room.name,
+            "id": invite_id,
+            "secret": secret,
+            "role": request.role,
+            "ttl": request.ttl,
+            "uses": request.uses,
+        }
+
+    async def _small_body(self) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > _MAX_ACCESS_BODY:
+                    raise BlobError(413, f"request body larger than {_MAX_ACCESS_BODY} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise BlobError(400, "connection closed before the whole body")
+
+    async def _answer_json(self, status: int, value: dict[str, Any]) -> None:
+        body = json.dumps(value).encode()
+        await self._start(status, len(body), [("content-type", "application/json")])
+        await self._write(self.h11.send(h11.Data(data=body)) or b"")
+        await self._write(self.h11.send(h11.EndOfMessage()) or b"")
 
     # -- PUT ------------------------------------------------------------------------------
 

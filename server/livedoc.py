@@ -344,6 +344,26 @@ class LiveDoc:
         self.since_bytes += len(update)
         return Accepted(update)
 
+    def local_write(self, write: Callable[[dict[str, Array | Map]], None]) -> bytes:
+        """Make a change of the relay's own (membership, design §4) and return its update.
+
+        No role may write the access roots, so the relay writes them itself, unjudged, in one
+        transaction; the update is indexed and kept for rebuilds like an accepted one.
+        """
+        if self.closed:
+            raise RuntimeError("this room document was closed")
+        structure = self._ensure_structure()
+        before = self.doc.get_state()
+        with self.doc.transaction():
+            write(self._roots)
+        self._changes.clear()
+        update = self.doc.get_update(before)
+        if structure is not None:
+            structure.commit(structure.check(decode_update(update)))
+        self._since.append(update)
+        self.since_bytes += len(update)
+        return update
+
     def _unwritable_root(self, roots: set[str], role: str) -> str | None:
         """Why new items may not land in `roots`, judged by the root alone.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
@@ -53,9 +53,11 @@ from crdtchat.worker.feed import FEED_PATH
 from server.config import RelayConfig
 from server.feed import WaitingFeed
 from server.http import HttpEndpoints, make_response, verify
+from server.membership import claim_owner, is_empty, members, owner_of
 from server.metrics import Metrics
 from server.ratelimit import ConnectionLimits, Subjects
 from server.room import (
+    ACCESS_REVOKED_CODE,
     TOKEN_EXPIRED,
     TOKEN_EXPIRED_CODE,
     Peer,
@@ -124,15 +126,49 @@ class Relay:
         if not token:
             return make_response(401, "a token is required: ?token=...\n")
         try:
-            claims = await verify(self.verifier, token, room)
+            claims = await verify(self.verifier, token, None)
+            if not claims.identity and not claims.allows_room(room):
+                raise TokenError("wrong room")
         except TokenError as error:
             status = 403 if error.reason in FORBIDDEN_REASONS else 401
             return make_response(status, f"token refused: {refusal_text(error.reason)}\n")
+        if claims.identity:
+            refused = await self._admit_identity(room, claims)
+            if refused is not None:
+                return refused
         extensions = {ext for value in query.get("ext", []) for ext in value.split(",")}
         conn.target = Target(  # type: ignore[attr-defined]
             room, claims, want_ack="ack" in extensions, want_refresh="refresh" in extensions
         )
         return None
+
+    async def _admit_identity(self, name: str, claims: TokenClaims) -> Response | None:
+        """An identity token opens a room it is a member of, or one that holds nothing yet,
+        which makes it the owner (design §4). Checked again once connected (`handle`)."""
+        try:
+            room = await self.rooms.acquire(name)
+        except RoomLimitReached as error:
+            return make_response(503, f"{error}; try again later\n")
+        except RoomUnavailable as error:
+            return make_response(503, f"room unavailable: {error}\n")
+        try:
+            if room.role_for(claims.sub) is not None:
+                return None
+            table = members(room.live.doc)
+            if owner_of(table) is None and is_empty(room.live.doc):
+                log.info("room %s created by %s, its owner", name, claims.sub)
+                try:
+                    await room.write_access(claim_owner(claims.sub))
+                except RoomUnavailable as error:
+                    return make_response(503, f"room unavailable: {error}\n")
+                return None
+            if owner_of(table) is None:
+                reason = "this room has no owner: it opens only with a token for the room"
+            else:
+                reason = f"{claims.sub} is not a member of this room"
+            return make_response(403, f"token refused: {reason}\n")
+        finally:
+            room.release()
 
     async def _admit_feed(self, conn: ServerConnection, query_string: str) -> Response | None:
         """The room feed is for workers that serve every room."""
@@ -173,9 +209,15 @@ class Relay:
                 await ws.close(1011, _close_reason(str(error)))
                 return
             try:
-                peer = Peer(
-                    ws, target.claims, target.want_ack, subject, self.config, target.want_refresh
-                )
+                claims = target.claims
+                if claims.identity:
+                    role = room.role_for(claims.sub)
+                    if role is None:  # removed since the upgrade was admitted
+                        await ws.close(ACCESS_REVOKED_CODE, "access revoked: not a member")
+                        return
+                    claims = replace(claims, room=room.name, role=role)
+                peer = Peer(ws, claims, target.want_ack, subject, self.config, target.want_refresh)
+                peer.identity = target.claims.identity
                 await self._serve(ws, room, peer)
             finally:
                 room.release()
@@ -229,7 +271,16 @@ class Relay:
         except WireError as error:
             raise PeerViolation(1008, f"malformed token refresh: {error}") from None
         try:
-            claims = await verify(self.verifier, token, room.name)
+            claims = await verify(self.verifier, token, None)
+            if peer.identity and claims.identity:
+                role = room.role_for(claims.sub)
+                if role is None:
+                    raise TokenError("not a member of this room")
+                claims = replace(claims, room=room.name, role=role)
+            elif claims.identity:
+                raise TokenError("identity token")
+            elif not claims.allows_room(room.name):
+                raise TokenError("wrong room")
         except TokenError as error:
             answer = RefreshAnswer(False, reason=f"token refused: {refusal_text(error.reason)}")
         else:
@@ -327,6 +378,8 @@ def _metric_reason(reason: str) -> str:
         return "text_frame"
     if reason.startswith("token expired"):
         return "token_expired"
+    if reason.startswith("access revoked"):
+        return "access_revoked"
     if reason.startswith("client too slow"):
         return "too_slow"
     if reason.startswith("too many refused"):

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -50,6 +50,7 @@ from crdtchat.wire import (
 from server.config import RelayConfig
 from server.feed import WaitingFeed, WaitingWatch
 from server.livedoc import Accepted, LiveDoc, UndecodableUpdate, build_structure
+from server.membership import members, role_of
 from server.metrics import Metrics
 from server.ratelimit import Subject, TokenBucket
 from server.store import Store, StoreError
@@ -60,6 +61,8 @@ log = logging.getLogger("crdtchat.relay.room")
 # y-websocket clients and `Replica` take as "do not come back with this token".
 TOKEN_EXPIRED_CODE = 4401
 TOKEN_EXPIRED = "token expired"
+# A connection whose membership ended (design §4): the same path as an expiry, its own reason.
+ACCESS_REVOKED_CODE = 4403
 
 
 class PeerViolation(RemoteProtocolError):
@@ -102,6 +105,9 @@ class Peer:
         self.claims_changed = anyio.Event()  # set by a token refresh: the expiry moved
         self.want_ack = want_ack
         self.want_refresh = want_refresh
+        # Opened with an identity token: its role comes from the room's membership and follows
+        # every change to it (Room.enforce_access).
+        self.identity = False
         self.awareness_ids: set[int] = set()
         self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
         self.acked = 0
@@ -119,6 +125,14 @@ class Peer:
         """Use a newer token of the same subject from now on (extension 102)."""
         self.claims = claims
         self.expires = float(claims.exp)
+        self.claims_changed.set()
+        self.claims_changed = anyio.Event()
+
+    def revoke(self, reason: str) -> None:
+        """Access ended: nothing more is sent to it (the broadcast loop reads `expires`), it
+        can neither sync nor send awareness (Room.handle), and it is closed with `reason`."""
+        self.request_close(ACCESS_REVOKED_CODE, reason)
+        self.expires = 0.0
         self.claims_changed.set()
         self.claims_changed = anyio.Event()
 
@@ -407,6 +421,53 @@ class Room:
         if gone:
             self.awareness.remove_awareness_states(gone, "close")
             self._broadcast_removal(gone)
+
+    # -- membership (design §4) ----------------------------------------------------------
+
+    def role_for(self, sub: str) -> str | None:
+        """The role an identity gets in this room from its membership, if any."""
+        return role_of(members(self.live.doc), sub)
+
+    def enforce_access(self) -> None:
+        """Give every identity connection the role its membership now grants, or end it."""
+        table = members(self.live.doc)
+        for peer in list(self.peers.values()):
+            if not peer.identity or peer.expires == 0.0:
+                continue
+            role = role_of(table, peer.claims.sub)
+            if role is None:
+                log.info("room %s: %r is no longer a member", self.name, peer)
+                peer.revoke(f"access revoked: {peer.claims.sub} is no longer a member")
+            elif role != peer.claims.role:
+                peer.claims = replace(peer.claims, role=role)  # type: ignore[arg-type]
+
+    async def write_access(self, write: Any) -> None:
+        """Make a membership change of the relay's own: applied, enforced on every connection
+        at once (before anything more is sent), stored, then sent to the room's peers.
+
+        Nothing is awaited before the write is applied: a caller that read the membership
+        to decide on `write` is not raced by another change.
+        """
+        if self._failed:
+            raise RoomUnavailable("relay storage failed")
+        update = self.live.local_write(write)
+        self.enforce_access()
+        seq = self._next_seq
+        self._next_seq += 1
+        future = self.store.append(self.name, seq, update)
+        self._last_write = future
+        self._log_length += 1
+        self._log_bytes += len(update)
+        self._created = True
+        if self._should_compact():
+            self._compact(seq)
+        try:
+            await asyncio.shield(future)
+        except StoreError as error:
+            self.fail(str(error))
+            raise RoomUnavailable(f"relay storage failed: {error}") from None
+        self.metrics.updates_stored += 1
+        self.metrics.updates_out += self.broadcast(encode_message(SyncUpdate(update)))
 
     # -- awareness -----------------------------------------------------------------------
 
