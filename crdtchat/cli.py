@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None, help="this device's name (default: hostname)")
 
     commands.add_parser("demo", help="relay, local worker and a chat in one command")
+    from crdtchat.membership import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -86,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
         from crdtchat.demo import demo_command
 
         return demo_command(args)
+    if args.command in ("share", "invite", "join"):
+        from crdtchat import membership
+
+        command = getattr(membership, f"{args.command}_command")
+        return int(command(args))
     raise AssertionError(args.command)
 
 
