@@ -1,0 +1,221 @@
+"""Membership through a real relay (design §4): a room's owner, members by role, invite links,
+access that ends when membership does, and the `share`/`invite`/`join` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pycrdt import Array, Doc, Map
+from relay_support import REPO, SECRET, RawClient, RelayProcess, message_map, raw_client, token
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from crdtchat import membership, schema
+from crdtchat.errors import CommandError
+from crdtchat.tokens import mint_token
+
+pytestmark = pytest.mark.anyio
+
+
+def identity(sub: str, ttl: float = 3600) -> str:
+    return mint_token(SECRET, None, None, sub, ttl)
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    relay = RelayProcess(tmp_path_factory.mktemp("membership") / "data").start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+
+
+def ws_base(relay: RelayProcess) -> str:
+    return f"ws://{relay.host}:{relay.port}"
+
+
+async def upgrade_status(relay: RelayProcess, room: str, tok: str) -> tuple[int, str]:
+    try:
+        async with connect(relay.url(room, tok), open_timeout=30) as ws:
+            await ws.close()
+            return 101, ""
+    except InvalidStatus as error:
+        return error.response.status_code, error.response.body.decode().strip()
+
+
+def append(msg_id: str, author: str, text: str) -> Callable[[Doc], None]:
+    def change(doc: Doc) -> None:
+        doc.get(schema.MESSAGES, type=Array).append(message_map(msg_id, "user", author, text))
+
+    return change
+
+
+def member_table(client: RawClient) -> dict[str, Any]:
+    return dict(client.doc.get(schema.MEMBERS, type=Map).to_py() or {})
+
+
+async def test_owner_shares_as_reader_who_reads_and_cannot_write(relay: RelayProcess) -> None:
+    room = "shared-reader"
+    alice, bob = identity("alice"), identity("bob")
+    async with raw_client(relay.url(room, alice, ack=True)) as owner:
+        # The first identity to open an empty room owns it, and writes like a writer.
+        await owner.wait_for(lambda: member_table(owner).get("alice", {}).get("role") == "owner")
+        await owner.push(append("m1", "alice", "hello bob"))
+        await owner.wait_acked()
+        assert owner.denied == []
+        status, body = await upgrade_status(relay, room, bob)
+        assert status == 403 and "bob is not a member" in body
+        # Nobody writes the access roots but the relay, the owner included.
+        await owner.push(lambda doc: doc.get(schema.MEMBERS, type=Map).update({"mallory": {}}))
+        await owner.wait_acked()
+        assert owner.denied and schema.MEMBERS in owner.denied[-1]
+
+        membership.share(ws_base(relay), room, alice, "bob", "reader")
+        await owner.wait_for(lambda: member_table(owner).get("bob", {}).get("role") == "reader")
+        async with raw_client(relay.url(room, bob, ack=True)) as reader:
+            assert reader.texts() == ["hello bob"]
+            # Another of bob's devices tries to write (its refused write stays in its own doc,
+            # so it is not this connection, whose later writes must not build on it).
+            async with raw_client(relay.url(room, bob, ack=True)) as device:
+                await device.push(append("m2", "bob", "let me in"))
+                await device.wait_acked()
+                assert device.denied == ["a reader may not change the document"]
+            # Only the owner changes members.
+            with pytest.raises(CommandError, match="403"):
+                membership.share(ws_base(relay), room, bob, "carol", "writer")
+            # A downgrade or upgrade applies to the live connection's next write.
+            membership.share(ws_base(relay), room, alice, "bob", "writer")
+            await reader.wait_for(lambda: member_table(reader)["bob"]["role"] == "writer")
+            await reader.push(append("m3", "bob", "thanks"))
+            await reader.wait_acked()
+            assert reader.denied == []
+        await owner.wait_for(lambda: owner.texts() == ["hello bob", "thanks"])
+
+
+async def test_removed_member_receives_nothing_more_on_a_live_connection(
+    relay: RelayProcess,
+) -> None:
+    room = "shared-removed"
+    alice, bob = identity("alice"), identity("bob")
+    async with raw_client(relay.url(room, alice, ack=True)) as owner:
+        await owner.push(append("m1", "alice", "before"))
+        await owner.wait_acked()
+        membership.share(ws_base(relay), room, alice, "bob", "writer")
+        async with raw_client(relay.url(room, bob, ack=True)) as member:
+            await member.wait_for(lambda: member.texts() == ["before"])
+            await member.wait_acked()  # its own sync step 2: nothing of its own is in flight
+            seen = len(member.received)
+            # Removal is enforced before the relay answers the owner: the connection is
+            # closed with a reason, and not even the update that removes it is sent to it.
+            membership.unshare(ws_base(relay), room, alice, "bob")
+            await owner.push(append("m2", "alice", "after"))
+            await owner.wait_acked()
+            code, reason = await member.wait_closed(timeout=2)
+            assert code == 4403 and reason == "access revoked: bob is no longer a member"
+            assert len(member.received) == seen
+            assert member.texts() == ["before"]
+            assert "bob" in member_table(member)  # it never saw its own removal
+        assert "bob" not in member_table(owner)
+        status, body = await upgrade_status(relay, room, bob)
+        assert status == 403 and "not a member" in body
+        with pytest.raises(CommandError, match="404"):
+            membership.unshare(ws_base(relay), room, alice, "bob")
+
+
+async def test_invite_link_used_up_and_revoked(relay: RelayProcess) -> None:
+    room = "invited"
+    alice = identity("alice")
+    async with raw_client(relay.url(room, alice, ack=True)) as owner:
+        await owner.push(append("m1", "alice", "welcome"))
+        await owner.wait_acked()
+        once = membership.invite(ws_base(relay), room, alice, "writer", uses=1)
+        secret = once.link.partition("#invite=")[2]
+        await owner.wait_for(lambda: once.id in owner.doc.get(schema.INVITES, type=Map))
+        stored = owner.doc.get(schema.INVITES, type=Map)[once.id]
+        # The document keeps only a hash: a member who reads it cannot redeem the invite.
+        assert stored["hash"] == hashlib.sha256(secret.encode()).hexdigest()
+        assert secret not in str(owner.doc.get(schema.INVITES, type=Map).to_py())
+
+        joined = membership.join(once.link, identity("carol"))
+        assert (joined.room, joined.role) == (room, "writer")
+        async with raw_client(relay.url(room, identity("carol"), ack=True)) as carol:
+            assert carol.texts() == ["welcome"]
+        with pytest.raises(CommandError, match=r"403.*not valid"):  # used up
+            membership.join(once.link, identity("dave"))
+        await owner.wait_for(lambda: once.id not in owner.doc.get(schema.INVITES, type=Map))
+
+        revoked = membership.invite(ws_base(relay), room, alice, "reader", ttl=3600)
+        membership.revoke(ws_base(relay), room, alice, revoked.id)
+        with pytest.raises(CommandError, match=r"403.*not valid"):
+            membership.join(revoked.link, identity("erin"))
+        assert (await upgrade_status(relay, room, identity("erin")))[0] == 403
+        # A guessed secret for a live invite is refused the same way.
+        live = membership.invite(ws_base(relay), room, alice, "reader")
+        forged = live.link.rsplit(".", 1)[0] + ".guessed"
+        with pytest.raises(CommandError, match=r"403.*not valid"):
+            membership.join(forged, identity("erin"))
+
+
+async def test_a_room_without_an_owner_opens_only_with_a_room_token(relay: RelayProcess) -> None:
+    room = "capability-room"
+    async with raw_client(relay.url(room, token(room, "writer", "app"), ack=True)) as app:
+        await app.push(append("m1", "app", "made by an app token"))
+        await app.wait_acked()
+    status, body = await upgrade_status(relay, room, identity("alice"))
+    assert status == 403 and "has no owner" in body
+    with pytest.raises(CommandError, match="403"):
+        membership.share(ws_base(relay), room, identity("alice"), "bob", "reader")
+    with pytest.raises(CommandError, match=r"403.*identity token"):
+        membership.share(ws_base(relay), room, token(room, "writer", "app"), "bob", "reader")
+
+
+def cli(*args: str, tok: str | None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("CRDTCHAT_TOKEN", None)
+    if tok is not None:
+        env["CRDTCHAT_TOKEN"] = tok
+    return subprocess.run(
+        [sys.executable, "-m", "crdtchat.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(REPO),
+    )
+
+
+async def test_share_invite_and_join_commands(relay: RelayProcess) -> None:
+    room = "by-command"
+    base = ws_base(relay)
+    alice = identity("alice")
+    async with raw_client(relay.url(room, alice, ack=True)) as owner:
+        shared = cli("share", room, "--relay", base, "--with", "bob", "--role", "reader", tok=alice)
+        assert shared.returncode == 0, shared.stderr
+        await owner.wait_for(lambda: member_table(owner).get("bob", {}).get("role") == "reader")
+        made = cli("invite", room, "--relay", base, "--role", "writer", "--uses", "1", tok=alice)
+        assert made.returncode == 0, made.stderr
+        link = made.stdout.strip()
+        joined = cli("join", link, tok=identity("carol"))
+        assert joined.returncode == 0 and "joined by-command as writer" in joined.stdout
+        again = cli("join", link, tok=identity("dave"))
+        assert again.returncode == 1 and again.stderr.count("\n") == 1
+        assert again.stderr.startswith("crdtchat join: refused (403)")
+        invite_id = made.stderr.split()[2]
+        revoke = cli("invite", room, "--relay", base, "--revoke", invite_id, tok=alice)
+        assert revoke.returncode == 1 and "404" in revoke.stderr  # used up: gone already
+        removed = cli("share", room, "--relay", base, "--with", "bob", "--remove", tok=alice)
+        assert removed.returncode == 0, removed.stderr
+        await owner.wait_for(lambda: "bob" not in member_table(owner))
+    assert cli("share", room, "--relay", base, "--with", "bob", tok=alice).returncode == 2
+    assert cli("join", "not-a-link", tok=alice).returncode == 2
+    bad_ttl = cli("invite", room, "--relay", base, "--role", "reader", "--ttl", "-1", tok=alice)
+    assert bad_ttl.returncode == 2
+    unset = cli("share", room, "--relay", base, "--with", "bob", "--role", "reader", tok=None)
+    assert unset.returncode == 1 and "CRDTCHAT_TOKEN" in unset.stderr
