@@ -55,7 +55,7 @@ from crdtchat.updates import ARRAY, MAP, DecodedUpdate, UpdateFormatError, decod
 from crdtchat.wire import WireError, decode_state_vector
 from server.message_ids import MessageIds
 from server.permissions import RULES, Access, Change, check_changes
-from server.prejudge import refuse_before_applying
+from server.prejudge import refuse_before_applying, refuse_deletions_before_applying
 
 EMPTY_UPDATE = b"\x00\x00"
 DEFAULT_LIMITS = ShapeLimits()  # the relay's defaults (server.config.RelayConfig)
@@ -295,7 +295,9 @@ class LiveDoc:
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None
         except MissingDependency:
             return Refused("update depends on changes the relay does not have (sync first)")
-        early = refuse_before_applying(role, structure, plan)
+        early = refuse_before_applying(role, structure, plan) or refuse_deletions_before_applying(
+            role, structure, plan, decoded.deletes, self._delete_set
+        )
         if early is not None:
             return Refused(early)  # nothing was applied: no rebuild
         reason = self._unwritable_root(plan.roots, role)
@@ -383,6 +385,11 @@ class LiveDoc:
                     return f"a {role} may not write {root}"
                 return f"a {role} may only delete entries of {root}"
         return None
+
+    def _delete_set(self) -> dict[int, list[tuple[int, int]]]:
+        """Every deletion the document holds (an update from its own state vector carries no
+        structs, only the whole delete set)."""
+        return decode_update(self.doc.get_update(self.doc.get_state())).deletes
 
     @staticmethod
     def _unknown_deletion(update: DecodedUpdate, state: bytes) -> str | None:

@@ -518,3 +518,36 @@ def test_refusals_the_structure_index_can_judge_cost_no_rebuild(room: Room) -> N
     forged = message("m9", "assistant", "alice")
     room.must_refuse("writer", "alice", lambda r: messages_of(r).append(forged), "may not write")
     assert room.live.doc is not doc  # judged on content, after applying: rebuilt
+
+
+def test_deletions_the_structure_index_can_judge_cost_no_rebuild(room: Room) -> None:
+    """design §7.4: a deletion the role may not make, of an item not deleted yet, is refused
+    before applying; re-stating a deletion the room holds (a sync step 2) changes nothing and
+    is accepted; a deletion inside a message still depends on whose message it is."""
+    room.must_accept("writer", "alice", lambda r: r[schema.SETTINGS].__setitem__("k", 1))
+    room.must_accept("writer", "alice", lambda r: r[schema.SETTINGS].__setitem__("gone", 1))
+    room.must_accept("writer", "alice", lambda r: r[schema.SETTINGS].__delitem__("gone"))
+    cases: list[tuple[str, str, Change, str]] = [
+        ("reader", "r", lambda r: messages_of(r).__delitem__(0), "reader"),
+        ("reader", "r", lambda r: r[schema.SETTINGS].__delitem__("k"), "reader"),
+        ("reader", "r", lambda r: messages_of(r)[0]["content"].__delitem__(0), "reader"),
+        ("writer", "alice", lambda r: messages_of(r).__delitem__(0), "cannot be deleted"),
+        ("worker", "w1", lambda r: messages_of(r).__delitem__(2), "cannot be deleted"),
+        ("worker", "w1", lambda r: r[schema.SETTINGS].__delitem__("k"), "may not write"),
+    ]
+    for role, sub, change, reason in cases:
+        doc = room.live.doc
+        room.must_refuse(role, sub, change, reason)
+        assert room.live.doc is doc, f"{role} {reason}: rebuilt"
+    # The whole document, deletions included, from a reader: nothing new, accepted.
+    assert room.live.apply(room.live.doc.get_update(), "reader", "r") == Accepted(b"")
+    # Deleting clocks the room does not have: refused before applying too.
+    doc = room.live.doc
+    outcome = room.live.apply(b"\x00\x01\x07\x01\x00\x05", "writer", "alice")
+    assert isinstance(outcome, Refused) and "sync first" in outcome.reason
+    assert room.live.doc is doc
+    # Text inside someone else's message: judged after applying, on whose message it is.
+    room.must_refuse(
+        "writer", "bob", lambda r: messages_of(r)[0]["content"].__delitem__(0), "only its author"
+    )
+    assert room.live.doc is not doc
