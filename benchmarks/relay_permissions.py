@@ -156,6 +156,8 @@ def conversation(messages: int) -> bytes:
     roots = declare(doc)
     array = roots[schema.MESSAGES]
     assert isinstance(array, Array)
+    for index in range(100):
+        roots[schema.SETTINGS][f"k{index}"] = index  # for the deletion rows
     for index in range(messages):
         role = "user" if index % 2 == 0 else "assistant"
         author = "alice" if role == "user" else "w1"
@@ -185,7 +187,7 @@ def main() -> None:
     refusal_rows: list[tuple[int, str, float, float, float]] = []
     build_rows: list[tuple[int, int, float, float, float]] = []
     for size in sizes:
-        base = conversation(size) if size else b""
+        base = conversation(size)  # 100 settings keys, `size` messages
 
         def stream_step(roots: dict[str, Array | Map], index: int) -> None:
             streams = roots[schema.STREAMS]
@@ -235,10 +237,19 @@ def main() -> None:
         def forged_step(roots: dict[str, Array | Map], index: int) -> None:
             roots[schema.MESSAGES].append(message(f"f{index}", "assistant", "alice", "not yours"))
 
+        def delete_setting_step(roots: dict[str, Array | Map], index: int) -> None:
+            del roots[schema.SETTINGS][f"k{index % 100}"]
+
         # (update, refused as, accepted as): the same bytes both ways.
         refusals = [
             ("user message, by a reader", append_step, ("reader", "r"), ("writer", "alice")),
             ("derived entry, by a writer", derived_step, ("writer", "alice"), ("worker", "w1")),
+            (
+                "settings key deleted, by a worker",
+                delete_setting_step,
+                ("worker", "w1"),
+                ("writer", "alice"),
+            ),
             (
                 "assistant message, by a writer",
                 forged_step,
