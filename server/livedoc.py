@@ -216,6 +216,7 @@ class LiveDoc:
             root.integrated.observe_deep(partial(record, name, doc)) for name, root in roots.items()
         ]
         self.doc = doc
+        self._deleted: dict[int, list[tuple[int, int]]] | None = None  # see _delete_set
         self._roots = roots
         self._root_count = self._count_roots()
 
@@ -342,6 +343,7 @@ class LiveDoc:
         structure.commit(plan)
         if not changed:
             return Accepted(b"")
+        self._deleted = None  # a change may delete items, its own update's delete set or not
         self._since.append(update)
         self.since_bytes += len(update)
         return Accepted(update)
@@ -387,9 +389,17 @@ class LiveDoc:
         return None
 
     def _delete_set(self) -> dict[int, list[tuple[int, int]]]:
-        """Every deletion the document holds (an update from its own state vector carries no
-        structs, only the whole delete set)."""
-        return decode_update(self.doc.get_update(self.doc.get_state())).deletes
+        """Every deletion the document holds, per client in clock order.
+
+        Read from an update from the document's own state vector (no structs, only the whole
+        delete set): O(document), so it is kept until the next accepted change, which may
+        delete items beyond its own delete set (a concurrent map write that loses). A run of
+        refused deletions between two accepted changes reads it once.
+        """
+        if self._deleted is None:
+            deletes = decode_update(self.doc.get_update(self.doc.get_state())).deletes
+            self._deleted = {client: sorted(ranges) for client, ranges in deletes.items()}
+        return self._deleted
 
     @staticmethod
     def _unknown_deletion(update: DecodedUpdate, state: bytes) -> str | None:

@@ -128,7 +128,8 @@ def refuse_deletions_before_applying(
     the role may not write; a canonical message itself) is refused if the item is not deleted
     already: a stock Yjs client's sync step 2 carries every deletion it knows, and re-stating
     one changes nothing. `deleted()` gives the room's delete set; it is asked for only when
-    such a deletion is found, so accepted updates never pay for it. Deletions that depend on
+    such a deletion is found, so accepted updates never pay for it (in clock order per
+    client). Deletions that depend on
     content (text inside a message: whose message it is; another subject's draft) still need
     applying.
     """
@@ -169,7 +170,7 @@ def refuse_deletions_before_applying(
         return None
     gone = deleted()
     for client, low, high, reason in suspects:
-        if not _covered(sorted(gone.get(client, [])), low, high):
+        if not _covered(gone.get(client, []), low, high):
             return reason
     return None
 

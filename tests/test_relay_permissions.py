@@ -13,6 +13,7 @@ import pytest
 from pycrdt import Array, Doc, Map, Text, merge_updates
 
 from crdtchat import schema
+from crdtchat.updates import decode_update
 from crdtchat.wire import decode_state_vector
 from server.livedoc import Accepted, LiveDoc, Refused, UndecodableUpdate
 
@@ -551,3 +552,22 @@ def test_deletions_the_structure_index_can_judge_cost_no_rebuild(room: Room) -> 
         "writer", "bob", lambda r: messages_of(r)[0]["content"].__delitem__(0), "only its author"
     )
     assert room.live.doc is not doc
+
+
+def test_a_deletion_the_room_made_itself_is_not_new(room: Room) -> None:
+    """A concurrent map write that loses is deleted by the room on arrival, in no update's
+    delete set; a reader's sync step 2 then restates that deletion, which must pass, even
+    right after the room's delete set was read for an earlier refusal."""
+    earlier = room.live.doc.get_update()
+    room.must_accept("writer", "alice", lambda r: r[schema.SETTINGS].__setitem__("k", 1))
+    room.must_refuse("reader", "r", lambda r: r[schema.SETTINGS].__delitem__("k"), "reader")
+    concurrent: Doc = Doc()
+    roots = roots_of(concurrent)
+    concurrent.apply_update(earlier)
+    before = concurrent.get_state()
+    roots[schema.SETTINGS]["k"] = 2
+    outcome = room.live.apply(concurrent.get_update(before), "writer", "bob")
+    assert isinstance(outcome, Accepted) and outcome.delta
+    everything = room.live.doc.get_update()
+    assert decode_update(everything).deletes  # the loser's deletion
+    assert room.live.apply(everything, "reader", "r") == Accepted(b"")
