@@ -6,6 +6,7 @@ models: a value that does not fit is reported and skipped, never trusted.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any, Literal
 
@@ -34,7 +35,18 @@ DERIVED_ROOTS = (DERIVED,)
 TRANSPORT_ROOTS = (LEASES, STREAMS, CANCEL, REGENERATE, DRAFTS, READ)
 MAP_ROOTS = (META, SETTINGS, TOOLS, DERIVED, *TRANSPORT_ROOTS)
 ACCESS_ROOTS = (MEMBERS, INVITES)
-ALL_ROOTS = (*CANONICAL_ROOTS, *DERIVED_ROOTS, *TRANSPORT_ROOTS, *ACCESS_ROOTS)
+# A person's conversation list (design §2, the list document): room name -> a field each, so
+# that two devices changing different fields of one entry at once keep both changes.
+LIST_ROOMS = "list.rooms"  # room -> {"added_at": float}: in the list while the key is there
+LIST_TITLES = "list.titles"  # room -> str: the person's own title for it
+LIST_PINNED = "list.pinned"  # room -> bool
+LIST_ARCHIVED = "list.archived"  # room -> bool
+LIST_READ = "list.read"  # room -> id of the last message the person has seen there
+LIST_ROOTS = (LIST_ROOMS, LIST_TITLES, LIST_PINNED, LIST_ARCHIVED, LIST_READ)
+ALL_ROOTS = (*CANONICAL_ROOTS, *DERIVED_ROOTS, *TRANSPORT_ROOTS, *ACCESS_ROOTS, *LIST_ROOTS)
+# The room of a person's list: this prefix and the first 40 hex digits of the SHA-256 of the
+# subject's UTF-8 bytes (`person_room`); only that subject's identity tokens open it.
+PERSON_PREFIX = "person."
 
 Role = Literal["system", "user", "assistant", "tool"]
 Status = Literal["complete", "incomplete", "cancelled", "error"]
@@ -43,6 +55,17 @@ DerivedKind = Literal["provider_state", "hidden", "usage", "kv_checkpoint", "tit
 # Anchored with \A and \Z, and used with fullmatch: "$" also matches before a final newline,
 # which let "abc\n" through as a room of its own (issue 10, finding 8).
 ROOM_NAME = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
+
+
+def person_room(sub: str) -> str:
+    """The room name of the conversation list of subject `sub` (any string: an email,
+    `auth0|abc`, an issuer-namespaced subject), the same on every device."""
+    return PERSON_PREFIX + hashlib.sha256(sub.encode("utf-8")).hexdigest()[:40]
+
+
+def is_person_room(room: str) -> bool:
+    return room.startswith(PERSON_PREFIX)
+
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

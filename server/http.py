@@ -40,7 +40,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import anyio.to_thread
 import h11
-from pycrdt import Array
+from pycrdt import Array, Map
 from pydantic import BaseModel, ValidationError
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
@@ -189,7 +189,7 @@ class HttpEndpoints:
         self.health = health  # None when healthy, else the problem (e.g. the store's)
 
     def is_http_path(self, path: str) -> bool:
-        return path in ("/healthz", "/metrics") or path.startswith("/blobs/")
+        return path in ("/healthz", "/metrics") or path.startswith(("/blobs/", "/rooms/"))
 
     async def get(self, request: Request, url: SplitResult) -> Response:
         """The small endpoints, answered through websockets' process_request."""
@@ -200,7 +200,42 @@ class HttpEndpoints:
             return make_response(200, "ok\n")
         if url.path == "/metrics":
             return make_response(200, self.metrics.render(), "text/plain; version=0.0.4")
+        if url.path.startswith("/rooms/") and url.path.endswith("/summary"):
+            return await self._summary(request, url)
         return make_response(404, f"blob URLs are {BLOB_URL}\n")
+
+    async def _summary(self, request: Request, url: SplitResult) -> Response:
+        """`GET /rooms/<room>/summary`: what a conversation list shows of a room that changes
+        because others post (design §4, the list document), read from the room itself."""
+        room_name = unquote(url.path.removeprefix("/rooms/").removesuffix("/summary"))
+        if not ROOM_NAME.fullmatch(room_name):
+            return make_response(400, "a room name is 1-128 of A-Za-z0-9._-\n")
+        token = _token_from(url, request.headers)
+        if not token:
+            return make_response(401, "a token is required (Authorization: Bearer)\n")
+        try:
+            claims = await verify(self.verifier, token, None)
+        except TokenError as error:
+            return make_response(401, f"token refused: {refusal_text(error.reason)}\n")
+        if self.rooms is None:
+            return make_response(503, "this relay serves no rooms\n")
+        try:
+            room = await self.rooms.acquire(room_name)
+        except RoomUnavailable as error:
+            return make_response(503, f"room unavailable: {error}\n")
+        try:
+            allowed = (
+                room.role_for(claims.sub) is not None
+                if claims.identity
+                else claims.allows_room(room_name)
+            )
+            if not allowed:
+                return make_response(403, f"token refused: not a member of {room_name}\n")
+            read = (parse_qs(url.query).get("read") or [None])[0]
+            summary = room_summary(room, claims.sub, read)
+        finally:
+            room.release()
+        return make_response(200, json.dumps(summary), "application/json")
 
     def close(self) -> None:
         """Shutting down: cut every transfer (an upload's temporary file is removed)."""
@@ -315,6 +350,30 @@ def referenced_blobs(messages: Array, shape_checked: bool = False) -> frozenset[
             if isinstance(ref, dict) and isinstance(ref.get("sha256"), str):
                 found.add(ref["sha256"])
     return frozenset(found)
+
+
+def room_summary(room: Room, sub: str, read: str | None = None) -> dict[str, Any]:
+    """Messages, last activity and `sub`'s unread count of a loaded room: messages of others
+    after its read mark, `read` as its list document holds it (`?read=`, which a reader can
+    keep too) or else its mark in the room's `transport.read`."""
+    live = room.live
+    shown = array_json(live.messages, schema.MESSAGES, shape_checked=live.shape_checked())
+    messages = [m for m in shown if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    stamps = [m["created_at"] for m in messages if isinstance(m.get("created_at"), int | float)]
+    mark = read if read is not None else live.doc.get(schema.READ, type=Map).get(sub)
+    ids = [m["id"] for m in messages]
+    after = ids.index(mark) + 1 if isinstance(mark, str) and mark in ids else 0
+    unread = sum(1 for m in messages[after:] if m.get("author") != sub)
+    title = live.doc.get(schema.META, type=Map).get("title")
+    return {
+        "room": room.name,
+        "messages": len(messages),
+        "last_activity": max(stamps, default=None),
+        "last_message": ids[-1] if ids else None,
+        "read": mark if isinstance(mark, str) else None,
+        "unread": unread,
+        "title": title if isinstance(title, str) else None,
+    }
 
 
 class _Exchange:

@@ -79,6 +79,10 @@ RULES: dict[str, dict[str, Access]] = {
     },
 }
 
+# The role of a person in their own list document (design §2, the list document): their
+# devices write every list root, and nothing else; nobody else opens that room.
+RULES["person"] = {root: Access.FULL for root in schema.LIST_ROOTS}
+
 MESSAGE_ROLES: dict[str, frozenset[str]] = {
     "writer": frozenset({"user", "tool", "system"}),
     "worker": frozenset({"assistant"}),

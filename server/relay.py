@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from crdtchat.schema import ROOM_NAME
+from crdtchat.schema import ROOM_NAME, is_person_room
 from crdtchat.tokens import (
     ANY_ROOM,
     FORBIDDEN_REASONS,
@@ -127,6 +127,8 @@ class Relay:
             return make_response(401, "a token is required: ?token=...\n")
         try:
             claims = await verify(self.verifier, token, None)
+            if is_person_room(room) and not claims.identity:
+                raise TokenError("wrong room")  # a person's list: their identity tokens only
             if not claims.identity and not claims.allows_room(room):
                 raise TokenError("wrong room")
         except TokenError as error:
@@ -154,6 +156,9 @@ class Relay:
         try:
             if room.role_for(claims.sub) is not None:
                 return None
+            if is_person_room(name):
+                reason = "a person's conversation list opens only with that person's token"
+                return make_response(403, f"token refused: {reason}\n")
             table = members(room.live.doc)
             if owner_of(table) is None and is_empty(room.live.doc):
                 log.info("room %s created by %s, its owner", name, claims.sub)

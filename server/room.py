@@ -31,6 +31,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from crdtchat.errors import RemoteProtocolError, StorageError
+from crdtchat.schema import is_person_room, person_room
 from crdtchat.tokens import TokenClaims
 from crdtchat.wire import (
     Ack,
@@ -425,7 +426,10 @@ class Room:
     # -- membership (design §4) ----------------------------------------------------------
 
     def role_for(self, sub: str) -> str | None:
-        """The role an identity gets in this room from its membership, if any."""
+        """The role an identity gets in this room from its membership, if any; in a
+        person's list document, "person" for that person and nobody else."""
+        if is_person_room(self.name):
+            return "person" if person_room(sub) == self.name else None
         return role_of(members(self.live.doc), sub)
 
     def enforce_access(self) -> None:
@@ -434,7 +438,8 @@ class Room:
         for peer in list(self.peers.values()):
             if not peer.identity or peer.expires == 0.0:
                 continue
-            role = role_of(table, peer.claims.sub)
+            sub = peer.claims.sub
+            role = self.role_for(sub) if is_person_room(self.name) else role_of(table, sub)
             if role is None:
                 log.info("room %s: %r is no longer a member", self.name, peer)
                 peer.revoke(f"access revoked: {peer.claims.sub} is no longer a member")
