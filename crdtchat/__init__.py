@@ -6,6 +6,7 @@ validated message, derived and transport types of the schema, tokens, and the ex
 rooted at `CrdtchatError`. Anything else is internal and may change without notice.
 """
 
+from crdtchat.conversations import ConversationList, Entry, person_room
 from crdtchat.document import FOLLOW_CURRENT, Conversation, PeerRole, Waiting, derived_key
 from crdtchat.errors import (
     CommandError,
@@ -60,9 +61,11 @@ __all__ = [
     "ConfigError",
     "Conversation",
     "ConversationError",
+    "ConversationList",
     "CrdtchatError",
     "DerivedEntry",
     "DerivedKind",
+    "Entry",
     "FileRef",
     "Lease",
     "LocalProtocolError",
@@ -91,6 +94,7 @@ __all__ = [
     "derived_key",
     "mint_token",
     "parse_claims",
+    "person_room",
     "prefix_hash",
     "read_claims_unverified",
     "verify_token",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import anyio
 import httpx
 
 from crdtchat.errors import CommandError
@@ -137,6 +138,16 @@ def join(link: str, token: str) -> Joined:
     return Joined(room, answer["role"], relay)
 
 
+async def accept(relay: str, token: str, room: str, timeout: float = 30.0) -> None:
+    """Put `room` in the token's person's conversation list, stored by the relay."""
+    from crdtchat.conversations import ConversationList, list_replica
+
+    async with list_replica(relay, token) as replica:
+        await replica.wait_until(lambda status: status.synced, timeout=timeout)
+        ConversationList(replica.doc).add(room)
+        await replica.wait_until(lambda status: status.durable, timeout=timeout)
+
+
 # -- the commands (design §6) ---------------------------------------------------------------
 
 
@@ -195,7 +206,14 @@ def join_command(args: argparse.Namespace) -> int:
         parse_link(args.link)
     except ValueError as error:
         return _usage("join", str(error))
-    joined = join(args.link, _token())
+    token = _token()
+    joined = join(args.link, token)
+    try:
+        anyio.run(accept, joined.relay, token, joined.room)
+    except TimeoutError:
+        raise CommandError(
+            f"joined {joined.room} as {joined.role}, but your list did not sync in time"
+        ) from None
     print(f"joined {joined.room} as {joined.role}")
     print(f"open it with: crdtchat chat {joined.room} --relay {joined.relay}")
     return 0

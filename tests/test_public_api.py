@@ -51,6 +51,10 @@ EXPORTS = {
     "Replica",
     "ReplicaStatus",
     "Backoff",
+    # a person's conversation list
+    "ConversationList",
+    "Entry",
+    "person_room",
     # tokens
     "ANY_ROOM",
     "TokenClaims",
