@@ -17,7 +17,8 @@ from relay_support import REPO, SECRET, RawClient, RelayProcess, message_map, ra
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from crdtchat import membership, schema
+from crdtchat import ConversationList, membership, schema
+from crdtchat.conversations import list_replica
 from crdtchat.errors import CommandError
 from crdtchat.tokens import mint_token
 
@@ -204,6 +205,10 @@ async def test_share_invite_and_join_commands(relay: RelayProcess) -> None:
         link = made.stdout.strip()
         joined = cli("join", link, tok=identity("carol"))
         assert joined.returncode == 0 and "joined by-command as writer" in joined.stdout
+        # Joining accepts the room into carol's own conversation list.
+        async with list_replica(base, identity("carol")) as carols:
+            await carols.wait_until(lambda status: status.synced, timeout=30)
+            assert [e.room for e in ConversationList(carols.doc).entries()] == [room]
         again = cli("join", link, tok=identity("dave"))
         assert again.returncode == 1 and again.stderr.count("\n") == 1
         assert again.stderr.startswith("crdtchat join: refused (403)")
