@@ -14,6 +14,7 @@ file with a new in-memory document; SIGKILLed clients are tested in tests/test_r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from hypothesis.stateful import (
 )
 from pycrdt import Doc, Map, Text
 from relay_support import RelayProcess, declare_roots, message_map, raw_client, token
+from websockets.exceptions import ConnectionClosed
 
 from crdtchat import schema
 from crdtchat.document import Conversation, PeerRole
@@ -335,7 +337,8 @@ async def _flood(url: str, flood: AwarenessFlood) -> tuple[int | None, str | Non
         for frame in flood.frames:
             if mallory.closed:
                 break
-            await mallory.send_raw(frame)
+            with contextlib.suppress(ConnectionClosed):  # closed meanwhile
+                await mallory.send_raw(frame)
         return await mallory.wait_closed(timeout=CONVERGE_TIMEOUT)
 
 
