@@ -1,4 +1,4 @@
-"""The websocket side of the relay: who may connect, and one task group per connection.
+"""The websocket side of the relay: who may connect, and what each connection runs.
 
 URL: `ws://HOST:PORT/<room>?token=<token>[&ext=ack,refresh]`. The token is checked before the
 upgrade (HTTP 400/401/403 with the reason otherwise). `ext=ack` turns on the Ack extension for
@@ -6,25 +6,31 @@ that connection, `ext=refresh` the token refresh (DESIGN §3: extensions only fo
 asked). A connection lasts only as long as its token: at its expiry the relay stops sending to
 it and closes it (4401 "token expired"), unless a refresh moved the expiry.
 
-Each connection runs two tasks: the reader, which decodes frames and hands every message to the
-room synchronously, and the settler, which finishes the results in order once the store has
-committed them (broadcast, Ack, AuthDenied, sync step 2 replies). When the connection ends the
-settler still drains what was accepted, so an update accepted just before a disconnect still
-reaches everyone else. Bad input closes only the offending connection (1008 policy violation,
-1003 for text frames, 1009 for frames over --max-frame and other things too big), with the
-reason; a subject over its connection limit or a quota is closed with 1013 (try again later).
-The limits are design §7.3 and §7.4.
+Each connection runs the reader, which decodes frames and hands every message to the room
+synchronously, and a settler, which finishes the results in order once the store has committed
+them (broadcast, Ack, AuthDenied, sync step 2 replies). When the connection ends the settler
+still drains what was accepted, so an update accepted just before a disconnect still reaches
+everyone else. The settler is a task only while it has something to finish, a close the room
+asks for is a task only once asked, and the token's expiry is a timer: most connections are
+idle, and per-connection task groups, tasks, events and streams were 14 of the 34 KiB an idle
+connection cost (docs/performance.md, "Connections and rooms").
+
+Bad input closes only the offending connection (1008 policy violation, 1003 for text frames,
+1009 for frames over --max-frame and other things too big), with the reason; a subject over
+its connection limit or a quota is closed with 1013 (try again later). The limits are design
+§7.3 and §7.4.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -74,6 +80,73 @@ log = logging.getLogger("crdtchat.relay")
 _MAX_REASON_BYTES = 123  # RFC 6455: a close reason fits in a control frame
 
 
+class Settler:
+    """Finishes one connection's pending items in order (`Room.settle`), in a task that exists
+    only while there are any; `put` waits while `limit` are queued (back-pressure on the reader).
+    """
+
+    __slots__ = ("_error", "_queue", "_room_freed", "_task", "limit", "peer", "room")
+
+    def __init__(self, room: Room, peer: Peer, limit: int) -> None:
+        self.room = room
+        self.peer = peer
+        self.limit = limit
+        self._queue: deque[Pending] | None = None  # made on first use: idle peers have none
+        self._task: asyncio.Task[None] | None = None
+        self._room_freed: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+
+    async def put(self, item: Pending) -> None:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        while len(queue) >= self.limit and self._error is None:
+            self._room_freed = asyncio.get_running_loop().create_future()
+            await self._room_freed
+        if self._error is not None:
+            raise self._error
+        queue.append(item)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue:
+                item = queue.popleft()
+                await self.room.settle(self.peer, item, bool(queue))
+                freed = self._room_freed
+                if freed is not None and not freed.done():
+                    freed.set_result(None)
+        except BaseException as error:
+            self._error = error
+            freed = self._room_freed
+            if freed is not None and not freed.done():
+                freed.set_result(None)
+            raise
+        finally:
+            self._task = None
+
+    async def drain(self) -> None:
+        """Wait until everything queued is settled; re-raises what made settling fail."""
+        while self._task is not None:
+            task = self._task
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():  # the settler itself was cancelled: end as before
+                    raise
+                task.cancel()  # we were cancelled (shutdown): so is the settler
+                raise
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 @dataclass(frozen=True)
 class Target:
     room: str
@@ -111,6 +184,7 @@ class Relay:
         self.metrics = metrics
         self.feed = feed
         self.subjects = Subjects(config.subject_quotas())
+        self._closing: set[asyncio.Task[None]] = set()  # closes under way (_close_soon)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
@@ -231,36 +305,27 @@ class Relay:
             self.subjects.disconnect(subject)
 
     async def _serve(self, ws: ServerConnection, room: Room, peer: Peer) -> None:
-        send, receive = anyio.create_memory_object_stream[Pending](self.config.max_in_flight)
+        settler = Settler(room, peer, self.config.max_in_flight)
+        peer.on_close_request = self._close_soon
         room.join(peer)
+        peer.watch_expiry()  # access ends with the token (or its refresh)
         try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self._close_on_request, peer)
-                outer.start_soon(self._close_at_expiry, peer)
-                async with anyio.create_task_group() as inner:
-                    inner.start_soon(self._settle, room, peer, receive)
-                    async with send:
-                        await self._read(ws, room, peer, send)
-                outer.cancel_scope.cancel()
+            await self._read(ws, room, peer, settler)
+            await settler.drain()
         finally:
+            peer.stop_watching_expiry()
+            settler.cancel()  # only still running if we were cancelled
             room.leave(peer)
 
-    async def _close_on_request(self, peer: Peer) -> None:
-        await peer.close_requested.wait()
+    def _close_soon(self, peer: Peer) -> None:
+        """Called once by `Peer.request_close`: close the connection in a task of its own
+        (the caller may be inside the room's protocol core, or another peer's broadcast)."""
         self.metrics.closed_connections[_metric_reason(peer.close_reason)] += 1
-        await peer.ws.close(peer.close_code, _close_reason(peer.close_reason))
-
-    async def _close_at_expiry(self, peer: Peer) -> None:
-        """Access ends with the token: close the connection when it expires (or its refresh)."""
-        while True:
-            changed = peer.claims_changed
-            delay = peer.expires - time.time()
-            if delay <= 0:
-                log.info("closing %r: token expired", peer)
-                peer.request_close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
-                return
-            with anyio.move_on_after(delay):
-                await changed.wait()
+        task = asyncio.get_running_loop().create_task(
+            peer.ws.close(peer.close_code, _close_reason(peer.close_reason))
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _close_feed_at_expiry(self, ws: ServerConnection, exp: int) -> None:
         await anyio.sleep(max(0.0, exp - time.time()))
@@ -298,28 +363,18 @@ class Relay:
             log.info("room %s: refused a token refresh from %r: %s", room.name, peer, answer.reason)
         room.send(peer, encode_message(answer.encode()))
 
-    async def _settle(
-        self, room: Room, peer: Peer, receive: MemoryObjectReceiveStream[Pending]
-    ) -> None:
-        async with receive:
-            async for item in receive:
-                more = receive.statistics().current_buffer_used > 0
-                await room.settle(peer, item, more)
-
-    async def _read(
-        self, ws: ServerConnection, room: Room, peer: Peer, send: MemoryObjectSendStream[Pending]
-    ) -> None:
+    async def _read(self, ws: ServerConnection, room: Room, peer: Peer, settler: Settler) -> None:
         config = self.config
         limits = ConnectionLimits(
             config.rate_messages, config.rate_burst, config.rate_bytes, 2 * config.max_frame
         )
         try:
             async for frame in ws:
-                if peer.close_requested.is_set():
+                if peer.closing:
                     # Closing: keep reading (and dropping) frames so that websockets sees the
                     # peer's close frame behind them instead of waiting for its close timeout.
                     continue
-                problem = await self._consume(frame, room, peer, send, limits)
+                problem = await self._consume(frame, room, peer, settler, limits)
                 if problem is not None:
                     code, reason = problem
                     log.warning("closing %r (%d): %s", peer, code, reason)
@@ -336,7 +391,7 @@ class Relay:
         frame: bytes | str,
         room: Room,
         peer: Peer,
-        send: MemoryObjectSendStream[Pending],
+        settler: Settler,
         limits: ConnectionLimits,
     ) -> tuple[int, str] | None:
         """Hand one frame's messages to the room; (code, reason) if the peer must go."""
@@ -368,7 +423,7 @@ class Relay:
             except PeerViolation as violation:
                 return violation.code, violation.reason
             if item is not None:
-                await send.send(item)
+                await settler.put(item)
         return None
 
 

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
@@ -103,7 +103,9 @@ class Peer:
         self.claims = claims
         # A plain attribute: the broadcast loop reads it for every peer (design §3, access ends).
         self.expires = float(claims.exp)
-        self.claims_changed = anyio.Event()  # set by a token refresh: the expiry moved
+        # Closes the connection at `expires` (a timer, not a task per connection: most
+        # connections are idle, and each task cost the relay kilobytes; issue 12).
+        self._expiry: asyncio.TimerHandle | None = None
         self.want_ack = want_ack
         self.want_refresh = want_refresh
         # Opened with an identity token: its role comes from the room's membership and follows
@@ -118,30 +120,54 @@ class Peer:
         # to burn the relay's CPU. Its quotas are shared by its connections too (design §7.4).
         self.subject = subject
         self.awareness_rate = TokenBucket(config.awareness_rate, config.awareness_burst)
-        self.close_requested = anyio.Event()
+        self.closing = False  # a close was requested
         self.close_code = 1000
         self.close_reason = ""
+        # Set by the relay: closes the connection (a callback rather than a task waiting on an
+        # event, for the same reason as the expiry timer).
+        self.on_close_request: Callable[[Peer], None] | None = None
+
+    def watch_expiry(self) -> None:
+        """(Re)arm the timer that closes the connection when its token expires."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(loop.time() + self.expires - time.time(), self._expire)
+
+    def stop_watching_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _expire(self) -> None:
+        self._expiry = None
+        if self.expires - time.time() > 0:  # the clocks drifted apart: not yet
+            self.watch_expiry()
+            return
+        log.info("closing %r: token expired", self)
+        self.request_close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
 
     def refresh(self, claims: TokenClaims) -> None:
         """Use a newer token of the same subject from now on (extension 102)."""
         self.claims = claims
         self.expires = float(claims.exp)
-        self.claims_changed.set()
-        self.claims_changed = anyio.Event()
+        if self._expiry is not None:
+            self.watch_expiry()
 
     def revoke(self, reason: str) -> None:
         """Access ended: nothing more is sent to it (the broadcast loop reads `expires`), it
         can neither sync nor send awareness (Room.handle), and it is closed with `reason`."""
         self.request_close(ACCESS_REVOKED_CODE, reason)
         self.expires = 0.0
-        self.claims_changed.set()
-        self.claims_changed = anyio.Event()
+        self.stop_watching_expiry()
 
     def request_close(self, code: int, reason: str) -> None:
-        if not self.close_requested.is_set():
+        if not self.closing:
+            self.closing = True
             self.close_code = code
             self.close_reason = reason
-            self.close_requested.set()
+            if self.on_close_request is not None:
+                self.on_close_request(self)
 
     def __repr__(self) -> str:
         return f"<peer {self.claims.sub}/{self.claims.role} {self.ws.remote_address}>"

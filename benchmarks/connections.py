@@ -1,0 +1,325 @@
+"""Many rooms and idle connections on one server: memory per room and per connection, and
+what a write costs when thousands of rooms are loaded (issues 12 and 16).
+
+Our relay and the node y-websocket server (benchmarks/node) are measured one after the other
+with the same load generator (the file-descriptor limit of 20,000 would not hold both at
+10,000 connections), the relay first, then node, in one run:
+
+1. the server alone, one room warmed up: resident memory (VmRSS) is the base;
+2. a write's cost with that one room: a writer sends `--writes` user messages one at a time,
+   each waiting until an observer in the room has it; server CPU per write;
+3. `--rooms` rooms, each loaded by one connection that writes a message and leaves (the relay
+   keeps them: --idle-unload is set beyond the run; node never unloads without persistence):
+   memory per loaded room;
+4. `--connections` idle connections over those rooms (synced, then silent), opened by
+   `--procs` generator processes: memory per connection;
+5. the write's cost again, now with every room loaded and every connection open.
+
+    .venv/bin/python benchmarks/connections.py                       # small: checks the script
+    .venv/bin/python benchmarks/connections.py --connections 2000 --rooms 200
+    .venv/bin/python benchmarks/connections.py --connections 10000 --rooms 2000 --procs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._support import (
+    SECRET,
+    LightClient,
+    Server,
+    cpu_seconds,
+    open_light_client,
+    running_node_server,
+    running_relay,
+)
+from crdtchat.document import Conversation
+from crdtchat.tokens import mint_token
+from crdtchat.wire import SyncStep1, SyncStep2, SyncUpdate, encode_message
+
+STEP1_EMPTY = encode_message(SyncStep1(b"\x00"))
+STEP2_EMPTY = encode_message(SyncStep2(b"\x00\x00"))
+MARKER = b"conn#"
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def room_url(base: str, kind: str, room: str, role: str) -> str:
+    """The same room on either server: the relay wants a token, node ignores the query."""
+    if kind == "node":
+        return f"{base}/{room}"
+    return f"{base}/{room}?token={mint_token(SECRET, room, role, 'bench', 24 * 3600)}"
+
+
+def message_update(text: str) -> bytes:
+    """One user message appended to an empty conversation (valid for the relay's rules)."""
+    with Conversation(author="bench") as conversation:
+        conversation.append("user", text)
+        return conversation.encode_state()
+
+
+# -- generator processes -------------------------------------------------------------------
+
+
+async def generate(kind: str, base: str, mode: str, first: int, count: int, rooms: int) -> None:
+    """Child process. mode "seed": rooms first..first+count-1 each get a message, then the
+    connection leaves. mode "idle": connections first..first+count-1 join room i % rooms,
+    sync and stay; prints "ready" once all are synced and holds them until stdin closes."""
+    loop = asyncio.get_running_loop()
+    synced: dict[LightClient, asyncio.Future[None]] = {}
+
+    def on_frame(client: LightClient, data: bytes, arrived: int) -> None:
+        if len(data) < 2 or data[0] != 0:
+            return
+        if data[1] == 0:  # the server's sync step 1: we hold nothing
+            client.send(STEP2_EMPTY)
+        elif data[1] == 1:
+            future = synced.get(client)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    limiter = asyncio.Semaphore(64)
+    opened: list[LightClient] = []
+
+    async def one(index: int) -> None:
+        async with limiter:
+            room = f"room-{index % rooms}"
+            role = "writer" if mode == "seed" else "reader"
+            client = await open_light_client(room_url(base, kind, room, role), on_frame, 120)
+            future = synced[client] = loop.create_future()
+            if mode == "seed":
+                client.send(encode_message(SyncUpdate(message_update(f"hello {room}"))))
+            client.send(STEP1_EMPTY)  # answered after the update is applied (and stored)
+            await asyncio.wait_for(future, 120)
+            if mode == "seed":
+                client.close()
+                await client.lost
+            else:
+                opened.append(client)
+
+    await asyncio.gather(*(one(index) for index in range(first, first + count)))
+    print("ready", flush=True)
+    if mode == "idle":
+        await loop.run_in_executor(None, sys.stdin.readline)
+        for client in opened:
+            client.close()
+
+
+@contextmanager
+def generators(
+    kind: str, base: str, mode: str, total: int, rooms: int, procs: int
+) -> Iterator[list[subprocess.Popen[str]]]:
+    """Split `total` connections over `procs` child processes; returns once all are ready."""
+    share, rest = divmod(total, procs)
+    children: list[subprocess.Popen[str]] = []
+    first = 0
+    try:
+        for index in range(procs):
+            count = share + (index < rest)
+            if count == 0:
+                continue
+            command = [sys.executable, __file__, "--generate", kind, base, mode]
+            command += [str(first), str(count), str(rooms)]
+            children.append(
+                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+            first += count
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"a generator failed (exit {child.wait(30)})")
+        yield children
+    finally:
+        for child in children:
+            if child.stdin is not None:
+                child.stdin.close()
+        for child in children:
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+# -- writes ----------------------------------------------------------------------------------
+
+
+async def write_cost(server: Server, kind: str, room: str, writes: int) -> float:
+    """Server CPU µs per write: each write waits until an observer in the room has it."""
+    loop = asyncio.get_running_loop()
+    seen: dict[int, asyncio.Future[None]] = {}
+
+    def on_observer(client: LightClient, data: bytes, arrived: int) -> None:
+        if data[:2] == b"\x00\x00":
+            client.send(STEP2_EMPTY)
+            return
+        start = data.find(MARKER)
+        if start >= 0:
+            start += len(MARKER)
+            seq = int(data[start : data.index(b"#", start)])
+            future = seen.get(seq)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def on_writer(client: LightClient, data: bytes, arrived: int) -> None:
+        if data[:2] == b"\x00\x00":
+            client.send(STEP2_EMPTY)
+
+    observer = await open_light_client(room_url(server.url, kind, room, "reader"), on_observer)
+    writer = await open_light_client(room_url(server.url, kind, room, "writer"), on_writer)
+    conversation = Conversation(author="bench")
+    try:
+        for warm in (True, False):
+            count = max(1, writes // 10) if warm else writes
+            cpu_before = cpu_seconds(server.pid)
+            for index in range(count):
+                seq = index + (0 if warm else writes)
+                seen[seq] = loop.create_future()
+                before = conversation.state_vector()
+                conversation.append("user", f"{MARKER.decode()}{seq}# a short chat line")
+                update = conversation.update_since(before)
+                writer.send(encode_message(SyncUpdate(update)))
+                await asyncio.wait_for(seen[seq], 60)
+            cpu = cpu_seconds(server.pid) - cpu_before
+        return cpu / writes * 1e6
+    finally:
+        conversation.close()
+        observer.close()
+        writer.close()
+
+
+# -- one server --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    server: str
+    base_mib: float
+    rooms: int
+    connections: int
+    per_room_kib: float
+    per_connection_kib: float
+    write_one_room_us: float
+    write_all_loaded_us: float
+    open_seconds: float
+
+
+def settle(pid: int, seconds: float = 3.0) -> int:
+    """RSS once it has stopped moving for a moment (allocations trail the last reply)."""
+    last = rss_kib(pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(seconds)
+        now = rss_kib(pid)
+        if abs(now - last) < 256:
+            return now
+        last = now
+    return last
+
+
+def measure(server: Server, kind: str, args: argparse.Namespace) -> Result:
+    print(f"{server.name}: warming up", flush=True)
+    with generators(kind, server.url, "seed", 1, 1, 1):
+        pass
+    write_one = asyncio.run(write_cost(server, kind, "room-0", args.writes))
+    base = settle(server.pid)
+    print(f"{server.name}: loading {args.rooms} rooms", flush=True)
+    with generators(kind, server.url, "seed", args.rooms, args.rooms, args.procs):
+        pass
+    loaded = settle(server.pid)
+    print(f"{server.name}: opening {args.connections} idle connections", flush=True)
+    started = time.monotonic()
+    with generators(kind, server.url, "idle", args.connections, args.rooms, args.procs):
+        opened = time.monotonic() - started
+        connected = settle(server.pid)
+        print(f"{server.name}: writing with everything loaded", flush=True)
+        write_all = asyncio.run(write_cost(server, kind, "room-1", args.writes))
+    return Result(
+        server=server.name,
+        base_mib=base / 1024,
+        rooms=args.rooms,
+        connections=args.connections,
+        per_room_kib=(loaded - base) / (args.rooms - 1),  # room-0 was loaded for the base
+        per_connection_kib=(connected - loaded) / args.connections,
+        write_one_room_us=write_one,
+        write_all_loaded_us=write_all,
+        open_seconds=opened,
+    )
+
+
+def report(results: list[Result], load: tuple[float, ...], load_after: tuple[float, ...]) -> str:
+    relay, node = results
+    lines = [
+        f"load average before {load[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} cores",
+        "",
+        "| server | base MiB | rooms | per loaded room KiB | connections | per connection KiB "
+        "| write µs CPU, 1 room | write µs CPU, all loaded | opening s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.base_mib:.1f} | {r.rooms} | {r.per_room_kib:.1f} | "
+            f"{r.connections} | {r.per_connection_kib:.1f} | {r.write_one_room_us:.0f} | "
+            f"{r.write_all_loaded_us:.0f} | {r.open_seconds:.1f} |"
+        )
+    lines += [
+        "",
+        f"relay / node: per connection {relay.per_connection_kib / node.per_connection_kib:.2f}x, "
+        f"per loaded room {relay.per_room_kib / node.per_room_kib:.2f}x, write with all loaded "
+        f"{relay.write_all_loaded_us / node.write_all_loaded_us:.2f}x; relay write, all loaded "
+        f"vs one room: {relay.write_all_loaded_us / relay.write_one_room_us:.2f}x",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--rooms", type=int, default=20)
+    parser.add_argument("--procs", type=int, default=2, help="load generator processes")
+    parser.add_argument("--writes", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--generate", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.generate:
+        kind, base, mode, first, count, rooms = args.generate
+        asyncio.run(generate(kind, base, mode, int(first), int(count), int(rooms)))
+        return 0
+    load = os.getloadavg()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="crdtchat-connections-") as tmp:
+        relay_args = ["--idle-unload", "1000000", "--max-rooms", str(args.rooms + 10)]
+        with running_relay(Path(tmp) / "data", relay_args) as relay:
+            results.append(measure(relay, "relay", args))
+        with running_node_server(Path(tmp)) as node:
+            results.append(measure(node, "node", args))
+    text = report(results, load, os.getloadavg())
+    print()
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
