@@ -364,6 +364,7 @@ class LiveDoc:
         update = self.doc.get_update(before)
         if structure is not None:
             structure.commit(structure.check(decode_update(update)))
+        self._deleted = None  # a removed member or a revoked invite is a deletion
         self._since.append(update)
         self.since_bytes += len(update)
         return update
