@@ -365,6 +365,14 @@ def room_summary(room: Room, sub: str, read: str | None = None) -> dict[str, Any
     after = ids.index(mark) + 1 if isinstance(mark, str) and mark in ids else 0
     unread = sum(1 for m in messages[after:] if m.get("author") != sub)
     title = live.doc.get(schema.META, type=Map).get("title")
+    if not isinstance(title, str) or not title:  # else the worker's (crdtchat.worker.titles)
+        derived = [
+            entry
+            for entry in live.doc.get(schema.DERIVED, type=Map).values()
+            if isinstance(entry, dict) and entry.get("kind") == "title"
+        ]
+        named = [e["data"]["title"] for e in derived if isinstance(e.get("data"), dict)]
+        title = next((t for t in named if isinstance(t, str)), None)
     return {
         "room": room.name,
         "messages": len(messages),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import anyio
 
@@ -28,6 +29,7 @@ from crdtchat.providers.base import (
 from crdtchat.schema import Message, ModelRef, ToolCall
 from crdtchat.signals import Changes
 from crdtchat.worker.checkpoints import drop_superseded_checkpoints
+from crdtchat.worker.titles import write_title
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 class TurnSettings:
     lease_ttl: float = 30.0
     flush_interval: float = 0.1
+    # After the first reply (crdtchat.worker.titles): "ask" the provider for a title (the
+    # local model gets the first words anyway), "first-words" for every provider, or "off".
+    titles: Literal["ask", "first-words", "off"] = "ask"
 
 
 @dataclass
@@ -185,6 +190,9 @@ async def serve_turn(
         error=finished.error,
         derived=derived,
     )
+    if finished.status == "complete" and settings.titles != "off":  # the first reply names it
+        ask = settings.titles == "ask"
+        await write_title(conversation, message, provider, model, conversation_id, ask=ask)
     if any(d.kind == "kv_checkpoint" for d in finished.derived):
         # The new checkpoint supersedes the one this turn resumed from (if no other branch
         # still needs it): about 23 MB each, they must not pile up one per turn.
