@@ -65,7 +65,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "discard_derived": [
         "turn 2: usage entry says",
-        "derived entries now: ['provider_state', 'provider_state', 'usage', 'usage']",
+        "derived entries now: ['provider_state', 'provider_state', 'title', 'usage', 'usage']",
         "discards all derived state; entries left: []",
         "turn 3: usage entry says 44 input tokens, 0 of them from the stored response: 44 sent",
         "right after it turn 3 replayed the whole thread (44 tokens)",

@@ -25,6 +25,7 @@ from crdtchat.providers.base import (
 )
 from crdtchat.schema import ToolCall, assistant_turn_id
 from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
+from crdtchat.worker.titles import fallback_title, title_of
 from crdtchat.worker.turn import Changes, TurnSettings, serve_turn
 
 pytestmark = pytest.mark.anyio
@@ -85,7 +86,7 @@ async def test_turn_streams_then_commits_with_usage_and_provider_state() -> None
     assert worker.streams_in_flight() == {}
     assert worker.lease(question.id) is None
     kinds = {entry.kind for entry in worker.derived_entries().values()}
-    assert kinds == {"usage", "provider_state"}
+    assert kinds == {"usage", "provider_state", "title"}  # the first reply names it
     assert worker.waiting_for_reply() == []
 
 
@@ -272,3 +273,51 @@ async def test_a_room_answered_by_another_live_worker_is_left_until_its_lease_ex
     assert committed == 0 and model.requests == []
     [delay] = recheck
     assert 15.0 < delay <= 20.0  # when to look again, to take over if worker-2 died
+
+
+async def test_first_reply_writes_a_title_the_persons_own_overrides() -> None:
+    person = Conversation.create(author="alice")
+    person.append("user", "How do I bake sourdough bread at home with rye flour?")
+    worker = Conversation(person.doc, author="worker-1")
+    model = ScriptedModel(["Bake it slowly."])
+    [waiting] = worker.waiting_for_reply()
+    reply = await serve_turn(worker, waiting, model, model="m", changes=Changes())
+    assert reply is not None
+    # Asked of the same provider and model: the scripted model answers its pieces again.
+    assert [r.model for r in model.requests] == ["m", "m"]
+    assert "sourdough" in model.requests[1].thread[-1].content
+    assert title_of(person) == "Bake it slowly"
+    person.set_title("Rye bread")
+    assert title_of(person) == "Rye bread"
+    # Later replies leave the title alone.
+    person.append("user", "And without rye?")
+    [later] = worker.waiting_for_reply()
+    await serve_turn(worker, later, model, model="m", changes=Changes())
+    titles = [e for e in worker.derived_entries().values() if e.kind == "title"]
+    assert len(titles) == 1 and len(model.requests) == 3
+
+
+async def test_local_model_and_failing_providers_get_the_first_words() -> None:
+    question = "How do I bake *sourdough* bread at home with rye flour?"
+    assert fallback_title(question) == "How do I bake sourdough bread…"
+    assert fallback_title("Hi") == "Hi"
+
+    class LocalModel(ScriptedModel):
+        name = "local"
+
+    class Failing(ScriptedModel):
+        async def stream_turn(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+            if self.requests:  # the title request, after the reply
+                self.requests.append(request)
+                raise ProviderError("rate limited")
+            async for event in super().stream_turn(request):
+                yield event
+
+    for model in (LocalModel(["Sure."]), Failing(["Sure."])):
+        person = Conversation.create(author="alice")
+        person.append("user", question)
+        worker = Conversation(person.doc, author="worker-1")
+        [waiting] = worker.waiting_for_reply()
+        await serve_turn(worker, waiting, model, model="m", changes=Changes())
+        assert title_of(person) == "How do I bake sourdough bread…"
+        assert len(model.requests) == (1 if model.name == "local" else 2)  # local: never asked
