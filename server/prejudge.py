@@ -2,16 +2,17 @@
 
 A refusal found after applying costs a rebuild of the room's document (O(document), ~45 ms at
 10,000 messages), so refused writes were a way to spend the relay's CPU. Many refusals need
-only to know *where* an update's new items land, which `crdtchat.structure` has already
-worked out to check their shape: a reader may add nothing at all, and no role may put a live
-item into a root it may not write, or into a root where it may only delete. Those are refused
-here, before applying, for the price of the structure check.
+only to know *where* an update's items land, which `crdtchat.structure` has already worked out
+to check their shape (it records the root of every shared type, `Plan.roots`): a reader may
+add nothing at all; no role may add items to a root it may not write, or where it may only
+delete; nobody may delete clocks the room does not have, or a live item the role may not
+touch (any, for a reader; one in a root the role may not write; a canonical message). Those
+are refused here, before applying, for the price of the structure check.
 
-What still needs applying (and a rebuild when refused), because it depends on content or on
-which items a deletion hits: messages (schema, author, role, fixed keys, ids), drafts and read
-marks under another's key, requests in another's name, deletions (a reader's, or into roots
-the role may not touch), deleted-content items (they change nothing visible), and updates
-whose new items sit in types the index cannot place.
+What still needs applying (and a rebuild when refused), because it depends on content: messages
+(schema, author, role, fixed keys, ids, edits and deletions inside others' messages), drafts
+and read marks under another's key, requests in another's name, and items in types the index
+cannot place.
 """
 
 from __future__ import annotations
@@ -24,56 +25,13 @@ from crdtchat.structure import Parent, Plan, StructureIndex, _Class, _Where
 from server.permissions import RULES, Access
 
 
-class _Roots:
-    """The root each parent type lives in, found by walking up holders (each step a bisection
-    in the index, or in the plan for types the update itself adds). Every type met on the way
-    is remembered, so a deep chain is walked once; None where the index cannot tell."""
-
-    def __init__(self, index: StructureIndex, plan: Plan) -> None:
-        self.index = index
-        self.plan = plan
-        self.starts = {client: [run[0] for run in runs] for client, runs in plan.runs.items()}
-        self.cache: dict[Parent, str | None] = {}
-
-    def _where_new(self, item: tuple[int, int]) -> _Where | None:
-        client, clock = item
-        runs = self.plan.runs.get(client)
-        if not runs:
-            return None
-        at = bisect_right(self.starts[client], clock) - 1
-        if at < 0 or clock >= runs[at][1]:
-            return None
-        return runs[at][2]
-
-    def of(self, parent: Parent) -> str | None:
-        chain: list[Parent] = []
-        found: str | None = None
-        while True:
-            if isinstance(parent, str):
-                found = parent
-                break
-            if parent in self.cache:
-                found = self.cache[parent]
-                break
-            chain.append(parent)
-            where = self.index._known(parent) or self._where_new(parent)
-            if where is None or where.parent is None:
-                break
-            parent = where.parent
-        for link in chain:
-            self.cache[link] = found
-        return found
-
-
-def roots_of_new_items(index: StructureIndex, plan: Plan) -> set[str | None]:
-    """The root of every live item `plan` adds (None where the index cannot tell)."""
-    roots = _Roots(index, plan)
-    found: set[str | None] = set()
-    for runs in plan.runs.values():
-        for _start, _end, where in runs:
-            if where.cls is _Class.ITEM and where.parent is not None:
-                found.add(roots.of(where.parent))
-    return found
+def _root_of(index: StructureIndex, plan: Plan, parent: Parent) -> str | None:
+    """The root a parent type lives under, as the index recorded it when items first landed in
+    it (None if it holds nothing the index knows of)."""
+    if isinstance(parent, str):
+        return parent
+    shape = index._shapes.get(parent) or plan.shapes.get(parent)
+    return None if shape is None else shape[1]
 
 
 def refuse_before_applying(role: str, index: StructureIndex, plan: Plan) -> str | None:
@@ -88,7 +46,7 @@ def refuse_before_applying(role: str, index: StructureIndex, plan: Plan) -> str 
         return f"unknown role {role!r}"
     if not rules:
         return f"a {role} may not change the document"  # even a GC range moves its clock
-    for root in sorted(r for r in roots_of_new_items(index, plan) if r is not None):
+    for root in sorted(plan.roots):
         if root not in schema.ALL_ROOTS:
             return "update writes a root that is not part of the schema"
         access = rules.get(root)
@@ -145,7 +103,6 @@ def refuse_deletions_before_applying(
     rules = RULES.get(role)
     if rules is None:
         return f"unknown role {role!r}"
-    roots = _Roots(index, plan)
     suspects: list[tuple[int, int, int, str]] = []  # client, start, end, reason
     for client, ranges in deletes.items():
         starts = index._starts.get(client)
@@ -163,7 +120,7 @@ def refuse_deletions_before_applying(
                 at += 1
                 if high <= low or where.parent is None or where.cls is not _Class.ITEM:
                     continue
-                reason = _deletion_reason(role, rules, where, roots)
+                reason = _deletion_reason(role, rules, _root_of(index, plan, where.parent), where)
                 if reason is not None:
                     suspects.append((client, low, high, reason))
     if not suspects:
@@ -176,22 +133,16 @@ def refuse_deletions_before_applying(
 
 
 def _deletion_reason(
-    role: str,
-    rules: dict[str, Access],
-    where: _Where,
-    roots: _Roots,
+    role: str, rules: dict[str, Access], root: str | None, where: _Where
 ) -> str | None:
     """Why `role` may not delete a live item at `where`, when that does not depend on content."""
     if not rules:
         return f"a {role} may not change the document"
-    parent = where.parent
-    assert parent is not None
-    root = roots.of(parent)
     if root is None or root not in schema.ALL_ROOTS:
         return None
     access = rules.get(root)
     if access is None:
         return f"a {role} may not write {root}"
-    if access is Access.MESSAGES and parent == schema.MESSAGES:
+    if access is Access.MESSAGES and where.parent == schema.MESSAGES:
         return "canonical messages cannot be deleted"
     return None
