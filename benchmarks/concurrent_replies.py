@@ -261,22 +261,26 @@ async def crdtchat_phase(
     """N rooms on a fresh relay, one worker process, N writers and N observers here."""
     data = work / f"relay-{n}-{time.monotonic_ns()}"
     data.mkdir()
-    with running_relay(data) as relay:
+    # The relay allows 128 connections per token subject (design §7.4): one worker holding N
+    # rooms needs N, so a deployment raises it for its workers (or runs more worker subjects).
+    with running_relay(data, ["--subject-connections", str(max(128, 2 * n))]) as relay:
         rooms = [f"reply-{i:04d}" for i in range(n)]
         writers: list[tuple[LightClient, Conversation]] = []
         observed = {room: Observed() for room in rooms}
         clients: list[LightClient] = []
         try:
             for room in rooms:
-                conversation = Conversation.create(author="alice")
+                conversation = Conversation.create(author=f"person-{room}")
                 conversation.set_settings(provider="openai", model=MODEL)
-                url = f"{relay.url}/{room}?token={token(room, 'writer', 'alice')}"
+                # One person per conversation, as in real use (quotas are per subject).
+                person = f"person-{room}"
+                url = f"{relay.url}/{room}?token={token(room, 'writer', person)}"
                 writer = await open_light_client(url, lambda c, p, t: None)
                 writer.send(encode_message(SyncStep1(b"\x00")))
                 writer.send(encode_message(SyncUpdate(conversation.encode_state())))
                 writers.append((writer, conversation))
                 watch = observed[room]
-                url = f"{relay.url}/{room}?token={token(room, 'reader', 'screen')}"
+                url = f"{relay.url}/{room}?token={token(room, 'reader', f'screen-{room}')}"
                 screen = await open_light_client(
                     url, lambda c, p, t, watch=watch: watch.on_frame(p, t)
                 )
