@@ -461,7 +461,7 @@ class AnthropicProvider(HostedProvider):
             policy=self.retry,
             describe=lambda failure: describe_failure(failure, key_var=KEY_VAR),
             recover=recover,
-            client=self.http_client(),
+            client=self.client,
             timeout=self.timeout,
         ):
             yield event

@@ -9,7 +9,6 @@ whose `error` is one readable line, as `base.Provider` promises.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -298,34 +297,6 @@ class HostedProvider:
         self.retry = retry or RetryPolicy()
         self.client = client
         self.timeout = timeout
-        self._pooled: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
-
-    def http_client(self) -> httpx.AsyncClient | None:
-        """The client for a call: the one given, else one pooled client per event loop.
-
-        Pooled, so a worker's turns reuse connections (and TLS sessions) to the provider
-        instead of paying a handshake per turn; unbounded, because a worker streams many
-        replies at once (httpx's default pool of 100 would make the 101st wait). A client is
-        bound to its event loop, so a new loop gets a new one.
-        """
-        if self.client is not None:
-            return self.client
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        pooled = self._pooled
-        if pooled is None or pooled[0] is not loop or pooled[1].is_closed:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-            client = httpx.AsyncClient(timeout=self.timeout, verify=_ssl_context(), limits=limits)
-            self._pooled = pooled = (loop, client)
-        return pooled[1]
-
-    async def aclose(self) -> None:
-        """Close the pooled client (a client given to the constructor is its owner's)."""
-        pooled, self._pooled = self._pooled, None
-        if pooled is not None:
-            await pooled[1].aclose()
 
     def config_error(self) -> str | None:
         """Why a call cannot work at all, or None. A custom base URL may need no key."""

@@ -274,7 +274,7 @@ class OpenAIChatProvider(HostedProvider):
             new_parser=ChatStreamParser,
             policy=self.retry,
             describe=lambda failure: describe_failure(failure, key_var=KEY_VAR),
-            client=self.http_client(),
+            client=self.client,
             timeout=self.timeout,
         ):
             yield event

@@ -521,14 +521,3 @@ async def test_closing_the_stream_early_releases_the_connection() -> None:
         # The provider is still usable afterwards (nothing half-open left behind).
         turn = await run_turn(p, request(thread))
         assert turn.finished.status == "complete"
-
-
-async def test_turns_reuse_one_pooled_connection_when_no_client_is_given() -> None:
-    # A worker's provider is built without a client: each turn used to open (and, against
-    # the real API, TLS-handshake) a connection of its own.
-    with openai_server() as server:
-        p = provider(server)
-        await two_turns(server, p)
-        first, second = server.posts("/responses")
-        assert first.client_port == second.client_port
-        await p.aclose()
