@@ -52,7 +52,8 @@ from crdtchat.worker.turn import TurnSettings
 MODEL = "gpt-4.1"
 KEY = "sk-bench"
 TOPICS = ("the sea", "bread", "owls", "trains", "copper", "tea", "maps", "snow", "bees", "clocks")
-ONCE = RoomSettings(idle_after=0.0, turn=TurnSettings(flush_interval=0.05))
+# Titles off: the worker's one-off title request after the first reply is not a turn.
+ONCE = RoomSettings(idle_after=0.0, turn=TurnSettings(flush_interval=0.05, titles="off"))
 TARGET = 1.00
 ANTHROPIC_MODEL = "claude-sonnet-4-5"
 CACHED_SHARE_TARGET = 0.95
