@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     chat = commands.add_parser("chat", help="the terminal chat client")
-    chat.add_argument("room")
+    chat.add_argument("room", nargs="?", help="without it: your conversation list")
     chat.add_argument("--relay", default="ws://127.0.0.1:8765")
     chat.add_argument("--device", default=None, help="this device's name (default: hostname)")
 

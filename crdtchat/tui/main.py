@@ -1,5 +1,8 @@
 """`crdtchat chat ROOM`: open this device's replica of the room and run the chat screen.
 
+Without a room, the person's conversation list comes first (`crdtchat.tui.rooms`), with an
+identity token; the room chosen there opens in the chat screen, and quitting it goes back.
+
 The author is the subject of the token (DESIGN §4): the relay refuses writes in any other
 name, so the client never asks for one. The replica's SQLite file lives under
 `$CRDTCHAT_HOME` (default `~/.local/share/crdtchat`), one per room and device, locked while
@@ -25,7 +28,7 @@ import anyio
 from crdtchat.document import Conversation
 from crdtchat.errors import ConfigError
 from crdtchat.local_store import read_view
-from crdtchat.schema import ROOM_NAME
+from crdtchat.schema import ROOM_NAME, person_room
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.blobs import BlobUploader
@@ -48,8 +51,8 @@ class SetupError(ConfigError):
 
 @dataclass(frozen=True)
 class TokenSubject:
-    room: str
-    role: str
+    room: str | None  # None: an identity token, which opens the rooms its person belongs to
+    role: str | None  # None with an identity token: the room's membership decides
     sub: str
 
 
@@ -103,6 +106,8 @@ def chat_command(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    if args.room is None:
+        return _rooms_then_chat(args)
     room: str = args.room
     relay: str = args.relay
     if not ROOM_NAME.fullmatch(room):
@@ -113,7 +118,7 @@ def _chat(args: argparse.Namespace) -> int:
     if not token:
         raise SetupError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token`)")
     subject = read_token_subject(token)
-    if subject.room not in ("*", room):
+    if subject.room not in (None, "*", room):
         raise SetupError(f"the token is for room {subject.room!r}, not {room!r}")
     device = (
         getattr(args, "device", None)
@@ -126,6 +131,39 @@ def _chat(args: argparse.Namespace) -> int:
         _log_to(home / "chat.log")
         anyio.run(_run, relay, room, token, subject, device_name, store_path, backend="asyncio")
     return 0
+
+
+def _rooms_then_chat(args: argparse.Namespace) -> int:
+    """No room given: the person's conversation list, then the chosen room, then the list
+    again, until the list is quit."""
+    relay: str = args.relay
+    if not relay.startswith(("ws://", "wss://")):
+        raise SetupError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
+    token = os.environ.get(TOKEN_VARIABLE, "").strip()
+    if not token:
+        raise SetupError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token --sub`)")
+    subject = read_token_subject(token)
+    if subject.room is not None:
+        raise SetupError("the conversation list needs an identity token (crdtchat token --sub)")
+    device = getattr(args, "device", None) or os.environ.get(DEVICE_VARIABLE) or "device"
+    home = data_home()
+    while True:
+        with claim_device(home, person_room(subject.sub), device) as (_, store_path):
+            _log_to(home / "chat.log")
+            chosen = anyio.run(_run_rooms, relay, token, store_path, backend="asyncio")
+        if chosen is None:
+            return 0
+        _chat(argparse.Namespace(room=chosen, relay=relay, device=getattr(args, "device", None)))
+
+
+async def _run_rooms(relay: str, token: str, store_path: Path) -> str | None:
+    from crdtchat.conversations import ConversationList, list_replica
+    from crdtchat.tui.rooms import RoomsApp, relay_share
+
+    replica = list_replica(relay, token, store_path=store_path)
+    app = RoomsApp(ConversationList(replica.doc), share=relay_share(relay, token))
+    async with replica:
+        return await app.run_async()
 
 
 async def _run(
