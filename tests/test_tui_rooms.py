@@ -1,0 +1,88 @@
+"""`crdtchat chat` without a room: the conversation list screen, driven headless through
+Textual's Pilot, over a list document (in memory, or a replica through a real relay)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Map
+from relay_support import SECRET, RelayProcess, raw_client
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from crdtchat import ConversationList, schema
+from crdtchat.tokens import mint_token
+from crdtchat.tui.rooms import RoomsApp, relay_share
+from crdtchat.tui.widgets import Line
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+async def command(pilot: Pilot[str | None], text: str) -> None:
+    pilot.app.query_one("#command", Input).value = text
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+def screen(app: RoomsApp) -> str:
+    return app.query_one("#rooms", Line).text
+
+
+def notice(app: RoomsApp) -> str:
+    return app.query_one("#notice", Line).text
+
+
+async def test_create_rename_pin_archive_leave_and_open() -> None:
+    rooms = ConversationList(Doc())
+    app = RoomsApp(rooms)
+    async with app.run_test() as pilot:
+        await command(pilot, "new Trip")
+        await command(pilot, "new Groceries")
+        assert [e.title for e in rooms.entries()] == ["Groceries", "Trip"]  # newest first
+        await command(pilot, "pin 2")
+        assert [e.title for e in rooms.entries()] == ["Trip", "Groceries"]
+        assert screen(app).splitlines()[0].strip().startswith("1  📌 Trip")
+        await command(pilot, "rename 2 Weekly shop")
+        await command(pilot, "archive 2")
+        assert [e.title for e in rooms.entries()] == ["Trip"]
+        await command(pilot, "archived")
+        assert "Weekly shop" in screen(app) and "Trip" not in screen(app)
+        await command(pilot, "leave 1")
+        assert rooms.entries(archived=None)[0].title == "Trip"
+        await command(pilot, "archived")
+        await command(pilot, "open 7")
+        assert "no conversation number '7'" in notice(app)
+        await command(pilot, "share 1 bob reader")
+        assert "needs the relay" in notice(app)
+        await command(pilot, "open 1")
+    assert app.return_value == rooms.entries()[0].room
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    relay = RelayProcess(tmp_path / "data").start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+
+
+async def test_share_from_the_list(relay: RelayProcess) -> None:
+    alice = mint_token(SECRET, None, None, "alice", 3600)
+    base = f"ws://{relay.host}:{relay.port}"
+    rooms = ConversationList(Doc())
+    made = rooms.create("Shared")
+    async with raw_client(relay.url(made.room, alice, ack=True)) as owner:  # creates it
+        app = RoomsApp(rooms, share=relay_share(base, alice))
+        async with app.run_test() as pilot:
+            await command(pilot, "share 1 bob writer")
+            assert notice(app) == "shared with bob as writer"
+            await owner.wait_for(lambda: "bob" in owner.doc.get(schema.MEMBERS, type=Map))
+            await command(pilot, "unshare 1 bob")
+            assert notice(app) == "removed bob"
+            await command(pilot, "unshare 1 bob")
+            assert "404" in notice(app)
+            await command(pilot, "quit")
+        assert app.return_value is None
