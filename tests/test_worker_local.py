@@ -240,3 +240,25 @@ def test_a_full_or_read_only_checkpoint_directory_never_fails_a_turn(tmp_path: P
     assert third["cached"] > 0 and not third["checkpoint"] and third["files"] == []
     # Read-only: no checkpoint to resume from, a full prefill, no checkpoint written.
     assert fourth["cached"] == 0 and not fourth["checkpoint"]
+
+
+async def test_a_regenerated_answer_resumes_from_the_checkpoint_of_the_first_answer(
+    provider: LocalProvider,
+) -> None:
+    # Only the last checkpoint of a branch is kept, so the one of the turn before is gone;
+    # the first answer's checkpoint holds the whole prompt of the second answer.
+    person, worker = peers()
+    pool = local_pool(provider)
+    first = await ask(person, worker, pool, "Name a colour.")
+    [question] = [m for m in person.current_thread() if m.role == "user"]
+    person.request_regeneration(question.id)
+
+    with anyio.fail_after(30):
+        assert await serve_room(worker, pool, room="local", settings=ONCE) == 1
+
+    [_, again] = person.assistant_answers(question.id)
+    assert_answered(again)
+    usage = only(person, again.id, "usage").data
+    assert usage["cached_input_tokens"] == usage["input_tokens"] - 1  # all but the last token
+    # Both answers are leaves now: each keeps its checkpoint.
+    assert set(checkpoints(person)) == {first.id, again.id}

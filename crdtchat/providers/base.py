@@ -27,7 +27,8 @@ class TurnRequest:
     # prefix_hash of each message of `thread`, same order.
     prefix_hashes: Sequence[str]
     # usable derived entries (entry key → entry) for messages on `thread`, already checked
-    # against the three rules for this provider, api and model.
+    # against the three rules for this provider, api and model; plus, when the message is
+    # answered again, the `kv_checkpoint` entries of its earlier answers (off the thread).
     derived: Mapping[str, DerivedEntry] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
 

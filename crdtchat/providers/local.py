@@ -398,7 +398,9 @@ class _Turn:
         return None
 
     def _checkpoint_entries(self) -> list[DerivedEntry]:
-        """Usable `kv_checkpoint` entries of this thread, the one nearest the end first."""
+        """Usable `kv_checkpoint` entries, the most promising first: those of earlier answers
+        to the message answered now (off the thread: they hold the whole prompt), then those
+        of this thread, the one nearest the end first. `prepare` still compares tokens."""
         if self.store is None:
             return []
         thread = self.request.thread
@@ -406,8 +408,11 @@ class _Turn:
         position = {message.id: index for index, message in enumerate(thread)}
         found: list[tuple[int, DerivedEntry]] = []
         for entry in self.request.derived.values():
+            if entry.kind != "kv_checkpoint":
+                continue
             index = position.get(entry.message_id)
-            if entry.kind != "kv_checkpoint" or index is None:
+            if index is None:
+                found.append((len(thread), entry))  # an earlier answer to this message
                 continue
             if len(hashes) == len(thread) and hashes[index] != entry.prefix_hash:
                 continue  # the worker checks this too; a stale entry must never be used

@@ -74,6 +74,19 @@ def build_request(
     )
     for key in stale:
         conversation.discard_derived(key)
+    # A regeneration: the earlier answers' KV checkpoints hold this whole prompt (and then
+    # their reply). Only the last checkpoint of a branch is kept, so without these the new
+    # answer would evaluate its thread from scratch. Hosted providers ignore entries off the
+    # thread; the local one checks the tokens before it resumes from one.
+    for answer in conversation.assistant_answers(waiting.message.id):
+        extra, _ = conversation.usable_derived(
+            [*thread, answer],
+            provider=provider.name,
+            api=provider.api,
+            model=model,
+            kinds=["kv_checkpoint"],
+        )
+        usable.update((k, e) for k, e in extra.items() if e.message_id == answer.id)
     settings = conversation.settings
     return TurnRequest(
         conversation_id=conversation_id,
