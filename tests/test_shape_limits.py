@@ -390,3 +390,53 @@ async def test_worker_serving_every_room_answers_beside_a_poisoned_one(tmp_path:
                 assert problems == [(schema.SETTINGS, "deep")]
             finally:
                 worker.stop()
+
+
+TUI_SCRIPT = """
+import json, sys
+import anyio
+from pycrdt import Map
+from crdtchat.document import Conversation
+from crdtchat.tui.app import ChatApp
+from crdtchat.tui.link import DetachedLink
+from crdtchat.tui.widgets import Line, ThreadView
+
+levels = int(sys.argv[1])
+source = Conversation.create(author="alice")
+source.set_settings(provider="openai", model="gpt-test")
+source.append("user", "poisoned", message_id="m1")
+source.append("user", "readable", message_id="m2", parent=None)
+with source.doc.transaction():
+    for target in (source.settings_map, source.messages[0]):
+        target["deep"] = current = Map()
+        for _ in range(levels):
+            inner = Map(); current["k"] = inner; current = inner
+conversation = Conversation.from_update(source.encode_state(), author="alice")
+
+async def main():
+    app = ChatApp(conversation, DetachedLink(conversation.doc), room="r", device="laptop")
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        texts = app.query_one("#thread", ThreadView).texts()
+        header = app.query_one("#header", Line).text
+        print(json.dumps({"texts": texts, "header": header, "running": app.is_running}))
+
+anyio.run(main)
+"""
+
+
+def test_the_terminal_client_shows_what_it_can_read_of_a_poisoned_conversation() -> None:
+    """Finding 2, the TUI: it opens the conversation and shows the readable message and the
+    settings; the message nested too deeply is skipped (a problem), never a crash."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(TUI_SCRIPT), str(DEEP)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = json.loads(done.stdout.strip().splitlines()[-1])
+    assert shown["running"]
+    assert len(shown["texts"]) == 1 and shown["texts"][0].endswith("readable")
+    assert "openai/gpt-test" in shown["header"]
