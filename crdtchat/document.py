@@ -17,7 +17,6 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from pycrdt import Array, Doc, Map, Subscription, Text
-from pycrdt._base import process_event  # wraps raw yrs values, as the view does
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import schema
@@ -252,9 +251,8 @@ class Conversation:
         items: list[Any] = []
 
         def collect(event: Any) -> None:
-            with doc._read_transaction(event.transaction):
-                for op in process_event(event.delta, doc):
-                    items.extend(op.get("insert", ()))
+            for op in event.delta:  # raw values: see `crdtchat.shape.check_items`
+                items.extend(op.get("insert", ()))
 
         subscription = doc.get(schema.MESSAGES, type=Array).integrated.observe(collect)
         try:

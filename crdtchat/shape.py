@@ -65,17 +65,15 @@ def check_depth(value: Any, max_depth: int = MAX_READ_DEPTH) -> None:
                     stack.append((child, depth + 1))
 
 
-def holds_types(value: Map) -> bool:
+def holds_types(value: Map, handle: Any = None) -> bool:
     """Whether any value of `value` is a shared type other than a Text (what a message Map
-    holds): the cheap test before `check_depth`, with pycrdt's raw reads (no wrapping)."""
+    holds): the cheap test before `check_depth`, with pycrdt's raw reads (no wrapping).
+    `handle`: the raw transaction to read in, when the caller holds one (`raw_transaction`)."""
     raw = value.integrated
-    with value.doc.transaction() as txn:
-        handle = txn._txn
-        for key in raw.keys(handle):
-            item = raw.get(handle, key)
-            if isinstance(item, _RAW_CONTAINERS):
-                return True
-    return False
+    if handle is None:
+        with value.doc.transaction() as txn:
+            return holds_types(value, txn._txn)
+    return any(isinstance(raw.get(handle, key), _RAW_CONTAINERS) for key in raw.keys(handle))
 
 
 def read_json(value: Any, max_depth: int = MAX_READ_DEPTH) -> Any:
@@ -129,14 +127,32 @@ def items_of(array: Array, name: str) -> tuple[list[Any], Doc]:
     items: list[Any] = []
 
     def collect(event: Any) -> None:
-        with scratch._read_transaction(event.transaction):
-            for op in process_event(event.delta, scratch):
-                items.extend(op.get("insert", ()))
+        for op in event.delta:  # raw values: see `check_items`
+            items.extend(op.get("insert", ()))
 
     subscription = target.integrated.observe(collect)
     scratch.apply_update(array.doc.get_update())
     subscription.drop()
     return items, scratch
+
+
+def wrap(raw: Any, doc: Doc) -> Any:
+    """A raw yrs value (as an event's delta lists it) as pycrdt's class for it."""
+    return process_event(raw, doc)
+
+
+def check_items(items: list[Any], doc: Doc, max_depth: int = MAX_READ_DEPTH) -> None:
+    """`check_depth` of every item of an array of `doc`, given raw (as an event's delta lists
+    them, unwrapped: wrapping 10,000 Maps costs more than checking them), in one transaction.
+    A message Map holding nothing but plain values and Texts is recognised by its raw reads."""
+    with doc.transaction() as txn:
+        handle = txn._txn
+        for raw in items:
+            if type(raw) is _RawMap:
+                if any(isinstance(raw.get(handle, k), _RAW_CONTAINERS) for k in raw.keys(handle)):
+                    check_depth(wrap(raw, doc), max_depth)
+            elif isinstance(raw, _RAW_CONTAINERS):
+                check_depth(wrap(raw, doc), max_depth)
 
 
 def array_json(array: Array, name: str, *, shape_checked: bool = False) -> list[Any]:
@@ -147,15 +163,12 @@ def array_json(array: Array, name: str, *, shape_checked: bool = False) -> list[
         return json.loads(str(array))
     items, scratch = items_of(array, name)
     try:
-        for item in items:
-            if isinstance(item, Map) and not holds_types(item):
-                continue
-            check_depth(item)
+        check_items(items, scratch)
     except TooDeep:
         result = []
         for item in items:
             try:
-                result.append(read_json(item))
+                result.append(read_json(wrap(item, scratch)))
             except TooDeep:
                 result.append(None)
         del scratch

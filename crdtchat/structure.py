@@ -259,6 +259,9 @@ class _Checker:
         entries = plan.entries
         roots = plan.roots
         root_at: dict[Parent, str | None] = {}
+        type_at: dict[Parent, int | None] = {}
+        shapes = plan.shapes
+        known_shapes = self.index._shapes
         allowed_at: dict[tuple[Parent, bool], frozenset[int]] = {}
         for client, fresh in self.new.items():
             runs = plan.runs.setdefault(client, [])
@@ -291,14 +294,15 @@ class _Checker:
                             f"item {client}:{clock} puts known clocks in another parent"
                         )
                 at = where.parent
-                if at is None:
-                    root = where.root
-                else:
-                    root = root_at.get(at, _UNSET)
-                    if root is _UNSET:
-                        root = root_at[at] = at if type(at) is str else self._shape_of(at)[1]
-                if root is not None and where.cls is not _Class.GC:
-                    roots.add(root)
+                if judge:  # the roots written to, judged by role (a loaded state is not)
+                    if at is None:
+                        root = where.root
+                    else:
+                        root = root_at.get(at, _UNSET)
+                        if root is _UNSET:
+                            root = root_at[at] = at if type(at) is str else self._shape_of(at)[1]
+                    if root is not None and where.cls is not _Class.GC:
+                        roots.add(root)
                 if judge and at is not None:
                     allowed = allowed_at.get(where[:2])
                     if allowed is None:
@@ -309,7 +313,9 @@ class _Checker:
                     size = struct.span[1] - struct.span[0]
                     raise ShapeError(f"a value of {size} bytes (limit {max_bytes})")
                 if type(at) is tuple and where.cls is _Class.ITEM:
-                    parent_type = self._type_of(at)
+                    parent_type = type_at.get(at, -1)
+                    if parent_type == -1:
+                        parent_type = type_at[at] = self._type_of(at)
                     if parent_type in (MAP, ARRAY):
                         count = entries.get(at, 0) + (1 if where.keyed else struct.length)
                         entries[at] = count
@@ -324,10 +330,19 @@ class _Checker:
                     if judge and struct.type_ref not in _SEQUENCE_KINDS:
                         self._refuse(struct, where)
                     plan.types[(client, clock)] = struct.type_ref  # type: ignore[assignment]
-                    depth = self._shape_of((client, clock))[0]
+                    # the common cases inline: a type in a root, or in a type already placed
+                    if type(at) is str:
+                        shape = shapes[(client, clock)] = (1, at)
+                    else:
+                        above = shapes.get(at) or known_shapes.get(at) if at is not None else None
+                        if above is not None:
+                            shape = shapes[(client, clock)] = (above[0] + 1, above[1])
+                        else:
+                            shape = self._shape_of((client, clock))
+                    depth = shape[0]
                     if max_depth is not None and depth > max_depth:
                         raise ShapeError(
-                            f"shared types nested {depth} deep in {root} (limit {max_depth})"
+                            f"shared types nested {depth} deep in {shape[1]} (limit {max_depth})"
                         )
                 last, last_end = where, end
         return plan

@@ -30,14 +30,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Array, Doc, Map, Text
-from pycrdt._base import BaseType, process_event
+from pycrdt import Array, Doc
+from pycrdt._base import process_event
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from crdtchat.errors import StorageError
 from crdtchat.lifetime import weak_method
 from crdtchat.schema import MESSAGES, Message, Problem
-from crdtchat.shape import TooDeep, check_depth, holds_types, items_of, read_json
+from crdtchat.shape import TooDeep, check_items, items_of, read_json, wrap
 
 log = logging.getLogger(__name__)
 
@@ -102,29 +102,20 @@ def entry_of(item: Any) -> Entry:
         return Entry(None, str(error))
 
 
-def _needs_check(item: Any) -> bool:
-    if isinstance(item, Map):
-        return holds_types(item)
-    return isinstance(item, BaseType) and not isinstance(item, Text)
-
-
 def open_entries(array: Array, items: list[Any] | None = None) -> list[Entry]:
     """The entries of a populated array, never asking yrs to render a value nested too deeply
     (design §7.1): one `str(array)` when no item holds shared types deeper than a reader's
-    bound, else item by item. `items`: the array's items, if the caller has them."""
+    bound, else item by item. `items`: the array's items, raw, as the event of their arrival
+    listed them, if the caller has them."""
     if len(array) == 0:
         return []
-    scratch = None
+    doc = array.doc
     if items is None or len(items) != len(array):
-        items, scratch = items_of(array, MESSAGES)
+        items, doc = items_of(array, MESSAGES)  # the items of a scratch copy
     try:
-        for item in items:
-            if _needs_check(item):
-                check_depth(item)
+        check_items(items, doc)
     except TooDeep:
-        entries = [entry_of(item) for item in items]
-        del scratch
-        return entries
+        return [entry_of(wrap(item, doc)) for item in items]
     return parse_all(str(array))
 
 
@@ -274,7 +265,7 @@ class MessageView:
                 item
                 for event in events
                 if not event.path
-                for op in process_event(event.delta, self._doc)
+                for op in event.delta  # raw values: see `crdtchat.shape.check_items`
                 for item in op.get("insert", ())
             ]
             self.entries = open_entries(self._array, items)
