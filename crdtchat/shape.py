@@ -112,10 +112,25 @@ def read_map(root: Map, max_depth: int = MAX_READ_DEPTH) -> tuple[dict[str, Any]
     # yrs's JSON writes integral ones as integers (3), and readers must agree on every path.
     scratch = Doc()
     copy = scratch.get("copy", type=Map)
-    with scratch.transaction():
-        for key, value in good.items():
-            copy[key] = value
+    try:
+        with scratch.transaction():
+            for key, value in good.items():
+                copy[key] = _insertable(value)
+    except TypeError:  # a value pycrdt cannot write back: as pycrdt returned it
+        return good, bad
     return json.loads(str(copy)), bad
+
+
+def _insertable(value: Any) -> Any:
+    """`value` with its binaries as the lists of byte values yrs renders them as (pycrdt cannot
+    insert bytes into a Map); plain values are bounded in depth where updates are decoded."""
+    if isinstance(value, bytes | bytearray):
+        return list(value)
+    if isinstance(value, dict):
+        return {key: _insertable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_insertable(item) for item in value]
+    return value
 
 
 def items_of(array: Array, name: str) -> tuple[list[Any], Doc]:

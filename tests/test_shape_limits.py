@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pycrdt import Doc, Map, Text
+from pycrdt import Array, Doc, Map, Text
 from relay_support import (
     REPO,
     RelayProcess,
@@ -33,6 +33,7 @@ from test_worker_relay import WorkerProcess, person, wait_for, watch_all
 from crdtchat import schema
 from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.schema import assistant_turn_id
+from crdtchat.shape import MAX_READ_DEPTH, read_map
 from crdtchat.structure import ShapeError, ShapeLimits
 from crdtchat.updates import decode_update
 from crdtchat.wire import SyncUpdate
@@ -167,6 +168,27 @@ def test_a_write_into_a_deleted_type_is_judged_by_its_root() -> None:
     assert live.apply(write, "reader", "r") == Refused("a reader may not change the document")
     # the writer, who may write meta, makes the same invisible write: accepted as before
     assert isinstance(live.apply(write, "writer", "alice"), Accepted)
+
+
+def test_a_map_root_read_around_a_deep_value_reads_as_str_renders_it() -> None:
+    """Readers skip a value too deep to read and must still agree, byte for byte, with readers
+    of the same root without it: pycrdt returns 3.0 and bytes where yrs's JSON has 3 and a
+    list (the convergence machine found prefix hashes differing over this)."""
+    plain: Doc = Doc()
+    deep: Doc = Doc()
+    for doc in (plain, deep):
+        root = doc.get("m", type=Map)
+        with doc.transaction():
+            root.update({"i": 3, "f": 1.5, "b": b"\x00\x01", "n": None, "t": Text("hi")})
+            root["a"] = Array([1, 2.0, {"y": 1e20, "z": 1e300, "bb": b"ab"}])
+            root["fl"] = [1e16, 2.0]
+    with deep.transaction():
+        top = deep.get("m", type=Map)["deep"] = Map()
+        nest(top, MAX_READ_DEPTH + 1)
+    expected = json.loads(str(plain.get("m", type=Map)))
+    assert read_map(plain.get("m", type=Map)) == (expected, {})
+    values, too_deep = read_map(deep.get("m", type=Map))
+    assert values == expected and list(too_deep) == ["deep"]
 
 
 # -- through the relay subprocess ------------------------------------------------------------
