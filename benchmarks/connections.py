@@ -63,16 +63,20 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def room_url(base: str, kind: str, room: str, role: str) -> str:
-    """The same room on either server: the relay wants a token, node ignores the query."""
+def room_url(base: str, kind: str, room: str, role: str, sub: str = "bench") -> str:
+    """The same room on either server: the relay wants a token, node ignores the query.
+
+    Each generated connection has a subject of its own: the relay's per-subject limits
+    (design §7.4) are not what this measures.
+    """
     if kind == "node":
         return f"{base}/{room}"
-    return f"{base}/{room}?token={mint_token(SECRET, room, role, 'bench', 24 * 3600)}"
+    return f"{base}/{room}?token={mint_token(SECRET, room, role, sub, 24 * 3600)}"
 
 
-def message_update(text: str) -> bytes:
+def message_update(text: str, author: str) -> bytes:
     """One user message appended to an empty conversation (valid for the relay's rules)."""
-    with Conversation(author="bench") as conversation:
+    with Conversation(author=author) as conversation:
         conversation.append("user", text)
         return conversation.encode_state()
 
@@ -104,10 +108,12 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
         async with limiter:
             room = f"room-{index % rooms}"
             role = "writer" if mode == "seed" else "reader"
-            client = await open_light_client(room_url(base, kind, room, role), on_frame, 120)
+            sub = f"bench-{index}"
+            url = room_url(base, kind, room, role, sub)
+            client = await open_light_client(url, on_frame, 120)
             future = synced[client] = loop.create_future()
             if mode == "seed":
-                client.send(encode_message(SyncUpdate(message_update(f"hello {room}"))))
+                client.send(encode_message(SyncUpdate(message_update(f"hello {room}", sub))))
             client.send(STEP1_EMPTY)  # answered after the update is applied (and stored)
             await asyncio.wait_for(future, 120)
             if mode == "seed":

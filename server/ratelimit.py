@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 
 class TokenBucket:
+    __slots__ = ("burst", "rate", "tokens", "updated")  # several per connection
+
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
@@ -49,6 +51,8 @@ class TokenBucket:
 class ConnectionLimits:
     """Messages per second and bytes per second of one connection."""
 
+    __slots__ = ("bytes", "messages")
+
     def __init__(
         self, messages: float, message_burst: float, bytes_per_second: float, byte_burst: float
     ) -> None:
@@ -76,7 +80,7 @@ class SubjectQuotas:
     interval: float = 3600.0  # seconds over which `rooms` and `write_bytes` refill
 
 
-@dataclass
+@dataclass(slots=True)  # one per connected subject, and subjects are mostly idle
 class Subject:
     """What one subject may still do; shared by all of its connections."""
 

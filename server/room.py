@@ -86,6 +86,31 @@ class RoomLimitReached(RoomUnavailable):
 class Peer:
     """One websocket connection in a room."""
 
+    # Slots: a relay holds one per connection, mostly idle ones (issue 12: memory per
+    # connection); a per-instance dict of these ~20 attributes was about 1 KiB of each.
+    __slots__ = (
+        "_expiry",
+        "acked",
+        "awareness_ids",
+        "awareness_rate",
+        "claims",
+        "close_code",
+        "close_reason",
+        "closing",
+        "expires",
+        "failed",
+        "identity",
+        "on_close_request",
+        "plain",
+        "protocol",
+        "settled",
+        "subject",
+        "transport",
+        "want_ack",
+        "want_refresh",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: ServerConnection,
