@@ -29,6 +29,9 @@ _RAW_CONTAINERS = (_RawMap, _RawArray, _RawXmlElement, _RawXmlFragment, _RawXmlT
 # Deeper than any value our relay accepts (its default limit is 32) and far below the depth at
 # which native recursion overflows the stack (~10,000 levels on an 8 MiB stack).
 MAX_READ_DEPTH = 64
+# The walk's other bound: no message holds thousands of shared types, and pycrdt reads the
+# items of an Array one by one, each in O(n), so a huge nested Array would cost O(n²) to walk.
+MAX_READ_ENTRIES = 10_000
 
 
 class TooDeep(RemoteProtocolError, ValueError):
@@ -40,6 +43,8 @@ def _children(value: BaseType) -> list[Any]:
     if isinstance(value, Map):
         return [value[key] for key in value]
     if isinstance(value, Array):
+        if len(value) > MAX_READ_ENTRIES:  # pycrdt reads an item by index in O(n)
+            raise TooDeep(f"value with more than {MAX_READ_ENTRIES} entries in one Array")
         return list(value)
     if isinstance(value, XmlFragment | XmlElement):
         return list(value.children)
@@ -49,19 +54,23 @@ def _children(value: BaseType) -> list[Any]:
 def check_depth(value: Any, max_depth: int = MAX_READ_DEPTH) -> None:
     """Raise TooDeep if shared types nest more than `max_depth` levels inside `value`.
 
-    Iterative, and it stops at the first level past the bound, so its cost is bounded by the
-    size of what is legitimately there.
+    Iterative, and it stops at the first level past the bound, or past `MAX_READ_ENTRIES`
+    shared types or entries of one Array, so its cost is bounded whatever the value holds.
     """
     if not isinstance(value, BaseType) or isinstance(value, Text):
         return
     with value.doc.transaction():
         stack: list[tuple[BaseType, int]] = [(value, 1)]
+        seen = 0
         while stack:
             current, depth = stack.pop()
             for child in _children(current):
                 if isinstance(child, BaseType) and not isinstance(child, Text):
                     if depth + 1 > max_depth:
                         raise TooDeep(f"value nested deeper than {max_depth} shared types")
+                    seen += 1
+                    if seen > MAX_READ_ENTRIES:
+                        raise TooDeep(f"value holding more than {MAX_READ_ENTRIES} shared types")
                     stack.append((child, depth + 1))
 
 

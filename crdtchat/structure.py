@@ -103,7 +103,7 @@ class ShapeLimits:
     """
 
     depth: int | None = 32
-    entries: int | None = 100_000
+    entries: int | None = 10_000
     value_bytes: int | None = 1024 * 1024
 
 

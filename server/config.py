@@ -39,7 +39,7 @@ class RelayConfig:
     open_timeout: float = 60.0  # a websocket handshake (blob transfers: blob_stall_timeout)
     # The shape of stored values (design §7.1); 0 turns a bound off.
     max_depth: int = 32  # shared types nested below a root (a message's content Text is 2)
-    max_entries: int = 100_000  # entries ever written into one nested Map or Array
+    max_entries: int = 10_000  # entries ever written into one nested Map or Array
     max_value_bytes: int = 1 * MIB  # the encoded size of one item's content
     # Awareness, per connection (design §7.3).
     awareness_clients: int = 8  # client ids one connection may hold at once

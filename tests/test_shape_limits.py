@@ -31,9 +31,10 @@ from relay_support import (
 from test_worker_relay import WorkerProcess, person, wait_for, watch_all
 
 from crdtchat import schema
+from crdtchat.document import Conversation
 from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.schema import assistant_turn_id
-from crdtchat.shape import MAX_READ_DEPTH, read_map
+from crdtchat.shape import MAX_READ_DEPTH, MAX_READ_ENTRIES, read_map
 from crdtchat.structure import ShapeError, ShapeLimits
 from crdtchat.updates import decode_update
 from crdtchat.wire import SyncUpdate
@@ -189,6 +190,20 @@ def test_a_map_root_read_around_a_deep_value_reads_as_str_renders_it() -> None:
     assert read_map(plain.get("m", type=Map)) == (expected, {})
     values, too_deep = read_map(deep.get("m", type=Map))
     assert values == expected and list(too_deep) == ["deep"]
+
+
+def test_readers_bound_the_size_of_what_they_walk() -> None:
+    """A message holding a nested Array of 10,001 Maps: walking it would cost O(n²) (pycrdt
+    reads an Array item by index), so it is skipped as too large, in bounded time."""
+    source = Conversation.create(author="alice")
+    source.append("user", "wide", message_id="m1")
+    source.append("user", "fine", message_id="m2", parent=None)
+    with source.doc.transaction():
+        source.messages[0]["extra"] = Array([Map() for _ in range(MAX_READ_ENTRIES + 1)])
+    opened = Conversation.from_update(source.encode_state(), author="bob")
+    assert [m.id for m in opened.all_messages()] == ["m2"]
+    [problem] = opened.problems()
+    assert problem.key == 0 and f"more than {MAX_READ_ENTRIES} entries" in problem.reason
 
 
 # -- through the relay subprocess ------------------------------------------------------------
