@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,11 +37,19 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from pycrdt import Doc, Map, Text
-from relay_support import RelayProcess, declare_roots, message_map, raw_client, token
+from pycrdt import Array, Doc, Map, Text
+from relay_support import (
+    SECRET,
+    RawClient,
+    RelayProcess,
+    declare_roots,
+    message_map,
+    raw_client,
+    token,
+)
 from websockets.exceptions import ConnectionClosed
 
-from crdtchat import schema
+from crdtchat import membership, schema
 from crdtchat.document import Conversation, PeerRole
 from crdtchat.replica import Backoff, Replica
 from crdtchat.schema import answered_id_of, assistant_turn_id, message_id_refusal
@@ -56,7 +65,8 @@ from crdtchat.testing import (
 from crdtchat.testing.floods import AwarenessFlood, awareness_floods
 from crdtchat.testing.invariants import raw_message_ids
 from crdtchat.testing.operations import AppendMessage, CommitTurn, ForeignMessageAt, Operation
-from crdtchat.wire import SyncUpdate
+from crdtchat.tokens import mint_token
+from crdtchat.wire import SyncStep1, SyncUpdate
 from server.config import RelayConfig
 
 FAST = Backoff(initial=0.05, maximum=0.5)
@@ -82,6 +92,21 @@ class Client:
     stop: anyio.Event | None = None
     done: Any = None  # the portal future of the task that runs the replica
     client_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Watcher:
+    """A listener whose access ends: a member the owner removes, or a token that expires.
+
+    `ended` is when its access ended (the owner's removal was answered, or the token's `exp`);
+    every message written after that must never reach it (design §4, access ends)."""
+
+    sub: str
+    kind: str  # "member" or "expiring"
+    client: RawClient
+    stop: anyio.Event
+    done: Any
+    ended: float | None = None
 
 
 def writes_for(
@@ -126,6 +151,8 @@ class RelayMachine(RuleBasedStateMachine):
         self.room = f"stateful-{next(_rooms)}"
         self.clients: list[Client] = []
         self.written: set[str] = set()
+        self.written_at: dict[str, float] = {}  # when each message was made, before sending
+        self.watchers: list[Watcher] = []
         self.next_client_id = 1
 
     # -- running replicas on the portal's event loop -------------------------------------------
@@ -172,6 +199,10 @@ class RelayMachine(RuleBasedStateMachine):
 
     @initialize(data=st.data())
     def start(self, data: st.DataObject) -> None:
+        # The room's owner: the first identity to open it while it holds nothing (design §4).
+        self.portal.call(
+            _touch, self.relay.url(self.room, mint_token(SECRET, None, None, "owner", 3600))
+        )
         count = data.draw(st.integers(2, 3), label="replicas")
         people: list[tuple[str, PeerRole]] = [("alice", "writer")]
         for _ in range(count - 1):
@@ -203,13 +234,16 @@ class RelayMachine(RuleBasedStateMachine):
             if strategy.is_empty:
                 continue
             operation = data.draw(strategy, label="operation")
+            made = time.time()
             self._on_loop(operation.apply, conversation)
             event(f"write {type(operation).__name__} as {client.role}")
             _count(f"write as {client.role}")
             if isinstance(operation, AppendMessage):
                 self.written.add(operation.message_id)
+                self.written_at[operation.message_id] = made
             elif isinstance(operation, CommitTurn):
                 self.written.add(operation.turn_id)
+                self.written_at[operation.turn_id] = made
 
     @precondition(lambda self: bool(self.clients))
     @rule()
@@ -266,6 +300,66 @@ class RelayMachine(RuleBasedStateMachine):
     def quiesce(self) -> None:
         self.check_quiescent()
 
+    # -- access that ends: membership and expiry (design §4) ------------------------------------
+
+    def _watch(self, sub: str, kind: str, tok: str) -> Watcher:
+        stop = self.portal.call(anyio.Event)
+        done, client = self.portal.start_task(_listen, self.relay.url(self.room, tok), stop)
+        watcher = Watcher(sub, kind, client, stop, done)
+        self.watchers.append(watcher)
+        return watcher
+
+    @precondition(lambda self: bool(self.clients) and len(self.watchers) < 4)
+    @rule(role=st.sampled_from(["reader", "writer"]))
+    def share_with_a_listener(self, role: str) -> None:
+        """The owner shares the room with a new person, who listens on a live connection."""
+        sub = f"member-{len(self.watchers)}"
+        base = f"ws://{self.relay.host}:{self.relay.port}"
+        owner = mint_token(SECRET, None, None, "owner", 3600)
+        membership.share(base, self.room, owner, sub, role)  # type: ignore[arg-type]
+        self._watch(sub, "member", mint_token(SECRET, None, None, sub, 3600))
+        _count("members added")
+
+    @precondition(lambda self: bool(self.clients) and len(self.watchers) < 4)
+    @rule()
+    def listen_until_expiry(self) -> None:
+        """A reader whose token expires within seconds listens on a live connection."""
+        sub = f"expiring-{len(self.watchers)}"
+        tok = token(self.room, "reader", sub, ttl=3)
+        watcher = self._watch(sub, "expiring", tok)
+        watcher.ended = float(read_exp(tok))
+        _count("expiring listeners")
+
+    @precondition(lambda self: any(w.kind == "member" and w.ended is None for w in self.watchers))
+    @rule(data=st.data())
+    def remove_a_member(self, data: st.DataObject) -> None:
+        """The owner removes a listening member: from the answer on, nothing reaches it."""
+        live = [w for w in self.watchers if w.kind == "member" and w.ended is None]
+        watcher = data.draw(st.sampled_from(live), label="member")
+        base = f"ws://{self.relay.host}:{self.relay.port}"
+        owner = mint_token(SECRET, None, None, "owner", 3600)
+        membership.unshare(base, self.room, owner, watcher.sub)
+        watcher.ended = time.time()
+        _count("members removed")
+        # alice writes at once: a message the removed member must never receive
+        after = f"after-{watcher.sub}"
+        alice = self.clients[0].conversation
+        made = time.time()
+        self._on_loop(AppendMessage(after, "user", "after the removal", parent="q").apply, alice)
+        self.written.add(after)
+        self.written_at[after] = made
+
+    def check_access_ended(self) -> None:
+        """No message made after a listener's access ended has reached it."""
+        for watcher in self.watchers:
+            if watcher.ended is None:
+                continue
+            got = self._on_loop(_message_ids, watcher.client.doc)
+            late = {i for i in got if self.written_at.get(i, 0.0) > watcher.ended}
+            assert not late, f"{watcher.sub} got {sorted(late)} after its access ended"
+            withheld = [i for i, at in self.written_at.items() if at > watcher.ended]
+            _count("messages withheld from listeners whose access ended", len(withheld))
+
     # -- a forger: messages reusing taken ids (design §7.2) ---------------------------------------
 
     @precondition(lambda self: bool(self.written))
@@ -310,6 +404,7 @@ class RelayMachine(RuleBasedStateMachine):
         assert all(r is not None for r in replicas) and all(c is not None for c in conversations)
         self.portal.call(_wait_converged, replicas, CONVERGE_TIMEOUT)
         self._on_loop(_check_replicas, conversations, self.written)
+        self.check_access_ended()
         event(f"quiescence with {min(len(self.written), 5)}+ messages written")
         _count("quiescences")
         _count("messages checked", len(self.written))
@@ -330,6 +425,9 @@ class RelayMachine(RuleBasedStateMachine):
         finally:
             for client in self.clients:
                 self._close(client)
+            for watcher in self.watchers:
+                self.portal.call(watcher.stop.set)
+                watcher.done.result(timeout=30)
 
 
 async def _flood(url: str, flood: AwarenessFlood) -> tuple[int | None, str | None]:
@@ -404,6 +502,33 @@ async def _hostile_write(url: str, room: str, tok: str, update: bytes) -> tuple[
     async with raw_client(f"{url}/{room}?token={tok}") as client:
         await client.send(SyncUpdate(update))
         return await client.wait_closed(timeout=CONVERGE_TIMEOUT)
+
+
+async def _touch(url: str) -> None:
+    async with raw_client(url):
+        pass
+
+
+async def _listen(url: str, stop: anyio.Event, *, task_status: Any) -> None:
+    """A raw listener that keeps what it receives until `stop` (or until the relay ends it).
+    It asks for the room's state (so later updates integrate) without waiting for it: a
+    token about to expire may be closed before the answer."""
+    async with raw_client(url, hello=False) as client:
+        with contextlib.suppress(ConnectionClosed):
+            await client.send(SyncStep1(client.doc.get_state()))
+        task_status.started(client)
+        await stop.wait()
+
+
+def _message_ids(doc: Doc) -> set[str]:
+    items = doc.get(schema.MESSAGES, type=Array).to_py() or []
+    return {m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)}
+
+
+def read_exp(tok: str) -> int:
+    from crdtchat.tokens import read_claims_unverified
+
+    return read_claims_unverified(tok).exp
 
 
 def _count(what: str, n: int = 1) -> None:
@@ -506,6 +631,8 @@ def test_replicas_on_a_real_relay_converge_through_relay_and_client_restarts(
         "awareness floods",
         "forgeries refused",
         "hostile writes refused",
+        "members added",
+        "expiring listeners",
     ):
         assert tally.get(what, 0) > 0, f"no {what} in {tally}"
     assert tally.get("messages checked", 0) > 0
