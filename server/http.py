@@ -34,7 +34,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, ClassVar
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
@@ -259,10 +259,29 @@ class HttpEndpoints:
         if not token:
             raise BlobError(401, "a token is required (?token= or Authorization: Bearer)")
         try:
-            return await verify(self.verifier, token, room)
+            claims = await verify(self.verifier, token, None)
+            if not claims.identity and not claims.allows_room(room):
+                raise TokenError("wrong room")
         except TokenError as error:
             status = 403 if error.reason in FORBIDDEN_REASONS else 401
             raise BlobError(status, f"token refused: {refusal_text(error.reason)}") from None
+        if not claims.identity:
+            return claims
+        # An identity token: the room's membership gives the role (design §4), as at the
+        # websocket upgrade.
+        if self.rooms is None:
+            raise BlobError(403, f"token refused: {claims.sub} is not a member of this room")
+        try:
+            loaded = await self.rooms.acquire(room)
+        except RoomUnavailable as error:
+            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+        try:
+            role = loaded.role_for(claims.sub)
+        finally:
+            loaded.release()
+        if role is None or role == "person":
+            raise BlobError(403, f"token refused: {claims.sub} is not a member of this room")
+        return replace(claims, room=room, role=role)  # type: ignore[arg-type]
 
     async def open_for(self, room_name: str, sha256: str) -> BinaryIO | None:
         """The blob's bytes if `room_name` references it and it was uploaded there."""

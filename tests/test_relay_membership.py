@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from pycrdt import Array, Doc, Map
+from pycrdt import Array, Doc, Map, Text
 from relay_support import REPO, SECRET, RawClient, RelayProcess, message_map, raw_client, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -224,3 +225,34 @@ async def test_share_invite_and_join_commands(relay: RelayProcess) -> None:
     assert bad_ttl.returncode == 2
     unset = cli("share", room, "--relay", base, "--with", "bob", "--role", "reader", tok=None)
     assert unset.returncode == 1 and "CRDTCHAT_TOKEN" in unset.stderr
+
+
+async def test_members_reach_the_rooms_files_with_their_identity_tokens(
+    relay: RelayProcess,
+) -> None:
+    room = "shared-files"
+    alice, bob = identity("alice"), identity("bob")
+    body = b"a file shared with members"
+    sha = hashlib.sha256(body).hexdigest()
+    url = f"{relay.http_url}/blobs/{room}/{sha}"
+
+    def with_file(doc: Doc) -> None:
+        ref = [{"sha256": sha, "name": "f.txt", "mime": "text/plain", "size": len(body)}]
+        fields = {"id": "m1", "role": "user", "author": "alice", "parent": None}
+        message = Map({**fields, "created_at": 0.0, "content": Text("see"), "files": ref})
+        doc.get(schema.MESSAGES, type=Array).append(message)
+
+    async with raw_client(relay.url(room, alice, ack=True)) as owner:
+        put = httpx.put(url, content=body, headers={"Authorization": f"Bearer {alice}"})
+        assert put.status_code == 201, put.text
+        await owner.push(with_file)
+        await owner.wait_acked()
+        assert owner.denied == []
+    membership.share(ws_base(relay), room, alice, "bob", "reader")
+    got = httpx.get(url, headers={"Authorization": f"Bearer {bob}"}, timeout=30)
+    assert got.status_code == 200 and got.content == body
+    refused = httpx.put(url, content=body, headers={"Authorization": f"Bearer {bob}"})
+    assert refused.status_code == 403  # a reader uploads nothing
+    membership.unshare(ws_base(relay), room, alice, "bob")
+    gone = httpx.get(url, headers={"Authorization": f"Bearer {bob}"}, timeout=30)
+    assert gone.status_code == 403 and "bob is not a member" in gone.text
