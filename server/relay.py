@@ -59,7 +59,7 @@ from crdtchat.worker.feed import FEED_PATH
 from server.config import RelayConfig
 from server.feed import WaitingFeed
 from server.http import HttpEndpoints, make_response, verify
-from server.membership import claim_owner, is_empty, members, owner_of
+from server.membership import claim_owner, is_empty, owner_of
 from server.metrics import Metrics
 from server.ratelimit import ConnectionLimits, Subjects
 from server.room import (
@@ -233,7 +233,7 @@ class Relay:
             if is_person_room(name):
                 reason = "a person's conversation list opens only with that person's token"
                 return make_response(403, f"token refused: {reason}\n")
-            table = members(room.live.doc)
+            table = room.members()
             if owner_of(table) is None and is_empty(room.live.doc):
                 log.info("room %s created by %s, its owner", name, claims.sub)
                 try:

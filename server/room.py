@@ -31,7 +31,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from crdtchat.errors import RemoteProtocolError, StorageError
-from crdtchat.schema import is_person_room, person_room
+from crdtchat.schema import Member, is_person_room, person_room
 from crdtchat.tokens import TokenClaims
 from crdtchat.wire import (
     Ack,
@@ -258,6 +258,7 @@ class Room:
         # Which connection introduced each awareness client id: only it may change or clear
         # that state (design §3, presence is bound to its connection).
         self.awareness_owners: dict[int, Peer] = {}
+        self._members: dict[str, Member] | None = None  # see members()
         self._next_seq = 1
         self._last_write: asyncio.Future[None] | None = None
         self._log_length = 0
@@ -290,6 +291,7 @@ class Room:
             stored = await self.store.load(self.name)
             self.live.close()
             self.live = LiveDoc(stored.state, limits=self.config.shape_limits)
+            self._members = None
         except (StoreError, ValueError) as error:
             self.error = f"room {self.name!r} could not be loaded: {error}"
             log.error("%s", self.error)
@@ -476,16 +478,23 @@ class Room:
 
     # -- membership (design §4) ----------------------------------------------------------
 
+    def members(self) -> dict[str, Member]:
+        """The room's membership, read once per change: only `write_access` changes it (no
+        peer may write `access.*`), and every identity join reads it."""
+        if self._members is None:
+            self._members = members(self.live.doc)
+        return self._members
+
     def role_for(self, sub: str) -> str | None:
         """The role an identity gets in this room from its membership, if any; in a
         person's list document, "person" for that person and nobody else."""
         if is_person_room(self.name):
             return "person" if person_room(sub) == self.name else None
-        return role_of(members(self.live.doc), sub)
+        return role_of(self.members(), sub)
 
     def enforce_access(self) -> None:
         """Give every identity connection the role its membership now grants, or end it."""
-        table = members(self.live.doc)
+        table = self.members()
         for peer in list(self.peers.values()):
             if not peer.identity or peer.expires == 0.0:
                 continue
@@ -507,6 +516,7 @@ class Room:
         if self._failed:
             raise RoomUnavailable("relay storage failed")
         update = self.live.local_write(write)
+        self._members = None
         self.enforce_access()
         seq = self._next_seq
         self._next_seq += 1
