@@ -13,7 +13,11 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from crdtchat import ConversationList, schema
+from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
+from crdtchat.tui.app import ChatApp
+from crdtchat.tui.link import DetachedLink
+from crdtchat.tui.main import follow_membership
 from crdtchat.tui.rooms import RoomsApp, relay_share
 from crdtchat.tui.widgets import Line
 
@@ -86,3 +90,26 @@ async def test_share_from_the_list(relay: RelayProcess) -> None:
             assert "404" in notice(app)
             await command(pilot, "quit")
         assert app.return_value is None
+
+
+async def test_a_room_shared_with_you_is_added_by_name() -> None:
+    rooms = ConversationList(Doc())
+    app = RoomsApp(rooms)
+    async with app.run_test() as pilot:
+        await command(pilot, "add c-from-bob Bob's notes")
+        assert [(e.room, e.title) for e in rooms.entries()] == [("c-from-bob", "Bob's notes")]
+        await command(pilot, "add not/a/room")
+        assert "a room name is" in notice(app)
+
+
+async def test_the_chat_follows_the_persons_role_in_the_room() -> None:
+    conversation = Conversation(author="bob")
+    app = ChatApp(conversation, DetachedLink(conversation.doc), room="r", device="phone")
+    unfollow = follow_membership(conversation, app, "bob")
+    assert conversation.role is None and not app.read_only  # not synced yet: the relay decides
+    members = conversation.doc.get(schema.MEMBERS, type=Map)
+    members["bob"] = {"role": "reader", "by": "alice", "at": 0.0}
+    assert conversation.role == "reader" and app.read_only
+    members["bob"] = {"role": "writer", "by": "alice", "at": 1.0}
+    assert conversation.role == "writer" and not app.read_only
+    unfollow()

@@ -18,17 +18,18 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import anyio
+from pycrdt import Map
 
 from crdtchat.document import Conversation
 from crdtchat.errors import ConfigError
 from crdtchat.local_store import read_view
-from crdtchat.schema import ROOM_NAME, person_room
+from crdtchat.schema import MEMBERS, ROOM_NAME, person_room
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.blobs import BlobUploader
@@ -216,12 +217,36 @@ async def _run_chat(
         finally:
             app_done.set()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_app)
-        with anyio.move_on_after(FIRST_SCREEN_WAIT):  # a bound, in case the app never draws
-            await app.updated.wait()
-        async with replica:
-            await app_done.wait()
+    # An identity token carries no role: the room's membership gives it, and may change.
+    unfollow = follow_membership(conversation, app, subject.sub) if subject.room is None else None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_app)
+            with anyio.move_on_after(FIRST_SCREEN_WAIT):  # a bound, in case the app never draws
+                await app.updated.wait()
+            async with replica:
+                await app_done.wait()
+    finally:
+        if unfollow is not None:
+            unfollow()
+
+
+def follow_membership(conversation: Conversation, app: ChatApp, sub: str) -> Callable[[], None]:
+    """Keep the chat's role (what it lets the person write) to `sub`'s role in the room's
+    `access.members`, as the relay enforces it (design §4); returns the undo."""
+    members = conversation.doc.get(MEMBERS, type=Map)
+
+    def apply(_event: object = None) -> None:
+        entry = members.get(sub)
+        role = entry.get("role") if isinstance(entry, dict) else None
+        if role not in ("owner", "writer", "reader"):
+            return  # not synced yet, or not a member: the relay decides
+        conversation.role = "reader" if role == "reader" else "writer"
+        app.read_only = role == "reader"
+
+    apply()
+    subscription = members.observe(apply)
+    return lambda: members.unobserve(subscription)
 
 
 def saved_screen(store_path: Path) -> ViewSnapshot | None:

@@ -2,7 +2,8 @@
 
 The screen shows the list document of the token's person, kept by a `Replica` like any room,
 so it works offline and follows the other devices live. Commands, typed in the input line:
-`new [TITLE]`, `open N`, `rename N [TITLE]`, `pin N`, `unpin N`, `archive N`, `unarchive N`,
+`new [TITLE]`, `add ROOM [TITLE]` (a room shared with you), `open N`, `rename N [TITLE]`,
+`pin N`, `unpin N`, `archive N`, `unarchive N`,
 `archived` (show the archived ones, or the others again), `share N SUB reader|writer`,
 `unshare N SUB`, `leave N`, `quit`. `open N` ends the screen with that room chosen.
 """
@@ -21,8 +22,8 @@ from crdtchat.errors import CrdtchatError
 from crdtchat.tui.widgets import Line
 
 HELP = (
-    "new [TITLE] · open N · rename N [TITLE] · pin/unpin N · archive/unarchive N · archived · "
-    "share N SUB reader|writer · unshare N SUB · leave N · quit"
+    "new [TITLE] · add ROOM [TITLE] · open N · rename N [TITLE] · pin/unpin N · "
+    "archive/unarchive N · archived · share N SUB reader|writer · unshare N SUB · leave N · quit"
 )
 
 # share(room, sub, role or None to remove): the membership call (crdtchat.membership)
@@ -100,6 +101,9 @@ class RoomsApp(App[str | None]):
         if verb == "new":
             made = rooms.create(rest or None)
             self.say(f"created {made.room}")
+        elif verb == "add" and args:
+            rooms.add(args[0], rest.partition(" ")[2].strip() or None)
+            self.say(f"added {args[0]}")
         elif verb == "open" and args:
             self.exit(self._entry(args[0]).room)
         elif verb == "rename" and args:
