@@ -40,9 +40,12 @@ def words(*messages: Message) -> int:
 
 
 def entry(conversation: Conversation, message_id: str, kind: str) -> dict[str, Any] | None:
+    """The data of a message's derived entry of this kind, keys sorted; None if it has none."""
     for found in conversation.derived_entries().values():
         if found.message_id == message_id and found.kind == kind:
-            return found.data
+            # A Y.Map's keys come back in hash order, which varies from run to run: sorted,
+            # so the printed entry reads the same every time.
+            return dict(sorted(found.data.items()))
     return None
 
 
