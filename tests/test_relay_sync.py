@@ -88,12 +88,15 @@ async def test_clients_converge(relay: RelayProcess) -> None:
 
 async def test_sync_step1_is_answered_with_what_the_client_lacks(relay: RelayProcess) -> None:
     room = "step1"
-    async with raw_client(url(relay, room, "alice")) as a:
+    async with raw_client(url(relay, room, "alice", ack=True)) as a:
         for k in range(3):
             await a.push(
                 lambda doc, k=k: a.messages.append(message_map(f"m{k}", "user", "alice", "x"))
             )
+        # Its sync step 2 and three updates. Sent is not applied: closing before the relay
+        # acknowledges them could leave the room without them when bob asks.
         await a.wait_for(lambda: a.sent_updates == 4)
+        await a.wait_acked(4)
     stale: Doc = Doc()
     declare_roots(stale)
     async with raw_client(url(relay, room, "bob"), hello=False, doc=stale) as b:
