@@ -115,6 +115,18 @@ async def demo(tmp: Path) -> None:
             answer = await ada.reply_to(question)
             say(f"ada (Python) asked {question.content!r}; the worker replied {answer.content!r}")
 
+            # What Python holds when Jo joins: Jo's client appends right after reading, so
+            # by the time Python reads Jo's report its own document may hold Jo's message too.
+            held = [[m.id, m.content] for m in conversation.all_messages()]
+            # Jo is online only until the worker's reply reaches it: watched from now on, as
+            # each change arrives, so a slow reader of Jo's output cannot miss the visit.
+            jo_online = anyio.Event()
+
+            def watch(topic: str, change: object) -> None:
+                if any(p.get("user") == "jo" for p in ada.replica.peers.values()):
+                    jo_online.set()
+
+            watching = ada.replica.awareness.observe(watch)
             args = [stack.url, ROOM, stack.token(ROOM, "writer", "jo"), "jo"]
             with open(stack.logs / "node.log", "wb") as node_log:
                 async with await anyio.open_process(
@@ -123,17 +135,26 @@ async def demo(tmp: Path) -> None:
                     assert node.stdout is not None
                     lines = BufferedByteReceiveStream(node.stdout)
                     try:
-                        await talk_to(node, lines, ada, answer)
+                        await talk_to(node, lines, ada, answer, held, jo_online)
                     finally:
+                        ada.replica.awareness.unobserve(watching)
                         if node.returncode is None:  # it failed: do not wait for it forever
                             node.kill()
             say(f"ada (Python) sees the same reply; the thread has {len(conversation)} messages")
 
 
 async def talk_to(
-    node: Process, lines: BufferedByteReceiveStream, ada: Device, answer: Message
+    node: Process,
+    lines: BufferedByteReceiveStream,
+    ada: Device,
+    answer: Message,
+    held: list[list[str]],
+    jo_online: anyio.Event,
 ) -> None:
-    """What the JS client prints, step by step, checked against what Python sees."""
+    """What the JS client prints, step by step, checked against what Python sees.
+
+    `held`: [id, text] of every message Python held before the JS client started;
+    `jo_online`: set once Python has seen Jo's presence."""
     conversation = ada.conversation
     say("jo joins from node with y-websocket's WebsocketProvider")
 
@@ -141,13 +162,14 @@ async def talk_to(
     check(read.get("event") == "read", f"unexpected {read}")
     for m in read["messages"]:
         say(f"  jo (JS) reads  {m['role']:9} by {m['author']}: {m['text']!r}")
-    expected = [[m.id, m.content] for m in conversation.all_messages()]
     check(
-        [[m["id"], m["text"]] for m in read["messages"]] == expected,
+        [[m["id"], m["text"]] for m in read["messages"]] == held,
         "the JS client read other messages than Python holds",
     )
 
-    await ada.until_peer(lambda p: p.get("user") == "jo", "jo online")
+    with anyio.move_on_after(TIMEOUT):
+        await jo_online.wait()
+    check(jo_online.is_set(), "python does not see jo online")
     say("ada sees jo online (device 'node') through awareness")
 
     appended = await next_event(lines, node)
