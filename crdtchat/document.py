@@ -44,6 +44,7 @@ from crdtchat.schema import (
     message_id_refusal,
 )
 from crdtchat.shape import read_map
+from crdtchat.updates import UpdateFormatError, check_update
 from crdtchat.view import MessageView
 
 Clock = Callable[[], float]
@@ -254,6 +255,10 @@ class Conversation:
             for op in event.delta:  # raw values: see `crdtchat.shape.check_items`
                 items.extend(op.get("insert", ()))
 
+        try:  # never applied unchecked: a JSON value nested too deep crashes pycrdt (§7.1)
+            check_update(update)
+        except UpdateFormatError as error:
+            raise ConversationError(f"not a Yjs update that can be read safely: {error}") from None
         subscription = doc.get(schema.MESSAGES, type=Array).integrated.observe(collect)
         try:
             doc.apply_update(update)

@@ -24,6 +24,7 @@ import anyio.to_thread
 from pycrdt import Doc
 
 from crdtchat.errors import StorageError
+from crdtchat.updates import UpdateFormatError, check_update
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,12 @@ CREATE TABLE IF NOT EXISTS view (
 
 class LocalStoreError(StorageError, RuntimeError):
     """The file is not a crdtchat replica store, or is from a newer version."""
+
+
+class UnsafeStoreError(LocalStoreError):
+    """A row of the file holds an update that must not be applied (`check_update`): a JSON value
+    nested deep enough to crash pycrdt, or bytes that are not an update. Nothing is applied and
+    the file is left as it is (design §7.1)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class LocalStore:
                 if version is None:
                     self._set_meta("schema", SCHEMA_VERSION)
                     self._set_meta("next_local_id", 1)
+                    self._set_meta("checked_through", 0)  # empty: nothing to check
                 elif version > SCHEMA_VERSION:
                     raise LocalStoreError(
                         f"{self.path} has store schema {version}; this crdtchat knows "
@@ -147,6 +155,34 @@ class LocalStore:
             (key, value),
         )
 
+    def _max_id(self) -> int:
+        return int(self._db.execute("SELECT coalesce(max(id), 0) FROM updates").fetchone()[0])
+
+    def _checked_through(self) -> int:
+        """Rows up to this id are known safe to apply: checked, or written by this version
+        from content that came through checked paths (a file from an older version, or rows
+        an older version appended, have ids past it)."""
+        return self._meta("checked_through") or 0
+
+    def _check_rows(self, rows: Sequence[tuple[int, bytes]], *, record: bool = True) -> None:
+        """`check_update` each row past `checked_through`; raise UnsafeStoreError on the first
+        that fails, else record that they are checked (a re-open does not pay again)."""
+        through = self._checked_through()
+        unchecked = [(row_id, data) for row_id, data in rows if row_id > through]
+        if not unchecked:
+            return
+        for row_id, data in unchecked:
+            try:
+                check_update(data)
+            except UpdateFormatError as error:
+                raise UnsafeStoreError(
+                    f"{self.path}: stored update {row_id} cannot be applied safely ({error}); "
+                    "nothing was loaded and the file is left as it is"
+                ) from None
+        if record:
+            with self._transaction():
+                self._set_meta("checked_through", max(through, unchecked[-1][0]))
+
     def _count_rows(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM updates").fetchone()[0])
 
@@ -159,7 +195,12 @@ class LocalStore:
 
     def load(self) -> StoredState:
         """The stored document merged into one update, with the pending local ids."""
-        rows = [bytes(r[0]) for r in self._db.execute("SELECT data FROM updates ORDER BY id")]
+        rows_with_ids = [
+            (int(r[0]), bytes(r[1]))
+            for r in self._db.execute("SELECT id, data FROM updates ORDER BY id")
+        ]
+        self._check_rows(rows_with_ids)
+        rows = [data for _, data in rows_with_ids]
         pending = tuple(r[0] for r in self._db.execute("SELECT local_id FROM pending ORDER BY 1"))
         next_local_id = self._meta("next_local_id") or 1
         # A compacted store is one row, already what the document holds: merging it through a
@@ -173,6 +214,9 @@ class LocalStore:
             return
         added = 0
         with self._transaction():
+            # What this version appends came through checked paths; it stays known-checked
+            # only if everything before it was (else the next load checks from the gap on).
+            trusted = self._checked_through() >= self._max_id()
             next_local_id = self._meta("next_local_id") or 1
             for op in ops:
                 if isinstance(op, AppendLocal):
@@ -193,6 +237,7 @@ class LocalStore:
                     for table in ("updates", "pending", "view"):
                         self._db.execute(f"DELETE FROM {table}")  # fixed names
                     self._log_rows = added = 0
+                    trusted = True  # the replica's own document, which was checked
                     if op.update:
                         self._db.execute("INSERT INTO updates (data) VALUES (?)", (op.update,))
                         added = 1
@@ -206,11 +251,13 @@ class LocalStore:
                 else:
                     raise TypeError(f"not a store operation: {op!r}")
             self._set_meta("next_local_id", next_local_id)
+            if trusted:
+                self._set_meta("checked_through", self._max_id())
         self._log_rows += added
         if self._log_rows >= self.compact_every:
             try:
                 self.compact()
-            except sqlite3.Error as error:
+            except (sqlite3.Error, UnsafeStoreError) as error:
                 # The batch is committed; a compaction that does not fit (a full disk) is
                 # retried after a later write, and the log it would have replaced stays.
                 log.warning("%s: compaction failed, the log is kept: %s", self.path, error)
@@ -237,10 +284,13 @@ class LocalStore:
             if len(rows) <= 1:
                 self._log_rows = len(rows)
                 return
+            if self._checked_through() < rows[-1][0]:  # never merge unchecked rows
+                self._check_rows([(int(i), bytes(data)) for i, data in rows], record=False)
             snapshot = _merge([bytes(data) for _, data in rows])
             last_id = rows[-1][0]
             self._db.execute("DELETE FROM updates WHERE id <= ?", (last_id,))
             self._db.execute("INSERT INTO updates (data) VALUES (?)", (snapshot,))
+            self._set_meta("checked_through", self._max_id())
         self._log_rows = 1
 
     def close(self) -> None:

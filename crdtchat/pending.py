@@ -16,7 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from crdtchat.updates import SKIP, DecodedUpdate, Struct, decode_update, encode_update
+from crdtchat.updates import (
+    SKIP,
+    DecodedUpdate,
+    Struct,
+    check_update,
+    decode_update,
+    encode_update,
+)
 from crdtchat.wire import decode_state_vector
 
 log = logging.getLogger(__name__)
@@ -112,12 +119,14 @@ class PendingUpdates:
 
         `complete`: the sender computed `update` from this document's state vector (a sync
         step 2 from a peer that holds nothing back), so all of it can be integrated; it is
-        applied without being decoded here, which matters for a whole conversation.
+        applied without being decoded here, which matters for a whole conversation, but is
+        checked first (`check_update`: a JSON value nested too deep would crash pycrdt).
         Raises UpdateFormatError (a ValueError) for bytes that are not an update; nothing is
         held then.
         """
         applied: list[bytes] = []
         if complete:
+            check_update(update)  # not decoded, but never applied unchecked (design §7.1)
             apply(update)
             applied.append(update)
         else:

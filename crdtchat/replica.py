@@ -134,6 +134,7 @@ class ReplicaStatus:
     refused: int = 0  # local updates the relay refused (they block later ones: recover())
     store_error: str | None = None  # the local file refuses writes; edits wait in memory
     notice: str | None = None  # something the person should be told (e.g. after recover())
+    remote_error: str | None = None  # the relay sent what we refused (e.g. a too-deep value)
 
     @property
     def durable(self) -> bool:
@@ -238,6 +239,7 @@ class Replica:
         self._unsaved = 0
         self._denied: str | None = None
         self._rejected: str | None = None
+        self._remote_error: str | None = None  # until a connection syncs again
         self._token_obtained = time.time()
         self._offered_token: str | None = None
         self._token_answered = anyio.Event()
@@ -812,7 +814,10 @@ class Replica:
         except ConnectionClosed:
             pass
         except (WireError, SyncProtocolError) as error:
+            # Nothing of what failed was applied (a sync step 2 is checked before, design
+            # §7.1); the status says why, and reconnecting retries with backoff.
             log.warning("room %s: dropping the connection: %s", self.room, error)
+            self._remote_error = str(error)
             with anyio.move_on_after(self._close_timeout, shield=True):
                 await ws.close(1002, str(error).encode()[:120].decode("utf-8", "ignore"))
         finally:
@@ -868,6 +873,7 @@ class Replica:
             elif isinstance(event, Synced):
                 self._attempt = 0  # a connection that synced did useful work
                 self._fresh_refused = False
+                self._remote_error = None
             elif isinstance(event, Denied):
                 log.warning("room %s: relay denied: %s", self.room, event.reason)
                 self._report_denied(event.reason)
@@ -910,6 +916,7 @@ class Replica:
             refused=0 if session is None else len(session.refused_ids),
             store_error=self._store_error,
             notice=self._notice,
+            remote_error=self._remote_error,
         )
         if status == self._status:
             return

@@ -248,13 +248,19 @@ def _utf16_length(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
-def _content(reader: _Reader, kind: int) -> tuple[int, int | None]:
-    """Read a content of `kind`; returns (its length in clock units, type ref if TYPE)."""
+def _content(reader: _Reader, kind: int, check_only: bool = False) -> tuple[int, int | None]:
+    """Read a content of `kind`; returns (its length in clock units, type ref if TYPE).
+
+    `check_only`: a string's bytes are stepped over, not decoded, and its length is given as 1
+    (the caller keeps no clocks then)."""
     if kind in (GC, SKIP):
         raise reader.fail(f"an item cannot hold {CONTENT_NAMES[kind]} content")
     if kind == DELETED:
         return reader.uint(), None
     if kind == STRING:
+        if check_only:
+            reader.buf()  # yrs checks its UTF-8 when the update is applied
+            return 1, None
         return _utf16_length(reader.string()), None
     if kind == ANY:
         count = reader.uint()
@@ -292,6 +298,26 @@ def _content(reader: _Reader, kind: int) -> tuple[int, int | None]:
 
 def decode_update(data: bytes) -> DecodedUpdate:
     """Decode a v1 update; UpdateFormatError if it is not one (trailing bytes included)."""
+    update = _walk(data, check_only=False)
+    assert update is not None
+    return update
+
+
+def check_update(data: bytes) -> None:
+    """Raise UpdateFormatError unless `data` is an update that is safe to apply and read.
+
+    For bytes applied whole without being decoded (a sync step 2, a saved document, a local
+    store, a stored room): the same walk as `decode_update`, so the same refusals (a JSON
+    value nested past MAX_ANY_DEPTH, weak links, malformed bytes), but it builds nothing and
+    steps over strings. Why: yrs and pycrdt handle a JSON value by native recursion, so one
+    nested ~20,000 deep kills a reader with SIGSEGV and ~100,000 kills `apply_update` itself
+    (design §7.1); no exception handler catches that, so it must be refused before applying.
+    """
+    _walk(data, check_only=True)
+
+
+def _walk(data: bytes, *, check_only: bool) -> DecodedUpdate | None:
+    """The one decoder behind `decode_update` and `check_update`."""
     reader = _Reader(data)
     update = DecodedUpdate(data)
     for _ in range(reader.uint()):
@@ -307,6 +333,8 @@ def decode_update(data: bytes) -> DecodedUpdate:
             kind = info & 0x1F
             if info in (GC, SKIP):  # as in yrs: with any flag set it is an item of kind 0/10
                 length = reader.uint()
+                if check_only:
+                    continue
                 runs.append(Struct(client, clock, length, kind, span=(start, reader.pos)))
             else:
                 origin = reader.id() if info & _HAS_ORIGIN else None
@@ -317,7 +345,9 @@ def decode_update(data: bytes) -> DecodedUpdate:
                     parent = reader.string() if reader.uint() == 1 else reader.id()
                     if info & _HAS_PARENT_SUB:
                         parent_sub = reader.string()
-                length, type_ref = _content(reader, kind)
+                length, type_ref = _content(reader, kind, check_only)
+                if check_only:
+                    continue  # no clocks kept: they only place structs
                 if length == 0:
                     continue  # yrs drops empty items (an old bug wrote empty strings)
                 runs.append(
@@ -345,7 +375,7 @@ def decode_update(data: bytes) -> DecodedUpdate:
             ranges.append((reader.uint(), reader.uint()))
     if reader.pos != len(data):
         raise reader.fail(f"{len(data) - reader.pos} bytes after the end of the update")
-    return update
+    return None if check_only else update
 
 
 def encode_update(

@@ -33,6 +33,7 @@ from typing import Any
 
 from crdtchat.errors import StorageError
 from crdtchat.merge import merge
+from crdtchat.updates import UpdateFormatError, check_update
 
 log = logging.getLogger("crdtchat.relay.store")
 
@@ -361,6 +362,15 @@ class Store:
         updates = [bytes(data) for _, data in rows]
         last = max([upto, *(int(seq) for seq, _ in rows)])
         parts = ([snapshot] if snapshot is not None else []) + updates
+        # Never applied unchecked (merging applies them): a room stored before the decoder's
+        # cap may hold a JSON value nested deep enough to crash yrs (design §7.1). Such a
+        # room is not loaded; it stays in the store as it is.
+        labels = (["snapshot"] if snapshot is not None else []) + [f"update {s}" for s, _ in rows]
+        for label, part in zip(labels, parts, strict=True):
+            try:
+                check_update(part)
+            except UpdateFormatError as error:
+                raise ValueError(f"stored {label} cannot be loaded safely: {error}") from None
         if not parts:
             state = b""
         elif len(parts) == 1:
