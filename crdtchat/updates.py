@@ -206,6 +206,14 @@ class _Reader:
     def buf(self) -> bytes:
         return self.take(self.uint())
 
+    def skip_buf(self) -> None:
+        """Step over a length-prefixed buffer without copying it."""
+        count = self.uint()
+        end = self.pos + count
+        if end > len(self.data):
+            raise self.fail(f"{count} bytes claimed, {len(self.data) - self.pos} remain")
+        self.pos = end
+
     def string(self) -> str:
         raw = self.buf()
         try:
@@ -230,16 +238,16 @@ class _Reader:
         elif tag in (123, 122):
             self.take(8)
         elif tag == 119:
-            self.buf()  # a string; yrs checks its UTF-8 when the update is applied
+            self.skip_buf()  # a string; yrs checks its UTF-8 when the update is applied
         elif tag == 118:
             for _ in range(self.uint()):
-                self.buf()
+                self.skip_buf()
                 self.skip_any(depth + 1)
         elif tag == 117:
             for _ in range(self.uint()):
                 self.skip_any(depth + 1)
         elif tag == 116:
-            self.buf()
+            self.skip_buf()
         else:
             raise self.fail(f"unknown value tag {tag}")
 
@@ -259,7 +267,7 @@ def _content(reader: _Reader, kind: int, check_only: bool = False) -> tuple[int,
         return reader.uint(), None
     if kind == STRING:
         if check_only:
-            reader.buf()  # yrs checks its UTF-8 when the update is applied
+            reader.skip_buf()  # yrs checks its UTF-8 when the update is applied
             return 1, None
         return _utf16_length(reader.string()), None
     if kind == ANY:
@@ -341,13 +349,22 @@ def _walk(data: bytes, *, check_only: bool) -> DecodedUpdate | None:
                 right = reader.id() if info & _HAS_RIGHT_ORIGIN else None
                 parent: str | Id | None = None
                 parent_sub = None
+                if check_only:  # only the content matters: step over the rest
+                    if origin is None and right is None:
+                        if reader.uint() == 1:
+                            reader.skip_buf()
+                        else:
+                            reader.uint()
+                            reader.uint()
+                        if info & _HAS_PARENT_SUB:
+                            reader.skip_buf()
+                    _content(reader, kind, check_only)
+                    continue  # no clocks kept: they only place structs
                 if origin is None and right is None:
                     parent = reader.string() if reader.uint() == 1 else reader.id()
                     if info & _HAS_PARENT_SUB:
                         parent_sub = reader.string()
-                length, type_ref = _content(reader, kind, check_only)
-                if check_only:
-                    continue  # no clocks kept: they only place structs
+                length, type_ref = _content(reader, kind)
                 if length == 0:
                     continue  # yrs drops empty items (an old bug wrote empty strings)
                 runs.append(

@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE TABLE IF NOT EXISTS waiting (
     room TEXT PRIMARY KEY
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checked (
+    room TEXT PRIMARY KEY,
+    upto INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS probe (
     slot INTEGER PRIMARY KEY,
     data BLOB NOT NULL
@@ -362,15 +366,7 @@ class Store:
         updates = [bytes(data) for _, data in rows]
         last = max([upto, *(int(seq) for seq, _ in rows)])
         parts = ([snapshot] if snapshot is not None else []) + updates
-        # Never applied unchecked (merging applies them): a room stored before the decoder's
-        # cap may hold a JSON value nested deep enough to crash yrs (design §7.1). Such a
-        # room is not loaded; it stays in the store as it is.
-        labels = (["snapshot"] if snapshot is not None else []) + [f"update {s}" for s, _ in rows]
-        for label, part in zip(labels, parts, strict=True):
-            try:
-                check_update(part)
-            except UpdateFormatError as error:
-                raise ValueError(f"stored {label} cannot be loaded safely: {error}") from None
+        self._check_parts(db, room, upto, snapshot, rows, last)
         if not parts:
             state = b""
         elif len(parts) == 1:
@@ -383,6 +379,46 @@ class Store:
             log_bytes=sum(len(u) for u in updates),
             next_seq=last + 1,
         )
+
+    def _check_parts(
+        self,
+        db: sqlite3.Connection,
+        room: str,
+        upto: int,
+        snapshot: bytes | None,
+        rows: list[Any],
+        last: int,
+    ) -> None:
+        """Refuse a room holding an update that must not be applied (merging applies them).
+
+        A room stored before the decoder's cap may hold a JSON value nested deep enough to
+        crash yrs (design §7.1): such a room is not loaded and stays in the store as it is.
+        `checked` records how far a room's log was checked, so a room pays once: what this
+        relay appends was decoded (and capped) on the way in, and a snapshot covering only
+        checked seqs is made from checked parts. What an older relay writes later lies past
+        the mark and is checked on the next load.
+        """
+        row = db.execute("SELECT upto FROM checked WHERE room = ?", (room,)).fetchone()
+        checked = -1 if row is None else int(row[0])  # -1: nothing of the room is checked
+        parts: list[tuple[str, bytes]] = []
+        if snapshot is not None and upto > checked:
+            parts.append(("snapshot", snapshot))
+        parts += [(f"update {seq}", bytes(data)) for seq, data in rows if int(seq) > checked]
+        if not parts:
+            return
+        for label, part in parts:
+            try:
+                check_update(part)
+            except UpdateFormatError as error:
+                raise ValueError(f"stored {label} cannot be loaded safely: {error}") from None
+        try:
+            db.execute(
+                "INSERT INTO checked (room, upto) VALUES (?, ?) "
+                "ON CONFLICT(room) DO UPDATE SET upto = max(upto, excluded.upto)",
+                (room, last),
+            )
+        except sqlite3.Error as error:  # a store that cannot write: check again next time
+            log.warning("room %s: could not record that it was checked: %s", room, error)
 
     def _stats(self, db: sqlite3.Connection, room: str) -> RoomStats:
         row = db.execute("SELECT length(data) FROM snapshots WHERE room = ?", (room,)).fetchone()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from relay_support import REPO, RelayProcess, raw_client, token
 
-from crdtchat.local_store import AppendRemote, LocalStore
+from crdtchat.local_store import AppendRemote, LocalStore, UnsafeStoreError
 from crdtchat.wire import write_var_string as string
 from crdtchat.wire import write_var_uint as uint
 from server.store import _SCHEMA as STORE_SCHEMA
@@ -179,6 +179,14 @@ def test_the_relay_does_not_load_a_stored_room_holding_it(tmp_path: Path, depth:
     data = tmp_path / "relay"
     data.mkdir()
     store_room(data, "deep", deep_update(depth))
+    db = sqlite3.connect(data / DB_NAME)
+    with db:  # checked up to seq 1; an older relay appended seq 2 since
+        db.execute("INSERT INTO snapshots (room, upto, data) VALUES ('half', 1, x'0000')")
+        db.execute("INSERT INTO checked (room, upto) VALUES ('half', 1)")
+        db.execute(
+            "INSERT INTO updates (room, seq, data) VALUES ('half', 2, ?)", (deep_update(depth),)
+        )
+    db.close()
     relay = RelayProcess(data).start()
     try:
 
@@ -186,6 +194,9 @@ def test_the_relay_does_not_load_a_stored_room_holding_it(tmp_path: Path, depth:
             async with raw_client(relay.url("deep", token("deep")), hello=False) as client:
                 code, reason = await client.wait_closed(timeout=60)
             assert code == 1011 and reason is not None and "cannot be loaded" in reason
+            async with raw_client(relay.url("half", token("half")), hello=False) as client:
+                code, reason = await client.wait_closed(timeout=60)
+            assert code == 1011 and reason is not None and "update 2 cannot be loaded" in reason
             async with raw_client(relay.url("other", token("other"))) as client:
                 assert client.synced  # another room loads and syncs as ever
 
@@ -194,3 +205,52 @@ def test_the_relay_does_not_load_a_stored_room_holding_it(tmp_path: Path, depth:
         assert PROBLEM in relay.log()
     finally:
         relay.stop()
+
+
+# -- in process: values just past the cap are refused before anything applies them
+
+
+def test_check_update_refuses_what_decode_update_refuses() -> None:
+    from pycrdt import Doc, Map, Text
+
+    from crdtchat.updates import UpdateFormatError, check_update, decode_update
+
+    doc = Doc()
+    with doc.transaction():
+        doc["canonical.settings"] = settings = Map()
+        settings["model"] = {"nested": [1, 2.5, "three", None, True, {"k": b"x"}]}
+        doc["t"] = Text("héllo 😀")
+    good = doc.get_update()
+    check_update(good)
+    for end in range(len(good)):  # every truncation, and trailing bytes
+        for data in (good[:end], good + b"\x00"):
+            try:
+                decode_update(data)
+            except UpdateFormatError:
+                with pytest.raises(UpdateFormatError):
+                    check_update(data)
+            else:
+                check_update(data)
+    with pytest.raises(UpdateFormatError, match=PROBLEM):
+        check_update(deep_update(65))
+    check_update(deep_update(64))
+
+
+def test_a_local_store_checks_only_what_no_checked_path_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "replica.sqlite3"
+    with LocalStore(path) as store:
+        store.write([AppendRemote(deep_update(10)), AppendRemote(b"\x00\x00")])
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'checked_through'").fetchone() == (2,)
+    with db:  # a file as a version before the check wrote it: no mark, and a row past it
+        db.execute("DELETE FROM meta WHERE key = 'checked_through'")
+        db.execute("INSERT INTO updates (data) VALUES (?)", (deep_update(100),))
+    with LocalStore(path) as store, pytest.raises(UnsafeStoreError, match="stored update 3"):
+        store.load()
+    assert db.execute("SELECT count(*) FROM updates").fetchone() == (3,)
+    with db:
+        db.execute("DELETE FROM updates WHERE id = 3")
+    with LocalStore(path) as store:
+        assert store.load().log_rows == 2  # checked now, and recorded
+    assert db.execute("SELECT value FROM meta WHERE key = 'checked_through'").fetchone() == (2,)
+    db.close()
