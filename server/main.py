@@ -28,6 +28,7 @@ from server.blobs import BlobStore
 from server.config import RelayConfig
 from server.feed import WaitingFeed
 from server.http import HttpEndpoints, HttpLimits, connection_class
+from server.keepalive import keep_alive
 from server.metrics import Metrics
 from server.options import EXTRA_OPTIONS, add_extra_options
 from server.relay import Relay
@@ -96,8 +97,8 @@ async def run_relay(
                 process_request=relay.process_request,
                 create_connection=connection_class(endpoints),
                 max_size=config.max_frame,
-                ping_interval=config.ping_interval,
-                ping_timeout=config.ping_interval,
+                ping_interval=None,  # one keepalive loop for all (server/keepalive.py)
+                ping_timeout=None,
                 open_timeout=None,  # RelayConnection applies it to websocket handshakes only
                 compression=None,
                 server_header="crdtchat-relay",
@@ -105,6 +106,7 @@ async def run_relay(
                 host, port = server.sockets[0].getsockname()[:2]
                 if on_listening is not None:
                     on_listening(host, port)
+                tg.start_soon(keep_alive, server, config.ping_interval, stop)
                 await stop.wait()
                 log.info("shutting down")
                 endpoints.close()
