@@ -561,7 +561,7 @@ class TurnBytes:
 
 
 async def worker_turn(worker: Peer, asked: str, reply: str, chunk: int) -> tuple[list[int], int]:
-    """Answer `asked` as the worker does (DESIGN §5): lease, stream, commit in one transaction.
+    """Answer `asked` as the worker does (design §5): lease, stream, commit in one transaction.
 
     Returns the frame sizes of the lease and stream updates, and of the commit."""
     conv = worker.conv

@@ -1,4 +1,4 @@
-"""`crdtchat` command line (DESIGN §6).
+"""`crdtchat` command line (design §6).
 
 Only argument parsing lives here; each command's work is in the module that owns it, imported
 lazily so that `crdtchat token` does not load the relay or a model.

@@ -1,4 +1,4 @@
-"""`Conversation`: one conversation as a Yjs document with the roots of DESIGN §2.
+"""`Conversation`: one conversation as a Yjs document with the roots of design §2.
 
 Every write goes through the pycrdt document so that a local write and a remote update take
 the same path into the materialised view. Reads validate what they find: any peer can write
@@ -59,7 +59,7 @@ FOLLOW_CURRENT = _FollowCurrentThread()
 
 PeerRole = Literal["reader", "writer", "worker"]
 
-# What each role of DESIGN §4 may write. The relay enforces this; a Conversation that knows
+# What each role of design §4 may write. The relay enforces this; a Conversation that knows
 # its role refuses up front, because a write the relay refuses stays in the local replica and
 # blocks that replica's later writes (they build on it).
 _RIGHTS: dict[str, frozenset[str]] = {
@@ -120,7 +120,7 @@ def _utf8_offset(text: str, index: int) -> int:
 class Conversation:
     """A conversation document, as written and read by one peer (`author`).
 
-    `author` is the subject of the token this peer writes with (DESIGN §4): the relay refuses
+    `author` is the subject of the token this peer writes with (design §4): the relay refuses
     writes in anyone else's name, so the document fills `author` in itself.
 
     `close()` it (or use `with`) when done: observers live on the native side of pycrdt, out of
@@ -399,7 +399,7 @@ class Conversation:
         return list(self.view)
 
     def problems(self) -> list[Problem]:
-        """What readers skip, and why, in every root (DESIGN §2: reported, never a crash)."""
+        """What readers skip, and why, in every root (design §2: reported, never a crash)."""
         found = self.view.problems()
         for name, model in (
             (schema.DERIVED, DerivedEntry),
@@ -631,7 +631,7 @@ class Conversation:
         return self.view.thread(leaf_id)
 
     def current_thread(self) -> list[Message]:
-        """The thread ending at the last leaf in document order (DESIGN §2).
+        """The thread ending at the last leaf in document order (design §2).
 
         Parents always precede their children in document order, so the last accepted
         message is that leaf.
@@ -650,7 +650,7 @@ class Conversation:
         return [m for m in self.view.children(message_id) if m.role == "assistant"]
 
     def waiting_for_reply(self) -> list[Waiting]:
-        """Messages a worker should answer now, in document order (DESIGN §2)."""
+        """Messages a worker should answer now, in document order (design §2)."""
         waiting: list[Waiting] = []
         for leaf_id in self.view.index.leaves:
             message = self.message(leaf_id)
@@ -745,7 +745,7 @@ class Conversation:
         kinds: Iterable[DerivedKind] | None = None,
         now: float | None = None,
     ) -> tuple[dict[str, DerivedEntry], list[str]]:
-        """Entries for messages of `thread` that pass the three rules of DESIGN §2.
+        """Entries for messages of `thread` that pass the three rules of design §2.
 
         Returns (usable entries by key, keys of entries for this thread that failed a rule and
         should be deleted by the worker).

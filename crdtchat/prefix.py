@@ -1,4 +1,4 @@
-"""`prefix_hash` exactly as DESIGN §2 defines it.
+"""`prefix_hash` exactly as design §2 defines it.
 
 It keys every derived entry to the canonical content it was computed from: recomputed from
 the canonical section alone, it changes when anything on the path (or the system prompt, or

@@ -1,4 +1,4 @@
-"""The document schema of DESIGN.md §2 as names and pydantic models.
+"""The document schema of design §2 as names and pydantic models.
 
 Anything in a CRDT may have been written by any peer, so every read goes through these
 models: a value that does not fit is reported and skipped, never trusted.
@@ -174,7 +174,7 @@ def assistant_turn_id(answered_id: str, number: int) -> str:
     """The id of answer `number` (1-based) to `answered_id`.
 
     Deterministic, so two workers answering the same request write the same id and readers
-    keep only the first (DESIGN §2): this is what makes "exactly one visible reply" hold.
+    keep only the first (design §2): this is what makes "exactly one visible reply" hold.
     """
     if number < 1:
         raise ValueError("answer numbers start at 1")

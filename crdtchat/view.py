@@ -133,7 +133,7 @@ class ThreadIndex:
     claimed: dict[str, int] = field(default_factory=dict)
 
     def admit(self, position: int, entry: Entry) -> None:
-        """Apply the reader rules of DESIGN §2 to the next entry in document order."""
+        """Apply the reader rules of design §2 to the next entry in document order."""
         message = entry.message
         if message is None:
             self.problems[position] = entry.problem or "invalid"

@@ -6,7 +6,7 @@ IndexError deep inside a loop. lib0 encodings: varUint is unsigned LEB128 (at mo
 largest integer a JS peer can hold), varUint8Array is a varUint length then the bytes, varString
 is a varUint *UTF-8 byte* length then the bytes.
 
-Message types (DESIGN §3): 0 sync (0 step 1, 1 step 2, 2 update), 1 awareness, 2 auth
+Message types (design §3): 0 sync (0 step 1, 1 step 2, 2 update), 1 awareness, 2 auth
 (0 = permission denied + reason), 3 query awareness, and extensions from 100 up. Every extension
 is `varUint(type) varUint8Array(payload)` so a peer can skip the ones it does not know; type 100
 is `Ack`, whose payload is `varUint(seq)`; 101 the room feed's notice; 102 the token refresh

@@ -4,7 +4,7 @@ Shutdown order matters for "everything accepted is on disk": stop accepting and 
 connection (each connection's settler drains what it accepted), then let every room flush and
 compact, then close the store, whose thread commits whatever is still queued.
 
-Options beyond DESIGN §6 (`--rate`, `--idle-unload`, ...) are read with defaults when the
+Options beyond design §6 (`--rate`, `--idle-unload`, ...) are read with defaults when the
 `crdtchat` parser does not define them; `python -m server.main` accepts all of them.
 """
 

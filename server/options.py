@@ -1,4 +1,4 @@
-"""Relay options beyond DESIGN §6, shared by `crdtchat serve` and `python -m server.main`."""
+"""Relay options beyond design §6, shared by `crdtchat serve` and `python -m server.main`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The roles of DESIGN §4 as rules over the changes one incoming update makes.
+"""The roles of design §4 as rules over the changes one incoming update makes.
 
 The relay applies an update to its live document while deep observers on every root record
 what changed (`server.livedoc`); this module judges that record. Every change to a live shared

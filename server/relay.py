@@ -2,7 +2,7 @@
 
 URL: `ws://HOST:PORT/<room>?token=<token>[&ext=ack,refresh]`. The token is checked before the
 upgrade (HTTP 400/401/403 with the reason otherwise). `ext=ack` turns on the Ack extension for
-that connection, `ext=refresh` the token refresh (DESIGN §3: extensions only for clients that
+that connection, `ext=refresh` the token refresh (design §3: extensions only for clients that
 asked). A connection lasts only as long as its token: at its expiry the relay stops sending to
 it and closes it (4401 "token expired"), unless a refresh moved the expiry.
 

@@ -53,7 +53,7 @@ def test_replicas_that_all_write_before_syncing_keep_every_write(
 ) -> None:
     """Every replica creates the conversation and writes before any sync; nothing is lost.
 
-    Root types do not conflict when created concurrently (DESIGN §2), so every message any
+    Root types do not conflict when created concurrently (design §2), so every message any
     replica wrote survives, with its text; a map key written on several replicas ends with
     one of the written values.
     """

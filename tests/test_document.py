@@ -1,4 +1,4 @@
-"""Every operation of `Conversation` on one replica (DESIGN §2)."""
+"""Every operation of `Conversation` on one replica (design §2)."""
 
 from __future__ import annotations
 

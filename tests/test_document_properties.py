@@ -66,7 +66,7 @@ def threads(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 def literal_prefix_hash(conversation: Conversation, leaf_id: str) -> str:
-    """DESIGN §2 read straight off the raw document, without the project's models."""
+    """design §2 read straight off the raw document, without the project's models."""
     raw = json.loads(str(conversation.messages))
     by_id = {item["id"]: item for item in raw}
     path = []

@@ -1,4 +1,4 @@
-"""Whatever a foreign peer writes, readers report it, skip it and go on (DESIGN §2).
+"""Whatever a foreign peer writes, readers report it, skip it and go on (design §2).
 
 The bad values are written with raw pycrdt, as a buggy or hostile peer would, both into the
 reader's own document and into a peer whose update the reader then applies.

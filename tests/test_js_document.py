@@ -1,5 +1,5 @@
 """Interop with an unmodified Yjs peer: node with the npm package `yjs` reads what Python wrote,
-writes under the same schema, and Python reads it back — and the reverse (DESIGN §2)."""
+writes under the same schema, and Python reads it back — and the reverse (design §2)."""
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ async def test_js_client_and_python_replicas_sync_both_ways_with_presence(
             j1 = next(m for m in messages(ada.doc) if m["id"] == "j1")
             assert j1["author"] == "jo" and isinstance(j1["content"], Text)
 
-            # Text edits both ways, each on the editor's own message (DESIGN §4).
+            # Text edits both ways, each on the editor's own message (design §4).
             p1_content = next(m for m in messages(ada.doc) if m["id"] == "p1")["content"]
             p1_content += " — edited in Python"
             await jo.request(cmd="wait_messages", contents={"p1": ada_text + " — edited in Python"})

@@ -1,4 +1,4 @@
-"""Role enforcement (DESIGN §4) on the relay's live document, one update at a time.
+"""Role enforcement (design §4) on the relay's live document, one update at a time.
 
 These run the relay's real LiveDoc (the same object a room uses) in process; the end-to-end
 behaviour over sockets (AuthDenied, nobody else notices, nothing stored) is in

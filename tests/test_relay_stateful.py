@@ -1,7 +1,7 @@
 """The convergence machine over the real relay: replicas are `crdtchat.replica.Replica`s on
 real websockets to a relay subprocess, and the relay's and clients' restarts are rules.
 
-Each replica writes only what its token's role allows (DESIGN §4), drawn from the
+Each replica writes only what its token's role allows (design §4), drawn from the
 `crdtchat.testing` strategies. At quiescence (every replica connected, synced, and told by
 the relay that its writes are durable) all replicas hold the same document, read it the same
 way, and have every message anyone wrote; a fresh replica with no local file then gets the
@@ -112,7 +112,7 @@ class Watcher:
 def writes_for(
     conversation: Conversation, role: PeerRole, id_prefix: str
 ) -> st.SearchStrategy[Operation]:
-    """What a token of `role` may write (DESIGN §4): the relay refuses anything else.
+    """What a token of `role` may write (design §4): the relay refuses anything else.
 
     Message ids start with `id_prefix`, one per client: the relay refuses a taken id (design
     §7.2), so two clients must not both append a message with the same one.

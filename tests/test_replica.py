@@ -254,7 +254,7 @@ async def test_refused_writes_are_surfaced_and_stay_pending(relay: RelayProcess)
         await rep.wait_until(lambda s: s.synced, timeout=20)
         say(rep.doc, "ada", "ok", "allowed")
         await rep.wait_until(lambda s: s.durable, timeout=20)
-        # A writer may not write in someone else's name (DESIGN §4).
+        # A writer may not write in someone else's name (design §4).
         say(rep.doc, "bob", "forged", "pretending to be bob")
         status = await rep.wait_until(lambda s: s.denied is not None, timeout=20)
         assert denials and denials[0] == status.denied

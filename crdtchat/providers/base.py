@@ -1,7 +1,7 @@
 """What every provider takes and yields, independent of any wire format.
 
 The worker builds a `TurnRequest` from the canonical thread plus the derived entries that
-passed the three usability rules of DESIGN §2; a provider turns it into HTTP (or a local
+passed the three usability rules of design §2; a provider turns it into HTTP (or a local
 model call) and yields `TurnEvent`s. Providers never touch the document: that keeps them
 testable against loopback servers with no CRDT in sight.
 """

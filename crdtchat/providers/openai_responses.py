@@ -1,7 +1,7 @@
 """OpenAI Responses API (`POST {base}/responses`, streamed).
 
 Server-side state saves tokens: when the thread has a usable `provider_state` entry (the
-worker checked DESIGN §2's three rules), only the messages after it are sent, with
+worker checked design §2's three rules), only the messages after it are sent, with
 `previous_response_id`; never that id together with the full history (that bills twice).
 When the server has forgotten the id (`previous_response_not_found`), the entry is discarded
 and the full thread replayed within the same call.

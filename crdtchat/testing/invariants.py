@@ -5,7 +5,7 @@ Each check raises `AssertionError` naming the replicas and the first thing that 
 and what a reader derives: accepted messages, problems, threads, waiting messages, prefix
 hashes), so two replicas are equal exactly when their readings are.
 
-`reference_reading` derives the same from the JSON alone, by the rules of DESIGN §2 written
+`reference_reading` derives the same from the JSON alone, by the rules of design §2 written
 out directly, with no incremental view: the live, incrementally maintained view must agree
 with it.
 """
@@ -58,7 +58,7 @@ def json_depth(value: Any) -> int:
 
 
 def roots_json(conversation: Conversation) -> dict[str, Any]:
-    """Every root of DESIGN §2 as JSON."""
+    """Every root of design §2 as JSON."""
     return {name: root_json(conversation, name) for name in schema.ALL_ROOTS}
 
 
@@ -120,10 +120,10 @@ def read_replica(conversation: Conversation) -> ReplicaState:
 
 
 def reference_reading(roots: dict[str, Any], *, regenerate_unanswered: bool = True) -> Reading:
-    """DESIGN §2's reader rules applied to the JSON of the roots, from scratch.
+    """design §2's reader rules applied to the JSON of the roots, from scratch.
 
     `regenerate_unanswered=False` ignores regenerate requests for a message with no answer
-    (what `Conversation` does, unlike DESIGN §2's wording).
+    (what `Conversation` does, unlike design §2's wording).
     """
     accepted: list[Message] = []
     by_id: dict[str, Message] = {}

@@ -91,7 +91,7 @@ class ConversationMachine(RuleBasedStateMachine):
     #: (pycrdt alone integrates them behind a gap: tests/test_convergence.py), so by default
     #: the replica does it, which is the code path real peers take
     hold_early_updates: ClassVar[bool] = False
-    #: DESIGN §2: a regenerate request asking for more answers than a message has makes it
+    #: design §2: a regenerate request asking for more answers than a message has makes it
     #: wait, even with none yet (False: ignore such requests, for code that does)
     regenerate_unanswered: ClassVar[bool] = True
 

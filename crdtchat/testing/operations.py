@@ -298,7 +298,7 @@ class ResetStream:
 
 @dataclass(frozen=True)
 class CommitTurn:
-    """The worker's one-transaction commit of an assistant turn (DESIGN §5)."""
+    """The worker's one-transaction commit of an assistant turn (design §5)."""
 
     answered_id: str
     turn_id: str

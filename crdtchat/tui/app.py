@@ -105,7 +105,7 @@ class ChatApp(App[None]):
         self.uploader = uploader
         self.typing_idle = typing_idle
         self.read_only = read_only  # a reader token: the relay would refuse every write
-        self.anchor: str | None = None  # None: follow the current thread (DESIGN §2)
+        self.anchor: str | None = None  # None: follow the current thread (design §2)
         self.shown: list[Message] = []
         self._shown_items: list[MessageItem] = []
         self._shown_positions: dict[str, int] = {}

@@ -72,7 +72,7 @@ class Switch:
 
 @dataclass(frozen=True)
 class Follow:
-    """Go back to the shared default: the current thread (DESIGN §2)."""
+    """Go back to the shared default: the current thread (design §2)."""
 
 
 @dataclass(frozen=True)

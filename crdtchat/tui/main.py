@@ -3,7 +3,7 @@
 Without a room, the person's conversation list comes first (`crdtchat.tui.rooms`), with an
 identity token; the room chosen there opens in the chat screen, and quitting it goes back.
 
-The author is the subject of the token (DESIGN §4): the relay refuses writes in any other
+The author is the subject of the token (design §4): the relay refuses writes in any other
 name, so the client never asks for one. The replica's SQLite file lives under
 `$CRDTCHAT_HOME` (default `~/.local/share/crdtchat`), one per room and device, locked while
 in use: two clients on one machine get two device names instead of sharing pending state.

@@ -1,4 +1,4 @@
-"""Who else is here, from awareness states (DESIGN §3: presence never goes into the document).
+"""Who else is here, from awareness states (design §3: presence never goes into the document).
 
 A state is `{"user": sub, "device": name, "typing": bool}`. Other clients may publish anything,
 so a state that does not have this shape is ignored rather than trusted.

@@ -1,6 +1,6 @@
 """Which thread the client shows, and what is streaming into it.
 
-The shared default is the current thread (DESIGN §2). A person may anchor the view on another
+The shared default is the current thread (design §2). A person may anchor the view on another
 message instead (after /switch or a branch): the view then shows the newest thread through that
 message, so a reply arriving under it still appears. This is a local choice, never written.
 """

@@ -1,1 +1,1 @@
-"""The LLM worker peer (DESIGN §5)."""
+"""The LLM worker peer (design §5)."""

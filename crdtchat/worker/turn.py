@@ -1,4 +1,4 @@
-"""Answering one message: lease, stream, commit (DESIGN §5).
+"""Answering one message: lease, stream, commit (design §5).
 
 The turn owns three helper tasks for its lifetime: a flusher that moves buffered text into
 `transport.streams` every `flush_interval` (peers see text arrive without one update per

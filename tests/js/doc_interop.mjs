@@ -6,7 +6,7 @@
 //   node doc_interop.mjs create OUT            create a conversation from scratch, write it
 //   node doc_interop.mjs dump IN [IN...]       apply the updates in order, report (stdout, JSON)
 //
-// Roots are read by their names from DESIGN §2, as any JS client would.
+// Roots are read by their names from design §2, as any JS client would.
 import { readFileSync, writeFileSync } from 'node:fs'
 import * as Y from 'yjs'
 
