@@ -9,12 +9,14 @@ STAMP := $(VENV)/.crdtchat-installed
 JS := tests/js
 JS_STAMP := $(JS)/node_modules/.crdtchat-installed
 
-.PHONY: demo test lint install js
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: demo test lint install js web browser
 
 demo: $(STAMP)
 	$(BIN)/crdtchat demo
 
-test: $(STAMP) $(JS_STAMP) lint
+test: $(STAMP) $(JS_STAMP) browser lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -34,3 +36,16 @@ $(STAMP): pyproject.toml
 $(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
 	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+# The browser tests (tests/test_web_browser.py) drive Debian's chromium through Playwright's
+# executable_path: Playwright's own browser download cannot work on CI machines. Runs as root
+# in CI; installs only when chromium is missing.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		apt-get update && apt-get install -y --no-install-recommends chromium; \
+	fi
+
+# Rebuild the web client shipped in crdtchat/web/static from web/ (tests/test_web_build.py
+# fails when the shipped files were built from other sources).
+web:
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build

@@ -1,0 +1,67 @@
+// Tokens and the rooms this device has opened. A token arrives in the URL fragment
+// (#token=..., never the query string, so no server or proxy logs it), is kept in this
+// browser's localStorage, and is removed from the address bar at once.
+
+const TOKEN_KEY = (room) => `crdtchat.token.${room}`
+const ROOMS_KEY = 'crdtchat.rooms'
+
+/** The token of the URL fragment, if any; the fragment is cleared from the address bar. */
+export function tokenFromFragment () {
+  const params = new URLSearchParams(location.hash.slice(1))
+  const token = params.get('token')
+  if (token) history.replaceState(null, '', location.pathname)
+  return token
+}
+
+export function loadToken (room) {
+  return localStorage.getItem(TOKEN_KEY(room))
+}
+
+/** The claims a token carries (unverified: the relay checks them, this only shows them). */
+export function decodeClaims (token) {
+  try {
+    const payload = token.split('.')[1]
+    const json = atob(payload.replace(/-/g, '+').replace(/_/g, '/'))
+    const claims = JSON.parse(new TextDecoder().decode(Uint8Array.from(json, (c) => c.charCodeAt(0))))
+    return typeof claims === 'object' && claims !== null && typeof claims.sub === 'string' ? claims : null
+  } catch {
+    return null
+  }
+}
+
+/**
+ * The rooms this device has opened, newest first. The conversation list reads only this
+ * function: a per-person list document (issue 14) replaces its source, not the list page.
+ */
+export function roomsOpened () {
+  try {
+    const rooms = JSON.parse(localStorage.getItem(ROOMS_KEY) || '[]')
+    return Array.isArray(rooms) ? rooms.filter((r) => r && typeof r.room === 'string') : []
+  } catch {
+    return []
+  }
+}
+
+export function rememberRoom (room, token) {
+  localStorage.setItem(TOKEN_KEY(room), token)
+  const rooms = roomsOpened().filter((r) => r.room !== room)
+  rooms.unshift({ room, opened: Date.now() })
+  localStorage.setItem(ROOMS_KEY, JSON.stringify(rooms.slice(0, 500)))
+}
+
+/**
+ * Whether the relay accepts `token` for `room`: {ok, claims} or {ok: false, reason}.
+ * A browser cannot read the status of a refused websocket upgrade (it sees 1006), so the page
+ * asks here. Throws when the relay cannot be reached (offline).
+ */
+export async function checkToken (room, token) {
+  const response = await fetch(`/auth/${encodeURIComponent(room)}`, {
+    headers: { Authorization: `Bearer ${token}` },
+    cache: 'no-store'
+  })
+  if (response.ok) return { ok: true, claims: await response.json() }
+  if (response.status === 401 || response.status === 403) {
+    return { ok: false, reason: (await response.text()).trim() }
+  }
+  throw new Error(`the relay answered ${response.status}`)
+}
