@@ -55,6 +55,8 @@ class RelayConfig:
     quota_bytes: float = 128 * MIB  # bytes of accepted updates per quota_interval
     quota_interval: float = 3600.0  # seconds over which the two quotas above refill
     max_document: int = 64 * MIB  # a room's document (snapshot + log) may not grow past this
+    tls_cert: str | None = None  # PEM files: with both, the relay serves wss:// and https://
+    tls_key: str | None = None
 
     def subject_quotas(self) -> SubjectQuotas:
         return SubjectQuotas(

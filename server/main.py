@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -34,6 +35,7 @@ from server.options import EXTRA_OPTIONS, add_extra_options
 from server.relay import Relay
 from server.room import RoomManager
 from server.store import Store, StoreError
+from server.webapp import WebApp
 
 log = logging.getLogger("crdtchat.relay")
 # The store thread needs the GIL several times per commit (sqlite3 releases it around each
@@ -64,7 +66,7 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
 async def run_relay(
     config: RelayConfig,
     stop: anyio.Event,
-    on_listening: Callable[[str, int], None] | None = None,
+    on_listening: Callable[[str, int, str], None] | None = None,
 ) -> None:
     """Serve until `stop` is set, then shut down in order."""
     metrics = Metrics()
@@ -88,7 +90,9 @@ async def run_relay(
         # /healthz answers 503 while the store cannot write (store.health says why)
         verifier = TokenVerifier(config.secret, config.issuers)
         endpoints = HttpEndpoints(verifier, blobs, metrics, rooms, limits, store.health)
-        relay = Relay(config, rooms, endpoints, metrics, feed, verifier)
+        tls = tls_context(config)
+        web = WebApp(verifier, secure=tls is not None)
+        relay = Relay(config, rooms, endpoints, metrics, feed, verifier, web)
         try:
             async with serve(
                 relay.handle,
@@ -102,10 +106,11 @@ async def run_relay(
                 open_timeout=None,  # RelayConnection applies it to websocket handshakes only
                 compression=None,
                 server_header="crdtchat-relay",
+                ssl=tls,
             ) as server:
                 host, port = server.sockets[0].getsockname()[:2]
                 if on_listening is not None:
-                    on_listening(host, port)
+                    on_listening(host, port, "wss" if tls is not None else "ws")
                 tg.start_soon(keep_alive, server, config.ping_interval, stop)
                 await stop.wait()
                 log.info("shutting down")
@@ -113,6 +118,25 @@ async def run_relay(
                 server.close(code=1001, reason="relay shutting down")
         finally:
             rooms.close()
+
+
+def tls_context(config: RelayConfig) -> ssl.SSLContext | None:
+    """The server's TLS context when `--tls-cert` and `--tls-key` are given, else None.
+
+    A phone on the network must not send its token in clear, and a service worker (the web
+    client's offline shell) needs HTTPS anywhere but on localhost.
+    """
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot load --tls-cert/--tls-key: {error}") from None
+    return context
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -123,6 +147,7 @@ def serve_command(args: argparse.Namespace) -> int:
         return 1
     try:
         config = config_from_args(args, secret)
+        tls_context(config)
     except ValueError as error:
         print(f"crdtchat serve: {error}", file=sys.stderr)
         return 1
@@ -131,8 +156,10 @@ def serve_command(args: argparse.Namespace) -> int:
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
-    def announce(host: str, port: int) -> None:
-        print(f"crdtchat relay listening on ws://{host}:{port}", flush=True)
+    def announce(host: str, port: int, scheme: str) -> None:
+        print(f"crdtchat relay listening on {scheme}://{host}:{port}", flush=True)
+        page = "https" if scheme == "wss" else "http"
+        print(f"web client at {page}://{host}:{port}/", flush=True)
 
     async def main() -> None:
         stop = anyio.Event()

@@ -54,6 +54,9 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
     "max_depth": ("max_depth", int, "shared types nested below a root (0: unbounded)"),
     "max_entries": ("max_entries", int, "entries written into one nested Map/Array (0: any)"),
     "max_value_bytes": ("max_value_bytes", int, "bytes of one stored value (0: unbounded)"),
+    # design §6, Web client
+    "tls_cert": ("tls_cert", str, "PEM certificate chain: serve wss:// and https://"),
+    "tls_key": ("tls_key", str, "PEM private key of --tls-cert"),
 }
 
 

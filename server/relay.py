@@ -74,6 +74,7 @@ from server.room import (
     RoomManager,
     RoomUnavailable,
 )
+from server.webapp import WebApp
 
 log = logging.getLogger("crdtchat.relay")
 
@@ -176,9 +177,11 @@ class Relay:
         metrics: Metrics,
         feed: WaitingFeed | None = None,
         verifier: TokenVerifier | None = None,
+        web: WebApp | None = None,
     ) -> None:
         self.config = config
         self.verifier = verifier or TokenVerifier(config.secret, config.issuers)
+        self.web = web
         self.rooms = rooms
         self.http = http
         self.metrics = metrics
@@ -190,6 +193,8 @@ class Relay:
         url = urlsplit(request.path)
         if self.http.is_http_path(url.path):
             return await self.http.get(request, url)
+        if self.web is not None and self.web.handles(url.path):
+            return await self.web.get(request, url.path)
         if url.path == FEED_PATH and self.feed is not None:
             return await self._admit_feed(conn, url.query)
         room = unquote(url.path[1:])

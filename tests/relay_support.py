@@ -47,7 +47,7 @@ from crdtchat.wire import (
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-for-the-relay-32-bytes-long"
-LISTENING = re.compile(r"crdtchat relay listening on ws://([^:\s]+):(\d+)")
+LISTENING = re.compile(r"crdtchat relay listening on wss?://([^:\s]+):(\d+)")
 
 
 def token(room: str, role: str = "writer", sub: str = "alice", ttl: float = 3600) -> str:
