@@ -98,7 +98,7 @@ def test_a_hand_made_hostile_document_reads_the_same(js: JsReader) -> None:
 
 
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
