@@ -5,12 +5,12 @@ token was refused, and TLS with `--tls-cert/--tls-key`. Against a relay subproce
 from __future__ import annotations
 
 import datetime
-import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from relay_support import SECRET, RelayProcess, running_relay, token
 from websockets.sync.client import connect
 
-from crdtchat.tokens import _b64encode, _sign
+from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER
 from crdtchat.web import STATIC
 from crdtchat.wire import SyncStep1, decode_frame
 
@@ -31,11 +31,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
 
 
 def expired_token(room: str) -> str:
-    payload = json.dumps(
-        {"exp": 1_000_000, "role": "writer", "room": room, "sub": "alice"}, separators=(",", ":")
-    )
-    part = _b64encode(payload.encode())
-    return f"v1.{part}.{_sign(SECRET, part)}"
+    claims = {"iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "sub": "alice", "exp": 1_000_000}
+    return jwt.encode(claims | {"room": room, "role": "writer"}, SECRET, LOCAL_ALGORITHM)
 
 
 def test_the_app_is_served_at_the_root_and_at_each_conversation(relay: RelayProcess) -> None:
@@ -142,7 +139,7 @@ def test_tls_serves_the_page_and_the_websocket(
         assert f"wss://127.0.0.1:{relay.port}" in policy
         context = ssl.create_default_context(cafile=cert)
         url = f"wss://127.0.0.1:{relay.port}/room?token={token('room')}"
-        with connect(url, ssl=context) as ws:
+        with connect(url, ssl=context, open_timeout=60) as ws:
             assert isinstance(decode_frame(ws.recv(timeout=30))[0], SyncStep1)
         with pytest.raises(httpx.TransportError):  # and nothing in clear
             httpx.get(f"http://127.0.0.1:{relay.port}/", timeout=10)
