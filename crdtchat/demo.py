@@ -29,8 +29,15 @@ DEFAULT_PROMPT = "Hello! In one sentence, what is a CRDT?"
 REPLY_TIMEOUT = 300.0
 
 
+def web_link(stack: LocalStack) -> str:
+    """The demo conversation in the web client, the token in the fragment (never sent)."""
+    token = stack.token(ROOM, "writer", PERSON)
+    return f"http://{stack.host}:{stack.port}/c/{ROOM}#token={token}"
+
+
 def explain(stack: LocalStack, data: Path) -> str:
     secret_file = data / SECRET_FILE
+    web_link_text = web_link(stack)
     return f"""\
 crdtchat demo
   relay   {stack.url}  (SQLite in {data / "relay"}, log {stack.logs / "relay.log"})
@@ -41,7 +48,9 @@ Join from a second terminal, as another device of {PERSON!r}:
   export CRDTCHAT_SECRET=$(cat {shlex.quote(str(secret_file))})
   export CRDTCHAT_TOKEN=$(crdtchat token --room {ROOM} --role writer --sub {PERSON})
   crdtchat chat {ROOM} --relay {stack.url} --device laptop
-(use another --sub to join as someone else). Ctrl-C stops the relay and the worker too.
+(use another --sub to join as someone else). Or open it in a browser, as another device:
+  {web_link_text}
+Ctrl-C stops the relay and the worker too.
 """
 
 
@@ -71,7 +80,9 @@ async def chat_headless(relay_url: str, token: str, lines: list[str]) -> int:
                 print(answer.content[len(shown) :], flush=True)
             else:  # the worker restarted the reply: show it whole
                 print(f"\n{answer.content}", flush=True)
-            if answer.status != "complete":
+            if answer.status == "incomplete":  # cut at max_tokens: an answer, not a failure
+                print("[incomplete: cut at the token limit]", flush=True)
+            elif answer.status != "complete":
                 failures += 1
                 print(f"[{answer.status}: {answer.error or 'no reason given'}]", flush=True)
         await replica.wait_until(lambda status: status.durable, timeout=30)

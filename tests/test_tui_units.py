@@ -147,3 +147,10 @@ def test_two_clients_on_one_machine_get_two_devices_and_two_stores(tmp_path: Pat
         assert first_store != second_store
     with claim_device(tmp_path, "room-1", "host") as (again, again_store):
         assert (again, again_store) == ("host", first_store)  # the lock went with the client
+
+
+def test_a_reply_cut_at_the_token_limit_reads_incomplete_not_as_an_error() -> None:
+    from crdtchat.tui.widgets import status_label
+
+    assert status_label("incomplete") == "incomplete (cut at the token limit)"
+    assert status_label("error") == "error"

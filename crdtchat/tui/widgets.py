@@ -17,6 +17,12 @@ from crdtchat.schema import Message
 from crdtchat.tui.threads import StreamView
 
 
+def status_label(status: str) -> str:
+    """How a reply's status reads: one cut at the token limit is incomplete, not an error
+    (the web client says the same, web/src/rules.js `statusLabel`)."""
+    return "incomplete (cut at the token limit)" if status == "incomplete" else status
+
+
 @dataclass(frozen=True)
 class MessageItem:
     number: int  # 1-based position on the shown thread: what /branch N refers to
@@ -62,7 +68,7 @@ def render_item(item: Item) -> Content:
         if message.model is not None:
             head.append((f" · {message.model.provider}/{message.model.model}", "$text-muted"))
         if message.status and message.status != "complete":
-            head.append((f" · {message.status}", "bold $warning"))
+            head.append((f" · {status_label(message.status)}", "bold $warning"))
     else:
         head.append((f"{message.role} ({message.author})", "bold $secondary"))
     if message.created_at:
