@@ -89,6 +89,8 @@ class SamplingParams:
     """The subset of `canonical.settings.params` the local model understands.
 
     Deterministic by default (greedy, fixed seed), so a replayed turn gives the same answer.
+    Greedy decoding makes SmolLM2-135M repeat itself until `max_tokens` on short questions;
+    a repetition penalty (as its model card's examples use, 1.1-1.3) breaks the loops.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -96,7 +98,7 @@ class SamplingParams:
     top_p: float = 0.95
     top_k: int = 40
     min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    repeat_penalty: float = 1.2
     seed: int = DEFAULT_SEED
 
     @classmethod
