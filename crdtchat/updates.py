@@ -228,7 +228,17 @@ class _Reader:
         """Step over one lib0 `Any` value (its contents are not needed)."""
         if depth > MAX_ANY_DEPTH:
             raise self.fail(f"value nested deeper than {MAX_ANY_DEPTH}")
-        tag = self.byte()
+        data, pos = self.data, self.pos
+        try:
+            tag = data[pos]
+        except IndexError:
+            raise self.fail("truncated update") from None
+        if tag == 119:  # a string, the common case: its length is one byte below 128
+            size = data[pos + 1] if pos + 1 < len(data) else 128
+            if size < 0x80 and pos + 2 + size <= len(data):
+                self.pos = pos + 2 + size
+                return
+        self.pos = pos + 1
         if tag in (127, 126, 121, 120):  # undefined, null, false, true
             return
         if tag == 125:
@@ -327,6 +337,7 @@ def check_update(data: bytes) -> None:
 def _walk(data: bytes, *, check_only: bool) -> DecodedUpdate | None:
     """The one decoder behind `decode_update` and `check_update`."""
     reader = _Reader(data)
+    uint = reader.uint
     update = DecodedUpdate(data)
     for _ in range(reader.uint()):
         count = reader.uint()
@@ -345,12 +356,16 @@ def _walk(data: bytes, *, check_only: bool) -> DecodedUpdate | None:
                     continue
                 runs.append(Struct(client, clock, length, kind, span=(start, reader.pos)))
             else:
-                origin = reader.id() if info & _HAS_ORIGIN else None
-                right = reader.id() if info & _HAS_RIGHT_ORIGIN else None
                 parent: str | Id | None = None
                 parent_sub = None
                 if check_only:  # only the content matters: step over the rest
-                    if origin is None and right is None:
+                    if info & _HAS_ORIGIN:
+                        uint()
+                        uint()
+                    if info & _HAS_RIGHT_ORIGIN:
+                        uint()
+                        uint()
+                    if not info & (_HAS_ORIGIN | _HAS_RIGHT_ORIGIN):
                         if reader.uint() == 1:
                             reader.skip_buf()
                         else:
@@ -358,8 +373,14 @@ def _walk(data: bytes, *, check_only: bool) -> DecodedUpdate | None:
                             reader.uint()
                         if info & _HAS_PARENT_SUB:
                             reader.skip_buf()
-                    _content(reader, kind, check_only)
+                    if kind == ANY:  # most items of a conversation: inlined for speed
+                        for _ in range(uint()):
+                            reader.skip_any()
+                    else:
+                        _content(reader, kind, check_only)
                     continue  # no clocks kept: they only place structs
+                origin = reader.id() if info & _HAS_ORIGIN else None
+                right = reader.id() if info & _HAS_RIGHT_ORIGIN else None
                 if origin is None and right is None:
                     parent = reader.string() if reader.uint() == 1 else reader.id()
                     if info & _HAS_PARENT_SUB:
