@@ -12,6 +12,7 @@ The browser is launched once for the module. Chromium is installed by `make test
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -101,8 +102,7 @@ class PythonPeer:
         self.portal = portal
         self.conversation = Conversation(author=sub, role="writer")
         self.changes = Changes()
-        self.conversation.view.on_change(self.changes.notify)
-        self.conversation.streams.observe_deep(self.changes.notify)
+        self.conversation.on_update(self.changes.notify)  # any change of any root wakes waiters
         url = f"ws://127.0.0.1:{relay.port}"
         replica = Replica(url, room, token(room, "writer", sub), doc=self.conversation.doc)
         self._replica_cm = portal.wrap_async_context_manager(replica)
@@ -322,4 +322,75 @@ def test_a_reader_sees_the_conversation_but_cannot_send(
         expect(wrong.locator(".connection")).to_contain_text("Access refused: token refused")
     finally:
         reader.close()
+        python.close()
+
+
+def test_regenerate_switch_branches_edit_into_a_branch_and_stop(
+    browser: Browser, relay: RelayProcess, worker: None
+) -> None:
+    room = f"{ROOM}-branches"
+    laptop = device(browser)
+    try:
+        page = open_page(laptop, relay, room, token(room, "writer", "alice"))
+        articles = page.get_by_role("article")
+        page.get_by_role("textbox", name="Message").fill("first question")
+        page.get_by_role("button", name="Send").click()
+        expect(articles.nth(1)).to_contain_text("[turn 1] You said: first question")
+        expect(articles.nth(1)).not_to_have_attribute("aria-busy", "true")
+        page.get_by_role("button", name="Regenerate").click()  # answer 2, shown as 2/2
+        expect(articles.nth(1).locator(".branch")).to_have_text("2/2")
+        expect(articles.nth(1)).to_contain_text("You said: first question")
+        page.get_by_role("button", name="Previous branch").click()
+        expect(articles.nth(1).locator(".branch")).to_have_text("1/2")
+        page.get_by_role("button", name="Edit").click()
+        page.get_by_role("textbox", name="Edited message").fill("second question")
+        page.get_by_role("button", name="Save as new branch").click()
+        expect(articles.first).to_contain_text("second question")
+        expect(articles.first.locator(".branch")).to_have_text("2/2")
+        expect(articles.nth(1)).to_contain_text("[turn 1] You said: second question")
+        expect(articles.nth(1)).not_to_have_attribute("aria-busy", "true")
+        page.get_by_role("textbox", name="Message").fill(" ".join(f"s{i}" for i in range(80)))
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator("article.streaming")).to_contain_text("s1 ")
+        page.keyboard.press("Escape")  # Esc stops the reply
+        expect(articles.last.locator(".status")).to_have_text("stopped")
+    finally:
+        laptop.close()
+
+
+def test_settings_and_an_attached_file_reach_the_python_replica(
+    browser: Browser, relay: RelayProcess, portal: BlockingPortal, tmp_path: Path
+) -> None:
+    room = f"{ROOM}-settings"
+    python = PythonPeer(portal, relay, room, "carol")
+    laptop = device(browser)
+    try:
+        page = open_page(laptop, relay, room, token(room, "writer", "alice"))
+        page.get_by_role("button", name="Settings").click()
+        page.get_by_label("Model").fill("gpt-test")
+        page.get_by_label("System prompt").fill("Be brief.")
+        page.get_by_label("Parameters (JSON)").fill("[1, 2]")
+        page.get_by_role("button", name="Save settings").click()
+        expect(page.get_by_text("Parameters must be a JSON object")).to_be_visible()
+        page.get_by_label("Parameters (JSON)").fill('{"temperature": 0.2}')
+        page.get_by_role("button", name="Save settings").click()
+        python.wait(
+            lambda c: (
+                (c.settings.model, c.settings.system, c.settings.params)
+                == ("gpt-test", "Be brief.", {"temperature": 0.2})
+            )
+        )
+        notes = tmp_path / "notes.txt"
+        notes.write_bytes(b"hello blob")
+        page.locator("input[type=file]").set_input_files(str(notes))
+        expect(page.locator(".attachments")).to_contain_text("notes.txt (10 bytes)")
+        page.get_by_role("textbox", name="Message").fill("see attached")
+        page.get_by_role("button", name="Send").click()
+        python.wait(lambda c: any(m.files for m in c.all_messages()))
+        files = python.call(lambda: next(m.files for m in python.conversation.all_messages()))
+        assert [(f.name, f.size, f.sha256) for f in files] == [
+            ("notes.txt", 10, hashlib.sha256(b"hello blob").hexdigest())
+        ]
+    finally:
+        laptop.close()
         python.close()
