@@ -209,6 +209,9 @@ def test_the_draft_typed_on_one_device_appears_on_the_other(
         for page in (first, second):
             expect(page.get_by_role("article")).to_contain_text(["half a thought, finished"])
             expect(page.get_by_role("textbox", name="Message")).to_have_value("")
+        first.goto(f"http://127.0.0.1:{relay.port}/")  # the list: rooms this device opened
+        first.get_by_role("link", name=room).click()
+        expect(first.get_by_role("article")).to_contain_text(["half a thought, finished"])
     finally:
         laptop.close()
         phone.close()
