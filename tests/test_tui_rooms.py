@@ -102,14 +102,34 @@ async def test_a_room_shared_with_you_is_added_by_name() -> None:
         assert "a room name is" in notice(app)
 
 
+async def submit(pilot: Pilot[None], text: str) -> None:
+    """Type `text` into the chat's composer and press enter."""
+    pilot.app.query_one("#composer", Input).value = text
+    await pilot.press("enter")
+    await pilot.pause()
+
+
 async def test_the_chat_follows_the_persons_role_in_the_room() -> None:
     conversation = Conversation(author="bob")
     app = ChatApp(conversation, DetachedLink(conversation.doc), room="r", device="phone")
     unfollow = follow_membership(conversation, app, "bob")
-    assert conversation.role is None and not app.read_only  # not synced yet: the relay decides
-    members = conversation.doc.get(schema.MEMBERS, type=Map)
-    members["bob"] = {"role": "reader", "by": "alice", "at": 0.0}
-    assert conversation.role == "reader" and app.read_only
-    members["bob"] = {"role": "writer", "by": "alice", "at": 1.0}
-    assert conversation.role == "writer" and not app.read_only
+    async with app.run_test() as pilot:
+        # Not synced yet: the role is unknown, so the chat writes nothing the relay could refuse.
+        assert conversation.role == "reader" and app.read_only
+        await submit(pilot, "too early")
+        assert "not known yet" in app.query_one("#notice", Line).text
+        assert conversation.current_thread() == [] and conversation.draft() == ""
+        members = conversation.doc.get(schema.MEMBERS, type=Map)
+        members["alice"] = {"role": "owner", "by": "alice", "at": 0.0}
+        assert app.read_only and "not a member" in app.read_only_reason
+        members["bob"] = {"role": "reader", "by": "alice", "at": 0.0}
+        assert conversation.role == "reader" and app.read_only
+        await submit(pilot, "still a reader")
+        assert "you are a reader" in app.query_one("#notice", Line).text
+        members["bob"] = {"role": "writer", "by": "alice", "at": 1.0}
+        assert conversation.role == "writer" and not app.read_only
+        await submit(pilot, "now a writer")
+        assert [m.content for m in conversation.current_thread()] == ["now a writer"]
+        del members["bob"]  # removed from the room: back to reading
+        assert conversation.role == "reader" and app.read_only
     unfollow()

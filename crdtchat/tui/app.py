@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_SHOWN = 60
 
 
+READER_TOKEN = "this token is read-only: you can read, switch branches and export"
+
+
 class UserError(ConfigError):
     """Something the person asked for that cannot be done; shown, never raised further."""
 
@@ -105,6 +108,8 @@ class ChatApp(App[None]):
         self.uploader = uploader
         self.typing_idle = typing_idle
         self.read_only = read_only  # a reader token: the relay would refuse every write
+        # Why writes are refused, shown when one is tried (the role may be unknown, not reader).
+        self.read_only_reason = READER_TOKEN
         self.anchor: str | None = None  # None: follow the current thread (design §2)
         self.shown: list[Message] = []
         self._shown_items: list[MessageItem] = []
@@ -349,7 +354,7 @@ class ChatApp(App[None]):
         """Carry out one command; raises UserError (and document errors) to be shown."""
         c = commands
         if self.read_only and isinstance(command, _WRITES):
-            raise UserError("this token is read-only: you can read, switch branches and export")
+            raise UserError(self.read_only_reason)
         if isinstance(command, c.Send):
             self.send(command.text)
         elif isinstance(command, c.Regenerate):

@@ -231,18 +231,29 @@ async def _run_chat(
             unfollow()
 
 
+ROLE_UNKNOWN = "your role in this room is not known yet (the room has not synced): read until it is"
+NOT_A_MEMBER = "you are not a member of this room: you can read what this device has"
+READER = "you are a reader in this room: you can read, switch branches and export"
+
+
 def follow_membership(conversation: Conversation, app: ChatApp, sub: str) -> Callable[[], None]:
     """Keep the chat's role (what it lets the person write) to `sub`'s role in the room's
-    `access.members`, as the relay enforces it (design §4); returns the undo."""
+    `access.members`, as the relay enforces it (design §4); returns the undo.
+
+    Until the members are read, the chat is a reader: a write the relay refuses would stay in
+    the local replica and block its later writes until /recover."""
     members = conversation.doc.get(MEMBERS, type=Map)
 
     def apply(_event: object = None) -> None:
         entry = members.get(sub)
         role = entry.get("role") if isinstance(entry, dict) else None
-        if role not in ("owner", "writer", "reader"):
-            return  # not synced yet, or not a member: the relay decides
-        conversation.role = "reader" if role == "reader" else "writer"
-        app.read_only = role == "reader"
+        writes = role in ("owner", "writer")
+        conversation.role = "writer" if writes else "reader"
+        app.read_only = not writes
+        if role == "reader":
+            app.read_only_reason = READER
+        elif not writes:
+            app.read_only_reason = NOT_A_MEMBER if len(members) else ROLE_UNKNOWN
 
     apply()
     subscription = members.observe(apply)
