@@ -120,12 +120,11 @@ class Settler:
                 freed = self._room_freed
                 if freed is not None and not freed.done():
                     freed.set_result(None)
-        except BaseException as error:
+        except Exception as error:  # kept for drain() and put() to raise: nobody awaits us
             self._error = error
             freed = self._room_freed
             if freed is not None and not freed.done():
                 freed.set_result(None)
-            raise
         finally:
             self._task = None
 
