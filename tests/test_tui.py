@@ -502,3 +502,18 @@ async def test_a_reader_token_reads_and_switches_but_writes_nothing() -> None:
         await submit(pilot, "/branches")
         assert line(app, "notice").startswith("*1. 1 messages")
     assert conversation.encode_state() == before  # not even a draft or a read mark
+
+
+async def test_the_header_shows_the_workers_title_until_the_person_sets_one() -> None:
+    conversation = Conversation.create(author="alice")
+    worker = Conversation(conversation.doc, author="worker-1")
+    app = make_app(conversation)
+    async with app.run_test() as pilot:
+        await submit(pilot, "How do I bake sourdough bread at home?")
+        [waiting] = worker.waiting_for_reply()
+        model = ScriptedModel(["**Sourdough at home**"])  # the answer, then the title
+        await serve_turn(worker, waiting, model, model="m", changes=Changes())
+        await until(app, lambda: "room-1 · Sourdough at home · model" in line(app, "header"))
+        Conversation(conversation.doc, author="alice-phone").set_title("Rye bread")
+        await until(app, lambda: "room-1 · Rye bread · model" in line(app, "header"))
+        assert "Sourdough" not in line(app, "header")

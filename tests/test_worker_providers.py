@@ -32,6 +32,7 @@ from crdtchat.providers.openai_responses import OpenAIResponsesProvider
 from crdtchat.providers.retry import RetryPolicy
 from crdtchat.schema import DerivedEntry, DerivedKind, Message
 from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
+from crdtchat.worker.titles import title_of
 from crdtchat.worker.turn import Changes, TurnSettings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -685,3 +686,40 @@ async def test_turns_reuse_one_http_connection() -> None:
         ports = {request.client_port for request in servers.openai.posts("/chat/completions")}
         assert len(servers.openai.posts("/chat/completions")) == 3
         assert len(ports) == 1
+
+
+# ---------------------------------------------------------------- titles
+
+
+ASKING = RoomSettings(idle_after=0.0, turn=TurnSettings(flush_interval=0.01, titles="ask"))
+TITLE_MODELS = {"openai": PLAIN_MODEL, "openai-chat": "gpt-4.1-mini", "anthropic": CLAUDE}
+TITLE_PATHS = {"openai": "/responses", "openai-chat": "/chat/completions", "anthropic": "/messages"}
+
+
+@pytest.mark.parametrize("provider", ["openai", "openai-chat", "anthropic"])
+async def test_the_first_reply_is_titled_by_the_same_provider_and_model(provider: str) -> None:
+    """The title request goes through the real provider code and the vendor's wire format;
+    the answer is cleaned into the `title` entry, and the person's own title overrides it."""
+    with loopbacks() as servers:
+        loop = servers.anthropic if provider == "anthropic" else servers.openai
+        assert loop is not None
+        model = TITLE_MODELS[provider]
+        person, worker = peers(provider=provider, model=model)
+        question = person.append("user", "How do I bake sourdough bread at home with rye?")
+        with anyio.fail_after(20):
+            assert await serve_room(worker, servers.pool(), room="conv-1", settings=ASKING) == 1
+        [reply] = person.assistant_answers(question.id)
+        posts = loop.posts(TITLE_PATHS[provider])
+        assert len(posts) == 2  # the answer, then the title
+        asked = posts[1].body
+        assert asked["model"] == model
+        assert "sourdough" in json.dumps(asked) and "title" in json.dumps(asked)
+        assert "previous_response_id" not in asked  # a conversation of its own
+        entry = only(person, reply.id, "title")
+        assert (entry.provider, entry.model) == (provider, model)
+        # The loopback model echoes, past six words: held to the limits, cut with "…", and
+        # without the brackets (markup) of its "[turn 1]".
+        assert entry.data["title"] == "turn 1 You said: Write a…"
+        assert title_of(person) == entry.data["title"]
+        person.set_title("Rye bread")
+        assert title_of(person) == "Rye bread"

@@ -38,6 +38,7 @@ from crdtchat.tui.threads import (
 )
 from crdtchat.tui.widgets import Item, Line, MessageItem, StreamItem, ThreadView
 from crdtchat.view import ViewSnapshot
+from crdtchat.worker.titles import title_of
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,11 @@ class ChatApp(App[None]):
         for root, part in parts:
             subscription = root.observe_deep(self._observer(part))
             self._document_unsubscribe.append(_unobserver(root, subscription))
+        # The worker's title (a `title` derived entry) shows when the person has set none;
+        # other derived entries (usage, provider state) do not touch the header.
+        derived = conversation.derived
+        subscription = derived.observe(self._on_derived)
+        self._document_unsubscribe.append(_unobserver(derived, subscription))
 
     def _observer(self, part: str) -> Callable[[Any], None]:
         # One positional parameter: pycrdt passes the transaction too to two-parameter callbacks.
@@ -181,6 +187,10 @@ class ChatApp(App[None]):
         if not self._refresh_queued and self.is_running:
             self._refresh_queued = True
             self.call_later(self._apply_changes)
+
+    def _on_derived(self, event: Any) -> None:
+        if any(str(key).startswith("title:") for key in event.keys):
+            self._changed("header")
 
     def _on_awareness(self, topic: str, _change: tuple[dict[str, Any], Any]) -> None:
         if topic == "change":
@@ -275,8 +285,9 @@ class ChatApp(App[None]):
         settings = conversation.settings
         model = "/".join(x for x in (settings.provider, settings.model) if x) or "worker default"
         parts = [self.room]
-        if conversation.title:
-            parts.append(conversation.title)
+        title = title_of(conversation)  # the person's own, else the worker's
+        if title:
+            parts.append(title)
         parts.append(f"model: {model}")
         self.query_one("#header", Line).say(" · ".join(parts))
 

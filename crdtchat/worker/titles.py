@@ -26,21 +26,29 @@ _PROMPT = (
 DETERMINISTIC = frozenset({"local"})  # providers that get the fallback, never asked
 
 
-def fallback_title(question: str) -> str:
-    """The first words of the question, at most MAX_WORDS and MAX_CHARS, without markup."""
-    words = re.sub(r"[`*_#>\[\]]+", " ", question).split()
+def _shorten(text: str) -> str:
+    """At most MAX_WORDS words and MAX_CHARS characters, without markup; "…" marks a cut."""
+    words = re.sub(r"[`*_#>\[\]]+", " ", text).split()
     title = " ".join(words[:MAX_WORDS])
     if len(title) > MAX_CHARS:
         title = title[: MAX_CHARS - 1].rsplit(" ", 1)[0] + "…"
     elif len(words) > MAX_WORDS:
         title += "…"
-    return title or "Untitled"
+    return title
+
+
+def fallback_title(question: str) -> str:
+    """The first words of the question, at most MAX_WORDS and MAX_CHARS, without markup."""
+    return _shorten(question) or "Untitled"
 
 
 def _clean(text: str) -> str:
+    """The provider's answer as a title: its first line, without quotes, a "Title:" label or
+    markup, held to the fallback's limits (a model may ignore "at most six words")."""
     line = next((line for line in text.strip().splitlines() if line.strip()), "")
-    line = line.strip().strip("\"'“”«»").removeprefix("Title:").strip().rstrip(".")
-    return line[:MAX_CHARS].strip()
+    line = re.sub(r"[`*_#>]+", " ", line).strip()
+    line = line.strip("\"'“”«»").removeprefix("Title:").strip().strip("\"'“”«»").rstrip(".")
+    return _shorten(line)
 
 
 async def ask_title(provider: Provider, model: str, question: str, conversation_id: str) -> str:
