@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from pycrdt import Doc, Map
 from relay_support import SECRET, RelayProcess, raw_client
@@ -14,14 +15,16 @@ from textual.widgets import Input
 
 from crdtchat import ConversationList, schema
 from crdtchat.document import Conversation
+from crdtchat.replica import Backoff, Replica
 from crdtchat.tokens import mint_token
 from crdtchat.tui.app import ChatApp
-from crdtchat.tui.link import DetachedLink
+from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.main import follow_membership
 from crdtchat.tui.rooms import RoomsApp, relay_share
 from crdtchat.tui.widgets import Line
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+QUICK = Backoff(initial=0.05, maximum=0.2)
 
 
 async def command(pilot: Pilot[str | None], text: str) -> None:
@@ -132,4 +135,54 @@ async def test_the_chat_follows_the_persons_role_in_the_room() -> None:
         assert [m.content for m in conversation.current_thread()] == ["now a writer"]
         del members["bob"]  # removed from the room: back to reading
         assert conversation.role == "reader" and app.read_only
+    unfollow()
+
+
+async def test_a_stale_membership_in_the_local_file_is_not_trusted_before_sync(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """Bob was a writer when his device last synced, and is a reader now: opened from its
+    file with the relay down, the chat stays a reader until the relay's members arrive."""
+    alice = mint_token(SECRET, None, None, "alice", 3600)
+    bob = mint_token(SECRET, None, None, "bob", 3600)
+    base = f"ws://{relay.host}:{relay.port}"
+    room = ConversationList(Doc()).create("Shared").room
+    store = tmp_path / "bob.sqlite"
+    share = relay_share(base, alice)
+
+    async def bob_opens() -> tuple[Conversation, ChatApp, Replica]:
+        conversation = Conversation(author="bob")
+        replica = Replica(base, room, bob, doc=conversation.doc, store_path=store, backoff=QUICK)
+        app = ChatApp(conversation, ReplicaLink(replica), room=room, device="phone")
+        return conversation, app, replica
+
+    async with raw_client(relay.url(room, alice, ack=True)):  # creates the room
+        await share(room, "bob", "writer")
+    conversation, app, replica = await bob_opens()
+    unfollow = follow_membership(conversation, app, "bob", replica)
+    assert app.read_only and "not known yet" in app.read_only_reason
+    async with replica:
+        await replica.wait_until(lambda s: s.synced, timeout=20)
+        assert conversation.role == "writer" and not app.read_only
+    unfollow()
+    await share(room, "bob", "reader")  # while bob's device is closed
+
+    relay.kill()
+    conversation, app, replica = await bob_opens()
+    unfollow = follow_membership(conversation, app, "bob", replica)
+    members = conversation.doc.get(schema.MEMBERS, type=Map)
+    loaded = anyio.Event()
+    members.observe(lambda _event: loaded.set())
+    async with replica:
+        with anyio.fail_after(20):
+            await loaded.wait()  # the file's members: bob a writer, as last synced
+        assert members["bob"]["role"] == "writer"
+        assert conversation.role == "reader" and app.read_only
+        assert "not known yet" in app.read_only_reason
+        relay.start()
+        await replica.wait_until(lambda s: s.synced, timeout=20)
+        assert members["bob"]["role"] == "reader"
+        assert conversation.role == "reader" and app.read_only
+        assert "you are a reader" in app.read_only_reason
+        assert replica.status.refused == 0
     unfollow()

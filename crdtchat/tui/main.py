@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import anyio
 from pycrdt import Map
@@ -36,6 +36,9 @@ from crdtchat.tui.blobs import BlobUploader
 from crdtchat.tui.link import ReplicaLink
 from crdtchat.tui.presence import local_state
 from crdtchat.view import SnapshotError, ViewSnapshot
+
+if TYPE_CHECKING:
+    from crdtchat.replica import Replica, ReplicaStatus
 
 # How long the chat waits for its first screen (the saved one) before loading the document.
 FIRST_SCREEN_WAIT = 2.0
@@ -218,7 +221,9 @@ async def _run_chat(
             app_done.set()
 
     # An identity token carries no role: the room's membership gives it, and may change.
-    unfollow = follow_membership(conversation, app, subject.sub) if subject.room is None else None
+    unfollow = (
+        follow_membership(conversation, app, subject.sub, replica) if subject.room is None else None
+    )
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_app)
@@ -236,16 +241,20 @@ NOT_A_MEMBER = "you are not a member of this room: you can read what this device
 READER = "you are a reader in this room: you can read, switch branches and export"
 
 
-def follow_membership(conversation: Conversation, app: ChatApp, sub: str) -> Callable[[], None]:
+def follow_membership(
+    conversation: Conversation, app: ChatApp, sub: str, replica: Replica | None = None
+) -> Callable[[], None]:
     """Keep the chat's role (what it lets the person write) to `sub`'s role in the room's
     `access.members`, as the relay enforces it (design §4); returns the undo.
 
-    Until the members are read, the chat is a reader: a write the relay refuses would stay in
+    Until the members are read after `replica` has synced with the relay (a local file may
+    hold an older membership), the chat is a reader: a write the relay refuses would stay in
     the local replica and block its later writes until /recover."""
     members = conversation.doc.get(MEMBERS, type=Map)
+    synced = replica is None or replica.status.synced
 
     def apply(_event: object = None) -> None:
-        entry = members.get(sub)
+        entry = members.get(sub) if synced else None
         role = entry.get("role") if isinstance(entry, dict) else None
         writes = role in ("owner", "writer")
         conversation.role = "writer" if writes else "reader"
@@ -253,11 +262,24 @@ def follow_membership(conversation: Conversation, app: ChatApp, sub: str) -> Cal
         if role == "reader":
             app.read_only_reason = READER
         elif not writes:
-            app.read_only_reason = NOT_A_MEMBER if len(members) else ROLE_UNKNOWN
+            app.read_only_reason = NOT_A_MEMBER if synced and len(members) else ROLE_UNKNOWN
+
+    def on_status(status: ReplicaStatus) -> None:
+        nonlocal synced
+        if status.synced and not synced:
+            synced = True  # from now on the members are the relay's (kept while offline)
+            apply()
 
     apply()
     subscription = members.observe(apply)
-    return lambda: members.unobserve(subscription)
+    unwatch = replica.on_status(on_status) if replica is not None else None
+
+    def undo() -> None:
+        members.unobserve(subscription)
+        if unwatch is not None:
+            unwatch()
+
+    return undo
 
 
 def saved_screen(store_path: Path) -> ViewSnapshot | None:
