@@ -9,7 +9,8 @@ script, no eval and no origin but the relay's own (its websocket included); cont
 and models never runs, and remote images never load. `/auth/<room>` takes the token in an
 `Authorization: Bearer` header, never in the URL: a browser cannot read the HTTP status of a
 refused websocket upgrade (it sees 1006), so the page asks here and says "access refused"
-instead of reconnecting for ever.
+instead of reconnecting for ever. An identity token is good here too (role null): its role in
+the room is its membership, which the page reads from the room's `access.members`.
 """
 
 from __future__ import annotations
@@ -114,11 +115,24 @@ class WebApp:
         if scheme.lower() != "bearer" or not token.strip():
             return _response(401, "a token is required: Authorization: Bearer <token>\n")
         try:
-            claims = await verify(self.verifier, token.strip(), room)
+            try:
+                claims = await verify(self.verifier, token.strip(), room)
+            except TokenError as error:
+                if error.reason != "identity token":
+                    raise
+                # A person's token: good here, while the room's membership gives the role
+                # (design §4), which the websocket enforces and the page reads from
+                # access.members; `role` is then null.
+                claims = await verify(self.verifier, token.strip(), None)
         except TokenError as error:
             status = 403 if error.reason in FORBIDDEN_REASONS else 401
             return _response(status, f"token refused: {refusal_text(error.reason)}\n")
-        body = {"room": claims.room, "role": claims.role, "sub": claims.sub, "exp": claims.exp}
+        body = {
+            "room": room if claims.identity else claims.room,
+            "role": claims.role,
+            "sub": claims.sub,
+            "exp": claims.exp,
+        }
         return _response(200, json.dumps(body), "application/json", [("Cache-Control", "no-store")])
 
 

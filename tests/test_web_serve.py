@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from relay_support import SECRET, RelayProcess, running_relay, token
 from websockets.sync.client import connect
 
-from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER
+from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER, mint_token
 from crdtchat.web import STATIC
 from crdtchat.wire import SyncStep1, decode_frame
 
@@ -89,6 +89,14 @@ def test_auth_tells_the_page_whether_its_token_is_good(relay: RelayProcess) -> N
     assert check(None).status_code == 401
     assert check("v1.garbage.sig").status_code == 401
     assert check(token("room"), room="bad room").status_code == 400
+    # An identity token is good for any room here: its role is the room's membership, which
+    # the page reads from access.members (the websocket refuses a non-member).
+    person = check(mint_token(SECRET, None, None, "carol", 3600))
+    assert person.status_code == 200
+    assert person.json() | {"exp": 0} == {"room": "room", "role": None, "sub": "carol", "exp": 0}
+    claims = {"iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "sub": "carol", "exp": 1_000_000}
+    late = check(jwt.encode(claims, SECRET, LOCAL_ALGORITHM))
+    assert (late.status_code, late.text) == (401, "token refused: expired\n")
 
 
 @pytest.fixture(scope="module")
