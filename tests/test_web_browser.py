@@ -27,11 +27,13 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from relay_support import REPO, SECRET, RelayProcess, token
 
+from crdtchat.conversations import ConversationList, list_replica
 from crdtchat.document import Conversation
 from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.replica import Replica
 from crdtchat.schema import assistant_turn_id
 from crdtchat.signals import Changes
+from crdtchat.tokens import mint_token
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -397,3 +399,94 @@ def test_settings_and_an_attached_file_reach_the_python_replica(
     finally:
         laptop.close()
         python.close()
+
+
+def identity(sub: str) -> str:
+    """An identity token (design §4): a person, no room."""
+    return mint_token(SECRET, None, None, sub, 3600)
+
+
+def list_page(context: BrowserContext, relay: RelayProcess, tok: str) -> Page:
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{relay.port}/#token={tok}")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=WAIT)
+    return page
+
+
+def wait_for_list(portal: BlockingPortal, relay: RelayProcess, tok: str, check: Any) -> None:
+    """Until `check(ConversationList)` holds on a Python replica of the person's list."""
+
+    async def waiting() -> None:
+        async with list_replica(f"ws://127.0.0.1:{relay.port}", tok) as replica:
+            rooms = ConversationList(replica.doc)
+            changed = anyio.Event()
+
+            def wake() -> None:
+                nonlocal changed
+                changed.set()
+
+            unobserve = rooms.observe(wake)
+            try:
+                with anyio.fail_after(30):
+                    while not check(rooms):
+                        await changed.wait()
+                        changed = anyio.Event()
+            finally:
+                unobserve()
+
+    portal.call(waiting)
+
+
+def test_one_list_on_two_devices_and_sharing_from_it(
+    browser: Browser, relay: RelayProcess, portal: BlockingPortal
+) -> None:
+    alice = identity("alice")
+    laptop, phone, friend = device(browser), device(browser), device(browser)
+    try:
+        first, second = list_page(laptop, relay, alice), list_page(phone, relay, alice)
+        expect(second.get_by_text("No conversations yet")).to_be_visible()
+        first.get_by_role("textbox", name="New conversation title").fill("Trip plans")
+        first.get_by_role("button", name="New conversation").click()
+        composer = first.get_by_role("textbox", name="Message")
+        expect(composer).to_be_editable()  # the first to open it owns it, and writes
+        room = first.url.rsplit("/c/", 1)[1]
+        entry = second.locator(f"li[data-room='{room}']")
+        expect(entry.get_by_role("link", name="Trip plans")).to_be_visible()  # live, no reload
+        composer.fill("hello from the laptop")
+        composer.press("Enter")
+        expect(first.locator(".connection")).to_have_text("online, all stored")
+        first.get_by_role("link", name="Conversations").click()  # back to the list: nothing read
+        expect(first.locator(f"li[data-room='{room}']")).to_contain_text("Trip plans")
+        carol = PythonPeer(portal, relay, room, "carol")  # another writer posts: unread on the list
+        try:
+            carol.call(carol.conversation.append, "user", "and from carol")
+            carol.durable()
+        finally:
+            carol.close()
+        second.evaluate("window.crdtchat.refreshSummaries()")  # else at the next poll (15 s)
+        expect(entry.locator(".unread")).to_have_text("1 unread")  # alice's own is not unread
+
+        entry.get_by_role("button", name="Pin").click()
+        entry.get_by_role("button", name="Share").click()
+        entry.get_by_label("Share with (subject)").fill("bob")
+        entry.get_by_label("Role").select_option("reader")
+        entry.locator("form").get_by_role("button", name="Share").click()
+        expect(second.locator(".notice")).to_have_text("shared with bob as reader")
+        # The Python ConversationList reads the same entry from the person's list document.
+        wait_for_list(
+            portal,
+            relay,
+            alice,
+            lambda rooms: (
+                (e := rooms.get(room)) is not None and e.pinned and e.title == "Trip plans"
+            ),
+        )
+
+        reader = open_page(friend, relay, room, identity("bob"))
+        expect(reader.get_by_role("article")).to_contain_text(["hello from the laptop"])
+        expect(reader.get_by_text("You can read this conversation but not write")).to_be_visible()
+        expect(reader.get_by_role("textbox", name="Message")).to_have_count(0)
+    finally:
+        laptop.close()
+        phone.close()
+        friend.close()

@@ -7,8 +7,8 @@ import { IndexeddbPersistence } from 'y-indexeddb'
 import * as decoding from 'lib0/decoding'
 import { ThreadIndex, statusLabel, validRegenerate } from './rules.js'
 import { renderMarkdown } from './markdown.js'
-import { loadToken, tokenFromFragment, roomsOpened, rememberRoom, checkToken, decodeClaims } from './session.js'
-import { renderList } from './list.js'
+import { loadToken, tokenFromFragment, roomsOpened, rememberRoom, checkToken, decodeClaims, isIdentity, keepIdentity, loadIdentity } from './session.js'
+import { renderList, ListPage } from './list.js'
 
 const MESSAGE_ACK = 100 // design §3: varUint(n), the first n sync updates are stored (or refused)
 const MESSAGE_AUTH = 2
@@ -69,8 +69,11 @@ class ConversationPage {
     this.root = root
     this.claims = decodeClaims(token) // unverified until the relay answers /auth
     this.sub = this.claims ? this.claims.sub : ''
+    // An identity token's role is its membership, read from access.members (design §4)
+    this.identity = isIdentity(this.claims)
     this.canWrite = this.claims ? this.claims.role === 'writer' : false
     this.doc = new Y.Doc()
+    this.members = this.doc.getMap('access.members')
     this.messages = this.doc.getArray('canonical.messages')
     this.settings = this.doc.getMap('canonical.settings')
     this.meta = this.doc.getMap('canonical.meta')
@@ -103,7 +106,9 @@ class ConversationPage {
     })
     this.idb = new IndexeddbPersistence(`crdtchat:${this.room}`, this.doc)
     this.doc.on('afterTransaction', () => this.schedule())
+    if (this.identity) this.members.observe(() => this.roleFromMembers())
     await this.idb.whenSynced
+    if (this.identity) this.roleFromMembers()
     this.schedule()
     this.render()
     const wsBase = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`
@@ -164,6 +169,12 @@ class ConversationPage {
     this.online = false
     this.showConnection()
     // A browser sees a refused upgrade as 1006 without the status: ask the relay instead.
+    if (event && event.code === 4403) { // a member removed (design §4): say so, stop
+      this.tokenProblem = event.reason || 'access revoked'
+      this.provider.disconnect()
+      this.showConnection()
+      return
+    }
     if (event === null || this.checking) return
     this.checking = true
     try { await this.verifyToken() } finally { this.checking = false }
@@ -180,7 +191,7 @@ class ConversationPage {
     if (answer.ok) {
       this.claims = answer.claims
       this.sub = answer.claims.sub
-      this.canWrite = answer.claims.role === 'writer'
+      if (!this.identity) this.canWrite = answer.claims.role === 'writer'
       this.tokenProblem = null
       this.applyRole()
       return true
@@ -192,6 +203,14 @@ class ConversationPage {
   }
 
   pending () { return this.localUpdates.length }
+
+  /** An identity token writes as its membership allows: owner and writer, not reader. */
+  roleFromMembers () {
+    const member = this.members.get(this.sub)
+    const role = member && typeof member === 'object' ? member.role : null
+    this.canWrite = role === 'owner' || role === 'writer'
+    if (this.form) this.applyRole()
+  }
 
   // -- building the page --------------------------------------------------------------
 
@@ -652,8 +671,17 @@ async function main () {
   }
   const match = location.pathname.match(/^\/c\/([A-Za-z0-9._-]{1,128})$/)
   const fromFragment = tokenFromFragment()
+  keepIdentity(fromFragment)
   if (!match) {
-    renderList(root, roomsOpened())
+    const identity = loadIdentity()
+    const claims = identity ? decodeClaims(identity) : null
+    if (!claims) {
+      renderList(root, roomsOpened()) // room tokens name no person: the rooms opened here
+      return
+    }
+    const list = new ListPage(root, identity, claims.sub)
+    window.crdtchat = list // for tests and the console
+    await list.start()
     return
   }
   const room = match[1]

@@ -1,9 +1,12 @@
 // Tokens and the rooms this device has opened. A token arrives in the URL fragment
 // (#token=..., never the query string, so no server or proxy logs it), is kept in this
-// browser's localStorage, and is removed from the address bar at once.
+// browser's localStorage, and is removed from the address bar at once. An identity token
+// (design §4: a person, no room) is kept once for every room, and opens the person's list.
+import { digest } from 'lib0/hash/sha256'
 
 const TOKEN_KEY = (room) => `crdtchat.token.${room}`
 const ROOMS_KEY = 'crdtchat.rooms'
+const IDENTITY_KEY = 'crdtchat.identity'
 
 /** The token of the URL fragment, if any; the fragment is cleared from the address bar. */
 export function tokenFromFragment () {
@@ -13,8 +16,31 @@ export function tokenFromFragment () {
   return token
 }
 
+/** The room's own token, else this device's identity token (a member's, design §4). */
 export function loadToken (room) {
-  return localStorage.getItem(TOKEN_KEY(room))
+  return localStorage.getItem(TOKEN_KEY(room)) || loadIdentity()
+}
+
+/** Whether claims are an identity token's: no room and no role (design §4). */
+export function isIdentity (claims) {
+  return claims !== null && claims.room == null && claims.role == null
+}
+
+export function loadIdentity () {
+  return localStorage.getItem(IDENTITY_KEY)
+}
+
+/** Keep `token` as this device's identity token if it is one; returns whether it was. */
+export function keepIdentity (token) {
+  if (!token || !isIdentity(decodeClaims(token))) return false
+  localStorage.setItem(IDENTITY_KEY, token)
+  return true
+}
+
+/** The room of `sub`'s list document: `person.` and 40 hex of SHA-256 (crdtchat.schema). */
+export function personRoom (sub) {
+  const hash = digest(new TextEncoder().encode(sub))
+  return 'person.' + Array.from(hash, (b) => b.toString(16).padStart(2, '0')).join('').slice(0, 40)
 }
 
 /** The claims a token carries (unverified: the relay checks them, this only shows them). */
@@ -64,4 +90,16 @@ export async function checkToken (room, token) {
     return { ok: false, reason: (await response.text()).trim() }
   }
   throw new Error(`the relay answered ${response.status}`)
+}
+
+/** A request to the relay with the token in `Authorization`; `body`, if any, as JSON. */
+export async function relayRequest (method, path, token, body) {
+  const headers = { Authorization: `Bearer ${token}` }
+  if (body !== undefined) headers['Content-Type'] = 'application/json'
+  return fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    cache: 'no-store'
+  })
 }
