@@ -186,3 +186,42 @@ async def test_a_stale_membership_in_the_local_file_is_not_trusted_before_sync(
         assert "you are a reader" in app.read_only_reason
         assert replica.status.refused == 0
     unfollow()
+
+
+async def test_after_recover_the_chat_follows_the_new_documents_members(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    alice = mint_token(SECRET, None, None, "alice", 3600)
+    bob = mint_token(SECRET, None, None, "bob", 3600)
+    base = f"ws://{relay.host}:{relay.port}"
+    room = ConversationList(Doc()).create("Shared").room
+    share = relay_share(base, alice)
+    async with raw_client(relay.url(room, alice, ack=True)):  # creates the room
+        await share(room, "bob", "writer")
+    conversation = Conversation(author="bob")
+    replica = Replica(
+        base, room, bob, doc=conversation.doc, store_path=tmp_path / "bob.db", backoff=QUICK
+    )
+    app = ChatApp(conversation, ReplicaLink(replica), room=room, device="phone")
+    unfollow = follow_membership(conversation, app, "bob", replica)
+    async with replica, app.run_test() as pilot:
+        await replica.wait_until(lambda s: s.synced, timeout=20)
+        assert conversation.role == "writer" and not app.read_only
+        # A write no writer may make (straight into the document): refused, then /recover.
+        conversation.messages.append(
+            Map({"id": "x", "role": "assistant", "author": "bob", "content": "nope"})
+        )
+        await replica.wait_until(lambda s: s.blocked, timeout=20)
+        await submit(pilot, "/recover")
+        with anyio.fail_after(20):
+            while app.conversation is conversation:
+                await app.updated.wait()
+        members = app.conversation.doc.get(schema.MEMBERS, type=Map)
+        changed = anyio.Event()
+        members.observe(lambda _event: changed.set())
+        await share(room, "bob", "reader")
+        with anyio.fail_after(20):
+            await changed.wait()
+        assert members["bob"]["role"] == "reader"
+        assert app.conversation.role == "reader" and app.read_only
+    unfollow()

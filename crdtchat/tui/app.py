@@ -124,6 +124,9 @@ class ChatApp(App[None]):
         self._refresh_queued = False
         self._unsubscribe: list[Callable[[], None]] = []
         self.updated = Signal()  # notified after every redraw of the thread or status lines
+        # Called with the new Conversation after /recover replaced the document, so whoever
+        # follows the old one (the membership) can follow the new one.
+        self.reopened: list[Callable[[Conversation], None]] = []
         self.title = f"crdtchat · {room}"
 
     # -- layout and lifecycle --------------------------------------------------------------
@@ -444,6 +447,8 @@ class ChatApp(App[None]):
         )
         self.conversation = conversation
         self._watch_document()
+        for callback in list(self.reopened):
+            callback(conversation)
         old.close()
         self.editing = None
         composer = self.query_one("#composer", Input)

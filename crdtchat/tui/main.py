@@ -270,12 +270,22 @@ def follow_membership(
             synced = True  # from now on the members are the relay's (kept while offline)
             apply()
 
+    def reopened(new: Conversation) -> None:
+        """/recover replaced the document: follow the members of the new one."""
+        nonlocal conversation, members, subscription
+        members.unobserve(subscription)
+        conversation, members = new, new.doc.get(MEMBERS, type=Map)
+        subscription = members.observe(apply)
+        apply()
+
     apply()
     subscription = members.observe(apply)
     unwatch = replica.on_status(on_status) if replica is not None else None
+    app.reopened.append(reopened)
 
     def undo() -> None:
         members.unobserve(subscription)
+        app.reopened.remove(reopened)
         if unwatch is not None:
             unwatch()
 
