@@ -482,7 +482,12 @@ def test_one_list_on_two_devices_and_sharing_from_it(
             ),
         )
 
-        reader = open_page(friend, relay, room, identity("bob"))
+        reader = list_page(friend, relay, identity("bob"))  # bob accepts it into his list
+        reader.get_by_role("textbox", name="Conversation shared with you").fill(room)
+        reader.get_by_role("button", name="Add", exact=True).click()
+        shared = reader.locator(f"li[data-room='{room}']")
+        expect(shared.locator(".unread")).to_have_text("2 unread")  # the summary answers bob
+        shared.get_by_role("link", name=room).click()
         expect(reader.get_by_role("article")).to_contain_text(["hello from the laptop"])
         expect(reader.get_by_text("You can read this conversation but not write")).to_be_visible()
         expect(reader.get_by_role("textbox", name="Message")).to_have_count(0)

@@ -131,7 +131,10 @@ class ConversationPage {
       if (this.online) this.watchSends()
       this.showConnection()
     })
-    this.provider.on('sync', () => this.showConnection())
+    this.provider.on('sync', () => {
+      if (this.identity) this.roleFromMembers()
+      this.showConnection()
+    })
     this.provider.on('connection-close', (event) => this.onClose(event))
     const awareness = this.provider.awareness
     awareness.setLocalStateField('user', { sub: this.sub, device: deviceName(), typing: false })
@@ -204,11 +207,14 @@ class ConversationPage {
 
   pending () { return this.localUpdates.length }
 
-  /** An identity token writes as its membership allows: owner and writer, not reader. */
+  /** An identity token writes as its membership allows: owner and writer, not reader. Until
+   * the relay has synced, only "owner" is trusted from the local copy (an owner's entry never
+   * changes; a writer may since have been made a reader). */
   roleFromMembers () {
     const member = this.members.get(this.sub)
     const role = member && typeof member === 'object' ? member.role : null
-    this.canWrite = role === 'owner' || role === 'writer'
+    const synced = this.provider ? this.provider.synced : false
+    this.canWrite = role === 'owner' || (synced && role === 'writer')
     if (this.form) this.applyRole()
   }
 

@@ -135,11 +135,26 @@ export class ListPage {
         location.assign(`/c/${room}`)
       }
     }, title, h('button', { type: 'submit' }, 'New conversation'))
+    const shared = h('input', { 'aria-label': 'Conversation shared with you', placeholder: 'Room shared with you' })
+    const accept = h('form', {
+      class: 'new',
+      onsubmit: (event) => {
+        event.preventDefault()
+        const room = shared.value.trim()
+        if (!ROOM_NAME.test(room)) {
+          this.notice(`A room name is 1-128 of A-Za-z0-9._-, not ${JSON.stringify(room.slice(0, 140))}`)
+          return
+        }
+        this.add(room, null) // design §2: a shared room enters the list when its person adds it
+        shared.value = ''
+        this.notice('')
+      }
+    }, shared, h('button', { type: 'submit' }, 'Add'))
     this.archivedButton = h('button', { type: 'button', onclick: () => { this.showArchived = !this.showArchived; this.render() } })
     this.heading = h('h1', { text: 'Conversations' })
     this.listNode = h('ul', { class: 'rooms' })
     this.root.replaceChildren(h('header', {}, this.heading, this.connectionNode, this.archivedButton),
-      this.noticeNode, create, this.listNode)
+      this.noticeNode, create, accept, this.listNode)
     this.showConnection()
   }
 
