@@ -472,13 +472,17 @@ def test_one_list_on_two_devices_and_sharing_from_it(
         entry.get_by_label("Role").select_option("reader")
         entry.locator("form").get_by_role("button", name="Share").click()
         expect(second.locator(".notice")).to_have_text("shared with bob as reader")
+        entry.get_by_role("button", name="Rename").click()
+        entry.get_by_label("Title").fill("Trip to Oslo")
+        entry.get_by_role("button", name="Save title").click()
+        expect(first.get_by_role("link", name="Trip to Oslo")).to_be_visible()
         # The Python ConversationList reads the same entry from the person's list document.
         wait_for_list(
             portal,
             relay,
             alice,
             lambda rooms: (
-                (e := rooms.get(room)) is not None and e.pinned and e.title == "Trip plans"
+                (e := rooms.get(room)) is not None and e.pinned and e.title == "Trip to Oslo"
             ),
         )
 
@@ -491,6 +495,12 @@ def test_one_list_on_two_devices_and_sharing_from_it(
         expect(reader.get_by_role("article")).to_contain_text(["hello from the laptop"])
         expect(reader.get_by_text("You can read this conversation but not write")).to_be_visible()
         expect(reader.get_by_role("textbox", name="Message")).to_have_count(0)
+
+        first.locator(f"li[data-room='{room}']").get_by_role("button", name="Archive").click()
+        expect(entry).to_have_count(0)  # archived on the other device too
+        second.get_by_role("button", name="Show archived").click()
+        entry.get_by_role("button", name="Leave").click()
+        wait_for_list(portal, relay, alice, lambda rooms: rooms.get(room) is None)
     finally:
         laptop.close()
         phone.close()

@@ -8,8 +8,8 @@ import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import { IndexeddbPersistence } from 'y-indexeddb'
 import { personRoom, relayRequest } from './session.js'
+import { ROOM_NAME, listEntries } from './listdoc.js'
 
-const ROOM_NAME = /^[A-Za-z0-9._-]{1,128}$/
 const SUMMARY_EVERY_MS = 15000 // others' posts are not in the list document: ask again this often
 
 const h = (tag, attrs = {}, ...children) => {
@@ -28,35 +28,6 @@ const h = (tag, attrs = {}, ...children) => {
 function newRoomName () {
   const bytes = crypto.getRandomValues(new Uint8Array(12))
   return 'c-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')
-}
-
-/** The list's entries as ConversationList.entries reads them: bad entries skipped, pinned
- * first, then the most recently added. `archived` null: all. */
-export function listEntries (doc, archived = false) {
-  const rooms = doc.getMap('list.rooms')
-  const titles = doc.getMap('list.titles')
-  const pinned = doc.getMap('list.pinned')
-  const hidden = doc.getMap('list.archived')
-  const marks = doc.getMap('list.read')
-  const found = []
-  for (const [room, value] of rooms.entries()) {
-    if (!ROOM_NAME.test(room)) continue
-    const added = value && typeof value === 'object' ? value.added_at : undefined
-    const title = titles.get(room)
-    const mark = marks.get(room)
-    const entry = {
-      room,
-      addedAt: typeof added === 'number' && Number.isFinite(added) ? added : 0,
-      title: typeof title === 'string' ? title : null,
-      pinned: pinned.get(room) === true,
-      archived: hidden.get(room) === true,
-      read: typeof mark === 'string' ? mark : null
-    }
-    if (archived === null || entry.archived === archived) found.push(entry)
-  }
-  found.sort((a, b) => (a.pinned !== b.pinned ? (a.pinned ? -1 : 1)
-    : a.addedAt !== b.addedAt ? b.addedAt - a.addedAt : a.room < b.room ? -1 : a.room > b.room ? 1 : 0))
-  return found
 }
 
 export class ListPage {
