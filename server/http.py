@@ -90,8 +90,12 @@ class HttpLimits:
 
 
 def make_response(
-    status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8"
+    status: int,
+    body: bytes | str,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: list[tuple[str, str]] | None = None,
 ) -> Response:
+    """One complete HTTP answer on the relay's port (blob, health, access and web routes)."""
     data = body.encode("utf-8") if isinstance(body, str) else body
     code = http.HTTPStatus(status)
     headers = Headers(
@@ -100,6 +104,7 @@ def make_response(
             ("Connection", "close"),
             ("Content-Length", str(len(data))),
             ("Content-Type", content_type),
+            *(extra or []),
         ]
     )
     return Response(code.value, code.phrase, headers, data)

@@ -15,19 +15,16 @@ the room is its membership, which the page reads from the room's `access.members
 
 from __future__ import annotations
 
-import email.utils
-import http
 import json
 import re
 from pathlib import Path
 
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from crdtchat.schema import ROOM_NAME
 from crdtchat.tokens import FORBIDDEN_REASONS, TokenError, TokenVerifier, refusal_text
 from crdtchat.web import STATIC
-from server.http import verify
+from server.http import make_response, verify
 
 _TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -88,15 +85,15 @@ class WebApp:
             return self._file("index.html", host)
         name = path.removeprefix("/static/")
         if path.startswith("/c/"):
-            return _response(404, "a conversation page is /c/<room>, 1-128 of A-Za-z0-9._-\n")
+            return make_response(404, "a conversation page is /c/<room>, 1-128 of A-Za-z0-9._-\n")
         return self._file(name, host)
 
     def _file(self, name: str, host: str | None) -> Response:
         body = self.files.get(name)
         if body is None:
             if name == "index.html":
-                return _response(503, "the web client is not built: cd web && npm run build\n")
-            return _response(404, f"no file {name!r}\n")
+                return make_response(503, "the web client is not built: cd web && npm run build\n")
+            return make_response(404, f"no file {name!r}\n")
         suffix = Path(name).suffix
         headers = [
             ("Content-Security-Policy", content_security_policy(host, self.secure)),
@@ -106,14 +103,14 @@ class WebApp:
         ]
         if name == "sw.js":
             headers.append(("Service-Worker-Allowed", "/"))  # it serves the pages at / too
-        return _response(200, body, _TYPES.get(suffix, "application/octet-stream"), headers)
+        return make_response(200, body, _TYPES.get(suffix, "application/octet-stream"), headers)
 
     async def _auth(self, request: Request, room: str) -> Response:
         if not ROOM_NAME.fullmatch(room):
-            return _response(400, "the path must be /auth/<room>, 1-128 of A-Za-z0-9._-\n")
+            return make_response(400, "the path must be /auth/<room>, 1-128 of A-Za-z0-9._-\n")
         scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return _response(401, "a token is required: Authorization: Bearer <token>\n")
+            return make_response(401, "a token is required: Authorization: Bearer <token>\n")
         try:
             try:
                 claims = await verify(self.verifier, token.strip(), room)
@@ -126,31 +123,13 @@ class WebApp:
                 claims = await verify(self.verifier, token.strip(), None)
         except TokenError as error:
             status = 403 if error.reason in FORBIDDEN_REASONS else 401
-            return _response(status, f"token refused: {refusal_text(error.reason)}\n")
+            return make_response(status, f"token refused: {refusal_text(error.reason)}\n")
         body = {
             "room": room if claims.identity else claims.room,
             "role": claims.role,
             "sub": claims.sub,
             "exp": claims.exp,
         }
-        return _response(200, json.dumps(body), "application/json", [("Cache-Control", "no-store")])
-
-
-def _response(
-    status: int,
-    body: bytes | str,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: list[tuple[str, str]] | None = None,
-) -> Response:
-    data = body.encode() if isinstance(body, str) else body
-    code = http.HTTPStatus(status)
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Connection", "close"),
-            ("Content-Length", str(len(data))),
-            ("Content-Type", content_type),
-            *(extra or []),
-        ]
-    )
-    return Response(code.value, code.phrase, headers, data)
+        return make_response(
+            200, json.dumps(body), "application/json", [("Cache-Control", "no-store")]
+        )
