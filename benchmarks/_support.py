@@ -17,7 +17,6 @@ import asyncio
 import math
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -33,11 +32,12 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from crdtchat.stack import LISTENING, wait_until_listening
+
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE_SERVER = NODE_DIR / "node_modules" / "y-websocket" / "bin" / "server.cjs"
 SECRET = "benchmark-secret-for-the-relay-32-bytes"
-_RELAY_LISTENING = re.compile(r"crdtchat relay listening on ws://([^:\s]+):(\d+)")
 _NODE_LISTENING = re.compile(r"running at '([^']+)' on port (\d+)")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -84,28 +84,6 @@ class Server:
             return ""
 
 
-def _wait_for_line(proc: subprocess.Popen[str], pattern: re.Pattern[str], timeout: float) -> int:
-    """The port from the first stdout line matching `pattern`; RuntimeError after `timeout`."""
-    assert proc.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    try:
-        for _ in range(1000):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                break
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"server exited with {proc.wait(5)} before listening")
-            match = pattern.search(line)
-            if match:
-                return int(match.group(2))
-    finally:
-        selector.close()
-    raise RuntimeError("server did not say it was listening in time")
-
-
 @contextmanager
 def _running(
     name: str,
@@ -121,7 +99,7 @@ def _running(
         )
     try:
         try:
-            port = _wait_for_line(proc, pattern, 60.0)
+            port = wait_until_listening(proc, 60.0, pattern)
         except RuntimeError as error:
             raise RuntimeError(f"{name}: {error}; log:\n{log_path.read_text()}") from None
         yield proc, port
@@ -150,7 +128,7 @@ def running_relay(
     env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = str(src)
     log_path = data.parent / "relay.log"
-    with _running("relay", command, env, src, log_path, _RELAY_LISTENING) as (proc, port):
+    with _running("relay", command, env, src, log_path, LISTENING) as (proc, port):
         yield Server("crdtchat relay", proc, f"ws://127.0.0.1:{port}", log_path)
 
 

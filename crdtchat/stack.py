@@ -23,7 +23,7 @@ from typing import Self
 
 from crdtchat.tokens import mint_token
 
-LISTENING = re.compile(r"crdtchat relay listening on ws://([^:\s]+):(\d+)")
+LISTENING = re.compile(r"crdtchat relay listening on wss?://([^:\s]+):(\d+)")
 SECRET_FILE = "demo-secret"
 
 
@@ -37,6 +37,31 @@ def load_or_create_secret(data: Path) -> str:
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return secret
+
+
+def wait_until_listening(
+    proc: subprocess.Popen[str], timeout: float, pattern: re.Pattern[str] = LISTENING
+) -> int:
+    """The port from the first stdout line matching `pattern` (the relay's "listening on").
+
+    One launcher reads it for the demo, the tests and the benchmarks: the port is 0 until the
+    server has bound it, and the line is the event that says it has. RuntimeError if the
+    process exits first or says nothing within `timeout` seconds; the caller holds the log.
+    """
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise RuntimeError(f"no listening line within {timeout:g} s")
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"exited with {proc.wait()} before listening")
+            match = pattern.search(line)
+            if match:
+                return int(match.group(2))
 
 
 @dataclass
@@ -142,22 +167,14 @@ class LocalStack:
         )
         self.relay.start(capture_stdout=True)
         proc = self.relay.proc
-        assert proc is not None and proc.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                self.relay.kill()
-                raise RuntimeError(f"the relay did not start; see {self.relay.log_path}")
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the relay exited; see {self.relay.log_path}")
-            match = LISTENING.search(line)
-            if match:
-                self.port = int(match.group(2))
-                return
+        assert proc is not None
+        try:
+            self.port = wait_until_listening(proc, timeout)
+        except RuntimeError as error:
+            self.relay.kill()
+            raise RuntimeError(
+                f"the relay did not start ({error}); see {self.relay.log_path}"
+            ) from None
 
     def start_worker(
         self,

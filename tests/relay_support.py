@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -28,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from crdtchat import schema
+from crdtchat.stack import wait_until_listening
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
     Ack,
@@ -47,7 +45,6 @@ from crdtchat.wire import (
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-for-the-relay-32-bytes-long"
-LISTENING = re.compile(r"crdtchat relay listening on wss?://([^:\s]+):(\d+)")
 
 
 def token(room: str, role: str = "writer", sub: str = "alice", ttl: float = 3600) -> str:
@@ -102,22 +99,12 @@ class RelayProcess:
             text=True,
         )
         log.close()
-        assert self.proc.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = _now() + timeout
-        while True:
-            remaining = deadline - _now()
-            if remaining <= 0 or not selector.select(remaining):
-                self.kill()
-                raise RuntimeError(f"relay did not start; log:\n{self.log()}")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"relay exited ({self.proc.wait()}); log:\n{self.log()}")
-            match = LISTENING.search(line)
-            if match:
-                self.port = int(match.group(2))
-                return self
+        try:
+            self.port = wait_until_listening(self.proc, timeout)
+        except RuntimeError as error:
+            self.kill()
+            raise RuntimeError(f"relay did not start ({error}); log:\n{self.log()}") from None
+        return self
 
     def log(self) -> str:
         try:
@@ -158,10 +145,6 @@ class RelayProcess:
                 self.kill()
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
-
-
-def _now() -> float:
-    return time.monotonic()
 
 
 @contextmanager
