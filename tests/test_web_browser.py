@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import jwt
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
@@ -33,7 +34,7 @@ from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.replica import Replica
 from crdtchat.schema import assistant_turn_id
 from crdtchat.signals import Changes
-from crdtchat.tokens import mint_token
+from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER, mint_token
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -460,6 +461,7 @@ def test_one_list_on_two_devices_and_sharing_from_it(
         carol = PythonPeer(portal, relay, room, "carol")  # another writer posts: unread on the list
         try:
             carol.call(carol.conversation.append, "user", "and from carol")
+            carol.call(carol.conversation.set_title, "Oslo in May")  # the room's own title
             carol.durable()
         finally:
             carol.close()
@@ -486,12 +488,15 @@ def test_one_list_on_two_devices_and_sharing_from_it(
             ),
         )
 
+        late = {"iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "sub": "bob", "exp": 1_000_000}
+        stale = list_page(friend, relay, jwt.encode(late, SECRET, LOCAL_ALGORITHM))
+        expect(stale.locator(".notice")).to_contain_text("Access refused: token refused: expired")
         reader = list_page(friend, relay, identity("bob"))  # bob accepts it into his list
         reader.get_by_role("textbox", name="Conversation shared with you").fill(room)
         reader.get_by_role("button", name="Add", exact=True).click()
         shared = reader.locator(f"li[data-room='{room}']")
         expect(shared.locator(".unread")).to_have_text("2 unread")  # the summary answers bob
-        shared.get_by_role("link", name=room).click()
+        shared.get_by_role("link", name="Oslo in May").click()  # bob has no title of his own
         expect(reader.get_by_role("article")).to_contain_text(["hello from the laptop"])
         expect(reader.get_by_text("You can read this conversation but not write")).to_be_visible()
         expect(reader.get_by_role("textbox", name="Message")).to_have_count(0)

@@ -7,7 +7,7 @@
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import { IndexeddbPersistence } from 'y-indexeddb'
-import { personRoom, relayRequest } from './session.js'
+import { personRoom, relayRequest, checkToken } from './session.js'
 import { ROOM_NAME, listEntries } from './listdoc.js'
 
 const SUMMARY_EVERY_MS = 15000 // others' posts are not in the list document: ask again this often
@@ -57,13 +57,28 @@ export class ListPage {
       this.showConnection()
       if (this.online) this.refreshSummaries()
     })
-    this.provider.on('connection-close', (event) => {
-      // 4401/4403: the token ended or was refused; a refused upgrade shows as 1006 only
-      if (event && event.code >= 4400) this.notice(`Access refused: ${event.reason || event.code}`)
-    })
+    this.provider.on('connection-close', () => this.checkAccess())
     this.refreshSummaries()
     this.timer = setInterval(() => { if (!document.hidden) this.refreshSummaries() }, SUMMARY_EVERY_MS)
     document.addEventListener('visibilitychange', () => { if (!document.hidden) this.refreshSummaries() })
+  }
+
+  /** A refused upgrade shows as 1006 only: ask the relay whether the token is still good,
+   * and on a refusal say so and stop reconnecting (an expired identity token, say). */
+  async checkAccess () {
+    if (this.checking) return
+    this.checking = true
+    try {
+      const answer = await checkToken(this.room, this.token)
+      if (!answer.ok) {
+        this.provider.disconnect()
+        this.notice(`Access refused: ${answer.reason}. Sign in again with a new link.`)
+      }
+    } catch {
+      // offline: keep trying, the websocket will tell
+    } finally {
+      this.checking = false
+    }
   }
 
   // -- the list document's writes (as ConversationList) -----------------------------------
