@@ -22,22 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import anyio
+from browser_support import CHROMIUM, FLAGS
 from playwright.sync_api import expect, sync_playwright
 from relay_support import RelayProcess, token
 
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
 
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ROOM = "bench-open"
 
 
@@ -79,7 +70,7 @@ def main() -> None:
         link = f"http://127.0.0.1:{relay.port}/c/{ROOM}#token={token(ROOM, 'writer', 'alice')}"
         relay_times, idb_times, anchors, heaps, scrolls = [], [], [], [], []
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
             for _ in range(args.repeats):
                 anchors.append(anchor(state))
                 context = browser.new_context()

@@ -25,6 +25,7 @@ import anyio
 import jwt
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from browser_support import CHROMIUM, FLAGS
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from relay_support import REPO, SECRET, RelayProcess, token
 
@@ -36,17 +37,6 @@ from crdtchat.schema import assistant_turn_id
 from crdtchat.signals import Changes
 from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER, mint_token
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WAIT = 30_000  # ms: generous, the machine is shared
 EVENT_DELAY = 0.15  # s between streamed words: a reply is seen streaming, and a reload lands in it
 ROOM = "web-chat"
