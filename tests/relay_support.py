@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from pycrdt import Array, Doc, Map, Text
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtchat import schema
 from crdtchat.stack import wait_until_listening
@@ -49,6 +49,11 @@ SECRET = "test-secret-for-the-relay-32-bytes-long"
 
 def token(room: str, role: str = "writer", sub: str = "alice", ttl: float = 3600) -> str:
     return mint_token(SECRET, room, role, sub, ttl)
+
+
+def identity_token(sub: str, ttl: float = 3600) -> str:
+    """A person's token (no room, no role): membership gives the role (design §4)."""
+    return mint_token(SECRET, None, None, sub, ttl)
 
 
 class RelayProcess:
@@ -116,6 +121,11 @@ class RelayProcess:
     def http_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def ws_base(self) -> str:
+        """The relay's websocket base URL, without a room: what a `Replica` takes."""
+        return f"ws://{self.host}:{self.port}"
+
     def url(self, room: str, tok: str, *, ack: bool = False) -> str:
         suffix = "&ext=ack" if ack else ""
         return f"ws://{self.host}:{self.port}/{room}?token={tok}{suffix}"
@@ -156,6 +166,16 @@ def running_relay(
         yield relay
     finally:
         relay.stop()
+
+
+async def upgrade_status(relay: RelayProcess, room: str, tok: str) -> tuple[int, str]:
+    """The HTTP status and body a websocket upgrade with `tok` gets (101: accepted)."""
+    try:
+        async with connect(relay.url(room, tok), open_timeout=30) as ws:
+            await ws.close()
+            return 101, ""
+    except InvalidStatus as error:
+        return error.response.status_code, error.response.body.decode().strip()
 
 
 def declare_roots(doc: Doc) -> dict[str, Array | Map]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 from pycrdt import Array, Doc, Map, Text
-from relay_support import SECRET, RelayProcess, raw_client, token
+from relay_support import RelayProcess, identity_token, raw_client, running_relay, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -18,32 +18,22 @@ from crdtchat import ConversationList, Replica, person_room, schema
 from crdtchat.conversations import summary
 from crdtchat.errors import CommandError
 from crdtchat.replica import Backoff
-from crdtchat.tokens import mint_token
 
 pytestmark = pytest.mark.anyio
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 
 
-def identity(sub: str) -> str:
-    return mint_token(SECRET, None, None, sub, 3600)
-
-
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[RelayProcess]:
-    relay = RelayProcess(tmp_path / "data").start()
-    try:
+    with running_relay(tmp_path / "data") as relay:
         yield relay
-    finally:
-        relay.stop()
-
-
-def ws(relay: RelayProcess) -> str:
-    return f"ws://{relay.host}:{relay.port}"
 
 
 def device(relay: RelayProcess, sub: str, path: Path) -> Replica:
-    return Replica(ws(relay), person_room(sub), identity(sub), store_path=path, backoff=FAST)
+    return Replica(
+        relay.ws_base, person_room(sub), identity_token(sub), store_path=path, backoff=FAST
+    )
 
 
 async def until(lists: list[ConversationList], condition: Callable[[], bool]) -> None:
@@ -118,12 +108,12 @@ async def test_only_the_person_opens_their_list(relay: RelayProcess) -> None:
         except InvalidStatus as error:
             return error.response.status_code
 
-    assert await status(identity("alice")) == 101
-    assert await status(identity("bob")) == 403
+    assert await status(identity_token("alice")) == 101
+    assert await status(identity_token("bob")) == 403
     assert await status(token(room, "writer", "alice")) == 403  # a room token, even its own
     assert await status(token("*", "worker", "worker-1")) == 403
     # In a conversation, nobody writes the list roots.
-    async with raw_client(relay.url("c-chat", identity("alice"), ack=True)) as chat:
+    async with raw_client(relay.url("c-chat", identity_token("alice"), ack=True)) as chat:
         await chat.push(lambda doc: doc.get(schema.LIST_PINNED, type=Map).update({"x": True}))
         await chat.wait_acked()
         assert chat.denied and schema.LIST_PINNED in chat.denied[-1]
@@ -132,7 +122,7 @@ async def test_only_the_person_opens_their_list(relay: RelayProcess) -> None:
 async def test_summary_counts_what_others_posted_since_the_read_mark(
     relay: RelayProcess, tmp_path: Path
 ) -> None:
-    alice, bob = identity("alice"), identity("bob")
+    alice, bob = identity_token("alice"), identity_token("bob")
     async with raw_client(relay.url("c-summary", alice, ack=True)) as owner:
 
         def post(msg_id: str, author: str, parent: str | None) -> Callable[[Doc], None]:
@@ -154,14 +144,14 @@ async def test_summary_counts_what_others_posted_since_the_read_mark(
         await owner.wait_acked()
         from crdtchat.membership import share
 
-        share(ws(relay), "c-summary", alice, "bob", "writer")
+        share(relay.ws_base, "c-summary", alice, "bob", "writer")
         async with raw_client(relay.url("c-summary", bob, ack=True)) as member:
             await member.push(post("m2", "bob", "m1"))
             await member.push(post("m3", "bob", "m2"))
             await member.wait_acked()
-        seen = summary(ws(relay), "c-summary", alice)
+        seen = summary(relay.ws_base, "c-summary", alice)
         assert (seen["messages"], seen["unread"], seen["last_activity"]) == (3, 2, 1002.0)
-        assert summary(ws(relay), "c-summary", alice, read="m2")["unread"] == 1
-        assert summary(ws(relay), "c-summary", bob, read="m3")["unread"] == 0
+        assert summary(relay.ws_base, "c-summary", alice, read="m2")["unread"] == 1
+        assert summary(relay.ws_base, "c-summary", bob, read="m3")["unread"] == 0
     with pytest.raises(CommandError, match="403"):
-        summary(ws(relay), "c-summary", identity("carol"))
+        summary(relay.ws_base, "c-summary", identity_token("carol"))

@@ -13,11 +13,18 @@ import httpx
 import jwt
 import pytest
 from pycrdt import Array, Doc
-from relay_support import SECRET, RelayProcess, message_map, raw_client, token
+from relay_support import (
+    SECRET,
+    RelayProcess,
+    message_map,
+    raw_client,
+    token,
+    upgrade_status,
+)
 from token_support import JwksServer, KeyPair, claims, forge_hs256, forge_none, jwks_server
 from token_support import write_trust_file as write_trust
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from crdtchat.replica import Replica
 from crdtchat.tokens import mint_token, read_claims_unverified
@@ -82,16 +89,6 @@ def access(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Access]:
             relay.stop()
 
 
-async def status_of(relay: RelayProcess, room: str, tok: str) -> tuple[int, str]:
-    """The HTTP status and body a websocket upgrade with `tok` gets (101: accepted)."""
-    try:
-        async with connect(relay.url(room, tok), open_timeout=30) as ws:
-            await ws.close()
-            return 101, ""
-    except InvalidStatus as error:
-        return error.response.status_code, error.response.body.decode().strip()
-
-
 def expired_closes(relay: RelayProcess) -> float:
     """Connections the relay closed for an expired token (absent from /metrics until one)."""
     name = 'crdtchat_closed_connections_total{reason="token_expired"}'
@@ -105,8 +102,8 @@ def expired_closes(relay: RelayProcess) -> float:
 async def test_forged_tokens_are_refused_at_the_upgrade(access: Access) -> None:
     key = access.pem_key
     good = claims(IDP, "alice", AUDIENCE, room="r1", role="writer")
-    assert await status_of(access.relay, "r1", key.sign(good)) == (101, "")
-    assert await status_of(access.relay, "r1", token("r1")) == (101, "")
+    assert await upgrade_status(access.relay, "r1", key.sign(good)) == (101, "")
+    assert await upgrade_status(access.relay, "r1", token("r1")) == (101, "")
     forged = [
         (KeyPair.generate("EdDSA", key.kid).sign(good), 401, "bad signature"),
         (forge_none(good), 401, "algorithm not allowed"),
@@ -129,7 +126,7 @@ async def test_forged_tokens_are_refused_at_the_upgrade(access: Access) -> None:
         (forge_hs256({**good, "iss": [IDP]}, SECRET.encode()), 401, "malformed token: no issuer"),
     ]
     for tok, status, reason in forged:
-        got_status, body = await status_of(access.relay, "r1", tok)
+        got_status, body = await upgrade_status(access.relay, "r1", tok)
         assert got_status == status and reason in body, (reason, got_status, body)
 
 
@@ -137,22 +134,24 @@ async def test_jwks_rotation_is_picked_up_without_restart(access: Access) -> Non
     jwks = access.jwks
     first = jwks.keys[0]
     room_claims = claims(ROTATING, "bob", AUDIENCE, room="r2", role="reader")
-    assert (await status_of(access.relay, "r2", first.sign(room_claims)))[0] == 101
+    assert (await upgrade_status(access.relay, "r2", first.sign(room_claims)))[0] == 101
     # The issuer rotates: a new key (another algorithm, too) replaces the old one.
     second = KeyPair.generate("RS256", "jwks-2")
     jwks.keys = [second]
     started = time.monotonic()
     fetches_before = jwks.fetches
     with anyio.fail_after(30):
-        while (status := await status_of(access.relay, "r2", second.sign(room_claims)))[0] != 101:
+        while (status := await upgrade_status(access.relay, "r2", second.sign(room_claims)))[
+            0
+        ] != 101:
             assert status == (401, "token refused: unknown signing key (kid)"), status
             await anyio.sleep(0.1)  # the relay refetches at most once per JWKS_REFRESH
     # A token signed with the retired key is refused now, and unknown kids do not make the
     # relay fetch the set more than once per interval.
-    assert (await status_of(access.relay, "r2", first.sign(room_claims)))[0] == 401
+    assert (await upgrade_status(access.relay, "r2", first.sign(room_claims)))[0] == 401
     for n in range(20):
         stray = KeyPair.generate("ES256", f"stray-{n}")
-        assert (await status_of(access.relay, "r2", stray.sign(room_claims)))[0] == 401
+        assert (await upgrade_status(access.relay, "r2", stray.sign(room_claims)))[0] == 401
     elapsed = time.monotonic() - started
     assert jwks.fetches - fetches_before <= 2 + elapsed / JWKS_REFRESH
 
@@ -186,7 +185,7 @@ async def test_expired_token_ends_a_live_connection(access: Access, role: str) -
         await writer.wait_acked()
         assert holder.texts() == ["hi"]  # nothing after the expiry reached it
         assert closed_at >= expires - 1.5  # not before its time (exp is whole seconds)
-    assert await status_of(relay, room, short) == (401, "token refused: expired")
+    assert await upgrade_status(relay, room, short) == (401, "token refused: expired")
     after = expired_closes(relay)
     assert after == closed_before + 1
 

@@ -14,42 +14,29 @@ from typing import Any
 import httpx
 import pytest
 from pycrdt import Array, Doc, Map, Text
-from relay_support import REPO, SECRET, RawClient, RelayProcess, message_map, raw_client, token
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from relay_support import (
+    REPO,
+    RawClient,
+    RelayProcess,
+    identity_token,
+    message_map,
+    raw_client,
+    running_relay,
+    token,
+    upgrade_status,
+)
 
 from crdtchat import ConversationList, membership, schema
 from crdtchat.conversations import list_replica
 from crdtchat.errors import CommandError
-from crdtchat.tokens import mint_token
 
 pytestmark = pytest.mark.anyio
 
 
-def identity(sub: str, ttl: float = 3600) -> str:
-    return mint_token(SECRET, None, None, sub, ttl)
-
-
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
-    relay = RelayProcess(tmp_path_factory.mktemp("membership") / "data").start()
-    try:
+    with running_relay(tmp_path_factory.mktemp("membership") / "data") as relay:
         yield relay
-    finally:
-        relay.stop()
-
-
-def ws_base(relay: RelayProcess) -> str:
-    return f"ws://{relay.host}:{relay.port}"
-
-
-async def upgrade_status(relay: RelayProcess, room: str, tok: str) -> tuple[int, str]:
-    try:
-        async with connect(relay.url(room, tok), open_timeout=30) as ws:
-            await ws.close()
-            return 101, ""
-    except InvalidStatus as error:
-        return error.response.status_code, error.response.body.decode().strip()
 
 
 def append(msg_id: str, author: str, text: str) -> Callable[[Doc], None]:
@@ -65,7 +52,7 @@ def member_table(client: RawClient) -> dict[str, Any]:
 
 async def test_owner_shares_as_reader_who_reads_and_cannot_write(relay: RelayProcess) -> None:
     room = "shared-reader"
-    alice, bob = identity("alice"), identity("bob")
+    alice, bob = identity_token("alice"), identity_token("bob")
     async with raw_client(relay.url(room, alice, ack=True)) as owner:
         # The first identity to open an empty room owns it, and writes like a writer.
         await owner.wait_for(lambda: member_table(owner).get("alice", {}).get("role") == "owner")
@@ -79,7 +66,7 @@ async def test_owner_shares_as_reader_who_reads_and_cannot_write(relay: RelayPro
         await owner.wait_acked()
         assert owner.denied and schema.MEMBERS in owner.denied[-1]
 
-        membership.share(ws_base(relay), room, alice, "bob", "reader")
+        membership.share(relay.ws_base, room, alice, "bob", "reader")
         await owner.wait_for(lambda: member_table(owner).get("bob", {}).get("role") == "reader")
         async with raw_client(relay.url(room, bob, ack=True)) as reader:
             assert reader.texts() == ["hello bob"]
@@ -91,9 +78,9 @@ async def test_owner_shares_as_reader_who_reads_and_cannot_write(relay: RelayPro
                 assert device.denied == ["a reader may not change the document"]
             # Only the owner changes members.
             with pytest.raises(CommandError, match="403"):
-                membership.share(ws_base(relay), room, bob, "carol", "writer")
+                membership.share(relay.ws_base, room, bob, "carol", "writer")
             # A downgrade or upgrade applies to the live connection's next write.
-            membership.share(ws_base(relay), room, alice, "bob", "writer")
+            membership.share(relay.ws_base, room, alice, "bob", "writer")
             await reader.wait_for(lambda: member_table(reader)["bob"]["role"] == "writer")
             await reader.push(append("m3", "bob", "thanks"))
             await reader.wait_acked()
@@ -105,18 +92,18 @@ async def test_removed_member_receives_nothing_more_on_a_live_connection(
     relay: RelayProcess,
 ) -> None:
     room = "shared-removed"
-    alice, bob = identity("alice"), identity("bob")
+    alice, bob = identity_token("alice"), identity_token("bob")
     async with raw_client(relay.url(room, alice, ack=True)) as owner:
         await owner.push(append("m1", "alice", "before"))
         await owner.wait_acked()
-        membership.share(ws_base(relay), room, alice, "bob", "writer")
+        membership.share(relay.ws_base, room, alice, "bob", "writer")
         async with raw_client(relay.url(room, bob, ack=True)) as member:
             await member.wait_for(lambda: member.texts() == ["before"])
             await member.wait_acked()  # its own sync step 2: nothing of its own is in flight
             seen = len(member.received)
             # Removal is enforced before the relay answers the owner: the connection is
             # closed with a reason, and not even the update that removes it is sent to it.
-            membership.unshare(ws_base(relay), room, alice, "bob")
+            membership.unshare(relay.ws_base, room, alice, "bob")
             await owner.push(append("m2", "alice", "after"))
             await owner.wait_acked()
             code, reason = await member.wait_closed(timeout=2)
@@ -128,16 +115,16 @@ async def test_removed_member_receives_nothing_more_on_a_live_connection(
         status, body = await upgrade_status(relay, room, bob)
         assert status == 403 and "not a member" in body
         with pytest.raises(CommandError, match="404"):
-            membership.unshare(ws_base(relay), room, alice, "bob")
+            membership.unshare(relay.ws_base, room, alice, "bob")
 
 
 async def test_invite_link_used_up_and_revoked(relay: RelayProcess) -> None:
     room = "invited"
-    alice = identity("alice")
+    alice = identity_token("alice")
     async with raw_client(relay.url(room, alice, ack=True)) as owner:
         await owner.push(append("m1", "alice", "welcome"))
         await owner.wait_acked()
-        once = membership.invite(ws_base(relay), room, alice, "writer", uses=1)
+        once = membership.invite(relay.ws_base, room, alice, "writer", uses=1)
         secret = once.link.partition("#invite=")[2]
         await owner.wait_for(lambda: once.id in owner.doc.get(schema.INVITES, type=Map))
         stored = owner.doc.get(schema.INVITES, type=Map)[once.id]
@@ -145,24 +132,24 @@ async def test_invite_link_used_up_and_revoked(relay: RelayProcess) -> None:
         assert stored["hash"] == hashlib.sha256(secret.encode()).hexdigest()
         assert secret not in str(owner.doc.get(schema.INVITES, type=Map).to_py())
 
-        joined = membership.join(once.link, identity("carol"))
+        joined = membership.join(once.link, identity_token("carol"))
         assert (joined.room, joined.role) == (room, "writer")
-        async with raw_client(relay.url(room, identity("carol"), ack=True)) as carol:
+        async with raw_client(relay.url(room, identity_token("carol"), ack=True)) as carol:
             assert carol.texts() == ["welcome"]
         with pytest.raises(CommandError, match=r"403.*not valid"):  # used up
-            membership.join(once.link, identity("dave"))
+            membership.join(once.link, identity_token("dave"))
         await owner.wait_for(lambda: once.id not in owner.doc.get(schema.INVITES, type=Map))
 
-        revoked = membership.invite(ws_base(relay), room, alice, "reader", ttl=3600)
-        membership.revoke(ws_base(relay), room, alice, revoked.id)
+        revoked = membership.invite(relay.ws_base, room, alice, "reader", ttl=3600)
+        membership.revoke(relay.ws_base, room, alice, revoked.id)
         with pytest.raises(CommandError, match=r"403.*not valid"):
-            membership.join(revoked.link, identity("erin"))
-        assert (await upgrade_status(relay, room, identity("erin")))[0] == 403
+            membership.join(revoked.link, identity_token("erin"))
+        assert (await upgrade_status(relay, room, identity_token("erin")))[0] == 403
         # A guessed secret for a live invite is refused the same way.
-        live = membership.invite(ws_base(relay), room, alice, "reader")
+        live = membership.invite(relay.ws_base, room, alice, "reader")
         forged = live.link.rsplit(".", 1)[0] + ".guessed"
         with pytest.raises(CommandError, match=r"403.*not valid"):
-            membership.join(forged, identity("erin"))
+            membership.join(forged, identity_token("erin"))
 
 
 async def test_a_room_without_an_owner_opens_only_with_a_room_token(relay: RelayProcess) -> None:
@@ -170,12 +157,12 @@ async def test_a_room_without_an_owner_opens_only_with_a_room_token(relay: Relay
     async with raw_client(relay.url(room, token(room, "writer", "app"), ack=True)) as app:
         await app.push(append("m1", "app", "made by an app token"))
         await app.wait_acked()
-    status, body = await upgrade_status(relay, room, identity("alice"))
+    status, body = await upgrade_status(relay, room, identity_token("alice"))
     assert status == 403 and "has no owner" in body
     with pytest.raises(CommandError, match="403"):
-        membership.share(ws_base(relay), room, identity("alice"), "bob", "reader")
+        membership.share(relay.ws_base, room, identity_token("alice"), "bob", "reader")
     with pytest.raises(CommandError, match=r"403.*identity token"):
-        membership.share(ws_base(relay), room, token(room, "writer", "app"), "bob", "reader")
+        membership.share(relay.ws_base, room, token(room, "writer", "app"), "bob", "reader")
 
 
 def cli(*args: str, tok: str | None) -> subprocess.CompletedProcess[str]:
@@ -195,8 +182,8 @@ def cli(*args: str, tok: str | None) -> subprocess.CompletedProcess[str]:
 
 async def test_share_invite_and_join_commands(relay: RelayProcess) -> None:
     room = "by-command"
-    base = ws_base(relay)
-    alice = identity("alice")
+    base = relay.ws_base
+    alice = identity_token("alice")
     async with raw_client(relay.url(room, alice, ack=True)) as owner:
         shared = cli("share", room, "--relay", base, "--with", "bob", "--role", "reader", tok=alice)
         assert shared.returncode == 0, shared.stderr
@@ -204,13 +191,13 @@ async def test_share_invite_and_join_commands(relay: RelayProcess) -> None:
         made = cli("invite", room, "--relay", base, "--role", "writer", "--uses", "1", tok=alice)
         assert made.returncode == 0, made.stderr
         link = made.stdout.strip()
-        joined = cli("join", link, tok=identity("carol"))
+        joined = cli("join", link, tok=identity_token("carol"))
         assert joined.returncode == 0 and "joined by-command as writer" in joined.stdout
         # Joining accepts the room into carol's own conversation list.
-        async with list_replica(base, identity("carol")) as carols:
+        async with list_replica(base, identity_token("carol")) as carols:
             await carols.wait_until(lambda status: status.synced, timeout=30)
             assert [e.room for e in ConversationList(carols.doc).entries()] == [room]
-        again = cli("join", link, tok=identity("dave"))
+        again = cli("join", link, tok=identity_token("dave"))
         assert again.returncode == 1 and again.stderr.count("\n") == 1
         assert again.stderr.startswith("crdtchat join: refused (403)")
         invite_id = made.stderr.split()[2]
@@ -231,7 +218,7 @@ async def test_members_reach_the_rooms_files_with_their_identity_tokens(
     relay: RelayProcess,
 ) -> None:
     room = "shared-files"
-    alice, bob = identity("alice"), identity("bob")
+    alice, bob = identity_token("alice"), identity_token("bob")
     body = b"a file shared with members"
     sha = hashlib.sha256(body).hexdigest()
     url = f"{relay.http_url}/blobs/{room}/{sha}"
@@ -248,11 +235,11 @@ async def test_members_reach_the_rooms_files_with_their_identity_tokens(
         await owner.push(with_file)
         await owner.wait_acked()
         assert owner.denied == []
-    membership.share(ws_base(relay), room, alice, "bob", "reader")
+    membership.share(relay.ws_base, room, alice, "bob", "reader")
     got = httpx.get(url, headers={"Authorization": f"Bearer {bob}"}, timeout=30)
     assert got.status_code == 200 and got.content == body
     refused = httpx.put(url, content=body, headers={"Authorization": f"Bearer {bob}"})
     assert refused.status_code == 403  # a reader uploads nothing
-    membership.unshare(ws_base(relay), room, alice, "bob")
+    membership.unshare(relay.ws_base, room, alice, "bob")
     gone = httpx.get(url, headers={"Authorization": f"Bearer {bob}"}, timeout=30)
     assert gone.status_code == 403 and "bob is not a member" in gone.text

@@ -9,14 +9,13 @@ from pathlib import Path
 import anyio
 import pytest
 from pycrdt import Doc, Map
-from relay_support import SECRET, RelayProcess, raw_client
+from relay_support import RelayProcess, identity_token, raw_client, running_relay
 from textual.pilot import Pilot
 from textual.widgets import Input
 
 from crdtchat import ConversationList, schema
 from crdtchat.document import Conversation
 from crdtchat.replica import Backoff, Replica
-from crdtchat.tokens import mint_token
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.main import follow_membership
@@ -69,16 +68,13 @@ async def test_create_rename_pin_archive_leave_and_open() -> None:
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[RelayProcess]:
-    relay = RelayProcess(tmp_path / "data").start()
-    try:
+    with running_relay(tmp_path / "data") as relay:
         yield relay
-    finally:
-        relay.stop()
 
 
 async def test_share_from_the_list(relay: RelayProcess) -> None:
-    alice = mint_token(SECRET, None, None, "alice", 3600)
-    base = f"ws://{relay.host}:{relay.port}"
+    alice = identity_token("alice")
+    base = relay.ws_base
     rooms = ConversationList(Doc())
     made = rooms.create("Shared")
     async with raw_client(relay.url(made.room, alice, ack=True)) as owner:  # creates it
@@ -143,9 +139,9 @@ async def test_a_stale_membership_in_the_local_file_is_not_trusted_before_sync(
 ) -> None:
     """Bob was a writer when his device last synced, and is a reader now: opened from its
     file with the relay down, the chat stays a reader until the relay's members arrive."""
-    alice = mint_token(SECRET, None, None, "alice", 3600)
-    bob = mint_token(SECRET, None, None, "bob", 3600)
-    base = f"ws://{relay.host}:{relay.port}"
+    alice = identity_token("alice")
+    bob = identity_token("bob")
+    base = relay.ws_base
     room = ConversationList(Doc()).create("Shared").room
     store = tmp_path / "bob.sqlite"
     share = relay_share(base, alice)
@@ -191,9 +187,9 @@ async def test_a_stale_membership_in_the_local_file_is_not_trusted_before_sync(
 async def test_after_recover_the_chat_follows_the_new_documents_members(
     relay: RelayProcess, tmp_path: Path
 ) -> None:
-    alice = mint_token(SECRET, None, None, "alice", 3600)
-    bob = mint_token(SECRET, None, None, "bob", 3600)
-    base = f"ws://{relay.host}:{relay.port}"
+    alice = identity_token("alice")
+    bob = identity_token("bob")
+    base = relay.ws_base
     room = ConversationList(Doc()).create("Shared").room
     share = relay_share(base, alice)
     async with raw_client(relay.url(room, alice, ack=True)):  # creates the room
