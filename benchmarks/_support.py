@@ -61,6 +61,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process `pid` in KiB (VmRSS of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
 @dataclass
 class Server:
     """A server subprocess and the ws:// base URL it listens on."""

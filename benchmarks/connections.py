@@ -43,6 +43,7 @@ from benchmarks._support import (
     Server,
     cpu_seconds,
     open_light_client,
+    rss_kib,
     running_node_server,
     running_relay,
 )
@@ -53,14 +54,6 @@ from crdtchat.wire import SyncStep1, SyncStep2, SyncUpdate, encode_message
 STEP1_EMPTY = encode_message(SyncStep1(b"\x00"))
 STEP2_EMPTY = encode_message(SyncStep2(b"\x00\x00"))
 MARKER = b"conn#"
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def room_url(base: str, kind: str, room: str, role: str, sub: str = "bench") -> str:

@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import SECRET, cpu_seconds, running_relay
+from benchmarks._support import SECRET, cpu_seconds, rss_kib, running_relay
 from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
@@ -49,14 +49,6 @@ from crdtchat.wire import (
     encode_awareness,
     encode_frame,
 )
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 @dataclass
