@@ -13,14 +13,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import schema
 from crdtchat.errors import ConversationError
+from crdtchat.lifetime import ClosesOnExit
 from crdtchat.merge import merge
 from crdtchat.pending import PendingUpdates
 from crdtchat.prefix import RunningHashes
@@ -117,7 +117,7 @@ def _utf8_offset(text: str, index: int) -> int:
     return len(text[:index].encode())
 
 
-class Conversation:
+class Conversation(ClosesOnExit):
     """A conversation document, as written and read by one peer (`author`).
 
     `author` is the subject of the token this peer writes with (design §4): the relay refuses
@@ -180,17 +180,6 @@ class Conversation:
         for root in self._roots():
             for subscription in list(root._subscriptions):
                 root.unobserve(subscription)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _roots(self) -> tuple[Map | Array, ...]:
         return (

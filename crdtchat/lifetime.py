@@ -13,7 +13,30 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
+
+
+class ClosesOnExit:
+    """`with owner:` calls `owner.close()` on the way out, however the block ends.
+
+    For the owners above (and a store holding a file): the close is what frees them, so the
+    context manager protocol is written once rather than in each.
+    """
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def weak_method(method: Callable[..., Any]) -> Callable[..., None]:

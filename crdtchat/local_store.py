@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
 
 import anyio
 import anyio.to_thread
 from pycrdt import Doc
 
 from crdtchat.errors import StorageError
+from crdtchat.lifetime import ClosesOnExit
 from crdtchat.updates import UpdateFormatError, check_update
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class StoredState:
     log_rows: int
 
 
-class LocalStore:
+class LocalStore(ClosesOnExit):
     """Blocking access to one replica file; use it from one thread at a time."""
 
     def __init__(self, path: str | Path, *, compact_every: int = DEFAULT_COMPACT_EVERY) -> None:
@@ -295,14 +295,6 @@ class LocalStore:
 
     def close(self) -> None:
         self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType
-    ) -> None:
-        self.close()
 
 
 def read_view(path: str | Path) -> bytes | None:

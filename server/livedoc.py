@@ -32,15 +32,14 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from pycrdt import Array, Doc, Map
 from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
 from crdtchat.errors import RemoteProtocolError
-from crdtchat.lifetime import weak_method
+from crdtchat.lifetime import ClosesOnExit, weak_method
 from crdtchat.merge import merge
 from crdtchat.pending import split
 from crdtchat.shape import MAX_READ_DEPTH
@@ -124,7 +123,7 @@ def _is_panic(error: BaseException) -> bool:
     return type(error).__name__ == "PanicException"
 
 
-class LiveDoc:
+class LiveDoc(ClosesOnExit):
     """The document of one room plus the last good state it can be rebuilt from.
 
     `close()` (or `with LiveDoc(...)`) when the room is done with it: it drops the deep
@@ -179,17 +178,6 @@ class LiveDoc:
         """Drop the observers; the document is not used again (idempotent)."""
         self.closed = True
         self._drop_subscriptions()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _drop_subscriptions(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, []
