@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 from pycrdt import Array, Doc, Map, Text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -176,6 +177,15 @@ async def upgrade_status(relay: RelayProcess, room: str, tok: str) -> tuple[int,
             return 101, ""
     except InvalidStatus as error:
         return error.response.status_code, error.response.body.decode().strip()
+
+
+def metric(relay: RelayProcess, name: str) -> float:
+    """One unlabelled value of the relay's /metrics; AssertionError if it is not there."""
+    text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in metrics")
 
 
 def declare_roots(doc: Doc) -> dict[str, Array | Map]:

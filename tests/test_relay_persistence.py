@@ -7,10 +7,9 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
-import httpx
 import pytest
 from pycrdt import Doc
-from relay_support import RawClient, RelayProcess, message_map, raw_client, token
+from relay_support import RawClient, RelayProcess, message_map, metric, raw_client, token
 from websockets.exceptions import ConnectionClosed
 
 from crdtchat import schema
@@ -21,14 +20,6 @@ pytestmark = pytest.mark.anyio
 
 def url(relay: RelayProcess, room: str, sub: str, role: str = "writer") -> str:
     return relay.url(room, token(room, role, sub), ack=True)
-
-
-def metric(relay: RelayProcess, name: str) -> float:
-    text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 async def wait_metric(relay: RelayProcess, name: str, value: float, timeout: float = 15) -> None:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from pycrdt import Doc, Map, Text
-from relay_support import RawClient, RelayProcess, declare_roots, message_map, raw_client, token
+from relay_support import (
+    RawClient,
+    RelayProcess,
+    declare_roots,
+    message_map,
+    metric,
+    raw_client,
+    token,
+)
 
 from crdtchat import schema
 from crdtchat.wire import SyncUpdate
@@ -27,14 +34,6 @@ async def expect_only_next_update(observer: RawClient, alice: RawClient, marker:
     new = observer.received[seen:]
     assert len(new) == 1 and isinstance(new[0], SyncUpdate), new
     assert marker.encode() in new[0].update
-
-
-def metric(relay: RelayProcess, name: str) -> float:
-    text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 async def test_refused_writes_leave_no_trace(tmp_path: Path) -> None:

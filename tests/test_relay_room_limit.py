@@ -5,19 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
-from relay_support import RelayProcess, message_map, raw_client, running_relay, token
+from relay_support import RelayProcess, message_map, metric, raw_client, running_relay, token
 
 pytestmark = pytest.mark.anyio
-
-
-def metric(relay: RelayProcess, name: str) -> float:
-    text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 async def until_no_connections(relay: RelayProcess) -> None:
