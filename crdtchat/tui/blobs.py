@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
 import httpx
 
+from crdtchat import membership
 from crdtchat.errors import StorageError
 from crdtchat.schema import FileRef
 
@@ -28,12 +29,12 @@ class BlobError(StorageError, RuntimeError):
 
 
 def http_base(relay_url: str) -> str:
-    """`ws://host:port/...` → `http://host:port` (wss → https)."""
-    parts = urlsplit(relay_url)
-    scheme = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise BlobError(f"not a relay URL: {relay_url!r}")
-    return urlunsplit((scheme, parts.netloc, "", "", ""))
+    """`ws://host:port/...` → `http://host:port` (wss → https), as membership reads it, but a
+    bad URL is a BlobError: the attachment code reports a storage problem, not a command's."""
+    try:
+        return membership.http_base(relay_url)
+    except ValueError:
+        raise BlobError(f"not a relay URL: {relay_url!r}") from None
 
 
 def blob_url(relay_url: str, room: str, sha256: str) -> str:
