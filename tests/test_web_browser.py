@@ -436,6 +436,7 @@ def test_one_list_on_two_devices_and_sharing_from_it(
     try:
         first, second = list_page(laptop, relay, alice), list_page(phone, relay, alice)
         expect(second.get_by_text("No conversations yet")).to_be_visible()
+        expect(first.locator(".connection")).to_have_text("online")  # else New reaches only IDB
         first.get_by_role("textbox", name="New conversation title").fill("Trip plans")
         first.get_by_role("button", name="New conversation").click()
         composer = first.get_by_role("textbox", name="Message")

@@ -81,6 +81,18 @@ export class ListPage {
     }
   }
 
+  /** Resolves once y-indexeddb has written what was changed before the call: a transaction
+   * on its store opened now runs after the write transactions opened before it. */
+  stored () {
+    const db = this.idb.db
+    if (!db) return Promise.resolve()
+    return new Promise((resolve) => {
+      const transaction = db.transaction(['updates'], 'readonly')
+      transaction.oncomplete = transaction.onerror = transaction.onabort = () => resolve()
+      transaction.objectStore('updates').count()
+    })
+  }
+
   // -- the list document's writes (as ConversationList) -----------------------------------
 
   add (room, title) {
@@ -113,10 +125,13 @@ export class ListPage {
     const title = h('input', { 'aria-label': 'New conversation title', placeholder: 'Title (optional)' })
     const create = h('form', {
       class: 'new',
-      onsubmit: (event) => {
+      onsubmit: async (event) => {
         event.preventDefault()
         const room = newRoomName()
         this.add(room, title.value.trim() || null)
+        // Leaving the page must not lose the entry: sent already if online (y-websocket sends
+        // at once), and kept in IndexedDB for the next visit either way.
+        await this.stored()
         // Opening it with the identity token makes the person its owner (design §4).
         location.assign(`/c/${room}`)
       }
@@ -264,9 +279,12 @@ export class ListPage {
   }
 
   async refreshSummary (entry) {
-    if (this.asking?.has(entry.room)) return
-    this.asking = this.asking || new Set()
-    this.asking.add(entry.room)
+    this.asking = this.asking || new Map() // room -> whether to ask again when this answers
+    if (this.asking.has(entry.room)) {
+      this.asking.set(entry.room, true) // the answer on its way may predate what changed
+      return
+    }
+    this.asking.set(entry.room, false)
     try {
       const query = entry.read ? `?read=${encodeURIComponent(entry.read)}` : ''
       const answer = await relayRequest('GET', `/rooms/${encodeURIComponent(entry.room)}/summary${query}`, this.token)
@@ -274,10 +292,11 @@ export class ListPage {
       this.summaries.set(entry.room, answer.ok ? await answer.json() : { error: answer.status })
     } catch {
       if (!this.summaries.has(entry.room)) this.summaries.set(entry.room, { error: 'offline' })
-    } finally {
-      this.asking.delete(entry.room)
     }
+    const again = this.asking.get(entry.room)
+    this.asking.delete(entry.room)
     this.schedule()
+    if (again) this.refreshSummary(entry)
   }
 }
 
