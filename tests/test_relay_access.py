@@ -18,6 +18,7 @@ from relay_support import (
     RelayProcess,
     message_map,
     raw_client,
+    running_relay,
     token,
     upgrade_status,
 )
@@ -82,11 +83,8 @@ def access(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Access]:
                 },
             ],
         )
-        relay = RelayProcess(base / "data", ["--trust", str(trust)]).start()
-        try:
+        with running_relay(base / "data", ["--trust", str(trust)]) as relay:
             yield Access(relay, pem_key, jwks)
-        finally:
-            relay.stop()
 
 
 def expired_closes(relay: RelayProcess) -> float:
