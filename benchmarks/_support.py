@@ -17,7 +17,6 @@ import asyncio
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from crdtchat.stack import LISTENING, wait_until_listening
+from crdtchat.stack import LISTENING, stop_process, wait_until_listening
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -113,15 +112,7 @@ def _running(
             raise RuntimeError(f"{name}: {error}; log:\n{log_path.read_text()}") from None
         yield proc, port
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc, 30)
 
 
 @contextmanager

@@ -64,6 +64,20 @@ def wait_until_listening(
                 return int(match.group(2))
 
 
+def stop_process(proc: subprocess.Popen[str], timeout: float) -> None:
+    """SIGTERM, so that a relay or worker shuts down as in production; SIGKILL if it has not
+    within `timeout` seconds. Then the stdout pipe is closed (it may have been read from)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 @dataclass
 class ManagedProcess:
     """One child process with its log file; SIGTERM then SIGKILL on stop."""
@@ -97,16 +111,8 @@ class ManagedProcess:
             self.proc.wait()
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtchat import schema
-from crdtchat.stack import wait_until_listening
+from crdtchat.stack import stop_process, wait_until_listening
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
     Ack,
@@ -148,14 +148,8 @@ class RelayProcess:
         return self.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            stop_process(self.proc, 30)
 
 
 @contextmanager
