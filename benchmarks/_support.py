@@ -69,6 +69,16 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """The relay's unlabelled /metrics values by name, without the `crdtchat_` prefix."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.removeprefix("crdtchat_")] = float(value)
+    return values
+
+
 @dataclass
 class Server:
     """A server subprocess and the ws:// base URL it listens on."""

@@ -48,6 +48,7 @@ from benchmarks._support import (
     cpu_seconds,
     now_ns,
     open_light_client,
+    parse_metrics,
     percentile,
     running_node_server,
     running_relay,
@@ -402,12 +403,7 @@ async def relay_metrics(server: Server) -> dict[str, float]:
     http_url = server.url.replace("ws://", "http://") + "/metrics"
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(http_url)
-    values: dict[str, float] = {}
-    for line in response.text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name.removeprefix("crdtchat_")] = float(value)
-    return values
+    return parse_metrics(response.text)
 
 
 # -- 2. join ------------------------------------------------------------------------------

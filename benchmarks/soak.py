@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import SECRET, cpu_seconds, rss_kib, running_relay
+from benchmarks._support import SECRET, cpu_seconds, parse_metrics, rss_kib, running_relay
 from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
@@ -141,12 +141,7 @@ async def idle_connections(base: str, count: int, rooms: int, stop: asyncio.Even
 
 async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
     response = await http.get("/metrics")
-    values = {}
-    for line in response.text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name.removeprefix("crdtchat_")] = float(value)
-    return values
+    return parse_metrics(response.text)
 
 
 HEADER = (
