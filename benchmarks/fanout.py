@@ -807,7 +807,9 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "relay-data"
         anyio.run(seed_relay_store, data, "join-big", state)
         with (
-            running_relay(data, ["--idle-unload", "1"]) as relay,
+            # All observers share one token subject; the relay allows 128 connections per
+            # subject (design §7.4), so the benchmark raises that limit as a deployment would.
+            running_relay(data, ["--idle-unload", "1", "--subject-connections", "10000"]) as relay,
             running_node_server(Path(tmp)) as node,
         ):
             print(f"relay pid {relay.pid} at {relay.url}; node pid {node.pid} at {node.url}")
