@@ -9,27 +9,17 @@ import { ThreadIndex, statusLabel, validRegenerate } from './rules.js'
 import { renderMarkdown } from './markdown.js'
 import { loadToken, tokenFromFragment, roomsOpened, rememberRoom, checkToken, decodeClaims, isIdentity, keepIdentity, loadIdentity } from './session.js'
 import { renderList, ListPage } from './list.js'
+import { h } from './dom.js'
+import { toHexString } from 'lib0/buffer'
 
 const MESSAGE_ACK = 100 // design §3: varUint(n), the first n sync updates are stored (or refused)
 const MESSAGE_AUTH = 2
 const WINDOW = 60 // messages of the thread on screen at first; scrolling back adds more
 const TYPING_IDLE_MS = 3000
 
-const h = (tag, attrs = {}, ...children) => {
-  const node = document.createElement(tag)
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === false || value === null || value === undefined) continue
-    if (key.startsWith('on')) node.addEventListener(key.slice(2), value)
-    else if (key === 'text') node.textContent = value
-    else node.setAttribute(key, value === true ? '' : value)
-  }
-  for (const child of children) if (child !== null && child !== undefined) node.append(child)
-  return node
-}
-
 function newId () {
   const bytes = crypto.getRandomValues(new Uint8Array(16))
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')
+  return toHexString(bytes)
 }
 
 function deviceName () {
@@ -59,7 +49,7 @@ function replaceText (ytext, value) {
 
 async function sha256Hex (buffer) {
   const digest = await crypto.subtle.digest('SHA-256', buffer)
-  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('')
+  return toHexString(new Uint8Array(digest))
 }
 
 class ConversationPage {

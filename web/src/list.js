@@ -9,25 +9,15 @@ import { WebsocketProvider } from 'y-websocket'
 import { IndexeddbPersistence } from 'y-indexeddb'
 import { personRoom, relayRequest, checkToken } from './session.js'
 import { ROOM_NAME, listEntries } from './listdoc.js'
+import { h } from './dom.js'
+import { toHexString } from 'lib0/buffer'
 
 const SUMMARY_EVERY_MS = 15000 // others' posts are not in the list document: ask again this often
-
-const h = (tag, attrs = {}, ...children) => {
-  const node = document.createElement(tag)
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === false || value === null || value === undefined) continue
-    if (key.startsWith('on')) node.addEventListener(key.slice(2), value)
-    else if (key === 'text') node.textContent = value
-    else node.setAttribute(key, value === true ? '' : value)
-  }
-  for (const child of children) if (child !== null && child !== undefined) node.append(child)
-  return node
-}
 
 /** A fresh conversation id, random as crdtchat.conversations.new_room_name. */
 function newRoomName () {
   const bytes = crypto.getRandomValues(new Uint8Array(12))
-  return 'c-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')
+  return 'c-' + toHexString(bytes)
 }
 
 export class ListPage {

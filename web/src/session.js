@@ -3,6 +3,7 @@
 // browser's localStorage, and is removed from the address bar at once. An identity token
 // (design §4: a person, no room) is kept once for every room, and opens the person's list.
 import { digest } from 'lib0/hash/sha256'
+import { toHexString } from 'lib0/buffer'
 
 const TOKEN_KEY = (room) => `crdtchat.token.${room}`
 const ROOMS_KEY = 'crdtchat.rooms'
@@ -40,7 +41,7 @@ export function keepIdentity (token) {
 /** The room of `sub`'s list document: `person.` and 40 hex of SHA-256 (crdtchat.schema). */
 export function personRoom (sub) {
   const hash = digest(new TextEncoder().encode(sub))
-  return 'person.' + Array.from(hash, (b) => b.toString(16).padStart(2, '0')).join('').slice(0, 40)
+  return 'person.' + toHexString(hash).slice(0, 40)
 }
 
 /** The claims a token carries (unverified: the relay checks them, this only shows them). */
