@@ -37,7 +37,7 @@ $(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
 	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The browser tests (tests/test_web_browser.py) drive Debian's chromium through Playwright's
+# The browser tests (tests/web/test_web_browser.py) drive Debian's chromium through Playwright's
 # executable_path: Playwright's own browser download cannot work on CI machines. Runs as root
 # in CI; installs only when chromium is missing.
 browser:
@@ -45,7 +45,7 @@ browser:
 		apt-get update && apt-get install -y --no-install-recommends chromium; \
 	fi
 
-# Rebuild the web client shipped in crdtchat/web/static from web/ (tests/test_web_build.py
+# Rebuild the web client shipped in crdtchat/web/static from web/ (tests/web/test_web_build.py
 # fails when the shipped files were built from other sources).
 web:
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build

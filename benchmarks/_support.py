@@ -129,11 +129,11 @@ def _running(
 def running_relay(
     data: Path, extra_args: list[str] | None = None, src: Path = REPO
 ) -> Iterator[Server]:
-    """Our relay, `python -m server.main --port 0 --data DIR`, on 127.0.0.1.
+    """Our relay, `python -m crdtchat.relay.main --port 0 --data DIR`, on 127.0.0.1.
 
     `src` is the source tree it runs from: another checkout runs an earlier relay side by side.
     """
-    command = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0"]
+    command = [sys.executable, "-m", "crdtchat.relay.main", "--host", "127.0.0.1", "--port", "0"]
     command += ["--data", str(data), *(extra_args or [])]
     env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = str(src)

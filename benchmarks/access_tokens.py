@@ -29,11 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from token_support import KeyPair, claims
 
 from crdtchat.tokens import Issuer, TokenVerifier, mint_token
+from tests.support.tokens import KeyPair, claims
 
 SECRET = "benchmark-secret-for-the-relay-32-bytes"
 IDP = "https://idp.example/"

@@ -19,15 +19,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import anyio
-from browser_support import CHROMIUM, FLAGS
 from playwright.sync_api import expect, sync_playwright
-from relay_support import RelayProcess, token
 
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
+from tests.support.browser import CHROMIUM, FLAGS
+from tests.support.relay import RelayProcess, token
 
 ROOM = "bench-open"
 

@@ -6,7 +6,7 @@ Processes (all on 127.0.0.1):
 - the loopback OpenAI server (Responses API), in its own process, pacing its events
   (`--rate` tokens per second per reply) and stamping each text delta with the CLOCK_MONOTONIC
   time it was written: the reply's words are those stamps;
-- crdtchat: our relay (`python -m server.main`) and one `crdtchat worker --provider openai`
+- crdtchat: our relay (`python -m crdtchat.relay.main`) and one `crdtchat worker --provider openai`
   process, which learns of the N rooms from the relay's feed and answers them all at once,
   flushing streamed text into `transport.streams` every 100 ms;
 - the floor: a minimal stateless chat proxy (`--serve-proxy`, in this file): a websocket

@@ -445,8 +445,8 @@ re-open paid before. "Then checked" is what a replica does after showing the sna
 the document and compare keys (`ViewSnapshot.matches`, ~1 ms at 10,000 messages). The
 snapshot is only the first picture: a stale one (the file gained updates after it was taken)
 or a corrupt one is reported and ignored, never trusted over the document
-(tests/test_view_snapshot.py). A compacted file is now loaded as its one row; before, `load()`
-decoded and re-encoded it through a scratch document, a second open's worth of time.
+(tests/document/test_view_snapshot.py). A compacted file is now loaded as its one row; before,
+`load()` decoded and re-encoded it through a scratch document, a second open's worth of time.
 
 Appending: yrs finds the end of an array by walking it (`insert` has no search marker),
 about 0.5 ms at 10,000 messages here, and computing an array event's delta walks it again.

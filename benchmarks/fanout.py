@@ -56,6 +56,7 @@ from benchmarks._support import (
 )
 from crdtchat import schema
 from crdtchat.document import Conversation, new_doc
+from crdtchat.relay.store import Store
 from crdtchat.schema import ModelRef, assistant_turn_id
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
@@ -68,7 +69,6 @@ from crdtchat.wire import (
     decode_frame,
     encode_message,
 )
-from server.store import Store
 
 MARKER = b"fanout#"
 STEP1_EMPTY = encode_message(SyncStep1(b"\x00"))

@@ -26,12 +26,10 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from relay_support import SECRET, RelayProcess, raw_client, token
 
 from crdtchat import membership
 from crdtchat.tokens import mint_token
+from tests.support.relay import SECRET, RelayProcess, raw_client, token
 
 ROOM = "bench-members"
 

@@ -3,7 +3,7 @@
 Two measurements, each against an anchor in the same run:
 
 - per appended message: `MessageIds.claim` + `commit` (the id check), beside
-  `server.permissions.check_message` on the same message (the schema/author/role check every
+  `crdtchat.relay.permissions.check_message` on the same message (the schema/author/role check every
   append already pays);
 - per room: reading the ids of a loaded room once (`MessageIds.load`, on the loop, at the
   first write that may add a message), beside loading the room's live document (`LiveDoc`).
@@ -26,9 +26,9 @@ from pycrdt import Array, Doc, Map
 from relay_permissions import conversation, declare, message
 
 from crdtchat import schema
-from server.livedoc import LiveDoc, build_structure
-from server.message_ids import MessageIds
-from server.permissions import check_message
+from crdtchat.relay.livedoc import LiveDoc, build_structure
+from crdtchat.relay.message_ids import MessageIds
+from crdtchat.relay.permissions import check_message
 
 
 def best_of(runs: int, measure: Callable[[], float]) -> float:

@@ -2,7 +2,7 @@
 
 For each workload the same recorded updates are applied (a) to a pycrdt Doc with the schema's
 roots and no observers, which is all a relay without permissions does, and (b) through
-`server.livedoc.LiveDoc.apply`, which records the changes with deep observers, checks for
+`crdtchat.relay.livedoc.LiveDoc.apply`, which records the changes with deep observers, checks for
 pending structs and unknown roots, and judges the changes by role; before any of that it
 decodes the update and checks its shape against the room's structure index (reported on its
 own too). A refusal that depends on content also pays for rebuilding the document from its
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pycrdt import Array, Doc, Map, Text
 
 from crdtchat import schema
+from crdtchat.relay.livedoc import Accepted, LiveDoc, Refused, build_structure
 from crdtchat.updates import decode_update
-from server.livedoc import Accepted, LiveDoc, Refused, build_structure
 
 
 def declare(doc: Doc) -> dict[str, Array | Map]:

@@ -37,10 +37,10 @@ from pycrdt import Array, Doc, Map, Text
 
 from crdtchat import schema
 from crdtchat.document import Conversation
+from crdtchat.relay.livedoc import ROOT_TYPES
 from crdtchat.structure import ShapeLimits, StructureIndex
 from crdtchat.updates import decode_update
 from crdtchat.view import open_entries, parse_all
-from server.livedoc import ROOT_TYPES
 
 
 def interleaved(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The long soak (issue 12): a relay under mixed joins, writes, refusals and room unloads.
 
-Not a CI test: the suite's soak tests (tests/test_leaks.py) check the known leaks exactly in
+Not a CI test: the suite's soak tests (tests/relay/test_leaks.py) check the known leaks exactly in
 under a minute; this one runs the whole relay for as long as it is asked to and prints, once a
 minute, its resident memory, CPU and what it did, so that slow growth shows as a curve.
 

@@ -106,7 +106,7 @@ def run_child(tree: Path, *args: str) -> dict[str, float]:
 
 
 def store_rooms(data: Path, rooms: list[str], state: bytes) -> None:
-    from server.store import _SCHEMA, DB_NAME
+    from crdtchat.relay.store import _SCHEMA, DB_NAME
 
     data.mkdir()
     db = sqlite3.connect(data / DB_NAME)

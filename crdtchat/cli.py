@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-frame", type=int, default=8 * 1024 * 1024, help="largest accepted frame, bytes"
     )
-    from server.options import add_extra_options
+    from crdtchat.relay.options import add_extra_options
 
     add_extra_options(serve)
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from server.main import serve_command
+        from crdtchat.relay.main import serve_command
 
         return serve_command(args)
     if args.command == "token":

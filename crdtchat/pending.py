@@ -2,7 +2,7 @@
 
 pycrdt 0.14 integrates an item whose client's earlier clocks are missing as soon as its
 origins are present: it is shown, but its clock is not in the state vector, so it is never
-passed on, and later edits inside it raise no events (tests/test_convergence.py). Through a
+passed on, and later edits inside it raise no events (tests/testing/test_convergence.py). Through a
 relay this happens whenever a broadcast overtakes the sync step 2 that carries its
 predecessors. Yjs keeps such an update pending until the gap is filled; `PendingUpdates` does
 the same in front of `Doc.apply_update`: of each update, the structs that can be integrated

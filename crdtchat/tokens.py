@@ -9,7 +9,7 @@ by PyJWT.
 
 Besides the standard claims a token may carry two of ours, `room` and `role`. Without them it
 identifies a person (an identity token): it opens the rooms the person is a member of
-(`server.membership`), and grants nothing elsewhere (blobs, the feed). With
+(`crdtchat.relay.membership`), and grants nothing elsewhere (blobs, the feed). With
 them it is a capability for one room or `*`, as workers and apps that mint per-room tokens use.
 Subjects of other issuers are namespaced, `<iss>#<sub>`, so one issuer's "alice" is neither
 another's nor the relay's own; the holder computes the same name from its token.

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+
 DEMOS = REPO / "demos"
 JS_DIR = REPO / "tests" / "js"
 TIMEOUT = 180  # seconds; each demo takes 5 to 15 s on an idle 2-core machine

@@ -13,14 +13,12 @@ import inspect
 import pkgutil
 import re
 import tomllib
-from pathlib import Path
 from types import ModuleType
 
 import crdtchat
 import server
 from crdtchat import errors
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
 
 EXPORTS = {
     # the document and its validated types

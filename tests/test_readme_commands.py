@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+
 ENABLED = os.environ.get("CRDTCHAT_README_TEST") == "1"
 
 

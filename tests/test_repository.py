@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
 
 # Spelled in pieces so that this file does not match itself.
 OUTSIDE = ("../" + "shared", "shared/" + "DESIGN")
@@ -63,3 +64,25 @@ def test_design_references_name_sections_that_exist() -> None:
     assert not dangling, "references to sections docs/design.md does not have:\n" + "\n".join(
         dangling
     )
+
+
+def test_the_relay_is_part_of_the_package_and_no_top_level_server_is_installed(
+    tmp_path: Path,
+) -> None:
+    """The relay's code is `crdtchat.relay`; `server/` holds deployment files only (design, layout).
+
+    Run from an empty directory, so the checkout's own `server/` folder is not on `sys.path`:
+    what is importable there is what the installed distribution provides.
+    """
+    assert not list((REPO / "server").rglob("*.py")), "server/ must hold no Python code"
+    probe = (
+        "import importlib.util, crdtchat.relay.main, crdtchat.relay.room\n"
+        "print(importlib.util.find_spec('server'))\n"
+        "print(crdtchat.relay.room.__file__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    spec, room_file = result.stdout.splitlines()
+    assert spec == "None", f"a top-level `server` module is importable: {spec}"
+    assert Path(room_file).resolve() == (REPO / "crdtchat" / "relay" / "room.py").resolve()

@@ -1,6 +1,6 @@
 // Builds the web client into crdtchat/web/static, which ships inside the Python package (a pip
 // user needs no node). The hash of every input (this file, package.json, package-lock.json,
-// src/, public/) is recorded in the bundle and in build.json; tests/test_web_build.py computes
+// src/, public/) is recorded in the bundle and in build.json; tests/web/test_web_build.py computes
 // it again (crdtchat.web.source_hash) and fails if the shipped files were built from other
 // sources. Run: cd web && npm ci && npm run build
 import { build } from 'esbuild'

@@ -261,7 +261,7 @@ def rebuild(updates: Sequence[bytes]) -> Conversation:
     """A conversation from `merge_updates` of `updates`.
 
     pycrdt 0.14.13's `merge_updates` panics on some histories (a sort in yrs; see
-    tests/test_convergence.py): those are applied one by one instead, which a real replica
+    tests/testing/test_convergence.py): those are applied one by one instead, which a real replica
     does anyway, so the rest of the checks still run.
     """
     if not updates:

@@ -88,7 +88,7 @@ class ConversationMachine(RuleBasedStateMachine):
     resync_rounds: ClassVar[int] = 1
     #: True: the network keeps back an update that a replica cannot integrate yet, before
     #: the replica sees it. `Conversation.apply_update` keeps such updates back itself now
-    #: (pycrdt alone integrates them behind a gap: tests/test_convergence.py), so by default
+    #: (pycrdt alone integrates them behind a gap: tests/testing/test_convergence.py), so by default
     #: the replica does it, which is the code path real peers take
     hold_early_updates: ClassVar[bool] = False
     #: design §2: a regenerate request asking for more answers than a message has makes it

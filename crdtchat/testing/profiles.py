@@ -6,7 +6,7 @@
 - `dev`: random, with the failure database kept between local runs, so a failure found once
   is replayed first next time;
 - `long`: at least 100,000 state-machine steps (`max_examples * stateful_step_count`), with
-  the database: `HYPOTHESIS_PROFILE=long pytest tests/test_convergence.py`.
+  the database: `HYPOTHESIS_PROFILE=long pytest tests/testing/test_convergence.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// An unmodified Yjs peer for the document interop tests (tests/test_js_document.py).
+// An unmodified Yjs peer for the document interop tests (tests/interop/test_js_document.py).
 //
 //   node doc_interop.mjs read-append IN OUT   apply IN, report what was read (stdout, JSON),
 //                                              append a message and edit text, write the

@@ -1,5 +1,5 @@
 // A web client's token refresh (design §3, extension 102) with an unmodified y-websocket
-// WebsocketProvider, for tests/test_js_interop_relay.py.
+// WebsocketProvider, for tests/interop/test_js_interop_relay.py.
 //
 //   node refresh_peer.mjs RELAY_URL ROOM TOKEN FRESH_TOKEN WAIT_ID
 //

@@ -1,4 +1,4 @@
-// An unmodified y-websocket client (WebsocketProvider) for tests/test_js_interop_relay.py.
+// An unmodified y-websocket client (WebsocketProvider) for tests/interop/test_js_interop_relay.py.
 //
 //   node relay_peer.mjs RELAY_URL ROOM TOKEN SUB DEVICE
 //

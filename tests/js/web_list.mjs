@@ -1,4 +1,4 @@
-// Reads a person's list document as the web page does, for tests/test_web_list.py: one JSON
+// Reads a person's list document as the web page does, for tests/web/test_web_list.py: one JSON
 // line in ({update: base64 of a Yjs update}), one JSON line out (listdoc.js `listEntries` of
 // all entries), until stdin ends. The document is read by yjs itself, as the page reads it.
 import * as Y from 'yjs'

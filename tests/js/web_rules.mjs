@@ -1,4 +1,4 @@
-// Reads what the web client shows of documents, for tests/test_web_rules.py: one JSON line in
+// Reads what the web client shows of documents, for tests/web/test_web_rules.py: one JSON line in
 // ({update: base64 of a Yjs update}), one JSON line out (rules.js `shown`), until stdin ends.
 // The document is read by yjs itself, as the page reads it, not from JSON made by Python.
 import * as Y from 'yjs'

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from provider_support import Thread, anthropic_server, policy, request, run_turn
 
 from crdtchat.loopback.anthropic_server import AnthropicLoopback
 from crdtchat.providers.anthropic_messages import (
@@ -17,6 +16,7 @@ from crdtchat.providers.anthropic_messages import (
 from crdtchat.providers.base import Finished
 from crdtchat.providers.sse import SSEEvent
 from crdtchat.schema import DerivedEntry, ToolCall, ToolSpec
+from tests.support.providers import Thread, anthropic_server, policy, request, run_turn
 
 pytestmark = pytest.mark.anyio
 

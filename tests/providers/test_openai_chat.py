@@ -7,13 +7,13 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from provider_support import Thread, openai_server, policy, request, run_turn
 
 from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.providers.base import Finished, TextDelta, ToolCallDone
 from crdtchat.providers.openai_chat import ChatStreamParser, OpenAIChatProvider
 from crdtchat.providers.sse import SSEDecoder, SSEEvent
 from crdtchat.schema import DerivedEntry, ToolSpec
+from tests.support.providers import Thread, openai_server, policy, request, run_turn
 
 pytestmark = pytest.mark.anyio
 

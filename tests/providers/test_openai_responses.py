@@ -9,7 +9,6 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from provider_support import Thread, openai_server, policy, request, run_turn
 
 from crdtchat.loopback.http import _sse_bytes
 from crdtchat.loopback.openai_server import OpenAILoopback
@@ -21,6 +20,7 @@ from crdtchat.providers.openai_responses import (
 )
 from crdtchat.providers.sse import SSEDecoder
 from crdtchat.schema import DerivedEntry, ToolSpec
+from tests.support.providers import Thread, openai_server, policy, request, run_turn
 
 pytestmark = pytest.mark.anyio
 

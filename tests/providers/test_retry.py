@@ -7,11 +7,11 @@ import email.utils
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from provider_support import SleepRecorder
 
 from crdtchat.providers.base import ProviderError
 from crdtchat.providers.registry import PROVIDER_NAMES, make_provider
 from crdtchat.providers.retry import RetryPolicy, parse_retry_after, zero_delay_policy
+from tests.support.providers import SleepRecorder
 
 pytestmark = pytest.mark.anyio
 

@@ -1,1 +1,0 @@
-"""The crdtchat relay: y-websocket over websockets, SQLite persistence, roles."""

@@ -1,0 +1,353 @@
+"""Test support for the relay: the relay as a real subprocess, and a small raw protocol client.
+
+`RelayProcess` runs `python -m crdtchat.relay.main` (or the real `crdtchat serve`) on a free port
+in a temporary data directory, reads the port from its "listening on" line, and can SIGKILL,
+SIGTERM and restart it on the same port and data. `RawClient` speaks the y-websocket protocol
+with crdtchat.wire over a real websocket and keeps a pycrdt Doc in sync, recording every
+AuthDenied, Ack and awareness message, so tests can wait for conditions instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from pycrdt import Array, Doc, Map, Text
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from crdtchat import schema
+from crdtchat.stack import stop_process, wait_until_listening
+from crdtchat.tokens import mint_token
+from crdtchat.wire import (
+    Ack,
+    AuthDenied,
+    AwarenessEntry,
+    AwarenessMessage,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    WireMessage,
+    decode_awareness,
+    decode_frame,
+    encode_awareness,
+    encode_frame,
+    encode_message,
+)
+from tests.support import REPO
+
+SECRET = "test-secret-for-the-relay-32-bytes-long"
+
+
+def token(room: str, role: str = "writer", sub: str = "alice", ttl: float = 3600) -> str:
+    return mint_token(SECRET, room, role, sub, ttl)
+
+
+def identity_token(sub: str, ttl: float = 3600) -> str:
+    """A person's token (no room, no role): membership gives the role (design §4)."""
+    return mint_token(SECRET, None, None, sub, ttl)
+
+
+class RelayProcess:
+    """A relay subprocess; `start()` returns once it listens."""
+
+    def __init__(
+        self,
+        data: Path,
+        extra_args: Sequence[str] = (),
+        *,
+        use_cli: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.data = Path(data)
+        self.extra_args = list(extra_args)
+        self.use_cli = use_cli
+        self.env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+        if env:
+            self.env.update(env)
+        self.port = 0
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = self.data.parent / f"{self.data.name}-relay.log"
+
+    def command(self) -> list[str]:
+        module = ["-m", "crdtchat.cli", "serve"] if self.use_cli else ["-m", "crdtchat.relay.main"]
+        return [
+            sys.executable,
+            *module,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--data",
+            str(self.data),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 20.0) -> RelayProcess:
+        assert self.proc is None or self.proc.poll() is not None
+        log = open(self.log_path, "a")  # noqa: SIM115 - kept open for the process's lifetime
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        log.close()
+        try:
+            self.port = wait_until_listening(self.proc, timeout)
+        except RuntimeError as error:
+            self.kill()
+            raise RuntimeError(f"relay did not start ({error}); log:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_base(self) -> str:
+        """The relay's websocket base URL, without a room: what a `Replica` takes."""
+        return f"ws://{self.host}:{self.port}"
+
+    def url(self, room: str, tok: str, *, ack: bool = False) -> str:
+        suffix = "&ext=ack" if ack else ""
+        return f"ws://{self.host}:{self.port}/{room}?token={tok}{suffix}"
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, only what was committed survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait for the graceful shutdown; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def restart(self) -> RelayProcess:
+        self.kill()
+        return self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 30)
+
+
+@contextmanager
+def running_relay(
+    data: Path, extra_args: Sequence[str] = (), **kwargs: Any
+) -> Iterator[RelayProcess]:
+    relay = RelayProcess(data, extra_args, **kwargs).start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+
+
+async def upgrade_status(relay: RelayProcess, room: str, tok: str) -> tuple[int, str]:
+    """The HTTP status and body a websocket upgrade with `tok` gets (101: accepted)."""
+    try:
+        async with connect(relay.url(room, tok), open_timeout=30) as ws:
+            await ws.close()
+            return 101, ""
+    except InvalidStatus as error:
+        return error.response.status_code, error.response.body.decode().strip()
+
+
+def metric(relay: RelayProcess, name: str) -> float:
+    """One unlabelled value of the relay's /metrics; AssertionError if it is not there."""
+    text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def declare_roots(doc: Doc) -> dict[str, Array | Map]:
+    return {
+        name: doc.get(name, type=Array if name == schema.MESSAGES else Map)
+        for name in schema.ALL_ROOTS
+    }
+
+
+def message_map(msg_id: str, role: str, author: str, text: str, parent: str | None = None) -> Map:
+    return Map(
+        {
+            "id": msg_id,
+            "role": role,
+            "author": author,
+            "parent": parent,
+            "created_at": 0.0,
+            "content": Text(text),
+        }
+    )
+
+
+def freezing_message_update(msg_id: str, author: str) -> bytes:
+    """A message append whose `content` is an Array holding an astral string.
+
+    Yjs never writes that shape (strings live in a Text); pycrdt 0.14 integrates it and then
+    loops forever when the message is read. Made by writing a Text and flipping its type
+    reference (Text = 2) to Array (0) in the encoded update.
+    """
+    doc: Doc = Doc()
+    declare_roots(doc)[schema.MESSAGES].append(message_map(msg_id, "user", author, "😀"))
+    update = doc.get_update()
+    marker = b"\x07content\x02"
+    at = update.index(marker) + len(marker) - 1
+    return update[:at] + b"\x00" + update[at + 1 :]
+
+
+class RawClient:
+    """A y-websocket client built from crdtchat.wire and a pycrdt Doc, for protocol tests."""
+
+    def __init__(self, ws: ClientConnection, doc: Doc | None = None) -> None:
+        self.ws = ws
+        self.doc: Doc = Doc() if doc is None else doc
+        self.roots = declare_roots(self.doc)
+        self.multi_message_frames = 0  # frames from the relay holding more than one message
+        self.sent_log: list[bytes] = []  # payloads of our SyncStep2/SyncUpdate, in order
+        self.received: list[WireMessage] = []
+        self.denied: list[str] = []
+        self.acks: list[int] = []
+        self.awareness: dict[int, tuple[int, str]] = {}  # client id -> (clock, state JSON)
+        self.synced = False  # got the relay's sync step 2
+        self.sent_updates = 0  # SyncStep2/SyncUpdate messages sent
+        self.closed = False
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self._changed = anyio.Event()
+
+    @property
+    def messages(self) -> Array:
+        return self.roots[schema.MESSAGES]  # type: ignore[return-value]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        with anyio.fail_after(timeout):
+            while not condition():
+                if self.closed:
+                    raise AssertionError(
+                        f"connection closed while waiting: {self.close_code} {self.close_reason}"
+                    )
+                await self._changed.wait()
+
+    async def _receive(self) -> None:
+        try:
+            async for frame in self.ws:
+                assert isinstance(frame, bytes), "the relay sends binary frames"
+                decoded = decode_frame(frame)
+                self.multi_message_frames += len(decoded) > 1
+                for message in decoded:
+                    self.received.append(message)
+                    await self._on_message(message)
+                self._notify()
+        except ConnectionClosed:
+            pass
+        self.closed = True
+        self.close_code = self.ws.close_code
+        self.close_reason = self.ws.close_reason
+        self._notify()
+
+    async def _on_message(self, message: WireMessage) -> None:
+        if isinstance(message, SyncStep1):
+            update = self.doc.get_update(message.state_vector)
+            await self.send(SyncStep2(update))
+        elif isinstance(message, SyncStep2):
+            self.doc.apply_update(message.update)
+            self.synced = True
+        elif isinstance(message, SyncUpdate):
+            self.doc.apply_update(message.update)
+        elif isinstance(message, AuthDenied):
+            self.denied.append(message.reason)
+        elif isinstance(message, Ack):
+            self.acks.append(message.seq)
+        elif isinstance(message, AwarenessMessage):
+            for entry in decode_awareness(message.payload):
+                known = self.awareness.get(entry.client_id)
+                if known is None or known[0] <= entry.clock:
+                    self.awareness[entry.client_id] = (entry.clock, entry.state)
+
+    async def send(self, *messages: WireMessage) -> None:
+        for m in messages:
+            if isinstance(m, SyncStep2 | SyncUpdate):
+                self.sent_log.append(m.update)
+        self.sent_updates = len(self.sent_log)
+        await self.ws.send(encode_frame(messages))
+
+    async def send_raw(self, frame: bytes | str) -> None:
+        await self.ws.send(frame)
+
+    async def hello(self) -> None:
+        """Sync step 1 as a y-websocket client sends it on connect; waits for step 2."""
+        await self.send(SyncStep1(self.doc.get_state()))
+        await self.wait_for(lambda: self.synced)
+
+    async def push(self, change: Callable[[Doc], None]) -> bytes:
+        """Make a local change and send it as one update; returns the update."""
+        before = self.doc.get_state()
+        with self.doc.transaction():
+            change(self.doc)
+        update = self.doc.get_update(before)
+        await self.send(SyncUpdate(update))
+        return update
+
+    async def set_presence(self, client_id: int, clock: int, state: Any) -> None:
+        entry = AwarenessEntry(client_id, clock, json.dumps(state))
+        await self.send(AwarenessMessage(encode_awareness([entry])))
+
+    async def wait_closed(self, timeout: float = 10.0) -> tuple[int | None, str | None]:
+        with anyio.fail_after(timeout):
+            while not self.closed:
+                await self._changed.wait()
+        return self.close_code, self.close_reason
+
+    async def wait_acked(self, count: int | None = None, timeout: float = 10.0) -> None:
+        target = self.sent_updates if count is None else count
+        await self.wait_for(lambda: bool(self.acks) and self.acks[-1] >= target, timeout)
+
+    def texts(self) -> list[str]:
+        return [str(m["content"]) for m in self.messages]
+
+
+@asynccontextmanager
+async def raw_client(
+    url: str, *, hello: bool = True, doc: Doc | None = None
+) -> AsyncIterator[RawClient]:
+    async with connect(url, max_size=None, compression=None) as ws:
+        client = RawClient(ws, doc)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client._receive)
+            if hello:
+                await client.hello()
+            try:
+                yield client
+            finally:
+                await ws.close()
+                tg.cancel_scope.cancel()
+
+
+def sync_step1_frame(doc: Doc) -> bytes:
+    return encode_message(SyncStep1(doc.get_state()))
