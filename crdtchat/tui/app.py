@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-import anyio
 from pycrdt import Subscription
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -26,6 +25,7 @@ from crdtchat.document import FOLLOW_CURRENT, Conversation, ConversationError
 from crdtchat.errors import ConfigError
 from crdtchat.portable import export_json
 from crdtchat.schema import SCHEMA_VERSION, FileRef, Message
+from crdtchat.signals import Changes
 from crdtchat.tui import commands
 from crdtchat.tui.blobs import BlobError
 from crdtchat.tui.link import Link
@@ -52,20 +52,6 @@ READER_TOKEN = "this token is read-only: you can read, switch branches and expor
 
 class UserError(ConfigError):
     """Something the person asked for that cannot be done; shown, never raised further."""
-
-
-class Signal:
-    """Wakes every waiter once per `notify`; lets tests and embedders wait for a redraw."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = anyio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 class Uploader(Protocol):
@@ -123,7 +109,7 @@ class ChatApp(App[None]):
         self._dirty: set[str] = set()
         self._refresh_queued = False
         self._unsubscribe: list[Callable[[], None]] = []
-        self.updated = Signal()  # notified after every redraw of the thread or status lines
+        self.updated = Changes()  # notified after every redraw of the thread or status lines
         # Called with the new Conversation after /recover replaced the document, so whoever
         # follows the old one (the membership) can follow the new one.
         self.reopened: list[Callable[[Conversation], None]] = []
