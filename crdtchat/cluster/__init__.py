@@ -1,0 +1,8 @@
+"""Cluster mode: relay nodes that share rooms through NATS JetStream (docs/cluster.md).
+
+One job per module: `names` (subjects, streams, buckets; room names as subject tokens),
+`connection` (connecting, the stream and its replicas), `roomlog` (a room's log: conditional
+appends, snapshot plus tail, live follow, roll-ups), `feed` (rooms waiting for a reply, in a KV
+bucket), `blobs` (the object store), `presence` (awareness across nodes, node heartbeats) and
+`metrics` (what `/healthz` and `/metrics` show). Needs the `cluster` extra (nats-py).
+"""

@@ -1,0 +1,106 @@
+"""What a node reports about its NATS side, for `/healthz` and `/metrics`.
+
+Three figures say whether a node can keep its promises: the publish latency (the time from
+handing an update to JetStream to its acknowledgement, which the client's Ack waits for), the
+consumer lag (messages stored in a room's subject that this node has not yet delivered to its
+peers), and the connection state (connected, or since when it is not, and how often it
+reconnected). Plain attributes updated on the event loop, rendered as Prometheus text like
+crdtchat/relay/metrics.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from crdtchat.relay.metrics import Histogram
+
+
+@dataclass
+class ClusterMetrics:
+    connected: bool = False
+    disconnected_since: float | None = None  # time.monotonic() of the last loss, while lost
+    reconnects: int = 0
+    last_error: str = ""
+    publishes: int = 0
+    publish_conflicts: int = 0  # conditional publishes refused: the node's copy lagged
+    publish_duplicates: int = 0  # retries JetStream recognised by their Nats-Msg-Id
+    publish_failures: int = 0  # no acknowledgement (NATS down, timeout): nothing was promised
+    publish_seconds: Histogram = field(default_factory=Histogram)
+    consumer_lag: dict[str, int] = field(default_factory=dict)  # room -> messages not delivered
+    compactions: int = 0
+    presence_nodes: int = 0  # other nodes whose heartbeat this node hears
+
+    def connection_changed(self, connected: bool, error: str = "") -> None:
+        if connected and not self.connected and self.disconnected_since is not None:
+            self.reconnects += 1
+        self.connected = connected
+        self.disconnected_since = None if connected else time.monotonic()
+        if error:
+            self.last_error = error
+
+    def health(self) -> dict[str, object]:
+        """The state `/healthz` shows: ok only while NATS acknowledges writes."""
+        lost_for = (
+            None
+            if self.disconnected_since is None
+            else round(time.monotonic() - self.disconnected_since, 3)
+        )
+        return {
+            "nats": "connected" if self.connected else "disconnected",
+            "disconnected_seconds": lost_for,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            "max_consumer_lag": max(self.consumer_lag.values(), default=0),
+        }
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, value: float) -> None:
+            lines.append(f"# HELP crdtchat_nats_{name} {help_text}")
+            lines.append(f"# TYPE crdtchat_nats_{name} {kind}")
+            lines.append(f"crdtchat_nats_{name} {value}")
+
+        metric("connected", "gauge", "1 while connected to NATS.", int(self.connected))
+        metric("reconnects_total", "counter", "Connections to NATS regained.", self.reconnects)
+        metric("publishes_total", "counter", "Updates acknowledged by JetStream.", self.publishes)
+        metric(
+            "publish_conflicts_total",
+            "counter",
+            "Conditional publishes refused because another node wrote first.",
+            self.publish_conflicts,
+        )
+        metric(
+            "publish_duplicates_total",
+            "counter",
+            "Publishes JetStream de-duplicated by message id.",
+            self.publish_duplicates,
+        )
+        metric(
+            "publish_failures_total",
+            "counter",
+            "Publishes without an acknowledgement (NATS unreachable or too slow).",
+            self.publish_failures,
+        )
+        metric(
+            "consumer_lag_max",
+            "gauge",
+            "Most messages stored for one room and not yet delivered by this node.",
+            max(self.consumer_lag.values(), default=0),
+        )
+        metric("compactions_total", "counter", "Room logs rolled up.", self.compactions)
+        metric("presence_nodes", "gauge", "Other nodes heard in presence.", self.presence_nodes)
+        hist = self.publish_seconds
+        lines.append(
+            "# HELP crdtchat_nats_publish_seconds From publish to JetStream's acknowledgement."
+        )
+        lines.append("# TYPE crdtchat_nats_publish_seconds histogram")
+        cumulative = 0
+        for bound, count in zip(hist.buckets, hist.counts, strict=True):
+            cumulative += count
+            lines.append(f'crdtchat_nats_publish_seconds_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f'crdtchat_nats_publish_seconds_bucket{{le="+Inf"}} {hist.count}')
+        lines.append(f"crdtchat_nats_publish_seconds_sum {hist.total}")
+        lines.append(f"crdtchat_nats_publish_seconds_count {hist.count}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,297 @@
+"""A room's log in JetStream: conditional appends, snapshot-plus-tail reads, live follow, roll-ups.
+
+Each room is one subject of the room stream (`<prefix>.room.<token>`, crdtchat/cluster/names.py).
+The subject holds, in stream order, at most one snapshot (a merged Yjs update written as a
+roll-up, header `Crdtchat-Kind: snapshot`) and the updates accepted after it. Reading a room is
+reading its subject from the start, which is the latest snapshot plus its tail.
+
+- **append** publishes an accepted update on the condition that the subject's last sequence is
+  the one the node judged against (`Nats-Expected-Last-Subject-Sequence`; 0 for an empty
+  room). Another node's write in between makes JetStream refuse it: `SequenceConflict`, and the
+  node catches up and judges again, so a check and a concurrent write cannot race. Every append
+  carries a `Nats-Msg-Id`: a retry after a lost acknowledgement (a timeout, a NATS node dying)
+  is recognised as the same message and acknowledged with its first sequence, never stored
+  twice. Failures that may be transient (no answer, no stream leader during an election) are
+  retried with the same id until `deadline`; the acknowledgement is the durable point
+  (`sync_interval: always` on the servers makes it a disk write on a quorum).
+- **follow** delivers `(seq, bytes)` in stream order from an ordered push consumer (one
+  in-memory consumer per follower, re-created from the last delivered sequence whenever it
+  misses a message or its server goes away). A node broadcasts only what its follower
+  delivered, so every node sends the same order and nothing reaches a peer before it is stored.
+- **compact** writes a snapshot as a roll-up (`Nats-Rollup: sub`, which drops the subject's
+  earlier messages atomically) on the condition that the subject's last sequence is the one the
+  snapshot covers: an update that lands meanwhile makes the roll-up fail, never vanish, and
+  `compact_log` tries again from a fresh read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, Header
+
+from crdtchat.cluster.connection import ClusterConnection
+from crdtchat.cluster.errors import ClusterError, SequenceConflict
+from crdtchat.merge import merge
+
+KIND_HEADER = "Crdtchat-Kind"
+SNAPSHOT = "snapshot"
+# "wrong last sequence: N" (10071), and the same without N (10164), which a clustered stream's
+# leader answers when the conflict is with a message still being replicated.
+_WRONG_LAST_SEQUENCE = {10071, 10164}
+_NO_MESSAGE = 10037
+_LAST_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")
+# How often a follower's consumer proves it is alive; two missed beats re-create it.
+FOLLOW_HEARTBEAT = 1.0
+RETRY_PAUSE = 0.1
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One message of a room's subject: a snapshot (roll-up) or an update."""
+
+    seq: int  # the stream sequence, which orders a room's messages
+    data: bytes
+    snapshot: bool = False
+
+
+@dataclass(frozen=True)
+class Appended:
+    seq: int
+    duplicate: bool  # JetStream had it already (the same Nats-Msg-Id): a retry
+
+
+@dataclass
+class RoomState:
+    """A room as read from the stream: its snapshot and the updates after it, up to `seq`."""
+
+    room: str
+    seq: int = 0  # the last sequence read; 0 for a room that holds nothing
+    entries: list[LogEntry] = field(default_factory=list)
+
+    @property
+    def snapshot(self) -> LogEntry | None:
+        return self.entries[0] if self.entries and self.entries[0].snapshot else None
+
+    @property
+    def updates(self) -> list[LogEntry]:
+        return [entry for entry in self.entries if not entry.snapshot]
+
+    def merged(self) -> bytes:
+        """The whole document as one update (b"" for an empty room)."""
+        if not self.entries:
+            return b""
+        return merge(*(entry.data for entry in self.entries))
+
+
+class RoomLog:
+    """The room stream of one node's connection."""
+
+    def __init__(self, connection: ClusterConnection, *, publish_timeout: float = 5.0) -> None:
+        self.connection = connection
+        self.names = connection.names
+        self.metrics = connection.metrics
+        self.publish_timeout = publish_timeout
+
+    async def last_seq(self, room: str) -> int:
+        """The room subject's last sequence: what an append must name to be accepted."""
+        try:
+            message = await self.connection.js.get_last_msg(
+                self.names.stream, self.names.room_subject(room)
+            )
+        except nats.js.errors.NotFoundError:
+            return 0
+        except nats.errors.Error as exc:
+            raise ClusterError(f"room {room}: cannot read its last sequence: {exc}") from exc
+        return message.seq or 0
+
+    async def append(
+        self, room: str, update: bytes, *, expected_seq: int, msg_id: str, deadline: float = 10.0
+    ) -> Appended:
+        """Store `update` if the room's last sequence is `expected_seq`; SequenceConflict if not."""
+        headers = {
+            Header.MSG_ID.value: msg_id,
+            Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expected_seq),
+        }
+        return await self._publish(room, update, headers, expected_seq, deadline)
+
+    async def compact(
+        self, room: str, snapshot: bytes, *, upto_seq: int, deadline: float = 10.0
+    ) -> int:
+        """Replace the room's messages up to `upto_seq` by `snapshot`, if nothing came after.
+
+        SequenceConflict when an update arrived after `upto_seq`: it stays, and the caller
+        builds a snapshot that includes it.
+        """
+        headers = {
+            Header.ROLLUP.value: "sub",
+            Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(upto_seq),
+            Header.MSG_ID.value: f"{self.names.room_subject(room)}:snapshot:{upto_seq}",
+            KIND_HEADER: SNAPSHOT,
+        }
+        appended = await self._publish(room, snapshot, headers, upto_seq, deadline)
+        self.metrics.compactions += 1
+        return appended.seq
+
+    async def compact_log(self, room: str, *, attempts: int = 5) -> int:
+        """Read the room, merge it, roll it up; again from a fresh read on a conflict."""
+        for _ in range(attempts):
+            state = await self.load(room)
+            if not state.entries:
+                return 0
+            try:
+                return await self.compact(room, state.merged(), upto_seq=state.seq)
+            except SequenceConflict:
+                continue
+        raise ClusterError(f"room {room}: still written to after {attempts} compaction attempts")
+
+    async def _publish(
+        self, room: str, data: bytes, headers: dict[str, str], expected: int, deadline: float
+    ) -> Appended:
+        if len(data) > self.connection.max_payload:
+            raise ClusterError(
+                f"room {room}: {len(data)} bytes is more than NATS's max_payload "
+                f"({self.connection.max_payload})"
+            )
+        subject = self.names.room_subject(room)
+        started = time.monotonic()
+        give_up = started + deadline
+        while True:
+            try:
+                ack = await self.connection.js.publish(
+                    subject,
+                    data,
+                    timeout=min(self.publish_timeout, max(give_up - time.monotonic(), 0.1)),
+                    stream=self.names.stream,
+                    headers=dict(headers),
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in _WRONG_LAST_SEQUENCE:
+                    self.metrics.publish_conflicts += 1
+                    found = _LAST_SEQUENCE.search(exc.description or "")
+                    raise SequenceConflict(
+                        room, expected, int(found.group(1)) if found else None
+                    ) from exc
+                if not _transient(exc) or time.monotonic() > give_up:
+                    self.metrics.publish_failures += 1
+                    raise ClusterError(
+                        f"room {room}: JetStream refused: {exc.description}"
+                    ) from exc
+            except nats.errors.Error as exc:
+                if time.monotonic() > give_up or isinstance(exc, nats.errors.ConnectionClosedError):
+                    self.metrics.publish_failures += 1
+                    raise ClusterError(f"room {room}: no acknowledgement from JetStream") from exc
+            else:
+                self.metrics.publishes += 1
+                self.metrics.publish_seconds.observe(time.monotonic() - started)
+                if ack.duplicate:
+                    self.metrics.publish_duplicates += 1
+                return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+            await asyncio.sleep(RETRY_PAUSE)
+
+    async def load(self, room: str) -> RoomState:
+        """The room's latest snapshot and the updates after it, as stored now."""
+        last = await self.last_seq(room)
+        state = RoomState(room)
+        if last == 0:
+            return state
+        async with self.follow(room) as follower:
+            async for entry in follower:
+                state.entries.append(entry)
+                state.seq = entry.seq
+                if entry.seq >= last:
+                    break
+        return state
+
+    def follow(self, room: str, after_seq: int = 0) -> Follower:
+        """The room's messages after `after_seq`, then live, in stream order."""
+        return Follower(self, room, after_seq)
+
+
+class Follower:
+    """An ordered consumer of one room's subject; `async with` it, then iterate."""
+
+    def __init__(self, log: RoomLog, room: str, after_seq: int) -> None:
+        self.log = log
+        self.room = room
+        self.seq = after_seq  # the last sequence delivered
+        self._subscription: nats.js.JetStreamContext.PushSubscription | None = None
+
+    async def __aenter__(self) -> Follower:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        names = self.log.names
+        if self.seq:
+            policy = DeliverPolicy.BY_START_SEQUENCE
+            config = ConsumerConfig(opt_start_seq=self.seq + 1)
+        else:
+            policy, config = DeliverPolicy.ALL, ConsumerConfig()
+        try:
+            self._subscription = await self.log.connection.js.subscribe(
+                names.room_subject(self.room),
+                stream=names.stream,
+                ordered_consumer=True,
+                idle_heartbeat=FOLLOW_HEARTBEAT,
+                deliver_policy=policy,
+                config=config,
+            )
+        except nats.errors.Error as exc:
+            raise ClusterError(f"room {self.room}: cannot follow: {exc}") from exc
+
+    async def close(self) -> None:
+        self.log.metrics.consumer_lag.pop(self.room, None)
+        if self._subscription is not None:
+            subscription, self._subscription = self._subscription, None
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+
+    async def next(self, timeout: float | None = None) -> LogEntry:
+        """The next message; TimeoutError when none comes within `timeout` seconds."""
+        assert self._subscription is not None, "start() first"
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if give_up is None else max(give_up - time.monotonic(), 0.0)
+            try:
+                msg = await self._subscription.next_msg(timeout=left)
+            except nats.errors.TimeoutError as exc:
+                raise TimeoutError(f"room {self.room}: nothing after {self.seq}") from exc
+            except nats.errors.ConnectionClosedError as exc:
+                raise ClusterError(f"room {self.room}: the NATS connection is closed") from exc
+            entry = self._entry(msg)
+            if entry is not None:
+                return entry
+
+    def _entry(self, msg: Msg) -> LogEntry | None:
+        metadata = msg.metadata
+        seq = metadata.sequence.stream
+        self.log.metrics.consumer_lag[self.room] = metadata.num_pending
+        if seq <= self.seq:  # delivered again after the consumer was re-created
+            return None
+        self.seq = seq
+        snapshot = (msg.headers or {}).get(KIND_HEADER) == SNAPSHOT
+        return LogEntry(seq=seq, data=msg.data, snapshot=snapshot)
+
+    def __aiter__(self) -> AsyncIterator[LogEntry]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[LogEntry]:
+        while True:
+            yield await self.next()
+
+
+def _transient(exc: nats.js.errors.APIError) -> bool:
+    """JetStream errors that an election or a restart clears: worth the same publish again."""
+    return isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.code in (503, 500)
