@@ -12,6 +12,8 @@ import logging
 
 from pycrdt import Doc, merge_updates
 
+from crdtchat.pycrdt_internals import is_panic
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ def merge(*updates: bytes) -> bytes:
     except BaseException as error:  # pyo3's PanicException derives from BaseException
         if isinstance(error, KeyboardInterrupt | SystemExit | GeneratorExit):
             raise
-        if type(error).__name__ != "PanicException":
+        if not is_panic(error):
             raise
         log.warning("merge_updates panicked (%s); merging through a document", error)
         doc: Doc = Doc()

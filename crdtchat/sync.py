@@ -31,6 +31,7 @@ from pycrdt import Awareness, Doc, Subscription, TransactionEvent
 from crdtchat.errors import RemoteProtocolError
 from crdtchat.merge import merge
 from crdtchat.pending import PendingUpdates
+from crdtchat.updates import EMPTY_UPDATE
 from crdtchat.wire import (
     Ack,
     AuthDenied,
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 # the origin of the transaction being committed.
 REMOTE_ORIGIN = "crdtchat.sync.remote"
 
-_EMPTY_UPDATE = b"\x00\x00"
 # Local updates queued together are merged into SyncUpdates of at most about this size.
 MAX_MERGED_UPDATE = 1024 * 1024
 
@@ -316,7 +316,7 @@ class SyncSession:
         """Track content already in the document (e.g. written before the session existed)
         as a pending local update. Returns None when `update` is empty."""
         self._check_open()
-        if update == _EMPTY_UPDATE:
+        if update == EMPTY_UPDATE:
             return None
         local = self._record_local(update)
         if self._answered_step1:
@@ -365,7 +365,7 @@ class SyncSession:
     def _apply_remote(self, update: bytes, *, complete: bool = False) -> None:
         """Apply what of `update` can be integrated now; `crdtchat.pending` holds the rest
         (a broadcast can overtake the sync step 2 carrying what it builds on)."""
-        if update == _EMPTY_UPDATE:
+        if update == EMPTY_UPDATE:
             return
         try:
             self._early.offer(update, self.doc.get_state, self._integrate, complete=complete)

@@ -26,6 +26,10 @@ from crdtchat.wire import write_var_uint
 
 MAX_ANY_DEPTH = 64
 
+# The update that holds nothing (no structs, empty delete set): what `get_update` returns to a
+# peer that lacks nothing, and what a sync step 2 from a peer in step carries.
+EMPTY_UPDATE = b"\x00\x00"
+
 GC = 0
 DELETED = 1
 JSON = 2

@@ -43,6 +43,7 @@ from crdtchat.errors import RemoteProtocolError
 from crdtchat.lifetime import ClosesOnExit, weak_method
 from crdtchat.merge import merge
 from crdtchat.pending import split
+from crdtchat.pycrdt_internals import is_panic
 from crdtchat.relay.message_ids import MessageIds
 from crdtchat.relay.permissions import RULES, Access, Change, check_changes
 from crdtchat.relay.prejudge import refuse_before_applying, refuse_deletions_before_applying
@@ -54,10 +55,16 @@ from crdtchat.structure import (
     StructureError,
     StructureIndex,
 )
-from crdtchat.updates import ARRAY, MAP, DecodedUpdate, UpdateFormatError, decode_update
+from crdtchat.updates import (
+    ARRAY,
+    EMPTY_UPDATE,
+    MAP,
+    DecodedUpdate,
+    UpdateFormatError,
+    decode_update,
+)
 from crdtchat.wire import WireError, decode_state_vector
 
-EMPTY_UPDATE = b"\x00\x00"
 DEFAULT_LIMITS = ShapeLimits()  # the relay's defaults (crdtchat.relay.config.RelayConfig)
 
 
@@ -118,10 +125,6 @@ def build_structure(state: bytes, limits: ShapeLimits = DEFAULT_LIMITS) -> Struc
             if paused:
                 gc.enable()
     return index
-
-
-def _is_panic(error: BaseException) -> bool:
-    return type(error).__name__ == "PanicException"
 
 
 class LiveDoc(ClosesOnExit):
@@ -236,7 +239,7 @@ class LiveDoc(ClosesOnExit):
         try:
             return self.doc.get_update(state_vector)
         except Exception as error:  # yrs raises ValueError on a malformed state vector
-            if _is_panic(error):
+            if is_panic(error):
                 raise WireError("state vector could not be decoded") from None
             raise WireError(f"state vector could not be decoded: {error}") from None
 
@@ -304,7 +307,7 @@ class LiveDoc(ClosesOnExit):
                 before = self.doc.get_state()
                 self.doc.apply_update(update)
         except BaseException as error:
-            if not isinstance(error, Exception) and not _is_panic(error):
+            if not isinstance(error, Exception) and not is_panic(error):
                 raise
             self.rebuild()
             raise UndecodableUpdate(f"update could not be decoded: {error}") from None

@@ -21,7 +21,6 @@ from crdtchat.testing.invariants import (
     check_reader_rules,
     check_rebuild,
     check_round_trip,
-    decode_state_vector,
     read_replica,
     reference_reading,
     roots_json,
@@ -56,6 +55,7 @@ from crdtchat.testing.strategies import (
     transport_changes,
     worker_operations,
 )
+from crdtchat.wire import decode_state_vector  # state vectors belong to the wire
 
 __all__ = [
     "ConversationMachine",

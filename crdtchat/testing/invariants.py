@@ -17,21 +17,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pycrdt import Doc, merge_updates
+from pycrdt import Doc
 from pydantic import ValidationError
 
 from crdtchat import schema
 from crdtchat.document import Conversation
+from crdtchat.merge import merge
 from crdtchat.prefix import reference_prefix_hash
 from crdtchat.schema import Message, RegenerateRequest, assistant_turn_id
 from crdtchat.shape import MAX_READ_DEPTH
-from crdtchat.testing.network import Replica, _decode_state_vector, has_gap
+from crdtchat.testing.network import Replica, has_gap
 from crdtchat.testing.operations import message_problems, root_json
-
-
-def decode_state_vector(state_vector: bytes) -> dict[int, int]:
-    """client id → clock; the encoding's entry order is not part of the state."""
-    return _decode_state_vector(state_vector)
+from crdtchat.wire import decode_state_vector
 
 
 def json_depth(value: Any) -> int:
@@ -258,23 +255,9 @@ def open_update(update: bytes | None, *, author: str = "check") -> Conversation:
 
 
 def rebuild(updates: Sequence[bytes]) -> Conversation:
-    """A conversation from `merge_updates` of `updates`.
-
-    pycrdt 0.14.13's `merge_updates` panics on some histories (a sort in yrs; see
-    tests/testing/test_convergence.py): those are applied one by one instead, which a real replica
-    does anyway, so the rest of the checks still run.
-    """
-    if not updates:
-        return open_update(None)
-    try:
-        return open_update(merge_updates(*updates))
-    except BaseException as error:  # pyo3's PanicException is a BaseException
-        if type(error).__name__ != "PanicException":
-            raise
-    conversation = open_update(None)
-    for update in updates:
-        conversation.apply_update(update)
-    return conversation
+    """A conversation from one merge of `updates` (`crdtchat.merge`, which survives pycrdt's
+    `merge_updates` panic on some histories; see tests/testing/test_convergence.py)."""
+    return open_update(merge(*updates) if updates else None)
 
 
 def check_rebuild(replica: Replica, state: ReplicaState | None = None) -> None:

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pycrdt import Decoder, Doc, Subscription, get_update
+from pycrdt import Doc, Subscription, get_update
 
 from crdtchat.document import Conversation
 from crdtchat.testing.operations import Operation
+from crdtchat.updates import EMPTY_UPDATE
 
 Kind = Literal["update", "sync_step1", "sync_step2"]
 Clock = Callable[[], float]
-EMPTY_UPDATE = b"\x00\x00"
 
 
 @dataclass(frozen=True)
@@ -367,12 +367,3 @@ def integrates_fully(state: bytes, update: bytes) -> bool:
     probe.apply_update(state)
     probe.apply_update(update)
     return get_update(update, probe.get_state())[:1] == b"\x00"
-
-
-def _decode_state_vector(state_vector: bytes) -> dict[int, int]:
-    decoder = Decoder(state_vector)
-    result = {}
-    for _ in range(decoder.read_var_uint()):
-        client = decoder.read_var_uint()
-        result[client] = decoder.read_var_uint()
-    return result
