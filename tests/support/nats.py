@@ -71,8 +71,17 @@ class NatsNode:
         return self.proc is not None and self.proc.poll() is None
 
     def write_config(self, routes: list[int]) -> None:
+        """The node's configuration; without `routes`, a server on its own (no cluster)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         route_urls = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in routes)
+        cluster = f"""
+cluster {{
+  name: "{CLUSTER_NAME}"
+  host: "127.0.0.1"
+  port: {self.route_port}
+  routes: [{route_urls}]
+}}
+"""
         self.config_path.write_text(
             f"""
 server_name: "{self.name}"
@@ -87,13 +96,7 @@ jetstream {{
   max_memory_store: 64MB
   max_file_store: 1GB
 }}
-cluster {{
-  name: "{CLUSTER_NAME}"
-  host: "127.0.0.1"
-  port: {self.route_port}
-  routes: [{route_urls}]
-}}
-"""
+{cluster if routes else ""}"""
         )
 
     def start(self) -> None:
@@ -132,10 +135,12 @@ cluster {{
             return 0, {}
 
     def meta_leader(self) -> str | None:
-        """The JetStream meta leader this node knows of, if any."""
+        """The JetStream meta leader this node knows of (itself when it has no cluster)."""
         status, body = self.monitor("/jsz")
         if status != 200:
             return None
+        if "meta_cluster" not in body:
+            return self.name
         return (body.get("meta_cluster") or {}).get("leader") or None
 
     def healthy(self) -> bool:
@@ -156,7 +161,7 @@ class NatsCluster:
         self.nodes = [
             NatsNode(f"n{index + 1}", self.directory / f"n{index + 1}") for index in range(size)
         ]
-        routes = [node.route_port for node in self.nodes]
+        routes = [node.route_port for node in self.nodes] if size > 1 else []
         for node in self.nodes:
             node.write_config(routes)
 
@@ -194,6 +199,9 @@ class NatsCluster:
         node = self.nodes[index]
         node.kill()
         return node
+
+    def index_of(self, server_name: str) -> int:
+        return next(i for i, node in enumerate(self.nodes) if node.name == server_name)
 
     def restart(self, index: int) -> None:
         """Start a killed node again on its ports and store, and wait until it has caught up."""

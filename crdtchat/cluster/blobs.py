@@ -1,0 +1,164 @@
+"""Blobs in the JetStream object store, so any node serves any blob (design §7.5).
+
+The same shape as crdtchat/relay/blobs.py's `BlobStore`: `begin(room, sha256)` gives an upload
+that streams into a temporary file (under the node's `--data`, which holds only what may be
+lost) while it is hashed and counted against `max_size`; `finish()` checks the hash and only
+then puts the bytes in the object store under their SHA-256, unless they are there already.
+Bytes are stored once whatever the number of rooms; a room may serve a blob only if someone who
+may write the room uploaded it there, which a per-room marker records (a KV bucket, key
+`<room token>.<sha256>`), so knowing a hash is not enough to read another room's file.
+`open()` copies the object into a temporary file and returns it, as the local store returns its
+file: the HTTP layer streams it and closes it, and nothing holds a whole blob in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio.to_thread
+import nats.errors
+import nats.js.errors
+from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from crdtchat.cluster.connection import ClusterConnection
+from crdtchat.cluster.errors import ClusterError
+from crdtchat.cluster.feed import open_bucket
+from crdtchat.cluster.names import room_token
+from crdtchat.relay.blobs import BlobError, check_name
+
+_STREAM_NAME_IN_USE = 10058
+
+
+class ClusterBlobStore:
+    def __init__(
+        self, objects: ObjectStore, markers: KeyValue, max_size: int, temp: Path | None = None
+    ) -> None:
+        self.objects = objects
+        self.markers = markers
+        self.max_size = max_size
+        self.temp = temp
+
+    @classmethod
+    async def connect(
+        cls, connection: ClusterConnection, max_size: int, temp: Path | None = None
+    ) -> ClusterBlobStore:
+        names = connection.names
+        js = connection.js
+        try:
+            objects = await js.object_store(names.blob_bucket)
+        except nats.js.errors.NotFoundError:
+            config = ObjectStoreConfig(
+                description="crdtchat blobs by SHA-256",
+                replicas=connection.replicas,
+                storage=StorageType.FILE,
+            )
+            try:
+                objects = await js.create_object_store(names.blob_bucket, config=config)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise ClusterError(f"cannot create the blob store: {exc.description}") from exc
+                objects = await js.object_store(names.blob_bucket)
+        markers = await open_bucket(
+            connection, names.blob_marker_bucket, "crdtchat: which rooms hold which blob"
+        )
+        if temp is not None:
+            temp.mkdir(parents=True, exist_ok=True)
+        return cls(objects, markers, max_size, temp)
+
+    @staticmethod
+    def marker_key(room: str, sha256: str) -> str:
+        return f"{room_token(room)}.{check_name(sha256)}"
+
+    async def begin(self, room: str, sha256: str) -> ClusterUpload:
+        check_name(sha256)
+        return ClusterUpload(self, room, sha256)
+
+    async def has(self, room: str, sha256: str) -> bool:
+        """Whether `room` may serve `sha256` (someone uploaded it to this room)."""
+        try:
+            await self.markers.get(self.marker_key(room, sha256))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return False
+        except nats.errors.Error as exc:
+            raise ClusterError(f"blobs: cannot read the marker of {sha256}: {exc}") from exc
+        return True
+
+    async def open(self, room: str, sha256: str) -> BinaryIO | None:
+        """The bytes of `sha256` in a temporary file if `room` may serve them, else None."""
+        if not await self.has(room, sha256):
+            return None
+        file = tempfile.TemporaryFile(dir=self.temp)  # noqa: SIM115 - the caller closes it
+        try:
+            await self.objects.get(sha256, writeinto=file)
+        except nats.js.errors.NotFoundError:
+            file.close()
+            return None
+        except BaseException as exc:
+            file.close()
+            if isinstance(exc, nats.errors.Error):
+                raise ClusterError(f"blobs: cannot read {sha256}: {exc}") from exc
+            raise
+        file.seek(0)
+        return file  # type: ignore[return-value]
+
+
+class ClusterUpload:
+    """One upload in progress: a temporary file, the running hash and the byte count."""
+
+    def __init__(self, store: ClusterBlobStore, room: str, sha256: str) -> None:
+        self.store = store
+        self.room = room
+        self.sha256 = sha256
+        self.size = 0
+        self._hash = hashlib.sha256()
+        # Closed by finish() or discard(), whichever ends the upload.
+        self._file: BinaryIO | None = tempfile.TemporaryFile(dir=store.temp)  # type: ignore[assignment]  # noqa: SIM115
+
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        await anyio.to_thread.run_sync(self._write, chunks)
+
+    def _write(self, chunks: Sequence[bytes]) -> None:
+        assert self._file is not None
+        for chunk in chunks:
+            self.size += len(chunk)
+            if self.size > self.store.max_size:
+                raise BlobError(413, f"blob larger than {self.store.max_size} bytes")
+            self._hash.update(chunk)
+            self._file.write(chunk)
+
+    async def finish(self) -> None:
+        """Verify the hash, store the bytes (once) and mark them as this room's."""
+        assert self._file is not None
+        actual = self._hash.hexdigest()
+        if actual != self.sha256:
+            raise BlobError(400, f"body hashes to {actual}, not {self.sha256}")
+        file, self._file = self._file, None
+        store = self.store
+        try:
+            try:
+                info = await store.objects.get_info(self.sha256)
+                stored = not info.deleted and info.size == self.size
+            except nats.js.errors.NotFoundError:
+                stored = False
+            if not stored:
+                file.seek(0)
+                await store.objects.put(self.sha256, file)
+            await store.markers.put(store.marker_key(self.room, self.sha256), b"")
+        except nats.errors.Error as exc:
+            raise ClusterError(f"blobs: cannot store {self.sha256}: {exc}") from exc
+        finally:
+            file.close()
+
+    def discard(self) -> None:
+        """Drop the temporary file (an upload refused, cut or abandoned)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
