@@ -4,5 +4,6 @@ One job per module: `names` (subjects, streams, buckets; room names as subject t
 `connection` (connecting, the stream and its replicas), `roomlog` (a room's log: conditional
 appends, snapshot plus tail, live follow, roll-ups), `feed` (rooms waiting for a reply, in a KV
 bucket), `blobs` (the object store), `presence` (awareness across nodes, node heartbeats) and
-`metrics` (what `/healthz` and `/metrics` show). Needs the `cluster` extra (nats-py).
+`metrics` (what `/healthz` and `/metrics` show); `local` runs nats-server processes on loopback
+for the tests and benchmarks. Needs the `cluster` extra (nats-py).
 """

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from crdtchat.cluster.connection import connect
+from crdtchat.cluster.errors import ClusterError
 from crdtchat.cluster.names import Names
 from crdtchat.cluster.roomlog import RoomLog
 from tests.cluster.test_roomlog import Writer, text_of
@@ -103,3 +104,46 @@ async def test_sigkill_of_the_stream_leader_loses_no_acknowledged_write(
             cluster.restart(leader_index)
         await writer_conn.close()
         await reader_conn.close()
+
+
+async def test_nats_down_refuses_to_acknowledge_and_pending_writes_flush_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    """NATS gone: no acknowledgement (ClusterError, health says disconnected); an append that
+    is still retrying when NATS comes back is stored once, after what was stored before."""
+    with nats_cluster(tmp_path / "down", size=1) as single:
+        conn = await connect(single.urls, names=Names("down"))
+        log = RoomLog(conn)
+        writer = Writer(7)
+        try:
+            first = await log.append(ROOM, writer.type("a"), expected_seq=0, msg_id="d1")
+            single.kill(0)
+            with pytest.raises(ClusterError):
+                await log.append(
+                    ROOM, writer.type("b"), expected_seq=first.seq, msg_id="d2", deadline=1
+                )
+            assert conn.metrics.health()["nats"] == "disconnected"
+            assert conn.metrics.publish_failures == 1
+            assert "crdtchat_nats_connected 0" in conn.metrics.render()
+
+            async with anyio.create_task_group() as group:
+                results: list[int] = []
+
+                async def pending() -> None:
+                    appended = await log.append(
+                        ROOM, writer.type("c"), expected_seq=first.seq, msg_id="d3", deadline=60
+                    )
+                    results.append(appended.seq)
+
+                group.start_soon(pending)
+                await anyio.to_thread.run_sync(single.restart, 0)
+            assert results and results[0] > first.seq
+            assert conn.metrics.health()["nats"] == "connected"
+            assert conn.metrics.reconnects == 1
+            # "b" was never acknowledged and the client still holds it: it comes again later,
+            # as a relay client resends what was not acknowledged.
+            await log.append(ROOM, writer.doc.get_update(), expected_seq=results[0], msg_id="d4")
+            state = await log.load(ROOM)
+            assert text_of(state.merged()) == "abc"
+        finally:
+            await conn.close()
