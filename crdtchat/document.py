@@ -24,6 +24,7 @@ from crdtchat.lifetime import ClosesOnExit
 from crdtchat.merge import merge
 from crdtchat.pending import PendingUpdates
 from crdtchat.prefix import RunningHashes
+from crdtchat.pycrdt_internals import in_transaction, subscriptions
 from crdtchat.schema import (
     CancelRequest,
     DerivedEntry,
@@ -173,12 +174,13 @@ class Conversation(ClosesOnExit):
         (it may be shared, e.g. with a `Replica`); this object's view no longer follows it.
         """
         self.view.close()
+        held = subscriptions(self.doc)
         for subscription in self._update_subscriptions:
-            if subscription in self.doc._subscriptions:
+            if subscription in held:
                 self.doc.unobserve(subscription)
         self._update_subscriptions.clear()
         for root in self._roots():
-            for subscription in list(root._subscriptions):
+            for subscription in subscriptions(root):
                 root.unobserve(subscription)
 
     def _roots(self) -> tuple[Map | Array, ...]:
@@ -476,7 +478,7 @@ class Conversation(ClosesOnExit):
         compute the event's delta, and re-reading and re-validating the Map.
         """
         if alone is None:
-            alone = not _in_transaction(self.doc)
+            alone = not in_transaction(self.doc)
         self._pending[message.id] = message
         try:
             with self.doc.transaction():
@@ -888,7 +890,7 @@ class Conversation(ClosesOnExit):
         thread = [*self.thread(answered_id), message]
         hash_of_turn = self.prefix_hash_of(thread)
         answers_after = len(self.assistant_answers(answered_id)) + 1
-        alone = not _in_transaction(self.doc)
+        alone = not in_transaction(self.doc)
         with self.doc.transaction():
             self._write_message(message, alone=alone)
             self.streams.pop(turn_id, None)
@@ -956,11 +958,6 @@ class Conversation(ClosesOnExit):
 def derived_key(entry: DerivedEntry) -> str:
     """One entry per kind, message and model: a newer one replaces an older one."""
     return f"{entry.kind}:{entry.message_id}:{entry.provider}:{entry.api}:{entry.model}"
-
-
-def _in_transaction(doc: Doc) -> bool:
-    """Whether a transaction is open on `doc` (pycrdt 0.14 keeps it in `Doc._txn`)."""
-    return doc._txn is not None
 
 
 def _invalid_reason(model: type[BaseModel], raw: Any) -> str | None:

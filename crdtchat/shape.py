@@ -15,16 +15,9 @@ import json
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment
-from pycrdt._base import BaseType, process_event  # process_event: wraps raw yrs values
-from pycrdt._pycrdt import Array as _RawArray
-from pycrdt._pycrdt import Map as _RawMap
-from pycrdt._pycrdt import XmlElement as _RawXmlElement
-from pycrdt._pycrdt import XmlFragment as _RawXmlFragment
-from pycrdt._pycrdt import XmlText as _RawXmlText
 
 from crdtchat.errors import RemoteProtocolError
-
-_RAW_CONTAINERS = (_RawMap, _RawArray, _RawXmlElement, _RawXmlFragment, _RawXmlText)
+from crdtchat.pycrdt_internals import RAW_CONTAINERS, BaseType, RawMap, raw_transaction, wrap
 
 # Deeper than any value our relay accepts (its default limit is 32) and far below the depth at
 # which native recursion overflows the stack (~10,000 levels on an 8 MiB stack).
@@ -81,8 +74,8 @@ def holds_types(value: Map, handle: Any = None) -> bool:
     raw = value.integrated
     if handle is None:
         with value.doc.transaction() as txn:
-            return holds_types(value, txn._txn)
-    return any(isinstance(raw.get(handle, key), _RAW_CONTAINERS) for key in raw.keys(handle))
+            return holds_types(value, raw_transaction(txn))
+    return any(isinstance(raw.get(handle, key), RAW_CONTAINERS) for key in raw.keys(handle))
 
 
 def read_json(value: Any, max_depth: int = MAX_READ_DEPTH) -> Any:
@@ -160,22 +153,17 @@ def items_of(array: Array, name: str) -> tuple[list[Any], Doc]:
     return items, scratch
 
 
-def wrap(raw: Any, doc: Doc) -> Any:
-    """A raw yrs value (as an event's delta lists it) as pycrdt's class for it."""
-    return process_event(raw, doc)
-
-
 def check_items(items: list[Any], doc: Doc, max_depth: int = MAX_READ_DEPTH) -> None:
     """`check_depth` of every item of an array of `doc`, given raw (as an event's delta lists
     them, unwrapped: wrapping 10,000 Maps costs more than checking them), in one transaction.
     A message Map holding nothing but plain values and Texts is recognised by its raw reads."""
     with doc.transaction() as txn:
-        handle = txn._txn
+        handle = raw_transaction(txn)
         for raw in items:
-            if type(raw) is _RawMap:
-                if any(isinstance(raw.get(handle, k), _RAW_CONTAINERS) for k in raw.keys(handle)):
+            if type(raw) is RawMap:
+                if any(isinstance(raw.get(handle, k), RAW_CONTAINERS) for k in raw.keys(handle)):
                     check_depth(wrap(raw, doc), max_depth)
-            elif isinstance(raw, _RAW_CONTAINERS):
+            elif isinstance(raw, RAW_CONTAINERS):
                 check_depth(wrap(raw, doc), max_depth)
 
 

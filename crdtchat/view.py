@@ -15,8 +15,8 @@ Cost of an append. yrs computes an array event's delta by walking the whole arra
 attribute of every event up front, so the view subscribes one level lower and asks for the
 delta only when it needs it: a local append made in a transaction of its own (the caller says
 so with `expect_append`) already knows what it inserted and where. This uses two pycrdt
-internals, `Doc._read_transaction` and `process_event`, exactly as pycrdt's own deep
-observer does (pycrdt is pinned below 0.15).
+internals, its read transaction for observers and its wrapping of raw values, exactly as
+pycrdt's own deep observer does (`crdtchat.pycrdt_internals`; pycrdt is pinned below 0.15).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pycrdt import Array, Doc
-from pycrdt._base import process_event
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from crdtchat.errors import StorageError
 from crdtchat.lifetime import weak_method
+from crdtchat.pycrdt_internals import read_transaction, report_to_commit, wrap
 from crdtchat.schema import MESSAGES, Message, Problem
-from crdtchat.shape import TooDeep, check_items, items_of, read_json, wrap
+from crdtchat.shape import TooDeep, check_items, items_of, read_json
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +248,11 @@ class MessageView:
 
     def _on_raw_events(self, events: list[Any]) -> None:
         # What pycrdt's observe_deep callback does, minus computing every attribute eagerly.
-        with self._doc._read_transaction(events[0].transaction):
+        with read_transaction(self._doc, events[0].transaction):
             try:
                 self._on_events(events)
             except Exception as error:  # surfaces when the transaction ends, as in pycrdt
-                self._doc._exceptions.append(error)
+                report_to_commit(self._doc, error)
 
     def _on_events(self, events: list[Any]) -> None:
         expected, self._expected = self._expected, None
@@ -282,7 +282,7 @@ class MessageView:
                 self._extend(expected)
                 expected = None
             else:
-                self._apply_array_delta(process_event(event.delta, self._doc))
+                self._apply_array_delta(wrap(event.delta, self._doc))
         for position in changed_positions:
             if position < len(self.entries):
                 self._reread(position)

@@ -36,14 +36,13 @@ from functools import partial
 from typing import Any
 
 from pycrdt import Array, Doc, Map
-from pycrdt._base import process_event  # wraps raw yrs values in pycrdt's classes
 
 from crdtchat import schema
 from crdtchat.errors import RemoteProtocolError
 from crdtchat.lifetime import ClosesOnExit, weak_method
 from crdtchat.merge import merge
 from crdtchat.pending import split
-from crdtchat.pycrdt_internals import is_panic
+from crdtchat.pycrdt_internals import is_panic, raw_event_kind, root_count, wrap
 from crdtchat.relay.message_ids import MessageIds
 from crdtchat.relay.permissions import RULES, Access, Change, check_changes
 from crdtchat.relay.prejudge import refuse_before_applying, refuse_deletions_before_applying
@@ -89,18 +88,15 @@ class Refused:
 Outcome = Accepted | Refused
 
 
-_KINDS = {"ArrayEvent": "array", "MapEvent": "map", "TextEvent": "text"}
-
-
 def _change(event: Any, doc: Doc) -> Change:
     """Read only what the rules need from a raw yrs event (each attribute is computed on
     access, and a text event's delta is never needed)."""
-    kind = _KINDS.get(type(event).__name__, "xml")
+    kind = raw_event_kind(event)
     change = Change(kind, list(event.path))
     if kind == "array":
-        change.delta = process_event(event.delta, doc)
+        change.delta = wrap(event.delta, doc)
     elif kind == "map":
-        change.keys = process_event(event.keys, doc)
+        change.keys = wrap(event.keys, doc)
     return change
 
 
@@ -224,8 +220,7 @@ class LiveDoc(ClosesOnExit):
             self._record_error = f"update could not be inspected: {error}"
 
     def _count_roots(self) -> int:
-        with self.doc.transaction() as txn:
-            return len(self.doc._doc.roots(txn._txn))
+        return root_count(self.doc)
 
     @property
     def messages(self) -> Array:
