@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from crdtchat.errors import CommandError
 
+RELAYS_HELP = "ws://HOST:PORT, or several comma-separated: tried in turn when one goes away"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crdtchat", description=__doc__.splitlines()[0])
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     worker = commands.add_parser("worker", help="run the LLM worker peer")
-    worker.add_argument("--relay", required=True, help="ws://HOST:PORT")
+    worker.add_argument("--relay", required=True, help=RELAYS_HELP)
     worker.add_argument(
         "--provider", default="local", choices=["local", "openai", "openai-chat", "anthropic"]
     )
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="the terminal chat client")
     chat.add_argument("room", nargs="?", help="without it: your conversation list")
-    chat.add_argument("--relay", default="ws://127.0.0.1:8765")
+    chat.add_argument("--relay", default="ws://127.0.0.1:8765", help=RELAYS_HELP)
     chat.add_argument("--device", default=None, help="this device's name (default: hostname)")
 
     commands.add_parser("demo", help="relay, local worker and a chat in one command")

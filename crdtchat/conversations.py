@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,9 @@ class ConversationList:
         return unobserve
 
 
-def list_replica(relay: str, token: str, *, store_path: str | Path | None = None) -> Replica:
+def list_replica(
+    relay: str | Sequence[str], token: str, *, store_path: str | Path | None = None
+) -> Replica:
     """A `Replica` of the token's person's list document; wrap `replica.doc` in a
     `ConversationList` (use as `async with list_replica(...) as replica:`)."""
     sub = read_claims_unverified(token).sub

@@ -20,7 +20,7 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ from crdtchat.local_store import (
     SaveView,
     StoreOp,
 )
+from crdtchat.relays import relay_urls
 from crdtchat.schema import DRAFTS, MESSAGES, ROOM_NAME
 from crdtchat.shape import array_json
 from crdtchat.signals import Changes
@@ -135,6 +136,7 @@ class ReplicaStatus:
     store_error: str | None = None  # the local file refuses writes; edits wait in memory
     notice: str | None = None  # something the person should be told (e.g. after recover())
     remote_error: str | None = None  # the relay sent what we refused (e.g. a too-deep value)
+    relay: str | None = None  # the relay connected to, or the one tried next (design §3)
 
     @property
     def durable(self) -> bool:
@@ -151,13 +153,18 @@ class ReplicaStatus:
 class Replica:
     """One document's replica; use as `async with Replica(...) as replica:`.
 
-    `url` is the relay's base URL (``ws://HOST:PORT``). `doc` may be an existing document
-    (e.g. ``conversation.doc``): whatever it already holds is merged with the local file and
-    counted as pending. `store_path` None keeps no local file (nothing survives a restart).
-    `presence` is our initial awareness state, e.g. ``{"user": sub, "device": "laptop"}``.
-    `durable_acks` asks the relay for durable-write acknowledgements; without them `pending`
-    never goes down. `on_denied` is called with the relay's reason whenever it refuses
-    something; it must not write to the document.
+    `url` is the relay's base URL (``ws://HOST:PORT``), or several: a sequence or a
+    comma-separated string (`crdtchat.relays`). The replica connects to the first and, when a
+    connection fails or drops, moves to the next, round robin with `backoff` between attempts;
+    `status.relay` says which is current. A relay that refuses the token is not left for the
+    next one: the replica stops reconnecting (`status.rejected`) as with one.
+
+    `doc` may be an existing document (e.g. ``conversation.doc``): whatever it already holds is
+    merged with the local file and counted as pending. `store_path` None keeps no local file
+    (nothing survives a restart). `presence` is our initial awareness state, e.g.
+    ``{"user": sub, "device": "laptop"}``. `durable_acks` asks the relay for durable-write
+    acknowledgements; without them `pending` never goes down. `on_denied` is called with the
+    relay's reason whenever it refuses something; it must not write to the document.
 
     `view` (the `Conversation.view` over `doc`) makes the replica keep a snapshot of the end
     of the current thread in its file, at most every `snapshot_interval` seconds while the
@@ -177,7 +184,7 @@ class Replica:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -199,9 +206,9 @@ class Replica:
     ) -> None:
         if not ROOM_NAME.fullmatch(room):
             raise ValueError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
-        if not url.startswith(("ws://", "wss://")):
-            raise ValueError(f"relay URL must start with ws:// or wss://, not {url!r}")
-        self.url = url.rstrip("/")
+        self.urls = relay_urls(url)
+        self._relay_index = 0
+        self._attempt_rejected = False  # the current attempt's relay refused the token
         self.room = room
         self._token = token
         self._token_provider = token_provider
@@ -229,7 +236,7 @@ class Replica:
         self.opening_snapshot: ViewSnapshot | None = None
         self.opening_snapshot_matched: bool | None = None
 
-        self._status = ReplicaStatus()
+        self._status = ReplicaStatus(relay=self.url)
         self._status_changes = Changes()
         self._presence_changes = Changes()
         self._status_callbacks: list[Callable[[ReplicaStatus], None]] = []
@@ -264,6 +271,11 @@ class Replica:
         # here so that `edit; await wait_until(lambda s: s.durable)` cannot pass too early.
         self._pump()
         return self._status
+
+    @property
+    def url(self) -> str:
+        """The current relay's base URL: the one connected to, or the one tried next."""
+        return self.urls[self._relay_index]
 
     @property
     def client_id(self) -> int:
@@ -632,6 +644,7 @@ class Replica:
                 if self._recover_requested:
                     self._swap_document()
                 if self._rejected is None:
+                    self._attempt_rejected = False
                     with anyio.CancelScope() as self._attempt_scope:
                         await self._connect_once()
                     self._attempt_scope = None
@@ -650,13 +663,23 @@ class Replica:
                         continue
                     await self._retry_now.wait()  # until set_token() or close
                     continue
+                if not self._attempt_rejected:
+                    # (A token set meanwhile is for the relay that refused the old one.)
+                    self._next_relay()
                 delay = self._backoff.delay(self._attempt, self._rng)
                 self._attempt += 1
-                log.debug("room %s: reconnecting in %.2f s", self.room, delay)
+                log.debug("room %s: reconnecting to %s in %.2f s", self.room, self.url, delay)
                 with anyio.move_on_after(delay):
                     await self._retry_now.wait()
         finally:
             self._connection_loop_done.set()
+
+    def _next_relay(self) -> None:
+        """After a failed or dropped connection: the next relay of the list, round robin."""
+        if len(self.urls) > 1:
+            self._relay_index = (self._relay_index + 1) % len(self.urls)
+            log.info("room %s: moving to relay %s", self.room, self.url)
+            self._publish()
 
     def _swap_document(self) -> None:
         """recover()'s part between two connections: a new, empty document and session."""
@@ -773,20 +796,22 @@ class Replica:
             if code in (400, 401, 403):
                 self._reject(reason)
             else:
-                log.info("room %s: relay answered HTTP %d: %s", self.room, code, reason)
+                log.info("room %s: %s answered HTTP %d: %s", self.room, self.url, code, reason)
         except (OSError, TimeoutError, WebSocketException) as error:
-            log.info("room %s: cannot connect: %s", self.room, error or type(error).__name__)
+            reason = str(error) or type(error).__name__
+            log.info("room %s: cannot connect to %s: %s", self.room, self.url, reason)
         return None
 
     def _note_close(self, code: int | None, reason: str) -> None:
         if code is not None and code in _REJECTING_CLOSE_CODES:
             self._reject(reason or f"closed with code {code}")
         elif not self._stopping.is_set():
-            log.info("room %s: connection closed (%s %s)", self.room, code, reason)
+            log.info("room %s: connection to %s closed (%s %s)", self.room, self.url, code, reason)
 
     def _reject(self, reason: str) -> None:
         log.warning("room %s: relay refused the connection: %s", self.room, reason)
         self._rejected = reason
+        self._attempt_rejected = True
         self._report_denied(reason)
 
     async def _run_connection(self, ws: ClientConnection) -> None:
@@ -917,6 +942,7 @@ class Replica:
             store_error=self._store_error,
             notice=self._notice,
             remote_error=self._remote_error,
+            relay=self.url,
         )
         if status == self._status:
             return

@@ -19,6 +19,7 @@ import httpx
 
 from crdtchat import membership
 from crdtchat.errors import StorageError
+from crdtchat.relays import RelaySource, current_relay
 from crdtchat.schema import FileRef
 
 MAX_ATTACHMENT = 32 * 1024 * 1024
@@ -43,11 +44,14 @@ def blob_url(relay_url: str, room: str, sha256: str) -> str:
 
 
 class BlobUploader:
-    """PUT /blobs/<room>/<sha256> on the relay, with the token that also opens the room."""
+    """PUT /blobs/<room>/<sha256> on the relay, with the token that also opens the room.
 
-    def __init__(self, relay_url: str, room: str, token: str, *, timeout: float = 60.0) -> None:
-        http_base(relay_url)  # a bad URL fails here, not at the first attachment
-        self.relay_url = relay_url
+    `relay` may be a function naming the replica's current relay: the bytes then go where the
+    message that references them is stored."""
+
+    def __init__(self, relay: RelaySource, room: str, token: str, *, timeout: float = 60.0) -> None:
+        http_base(current_relay(relay))  # a bad URL fails here, not at the first attachment
+        self.relay = relay
         self.room = room
         self.token = token
         self.timeout = timeout
@@ -55,7 +59,7 @@ class BlobUploader:
     async def upload(self, path: Path) -> FileRef:
         data = await anyio.to_thread.run_sync(_read, path)
         digest = hashlib.sha256(data).hexdigest()
-        url = blob_url(self.relay_url, self.room, digest)
+        url = blob_url(current_relay(self.relay), self.room, digest)
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
                 response = await client.put(

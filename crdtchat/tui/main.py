@@ -29,6 +29,7 @@ from pycrdt import Map
 from crdtchat.document import Conversation
 from crdtchat.errors import ConfigError
 from crdtchat.local_store import read_view
+from crdtchat.relays import RelayURLError, relay_urls
 from crdtchat.schema import MEMBERS, ROOM_NAME, person_room
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
@@ -109,15 +110,23 @@ def chat_command(args: argparse.Namespace) -> int:
         return 1
 
 
+def relays_option(value: str) -> tuple[str, ...]:
+    """`--relay`: one ws:// or wss:// base URL, or several, comma-separated (design §6)."""
+    try:
+        return relay_urls(value)
+    except RelayURLError as error:
+        raise SetupError(
+            f"--relay must be ws:// or wss:// URLs, comma-separated; {error}"
+        ) from None
+
+
 def _chat(args: argparse.Namespace) -> int:
     if args.room is None:
         return _rooms_then_chat(args)
     room: str = args.room
-    relay: str = args.relay
     if not ROOM_NAME.fullmatch(room):
         raise SetupError(f"invalid room name {room!r}: 1-128 characters of A-Za-z0-9._-")
-    if not relay.startswith(("ws://", "wss://")):
-        raise SetupError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
+    relays = relays_option(args.relay)
     token = os.environ.get(TOKEN_VARIABLE, "").strip()
     if not token:
         raise SetupError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token`)")
@@ -133,16 +142,14 @@ def _chat(args: argparse.Namespace) -> int:
     home = data_home()
     with claim_device(home, room, device) as (device_name, store_path):
         _log_to(home / "chat.log")
-        anyio.run(_run, relay, room, token, subject, device_name, store_path, backend="asyncio")
+        anyio.run(_run, relays, room, token, subject, device_name, store_path, backend="asyncio")
     return 0
 
 
 def _rooms_then_chat(args: argparse.Namespace) -> int:
     """No room given: the person's conversation list, then the chosen room, then the list
     again, until the list is quit."""
-    relay: str = args.relay
-    if not relay.startswith(("ws://", "wss://")):
-        raise SetupError(f"--relay must be a ws:// or wss:// URL, not {relay!r}")
+    relays = relays_option(args.relay)
     token = os.environ.get(TOKEN_VARIABLE, "").strip()
     if not token:
         raise SetupError(f"{TOKEN_VARIABLE} is not set (get one with `crdtchat token --sub`)")
@@ -154,36 +161,42 @@ def _rooms_then_chat(args: argparse.Namespace) -> int:
     while True:
         with claim_device(home, person_room(subject.sub), device) as (_, store_path):
             _log_to(home / "chat.log")
-            chosen = anyio.run(_run_rooms, relay, token, store_path, backend="asyncio")
+            chosen = anyio.run(_run_rooms, relays, token, store_path, backend="asyncio")
         if chosen is None:
             return 0
-        _chat(argparse.Namespace(room=chosen, relay=relay, device=getattr(args, "device", None)))
+        device_option = getattr(args, "device", None)
+        _chat(argparse.Namespace(room=chosen, relay=args.relay, device=device_option))
 
 
-async def _run_rooms(relay: str, token: str, store_path: Path) -> str | None:
+async def _run_rooms(relays: tuple[str, ...], token: str, store_path: Path) -> str | None:
     from crdtchat.conversations import ConversationList, list_replica
     from crdtchat.tui.rooms import RoomsApp, relay_share
 
-    replica = list_replica(relay, token, store_path=store_path)
-    app = RoomsApp(ConversationList(replica.doc), share=relay_share(relay, token))
+    replica = list_replica(relays, token, store_path=store_path)
+    app = RoomsApp(ConversationList(replica.doc), share=relay_share(lambda: replica.url, token))
     async with replica:
         return await app.run_async()
 
 
 async def _run(
-    relay: str, room: str, token: str, subject: TokenSubject, device: str, store_path: Path
+    relays: tuple[str, ...],
+    room: str,
+    token: str,
+    subject: TokenSubject,
+    device: str,
+    store_path: Path,
 ) -> None:
     conversation = Conversation(
         author=subject.sub,
         role=subject.role if subject.role in ("reader", "writer", "worker") else None,  # type: ignore[arg-type]
     )
     with conversation:  # drops its observers when the chat ends (issue 12)
-        await _run_chat(conversation, relay, room, token, subject, device, store_path)
+        await _run_chat(conversation, relays, room, token, subject, device, store_path)
 
 
 async def _run_chat(
     conversation: Conversation,
-    relay: str,
+    relays: tuple[str, ...],
     room: str,
     token: str,
     subject: TokenSubject,
@@ -193,7 +206,7 @@ async def _run_chat(
     from crdtchat.replica import Replica  # lazily: keeps `crdtchat --help` light
 
     replica = Replica(
-        relay,
+        relays,
         room,
         token,
         doc=conversation.doc,
@@ -206,7 +219,7 @@ async def _run_chat(
         ReplicaLink(replica),
         room=room,
         device=device,
-        uploader=BlobUploader(relay, room, token),
+        uploader=BlobUploader(lambda: replica.url, room, token),  # follows a failover
         read_only=subject.role == "reader",
         preview=saved_screen(store_path),
     )

@@ -19,6 +19,7 @@ from textual.widgets import Input
 
 from crdtchat.conversations import ConversationList, Entry
 from crdtchat.errors import CrdtchatError
+from crdtchat.relays import RelaySource, current_relay
 from crdtchat.tui.widgets import Line
 
 HELP = (
@@ -135,17 +136,19 @@ class RoomsApp(App[str | None]):
         self._redraw()
 
 
-def relay_share(relay: str, token: str) -> Share:
-    """A `Share` through the relay's membership endpoints, off the event loop."""
+def relay_share(relay: RelaySource, token: str) -> Share:
+    """A `Share` through the relay's membership endpoints, off the event loop; `relay` may be
+    a function naming the list replica's current relay."""
     from crdtchat import membership
 
     async def share(room: str, sub: str, role: str | None) -> None:
+        url = current_relay(relay)
         if role is None:
-            await anyio.to_thread.run_sync(membership.unshare, relay, room, token, sub)
+            await anyio.to_thread.run_sync(membership.unshare, url, room, token, sub)
         else:
             await anyio.to_thread.run_sync(
                 membership.share,
-                relay,
+                url,
                 room,
                 token,
                 sub,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from urllib.parse import quote
 
 import anyio
@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from crdtchat.errors import TokenError
+from crdtchat.relays import relay_urls
 from crdtchat.wire import (
     Extension,
     Reader,
@@ -58,26 +59,34 @@ def decode_room_names(frame: bytes) -> list[str]:
 
 
 async def waiting_rooms(
-    relay_url: str,
+    relays: str | Sequence[str],
     token: str,
     *,
     initial_backoff: float = 0.2,
     max_backoff: float = 10.0,
     rng: random.Random | None = None,
+    on_connected: Callable[[str], None] | None = None,
 ) -> AsyncIterator[str]:
     """Room names from the relay's feed, reconnecting with backoff and jitter forever.
 
-    After a reconnect the relay resends every waiting room, so nothing is missed while the
-    connection was down.
+    With several relays (`crdtchat.relays`), a connection that fails or drops moves the feed
+    to the next one, round robin, as a `Replica` moves. After a reconnect the relay resends
+    every waiting room, so nothing is missed while the connection was down. `on_connected` is
+    called with the relay's base URL each time the feed connects.
     """
     rng = rng or random.Random()
-    url = f"{relay_url.rstrip('/')}{FEED_PATH}?token={quote(token, safe='')}"
+    urls = relay_urls(relays)
+    index = 0
     attempt = 0
     while True:
+        relay_url = urls[index]
+        url = f"{relay_url}{FEED_PATH}?token={quote(token, safe='')}"
         try:
             async with connect(url, max_size=1 << 20) as ws:
                 attempt = 0
                 log.info("connected to the room feed at %s", relay_url)
+                if on_connected is not None:
+                    on_connected(relay_url)
                 async for frame in ws:
                     if isinstance(frame, str):
                         continue
@@ -93,9 +102,10 @@ async def waiting_rooms(
                     f"relay refused the room feed ({status}): "
                     f"{refused.response.body.decode(errors='replace').strip()}"
                 ) from refused
-            log.warning("room feed: HTTP %s", status)
+            log.warning("room feed at %s: HTTP %s", relay_url, status)
         except (OSError, WebSocketException) as error:
-            log.info("room feed unavailable: %s", error)
+            log.info("room feed at %s unavailable: %s", relay_url, error)
+        index = (index + 1) % len(urls)
         delay = rng.uniform(0, min(max_backoff, initial_backoff * 2**attempt))
         attempt = min(attempt + 1, 30)
         await anyio.sleep(delay)

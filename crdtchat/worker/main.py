@@ -11,6 +11,7 @@ import anyio
 
 from crdtchat.errors import CommandError
 from crdtchat.providers.base import ProviderError
+from crdtchat.relays import RelayURLError, relay_urls
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.worker.feed import FeedRefused
 from crdtchat.worker.room import ProviderPool, RoomSettings
@@ -21,11 +22,15 @@ TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
 
 
 def worker_config(
-    relay_url: str, token: str, *, lease_ttl: float = 30.0, idle_after: float = 30.0
+    relays: str, token: str, *, lease_ttl: float = 30.0, idle_after: float = 30.0
 ) -> WorkerConfig:
-    """Checks what can be checked locally, so a bad set-up fails at once with a reason."""
-    if not relay_url.startswith(("ws://", "wss://")):
-        raise CommandError(f"--relay must be a ws:// or wss:// URL, not {relay_url!r}")
+    """Checks what can be checked locally, so a bad set-up fails at once with a reason.
+
+    `relays` is `--relay`: one base URL or several, comma-separated (design §6)."""
+    try:
+        urls = relay_urls(relays)
+    except RelayURLError as error:
+        raise CommandError(f"--relay: {error}") from error
     if not token:
         raise CommandError(f"{TOKEN_VARIABLE} is not set (mint one with `crdtchat token`)")
     try:
@@ -39,7 +44,7 @@ def worker_config(
             f" not {held}"
         )
     return WorkerConfig(
-        relay_url=relay_url.rstrip("/"),
+        relays=urls,
         token=token,
         identity=claims.sub,
         device=f"worker@{socket.gethostname()}",

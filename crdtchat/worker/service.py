@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
 from crdtchat.document import Conversation
+from crdtchat.relays import starting_at
 from crdtchat.replica import Replica
 from crdtchat.worker.feed import waiting_rooms
 from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
@@ -27,7 +28,7 @@ LEASE_GRACE = 0.5
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    relay_url: str
+    relays: tuple[str, ...]  # base URLs, checked (`crdtchat.relays.relay_urls`), tried in turn
     token: str
     identity: str  # the token's subject: the author of every turn this worker writes
     device: str = "worker"
@@ -55,7 +56,7 @@ async def _serve_with_replica(
     on_foreign_leases: Callable[[float], None] | None,
 ) -> int:
     async with Replica(
-        config.relay_url,
+        config.relays,
         room,
         config.token,
         doc=conversation.doc,
@@ -85,9 +86,17 @@ async def _serve_with_replica(
 
 
 async def run_worker(config: WorkerConfig, providers: ProviderPool) -> None:
-    """Serve every room the relay says is waiting, until cancelled."""
+    """Serve every room the relay says is waiting, until cancelled.
+
+    A room's replica tries the relay the feed is connected to first: it answered last.
+    """
     open_rooms: set[str] = set()
     look_again: set[str] = set()
+    relays = config.relays
+
+    def feed_connected(relay: str) -> None:
+        nonlocal relays
+        relays = starting_at(config.relays, relay)
 
     async with anyio.create_task_group() as rooms:
 
@@ -97,7 +106,9 @@ async def run_worker(config: WorkerConfig, providers: ProviderPool) -> None:
                     look_again.discard(room)
                     recheck: list[float] = []
                     try:
-                        await serve_remote_room(room, config, providers, recheck.append)
+                        await serve_remote_room(
+                            room, replace(config, relays=relays), providers, recheck.append
+                        )
                     except (OSError, TimeoutError) as error:
                         log.warning("room %s: %s", room, error)
                     except Exception:
@@ -114,7 +125,7 @@ async def run_worker(config: WorkerConfig, providers: ProviderPool) -> None:
             finally:
                 open_rooms.discard(room)
 
-        async for room in waiting_rooms(config.relay_url, config.token):
+        async for room in waiting_rooms(config.relays, config.token, on_connected=feed_connected):
             if room in open_rooms:
                 look_again.add(room)
                 continue

@@ -136,6 +136,9 @@ def test_chat_command_refuses_bad_setup_with_one_line(
     assert "invalid room name" in capsys.readouterr().err
     assert cli.main(["chat", "room-2", "--relay", "http://x"]) == 1
     assert "--relay must be" in capsys.readouterr().err
+    # Several relays: the malformed one is named, at start (design §6).
+    assert cli.main(["chat", "room-2", "--relay", "ws://127.0.0.1:1,ws//b"]) == 1
+    assert "not a relay URL: 'ws//b'" in capsys.readouterr().err
 
 
 def test_two_clients_on_one_machine_get_two_devices_and_two_stores(tmp_path: Path) -> None:

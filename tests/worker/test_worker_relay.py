@@ -82,7 +82,7 @@ async def test_room_feed_is_for_workers_and_lists_rooms_that_wait(tmp_path: Path
                 ),
             )
             config = WorkerConfig(
-                relay_url=base,
+                relays=(base,),
                 token=feed_token,
                 identity="worker-1",
                 room=RoomSettings(idle_after=0.5),
