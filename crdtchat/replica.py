@@ -3,7 +3,8 @@
 The document lives in memory (`replica.doc`, a plain pycrdt Doc that a `Conversation` may wrap)
 and in the replica's own SQLite file, so edits made offline survive a restart. While the relay
 is reachable the replica stays connected, resyncing both ways from state vectors on every
-(re)connect; when it is not, the replica retries with exponential backoff and full jitter.
+(re)connect; when it is not, the replica retries with exponential backoff and full jitter,
+moving round robin through its relays when it was given several (design §3).
 Status (connected, synced, pending local updates, all durably stored) is observable and
 awaitable; presence travels as y-protocols awareness.
 
