@@ -44,6 +44,9 @@ from crdtchat.merge import merge
 
 KIND_HEADER = "Crdtchat-Kind"
 SNAPSHOT = "snapshot"
+# On a snapshot: the last sequence it covers. A copy that has applied exactly that much already
+# holds everything in it (the roll-up was conditional on it) and need not apply it again.
+COVERS_HEADER = "Crdtchat-Covers"
 # "wrong last sequence: N" (10071), and the same without N (10164), which a clustered stream's
 # leader answers when the conflict is with a message still being replicated.
 _WRONG_LAST_SEQUENCE = {10071, 10164}
@@ -61,6 +64,7 @@ class LogEntry:
     seq: int  # the stream sequence, which orders a room's messages
     data: bytes
     snapshot: bool = False
+    covers: int = 0  # a snapshot's last covered sequence
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class RoomLog:
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(upto_seq),
             Header.MSG_ID.value: f"{self.names.room_subject(room)}:snapshot:{upto_seq}",
             KIND_HEADER: SNAPSHOT,
+            COVERS_HEADER: str(upto_seq),
         }
         appended = await self._publish(room, snapshot, headers, upto_seq, deadline)
         self.metrics.compactions += 1
@@ -281,8 +286,11 @@ class Follower:
         if seq <= self.seq:  # delivered again after the consumer was re-created
             return None
         self.seq = seq
-        snapshot = (msg.headers or {}).get(KIND_HEADER) == SNAPSHOT
-        return LogEntry(seq=seq, data=msg.data, snapshot=snapshot)
+        headers = msg.headers or {}
+        if headers.get(KIND_HEADER) != SNAPSHOT:
+            return LogEntry(seq=seq, data=msg.data)
+        covers = headers.get(COVERS_HEADER, "0")
+        return LogEntry(seq=seq, data=msg.data, snapshot=True, covers=int(covers or 0))
 
     def __aiter__(self) -> AsyncIterator[LogEntry]:
         return self._iterate()
