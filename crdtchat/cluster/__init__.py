@@ -5,6 +5,7 @@ One job per module: `names` (subjects, streams, buckets; room names as subject t
 appends, snapshot plus tail, live follow, roll-ups), `room` (a room on a node: a copy fed by
 the stream, writes judged against it once caught up), `feed` (rooms waiting for a reply, in a KV
 bucket), `blobs` (the object store), `presence` (awareness across nodes, node heartbeats) and
-`metrics` (what `/healthz` and `/metrics` show); `local` runs nats-server processes on loopback
+`metrics` (what `/healthz` and `/metrics` show), `node` (all of it for one relay node, started
+and stopped as one); `local` runs nats-server processes on loopback
 for the tests and benchmarks. Needs the `cluster` extra (nats-py).
 """
