@@ -29,7 +29,7 @@ from pycrdt import Map
 from crdtchat.document import Conversation
 from crdtchat.errors import ConfigError
 from crdtchat.local_store import read_view
-from crdtchat.relays import RelayURLError, relay_urls
+from crdtchat.relays import RelayURLError, relay_urls, starting_at
 from crdtchat.schema import MEMBERS, ROOM_NAME, person_room
 from crdtchat.tokens import TokenError, read_claims_unverified
 from crdtchat.tui.app import ChatApp
@@ -161,21 +161,25 @@ def _rooms_then_chat(args: argparse.Namespace) -> int:
     while True:
         with claim_device(home, person_room(subject.sub), device) as (_, store_path):
             _log_to(home / "chat.log")
-            chosen = anyio.run(_run_rooms, relays, token, store_path, backend="asyncio")
+            chosen, current = anyio.run(_run_rooms, relays, token, store_path, backend="asyncio")
         if chosen is None:
             return 0
+        relays = starting_at(relays, current)  # the relay that answered last, first
         device_option = getattr(args, "device", None)
-        _chat(argparse.Namespace(room=chosen, relay=args.relay, device=device_option))
+        _chat(argparse.Namespace(room=chosen, relay=",".join(relays), device=device_option))
 
 
-async def _run_rooms(relays: tuple[str, ...], token: str, store_path: Path) -> str | None:
+async def _run_rooms(
+    relays: tuple[str, ...], token: str, store_path: Path
+) -> tuple[str | None, str]:
+    """The room chosen in the list (None: quit), and the relay the list was using."""
     from crdtchat.conversations import ConversationList, list_replica
     from crdtchat.tui.rooms import RoomsApp, relay_share
 
     replica = list_replica(relays, token, store_path=store_path)
     app = RoomsApp(ConversationList(replica.doc), share=relay_share(lambda: replica.url, token))
     async with replica:
-        return await app.run_async()
+        return await app.run_async(), replica.url
 
 
 async def _run(
