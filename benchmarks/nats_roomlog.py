@@ -9,7 +9,10 @@ JetStream server (R1), both with `sync_interval: always` (every acknowledgement 
   once: appends per second, latency p50/p99, and the NATS servers' CPU per append (summed over
   the servers, from /proc) beside this client's;
 - **delivery**: an append through one connection to its arrival at a follower (ordered consumer)
-  on another connection: what a peer on another relay node waits beyond the acknowledgement.
+  on another connection: what a peer on another relay node waits beyond the acknowledgement;
+- **followers**: `--followers` rooms followed at once from one connection (a node with that
+  many rooms loaded holds one ordered consumer each): the time to create one, the NATS servers'
+  memory per follower, and the delivery latency when every room gets one append.
 
 Updates are real Yjs updates of about `--size` bytes of typed text. Figures on a shared 2-core
 machine are noisy: compare the two engines within one run, not across runs.
@@ -29,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import cpu_seconds, percentile
+from _support import cpu_seconds, percentile, rss_kib
 from pycrdt import Doc, Text
 
 from crdtchat.cluster.connection import ClusterConnection, connect
@@ -124,6 +127,50 @@ async def delivery(
     return latencies
 
 
+def nats_rss_kib(cluster: NatsCluster) -> int:
+    return sum(rss_kib(node.proc.pid) for node in cluster.nodes if node.proc is not None)
+
+
+async def followers(
+    conn: ClusterConnection, other: ClusterConnection, cluster: NatsCluster, count: int
+) -> dict[str, float]:
+    """`count` rooms, one follower each on `other`; then one append to every room."""
+    log = RoomLog(conn)
+    typists = [Typist(5000 + index, 10) for index in range(count)]
+    for index, typist in enumerate(typists):
+        await append_once(log, f"followed-{index}", typist)
+    rss_before = nats_rss_kib(cluster)
+    started = time.perf_counter()
+    follows = []
+    for index in range(count):
+        follower = RoomLog(other).follow(f"followed-{index}")
+        await follower.start()
+        await follower.next(30)  # the room's first message: the consumer is live
+        follows.append(follower)
+    create_s = (time.perf_counter() - started) / count
+    rss_after = nats_rss_kib(cluster)
+    sent: dict[int, float] = {}
+    latencies: list[float] = []
+
+    async def receive(index: int) -> None:
+        await follows[index].next(60)
+        latencies.append(time.perf_counter() - sent[index])
+
+    receivers = [asyncio.create_task(receive(index)) for index in range(count)]
+    for index, typist in enumerate(typists):
+        sent[index] = time.perf_counter()
+        await append_once(log, f"followed-{index}", typist)
+    await asyncio.gather(*receivers)
+    for follower in follows:
+        await follower.close()
+    return {
+        "create_ms": create_s * 1000,
+        "kib_per_follower": (rss_after - rss_before) / count,
+        "p50_ms": ms(latencies, 0.5),
+        "p99_ms": ms(latencies, 0.99),
+    }
+
+
 async def measure(cluster: NatsCluster, args: argparse.Namespace, label: str) -> dict[str, str]:
     names = Names(f"bench{int(time.time() * 1000) % 10**9}")
     conn = await connect(cluster.urls, names=names)
@@ -132,6 +179,7 @@ async def measure(cluster: NatsCluster, args: argparse.Namespace, label: str) ->
         seq = await sequential(conn, args.count, args.size)
         conc = await concurrent(conn, cluster, args.rooms, args.each, args.size)
         deliv = await delivery(conn, other, args.count, args.size)
+        follow = await followers(conn, other, cluster, args.followers)
         return {
             "engine": label,
             "replicas": str(conn.replicas),
@@ -141,6 +189,11 @@ async def measure(cluster: NatsCluster, args: argparse.Namespace, label: str) ->
             f"{args.rooms} rooms: p50/p99 ms": f"{conc['p50_ms']:.1f} / {conc['p99_ms']:.1f}",
             "NATS CPU us/append (all servers)": f"{conc['nats_cpu_us_per_append']:.0f}",
             "client CPU us/append": f"{conc['client_cpu_us_per_append']:.0f}",
+            f"{args.followers} followers: ms to create one": f"{follow['create_ms']:.2f}",
+            f"{args.followers} followers: NATS KiB each": f"{follow['kib_per_follower']:.1f}",
+            f"{args.followers} followers: delivery p50/p99 ms": (
+                f"{follow['p50_ms']:.1f} / {follow['p99_ms']:.1f}"
+            ),
         }
     finally:
         await conn.close()
@@ -154,9 +207,10 @@ async def main() -> None:
     parser.add_argument("--rooms", type=int, default=50, help="rooms written at once")
     parser.add_argument("--each", type=int, default=40, help="appends per room, concurrent")
     parser.add_argument("--size", type=int, default=40, help="characters typed per update")
+    parser.add_argument("--followers", type=int, default=1000, help="rooms followed at once")
     args = parser.parse_args()
     if args.quick:
-        args.count, args.rooms, args.each = 50, 10, 10
+        args.count, args.rooms, args.each, args.followers = 50, 10, 10, 50
     rows = []
     with (
         tempfile.TemporaryDirectory() as directory,

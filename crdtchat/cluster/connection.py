@@ -40,6 +40,12 @@ _STREAM_NAME_IN_USE = 10058
 # Retries of one publish are recognised for this long (Nats-Msg-Id); longer than any client's
 # reconnect-and-resend.
 DUPLICATE_WINDOW = 120.0
+# Every node follows every room it has loaded with an ordered consumer of its own, so the
+# stream's consumers are (nodes x rooms loaded on each). nats-server caps a stream that sets no
+# limit at 1,000 consumers (its `default_max_consumers`, seen in /jsz): a cluster would stop
+# opening rooms at 1,000 rooms loaded in all. The cap is set explicitly instead (measured in
+# docs/cluster.md: about 40 KiB of NATS memory and a few ms to create per consumer).
+MAX_CONSUMERS = 100_000
 
 
 def parse_servers(value: str | None) -> list[str]:
@@ -167,4 +173,5 @@ def room_stream_config(names: Names, replicas: int) -> StreamConfig:
         allow_rollup_hdrs=True,
         deny_delete=True,
         duplicate_window=DUPLICATE_WINDOW,
+        max_consumers=MAX_CONSUMERS,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from crdtchat.cluster.connection import connect
+from crdtchat.cluster.connection import MAX_CONSUMERS, connect
 from crdtchat.cluster.errors import ClusterError
 from crdtchat.cluster.names import Names
 from crdtchat.cluster.roomlog import RoomLog
@@ -33,6 +33,7 @@ async def test_replicas_default_to_the_jetstream_servers_there_are(
             assert info.config.num_replicas == 1
             assert info.config.allow_rollup_hdrs
             assert info.config.duplicate_window == 120
+            assert info.config.max_consumers == MAX_CONSUMERS  # not the server's default 1,000
         finally:
             await conn.close()
         # A node joining later keeps what the first one created.
