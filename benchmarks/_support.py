@@ -19,7 +19,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from crdtchat.stack import LISTENING, stop_process, wait_until_listening
+from crdtchat.stack import RelaySubprocess, stop_process, wait_until_listening
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -129,17 +128,25 @@ def _running(
 def running_relay(
     data: Path, extra_args: list[str] | None = None, src: Path = REPO
 ) -> Iterator[Server]:
-    """Our relay, `python -m crdtchat.relay.main --port 0 --data DIR`, on 127.0.0.1.
+    """Our relay, `python -m crdtchat.relay.main --port 0 --data DIR`, on 127.0.0.1, through the
+    one launcher (`crdtchat.stack.RelaySubprocess`).
 
     `src` is the source tree it runs from: another checkout runs an earlier relay side by side.
     """
-    command = [sys.executable, "-m", "crdtchat.relay.main", "--host", "127.0.0.1", "--port", "0"]
-    command += ["--data", str(data), *(extra_args or [])]
-    env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = str(src)
-    log_path = data.parent / "relay.log"
-    with _running("relay", command, env, src, log_path, LISTENING) as (proc, port):
-        yield Server("crdtchat relay", proc, f"ws://127.0.0.1:{port}", log_path)
+    relay = RelaySubprocess(
+        data,
+        SECRET,
+        extra_args or (),
+        env={"PYTHONPATH": str(src)},
+        cwd=src,
+        log_path=data.parent / "relay.log",
+    )
+    relay.start(60.0)
+    assert relay.proc is not None
+    try:
+        yield Server("crdtchat relay", relay.proc, relay.ws_base, relay.log_path)
+    finally:
+        relay.stop()
 
 
 def ensure_node_server() -> None:

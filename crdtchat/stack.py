@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -78,6 +78,137 @@ def stop_process(proc: subprocess.Popen[str], timeout: float) -> None:
         proc.stdout.close()
 
 
+class RelaySubprocess:
+    """The relay as a child process, started as in production: one launcher for the demo, the
+    tests (`tests.support.relay.RelayProcess`) and the benchmarks (`benchmarks._support`).
+
+    `start()` returns once the relay listens; the port it bound (0 asks for a free one) is kept,
+    so `restart()` comes back on the same port with the same data. stdout is read for the
+    "listening on" line; stderr, where the relay logs, goes to `log_path`.
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        secret: str,
+        extra_args: Sequence[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        use_cli: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        log_path: Path | None = None,
+        new_session: bool = False,
+    ) -> None:
+        self.data = Path(data)
+        self.extra_args = list(extra_args)
+        self.host = host
+        self.port = port
+        self.use_cli = use_cli  # `crdtchat serve` instead of `python -m crdtchat.relay.main`
+        self.env = {**os.environ, "CRDTCHAT_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+        self.env.update(env or {})
+        self.cwd = cwd
+        self.log_path = log_path or self.data.parent / f"{self.data.name}-relay.log"
+        self.new_session = new_session  # the demo's: Ctrl-C in the terminal stops us, not it
+        self.proc: subprocess.Popen[str] | None = None
+
+    def command(self) -> list[str]:
+        module = ["-m", "crdtchat.cli", "serve"] if self.use_cli else ["-m", "crdtchat.relay.main"]
+        return [
+            sys.executable,
+            *module,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--data",
+            str(self.data),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the relay and wait for its "listening on" line; RuntimeError with the log if it
+        exits or stays silent for `timeout` seconds."""
+        assert not self.running, "the relay is already running"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=self.cwd,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=self.new_session,
+            )
+        try:
+            self.port = wait_until_listening(self.proc, timeout)
+        except RuntimeError as error:
+            self.kill()
+            raise RuntimeError(f"the relay did not start ({error}); log:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        """What the relay has logged so far (empty before it starts)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def ws_base(self) -> str:
+        """The relay's websocket base URL, without a room: what a `Replica` takes."""
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, only what was committed survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait for the graceful shutdown; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def restart(self) -> Self:
+        """SIGKILL and start again on the same port and data."""
+        self.kill()
+        return self.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, SIGKILL after `timeout` seconds (`stop_process`)."""
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
+
+    def __enter__(self) -> Self:
+        return self.start() if not self.running else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 @dataclass
 class ManagedProcess:
     """One child process with its log file; SIGTERM then SIGKILL on stop."""
@@ -126,7 +257,7 @@ class LocalStack:
     port: int = 0
     host: str = "127.0.0.1"
     extra_env: Mapping[str, str] = field(default_factory=dict)
-    relay: ManagedProcess | None = None
+    relay: RelaySubprocess | None = None
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,34 +284,18 @@ class LocalStack:
 
     def start_relay(self, timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> None:
         """Start (or restart, on the same port) the relay; returns once it listens."""
-        self.relay = ManagedProcess(
-            "relay",
-            [
-                sys.executable,
-                "-m",
-                "crdtchat.cli",
-                "serve",
-                "--host",
-                self.host,
-                "--port",
-                str(self.port),
-                "--data",
-                str(self.data / "relay"),
-                *extra_args,
-            ],
-            self.env(),
-            self.logs / "relay.log",
+        self.relay = RelaySubprocess(
+            self.data / "relay",
+            self.secret,
+            extra_args,
+            host=self.host,
+            port=self.port,
+            use_cli=True,
+            env=self.env(),
+            log_path=self.logs / "relay.log",
+            new_session=True,
         )
-        self.relay.start(capture_stdout=True)
-        proc = self.relay.proc
-        assert proc is not None
-        try:
-            self.port = wait_until_listening(proc, timeout)
-        except RuntimeError as error:
-            self.relay.kill()
-            raise RuntimeError(
-                f"the relay did not start ({error}); see {self.relay.log_path}"
-            ) from None
+        self.port = self.relay.start(timeout).port
 
     def start_worker(
         self,

@@ -1,19 +1,16 @@
 """Test support for the relay: the relay as a real subprocess, and a small raw protocol client.
 
-`RelayProcess` runs `python -m crdtchat.relay.main` (or the real `crdtchat serve`) on a free port
-in a temporary data directory, reads the port from its "listening on" line, and can SIGKILL,
-SIGTERM and restart it on the same port and data. `RawClient` speaks the y-websocket protocol
-with crdtchat.wire over a real websocket and keeps a pycrdt Doc in sync, recording every
-AuthDenied, Ack and awareness message, so tests can wait for conditions instead of sleeping.
+`RelayProcess` is the one relay launcher (`crdtchat.stack.RelaySubprocess`) with the tests'
+secret: `python -m crdtchat.relay.main` (or the real `crdtchat serve`) on a free port in a
+temporary data directory, SIGKILLed, SIGTERMed and restarted on the same port and data.
+`RawClient` speaks the y-websocket protocol with crdtchat.wire over a real websocket and keeps a
+pycrdt Doc in sync, recording every AuthDenied, Ack and awareness message, so tests can wait for
+conditions instead of sleeping.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -26,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtchat import schema
-from crdtchat.stack import stop_process, wait_until_listening
+from crdtchat.stack import RelaySubprocess
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
     Ack,
@@ -57,8 +54,9 @@ def identity_token(sub: str, ttl: float = 3600) -> str:
     return mint_token(SECRET, None, None, sub, ttl)
 
 
-class RelayProcess:
-    """A relay subprocess; `start()` returns once it listens."""
+class RelayProcess(RelaySubprocess):
+    """`crdtchat.stack.RelaySubprocess` with the tests' secret, run from the checkout, plus
+    `url()` for a room's websocket with a token."""
 
     def __init__(
         self,
@@ -68,88 +66,11 @@ class RelayProcess:
         use_cli: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.data = Path(data)
-        self.extra_args = list(extra_args)
-        self.use_cli = use_cli
-        self.env = {**os.environ, "CRDTCHAT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
-        if env:
-            self.env.update(env)
-        self.port = 0
-        self.host = "127.0.0.1"
-        self.proc: subprocess.Popen[str] | None = None
-        self.log_path = self.data.parent / f"{self.data.name}-relay.log"
-
-    def command(self) -> list[str]:
-        module = ["-m", "crdtchat.cli", "serve"] if self.use_cli else ["-m", "crdtchat.relay.main"]
-        return [
-            sys.executable,
-            *module,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--data",
-            str(self.data),
-            *self.extra_args,
-        ]
-
-    def start(self, timeout: float = 20.0) -> RelayProcess:
-        assert self.proc is None or self.proc.poll() is not None
-        log = open(self.log_path, "a")  # noqa: SIM115 - kept open for the process's lifetime
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=REPO,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        log.close()
-        try:
-            self.port = wait_until_listening(self.proc, timeout)
-        except RuntimeError as error:
-            self.kill()
-            raise RuntimeError(f"relay did not start ({error}); log:\n{self.log()}") from None
-        return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def ws_base(self) -> str:
-        """The relay's websocket base URL, without a room: what a `Replica` takes."""
-        return f"ws://{self.host}:{self.port}"
+        super().__init__(data, SECRET, extra_args, use_cli=use_cli, env=env, cwd=REPO)
 
     def url(self, room: str, tok: str, *, ack: bool = False) -> str:
         suffix = "&ext=ack" if ack else ""
-        return f"ws://{self.host}:{self.port}/{room}?token={tok}{suffix}"
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, only what was committed survives."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait for the graceful shutdown; returns the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def restart(self) -> RelayProcess:
-        self.kill()
-        return self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 30)
+        return f"{self.ws_base}/{room}?token={tok}{suffix}"
 
 
 @contextmanager
