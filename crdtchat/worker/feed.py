@@ -21,6 +21,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from crdtchat.errors import TokenError
 from crdtchat.relays import relay_urls
+from crdtchat.replica import Backoff
 from crdtchat.wire import (
     Extension,
     Reader,
@@ -62,18 +63,19 @@ async def waiting_rooms(
     relays: str | Sequence[str],
     token: str,
     *,
-    initial_backoff: float = 0.2,
-    max_backoff: float = 10.0,
+    backoff: Backoff | None = None,
     rng: random.Random | None = None,
     on_connected: Callable[[str], None] | None = None,
 ) -> AsyncIterator[str]:
-    """Room names from the relay's feed, reconnecting with backoff and jitter forever.
+    """Room names from the relay's feed, reconnecting forever with `backoff` (a `Replica`'s
+    reconnection delays by default).
 
     With several relays (`crdtchat.relays`), a connection that fails or drops moves the feed
     to the next one, round robin, as a `Replica` moves. After a reconnect the relay resends
     every waiting room, so nothing is missed while the connection was down. `on_connected` is
     called with the relay's base URL each time the feed connects.
     """
+    backoff = backoff or Backoff()
     rng = rng or random.Random()
     urls = relay_urls(relays)
     index = 0
@@ -106,6 +108,6 @@ async def waiting_rooms(
         except (OSError, WebSocketException) as error:
             log.info("room feed at %s unavailable: %s", relay_url, error)
         index = (index + 1) % len(urls)
-        delay = rng.uniform(0, min(max_backoff, initial_backoff * 2**attempt))
-        attempt = min(attempt + 1, 30)
+        delay = backoff.delay(attempt, rng)
+        attempt += 1
         await anyio.sleep(delay)
