@@ -6,6 +6,7 @@ appends, snapshot plus tail, live follow, roll-ups), `room` (a room on a node: a
 the stream, writes judged against it once caught up), `feed` (rooms waiting for a reply, in a KV
 bucket), `blobs` (the object store), `presence` (awareness across nodes, node heartbeats) and
 `metrics` (what `/healthz` and `/metrics` show), `node` (all of it for one relay node, started
-and stopped as one); `local` runs nats-server processes on loopback
+and stopped as one), `memory` (an in-process stand-in for the stream, for state machines);
+`local` runs nats-server processes on loopback
 for the tests and benchmarks. Needs the `cluster` extra (nats-py).
 """

@@ -27,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pycrdt import Doc
 
 from crdtchat.cluster.errors import ClusterError, SequenceConflict
-from crdtchat.cluster.roomlog import Appended, Follower, LogEntry, RoomLog
+from crdtchat.cluster.roomlog import Appended, LogEntry, RoomState
 
 log = logging.getLogger("crdtchat.cluster.room")
 
@@ -42,6 +43,26 @@ IN_FLIGHT_WAIT = 0.5
 
 Judge = Callable[[Doc, bytes], "str | None"]
 """Judges an update against the caught-up copy: None to accept, else the refusal's reason."""
+
+
+class FollowerLike(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def __aiter__(self) -> AsyncIterator[LogEntry]: ...
+
+
+class RoomLogLike(Protocol):
+    """What a `ClusterRoom` needs of its log: `RoomLog` on NATS, or `MemoryRoomLog`."""
+
+    async def last_seq(self, room: str) -> int: ...
+    async def load(self, room: str) -> RoomState: ...
+    def follow(self, room: str, after_seq: int = 0) -> FollowerLike: ...
+    async def append(
+        self, room: str, update: bytes, *, expected_seq: int, msg_id: str, deadline: float = ...
+    ) -> Appended: ...
+    async def compact(
+        self, room: str, snapshot: bytes, *, upto_seq: int, deadline: float = ...
+    ) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,7 @@ class Refused:
 class ClusterRoom:
     def __init__(
         self,
-        log: RoomLog,
+        log: RoomLogLike,
         room: str,
         *,
         on_entry: Callable[[LogEntry], Awaitable[None]] | None = None,
@@ -72,7 +93,7 @@ class ClusterRoom:
         self.updates_since_snapshot = 0
         self.bytes_since_snapshot = 0
         self._advanced = asyncio.Condition()
-        self._follower: Follower | None = None
+        self._follower: FollowerLike | None = None
         self._task: asyncio.Task[None] | None = None
         self._compacting: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
