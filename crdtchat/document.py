@@ -13,18 +13,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
 
-from crdtchat import schema
+from crdtchat import rights, schema
 from crdtchat.errors import ConversationError
 from crdtchat.lifetime import ClosesOnExit
 from crdtchat.merge import merge
 from crdtchat.pending import PendingUpdates
 from crdtchat.prefix import RunningHashes
 from crdtchat.pycrdt_internals import in_transaction, subscriptions
+from crdtchat.rights import LocalWrite, PeerRole
 from crdtchat.schema import (
     CancelRequest,
     DerivedEntry,
@@ -57,34 +58,6 @@ class _FollowCurrentThread:
 
 
 FOLLOW_CURRENT = _FollowCurrentThread()
-
-PeerRole = Literal["reader", "writer", "worker"]
-
-# What each role of design §4 may write. The relay enforces this; a Conversation that knows
-# its role refuses up front, because a write the relay refuses stays in the local replica and
-# blocks that replica's later writes (they build on it).
-_RIGHTS: dict[str, frozenset[str]] = {
-    "reader": frozenset(),
-    "writer": frozenset(
-        {
-            "message:user",
-            "message:tool",
-            "message:system",
-            "edit",
-            "meta",
-            "settings",
-            "tools",
-            "discard derived",
-            "drafts",
-            "read marks",
-            "cancel",
-            "regenerate",
-        }
-    ),
-    "worker": frozenset(
-        {"message:assistant", "edit", "derived", "discard derived", "leases", "streams", "serve"}
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -198,10 +171,14 @@ class Conversation(ClosesOnExit):
             self.read_marks,
         )
 
-    def _require(self, right: str) -> None:
-        """Refuse a write this peer's role may not make (no check when the role is unknown)."""
-        if self.role is not None and right not in _RIGHTS[self.role]:
-            raise ConversationError(f"a {self.role} may not write {right.replace(':', ' ')}")
+    def _require(self, write: LocalWrite) -> None:
+        """Refuse a write the relay would refuse from this peer's role (design §4): it would
+        stay in this replica and block the writes built on it. No check when the role is
+        unknown."""
+        if self.role is not None:
+            reason = rights.local_refusal(self.role, write)
+            if reason is not None:
+                raise ConversationError(reason)
 
     def _root_map(self, name: str) -> Map:
         return self.doc.get(name, type=Map)
@@ -219,7 +196,7 @@ class Conversation(ClosesOnExit):
     ) -> Conversation:
         """A new conversation with its `canonical.meta` filled in."""
         conversation = cls(author=author, clock=clock, role=role)
-        conversation._require("meta")
+        conversation._require(rights.SET_META)
         with conversation.doc.transaction():
             conversation.meta["schema"] = schema.SCHEMA_VERSION
             conversation.meta["created_at"] = clock()
@@ -332,7 +309,7 @@ class Conversation(ClosesOnExit):
         model: str | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> None:
-        self._require("settings")
+        self._require(rights.SET_SETTINGS)
         if params is not None:
             json.dumps(params)  # refuse what cannot travel as JSON, before writing anything
         with self.doc.transaction():
@@ -357,12 +334,12 @@ class Conversation(ClosesOnExit):
         return read_map(self.tools_map)[0]  # too deep to read: skipped (problems())
 
     def set_tool(self, name: str, description: str, parameters: Mapping[str, Any]) -> None:
-        self._require("tools")
+        self._require(rights.SET_TOOLS)
         spec = ToolSpec(description=description, parameters=dict(parameters))
         self.tools_map[name] = spec.model_dump()
 
     def remove_tool(self, name: str) -> None:
-        self._require("tools")
+        self._require(rights.SET_TOOLS)
         self.tools_map.pop(name, None)
 
     @property
@@ -371,7 +348,7 @@ class Conversation(ClosesOnExit):
         return value if isinstance(value, str) else None
 
     def set_title(self, title: str) -> None:
-        self._require("meta")
+        self._require(rights.SET_META)
         self.meta["title"] = title
 
     # -- canonical: messages -------------------------------------------------------------
@@ -442,7 +419,7 @@ class Conversation(ClosesOnExit):
         error: str | None = None,
     ) -> Message:
         """Append a message; by default it follows the end of the current thread."""
-        self._require(f"message:{role}")
+        self._require(rights.append_message(role))
         if isinstance(parent, _FollowCurrentThread):
             last = self._last()
             parent = None if last is None else last.id
@@ -464,8 +441,15 @@ class Conversation(ClosesOnExit):
         return message
 
     def append_message(self, message: Message) -> None:
-        """Append an already validated message as it is, author included (for imports)."""
-        self._require(f"message:{message.role}")
+        """Append an already validated message as it is, author included (for imports).
+
+        A peer that knows its role writes only in its own name: the relay refuses a message
+        authored by anyone but the writer's subject (design §4)."""
+        self._require(rights.append_message(message.role))
+        if self.role is not None and message.author != self.author:
+            raise ConversationError(
+                f"a {self.role} writes messages as {self.author!r}, not as {message.author!r}"
+            )
         self._check_id(message)
         self._write_message(message)
 
@@ -561,7 +545,7 @@ class Conversation(ClosesOnExit):
         return Map(fields)
 
     def _content_text(self, message_id: str) -> Text:
-        self._require("edit")
+        self._require(rights.EDIT_TEXT)
         message = self.message(message_id)
         if message.author != self.author:
             raise ConversationError(
@@ -690,7 +674,7 @@ class Conversation(ClosesOnExit):
 
     def request_regeneration(self, message_id: str) -> int:
         """Ask for one more answer to `message_id`; returns the answer number asked for."""
-        self._require("regenerate")
+        self._require(rights.REQUEST_REGENERATION)
         message = self.message(message_id)
         if message.role not in ("user", "tool"):
             raise ConversationError("only user and tool messages are answered")
@@ -701,7 +685,7 @@ class Conversation(ClosesOnExit):
         return n
 
     def clear_regeneration(self, message_id: str) -> None:
-        self._require("serve" if self.role == "worker" else "regenerate")
+        self._require(rights.CLEAR_REGENERATION)
         self.regenerations.pop(message_id, None)
 
     # -- prefix hashes and derived state -------------------------------------------------
@@ -717,7 +701,7 @@ class Conversation(ClosesOnExit):
         return self._running_hashes.prefix_hash(self.settings.system, self.tools_raw(), thread)
 
     def put_derived(self, entry: DerivedEntry) -> str:
-        self._require("derived")
+        self._require(rights.PUT_DERIVED)
         key = derived_key(entry)
         self.derived[key] = entry.model_dump(mode="json")
         return key
@@ -764,18 +748,18 @@ class Conversation(ClosesOnExit):
         return usable, stale
 
     def discard_derived(self, key: str) -> None:
-        self._require("discard derived")
+        self._require(rights.DISCARD_DERIVED)
         self.derived.pop(key, None)
 
     def discard_derived_kind(self, kind: DerivedKind) -> None:
-        self._require("discard derived")
+        self._require(rights.DISCARD_DERIVED)
         with self.doc.transaction():
             for key, entry in self.derived_entries().items():
                 if entry.kind == kind:
                     del self.derived[key]
 
     def discard_all_derived(self) -> None:
-        self._require("discard derived")
+        self._require(rights.DISCARD_DERIVED)
         with self.doc.transaction():
             for key in list(self.derived.keys()):
                 del self.derived[key]
@@ -791,7 +775,7 @@ class Conversation(ClosesOnExit):
         Two workers may both succeed before they sync; the deterministic turn id and the
         first-id-wins rule keep the reply single anyway.
         """
-        self._require("leases")
+        self._require(rights.WRITE_LEASES)
         current = self.lease(message_id)
         now = self.clock()
         if current is not None and current.holder != holder and current.expires_at > now:
@@ -800,7 +784,7 @@ class Conversation(ClosesOnExit):
         return True
 
     def renew_lease(self, message_id: str, *, holder: str, ttl: float) -> bool:
-        self._require("leases")
+        self._require(rights.WRITE_LEASES)
         current = self.lease(message_id)
         if current is None or current.holder != holder:
             return False
@@ -812,7 +796,7 @@ class Conversation(ClosesOnExit):
         return True
 
     def release_lease(self, message_id: str, *, holder: str) -> None:
-        self._require("leases")
+        self._require(rights.WRITE_LEASES)
         current = self.lease(message_id)
         if current is not None and current.holder == holder:
             del self.leases[message_id]
@@ -820,16 +804,16 @@ class Conversation(ClosesOnExit):
     # -- transport: streams --------------------------------------------------------------
 
     def start_stream(self, turn_id: str, *, parent: str) -> None:
-        self._require("streams")
+        self._require(rights.WRITE_STREAMS)
         self.streams[turn_id] = Map({"parent": parent, "holder": self.author, "text": Text()})
 
     def append_stream(self, turn_id: str, text: str) -> None:
-        self._require("streams")
+        self._require(rights.WRITE_STREAMS)
         stream_text = self._stream_text(turn_id)
         stream_text += text
 
     def reset_stream(self, turn_id: str) -> None:
-        self._require("streams")
+        self._require(rights.WRITE_STREAMS)
         self._stream_text(turn_id).clear()
 
     def stream_text(self, turn_id: str) -> str | None:
@@ -872,7 +856,8 @@ class Conversation(ClosesOnExit):
         One transaction, so peers see the streamed text turn into a message atomically.
         `content` defaults to the streamed text. Derived entries are keyed to the new message.
         """
-        self._require("message:assistant")
+        self._require(rights.append_message("assistant"))
+        entries = list(derived)
         if content is None:
             content = self.stream_text(turn_id) or ""
         message = self._checked_message(
@@ -890,18 +875,31 @@ class Conversation(ClosesOnExit):
         thread = [*self.thread(answered_id), message]
         hash_of_turn = self.prefix_hash_of(thread)
         answers_after = len(self.assistant_answers(answered_id)) + 1
+        lease = self.lease(answered_id)
+        drop_lease = lease is not None and lease.holder == self.author
+        request = self.regenerate_requests().get(answered_id)
+        drop_request = request is not None and request.n <= answers_after
+        # Every root this commit changes, checked before any of it is written: a transaction
+        # is not rolled back when it raises.
+        for write, needed in (
+            (rights.WRITE_STREAMS, turn_id in self.streams),
+            (rights.WRITE_LEASES, drop_lease),
+            (rights.CLEAR_CANCEL, turn_id in self.cancels),
+            (rights.CLEAR_REGENERATION, drop_request),
+            (rights.PUT_DERIVED, bool(entries)),
+        ):
+            if needed:
+                self._require(write)
         alone = not in_transaction(self.doc)
         with self.doc.transaction():
             self._write_message(message, alone=alone)
             self.streams.pop(turn_id, None)
-            lease = self.lease(answered_id)
-            if lease is not None and lease.holder == self.author:
+            if drop_lease:
                 del self.leases[answered_id]
             self.cancels.pop(turn_id, None)
-            request = self.regenerate_requests().get(answered_id)
-            if request is not None and request.n <= answers_after:
+            if drop_request:
                 del self.regenerations[answered_id]
-            for kind, data, expires_at in derived:
+            for kind, data, expires_at in entries:
                 self.put_derived(
                     DerivedEntry(
                         kind=kind,
@@ -921,7 +919,7 @@ class Conversation(ClosesOnExit):
     # -- transport: cancel, drafts, read marks -------------------------------------------
 
     def request_cancel(self, turn_id: str) -> None:
-        self._require("cancel")
+        self._require(rights.REQUEST_CANCEL)
         self.cancels[turn_id] = {"by": self.author, "at": self.clock()}
 
     def cancel_requested(self, turn_id: str) -> bool:
@@ -929,7 +927,7 @@ class Conversation(ClosesOnExit):
 
     def set_draft(self, text: str) -> None:
         """Replace this author's composer text by the smallest edit."""
-        self._require("drafts")
+        self._require(rights.SET_DRAFT)
         draft = self.drafts.get(self.author)
         if not isinstance(draft, Text):
             self.drafts[self.author] = Text(text)
@@ -946,7 +944,7 @@ class Conversation(ClosesOnExit):
         Keyed by the author (the token's subject), shared by that person's devices: the relay
         refuses a read mark under any other key (design §7.2).
         """
-        self._require("read marks")
+        self._require(rights.MARK_READ)
         self.read_marks[self.author] = message_id
 
     def read_mark(self, subject: str | None = None) -> str | None:

@@ -1,29 +1,28 @@
-"""The roles of design §4 as rules over the changes one incoming update makes.
+"""The rights of design §4 (`crdtchat.rights`) judged over the changes one update makes.
 
 The relay applies an update to its live document while deep observers on every root record
-what changed (`crdtchat.relay.livedoc`); this module judges that record. Every change to a
-live shared type raises an event on that type, and every type lives under a root, so a root's
-deep observer sees every visible change below it; an event the rules cannot read (for example
-a sequence insert into a Map root) is refused where the role has only partial rights. Types
-created in the same update raise no events of their own, so whatever is inserted is judged
-whole, at the place where it is inserted.
+what changed (`crdtchat.relay.livedoc`); this module judges that record against the role's
+`Access` on each root. Every change to a live shared type raises an event on that type, and
+every type lives under a root, so a root's deep observer sees every visible change below it;
+an event the rules cannot read (for example a sequence insert into a Map root) is refused where
+the role has only partial rights. Types created in the same update raise no events of their
+own, so whatever is inserted is judged whole, at the place where it is inserted.
 
-Rules per root (anything not listed is refused):
+What each `Access` accepts (a root the role is not given accepts nothing):
 
-- canonical.meta, canonical.settings, canonical.tools: writer, any change.
-- canonical.messages: writer appends user/tool/system messages authored by its subject and
-  edits the text of its subject's messages; worker appends assistant messages authored by its
-  subject and may change its own assistant messages except id/role/author/parent. A new
-  message's id must be free and, in the assistant-turn form, name the message it answers
-  (design §7.2; the ids are kept by `crdtchat.relay.message_ids`).
-- derived.entries: worker, any change; writer, deleting entries only.
-- transport.leases, transport.streams: worker, any change.
-- transport.cancel, transport.regenerate: writer, deleting any entry or writing one whose `by`
-  is its subject (a request in nobody else's name); worker, deleting entries only.
-- transport.drafts, transport.read: writer, its own entry only (the key is its subject).
+- FULL: any change.
+- MESSAGES (canonical.messages): appending messages of the role's kinds (`Rights.messages`)
+  authored by its subject; changing its own messages: the text, and with
+  `Rights.message_fields` any key but id/role/author/parent. A new message's id must be free
+  and, in the assistant-turn form, name the message it answers (design §7.2; the ids are kept
+  by `crdtchat.relay.message_ids`). Nobody deletes a canonical message.
+- DELETE_ONLY: deleting entries.
+- SIGNED: deleting any entry, or writing one whose `by` is the writer's subject (a request in
+  nobody else's name), as a plain JSON object.
+- OWN_KEY: changing the entry whose key is the writer's subject, in any way.
 
-Readers may not change the document at all. Nobody deletes canonical messages. Subdocuments
-are refused wherever a role's rights depend on content (the relay cannot see inside them).
+Readers may not change the document at all. Subdocuments are refused wherever a role's rights
+depend on content (the relay cannot see inside them).
 
 A map event with no key changes is an invisible write: a value written under a key that a
 concurrent write already holds loses on arrival (Yjs deletes it at once, and it never shows).
@@ -37,57 +36,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 from pydantic import ValidationError
 
-from crdtchat import schema
+from crdtchat.rights import FIXED_MESSAGE_KEYS, RIGHTS, Access
 from crdtchat.schema import Message
 from crdtchat.shape import TooDeep, holds_types, read_json
 
-
-class Access(Enum):
-    FULL = "full"
-    DELETE_ONLY = "delete-only"
-    OWN_KEY = "own-key"
-    SIGNED = "signed"  # entries whose `by` is the writer's subject
-    MESSAGES = "messages"
-
-
-RULES: dict[str, dict[str, Access]] = {
-    "reader": {},
-    "writer": {
-        schema.META: Access.FULL,
-        schema.SETTINGS: Access.FULL,
-        schema.TOOLS: Access.FULL,
-        schema.MESSAGES: Access.MESSAGES,
-        schema.DERIVED: Access.DELETE_ONLY,
-        schema.CANCEL: Access.SIGNED,
-        schema.REGENERATE: Access.SIGNED,
-        schema.DRAFTS: Access.OWN_KEY,
-        schema.READ: Access.OWN_KEY,
-    },
-    "worker": {
-        schema.MESSAGES: Access.MESSAGES,
-        schema.DERIVED: Access.FULL,
-        schema.LEASES: Access.FULL,
-        schema.STREAMS: Access.FULL,
-        schema.CANCEL: Access.DELETE_ONLY,
-        schema.REGENERATE: Access.DELETE_ONLY,
-    },
-}
-
-# The role of a person in their own list document (design §2, the list document): their
-# devices write every list root, and nothing else; nobody else opens that room.
-RULES["person"] = {root: Access.FULL for root in schema.LIST_ROOTS}
-
-MESSAGE_ROLES: dict[str, frozenset[str]] = {
-    "writer": frozenset({"user", "tool", "system"}),
-    "worker": frozenset({"assistant"}),
-}
-_FIXED_MESSAGE_KEYS = frozenset({"id", "role", "author", "parent"})
+# role -> root -> Access: the roots column of `crdtchat.rights.RIGHTS`, as the live document
+# (`crdtchat.relay.livedoc`) reads it for every update
+RULES: dict[str, dict[str, Access]] = {role: dict(rights.roots) for role, rights in RIGHTS.items()}
 
 
 @dataclass(slots=True)
@@ -144,7 +104,7 @@ def check_message(value: Any, role: str, sub: str) -> str | None:
         return f"invalid message: {where}: {first.get('msg', 'invalid')}"
     if message.author != sub:
         return f"message author must be the token subject {sub!r}, not {message.author!r}"
-    if message.role not in MESSAGE_ROLES[role]:
+    if message.role not in RIGHTS[role].messages:
         return f"a {role} may not write {message.role} messages"
     return None
 
@@ -190,9 +150,9 @@ def _check_messages(
         keys = set(event.keys)
         if not keys:
             return None  # an invisible write (module docstring)
-        if role == "writer" and keys != {"content"}:
-            return "a writer may change only the text of its messages"
-        fixed = keys & _FIXED_MESSAGE_KEYS
+        if not RIGHTS[role].message_fields and keys != {"content"}:
+            return f"a {role} may change only the text of its messages"
+        fixed = keys & FIXED_MESSAGE_KEYS
         if fixed:
             return f"message keys {sorted(fixed)} cannot change"
         return check_message(message, role, sub)
@@ -271,11 +231,11 @@ def check_changes(
     author of a message whose text or keys changed. `claim` (`MessageIds.claim`) judges the id
     of each new message; without it, ids are not checked.
     """
-    rules = RULES.get(role)
-    if rules is None:
+    rights = RIGHTS.get(role)
+    if rights is None:
         return f"unknown role {role!r}"
     for root, event in changes:
-        access = rules.get(root)
+        access = rights.roots.get(root)
         if access is None:
             if role == "reader":
                 return "a reader may not change the document"

@@ -18,10 +18,10 @@ cannot place.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from crdtchat import schema
-from crdtchat.relay.permissions import RULES, Access
+from crdtchat.rights import RIGHTS, Access
 from crdtchat.structure import Parent, Plan, StructureIndex, _Class, _Where
 
 
@@ -41,9 +41,10 @@ def refuse_before_applying(role: str, index: StructureIndex, plan: Plan) -> str 
     """
     if not plan.runs:
         return None  # nothing new: deletions at most, which need applying
-    rules = RULES.get(role)
-    if rules is None:
+    rights = RIGHTS.get(role)
+    if rights is None:
         return f"unknown role {role!r}"
+    rules = rights.roots
     if not rules:
         return f"a {role} may not change the document"  # even a GC range moves its clock
     for root in sorted(plan.roots):
@@ -100,9 +101,10 @@ def refuse_deletions_before_applying(
         for clock, length in ranges:
             if clock + length > known:
                 return "update deletes changes the relay does not have (sync first)"
-    rules = RULES.get(role)
-    if rules is None:
+    rights = RIGHTS.get(role)
+    if rights is None:
         return f"unknown role {role!r}"
+    rules = rights.roots
     suspects: list[tuple[int, int, int, str]] = []  # client, start, end, reason
     for client, ranges in deletes.items():
         starts = index._starts.get(client)
@@ -133,7 +135,7 @@ def refuse_deletions_before_applying(
 
 
 def _deletion_reason(
-    role: str, rules: dict[str, Access], root: str | None, where: _Where
+    role: str, rules: Mapping[str, Access], root: str | None, where: _Where
 ) -> str | None:
     """Why `role` may not delete a live item at `where`, when that does not depend on content."""
     if not rules:

@@ -26,7 +26,7 @@ from pycrdt import Doc
 from crdtchat.document import Conversation, PeerRole
 from crdtchat.errors import ConversationError
 from crdtchat.relay.livedoc import Accepted, LiveDoc, Refused
-from crdtchat.schema import DerivedEntry, ModelRef, ToolCall
+from crdtchat.schema import DerivedEntry, Message, ModelRef, ToolCall
 from crdtchat.testing import CreateConversation, strategies
 from crdtchat.testing.machine import CLIENT_IDS
 from crdtchat.testing.operations import (
@@ -301,6 +301,36 @@ def test_each_role_is_allowed_what_design_section_4_gives_it() -> None:
         "DiscardDerived",
         "ClearRegeneration",
     }
+
+
+@dataclass(frozen=True)
+class ImportMessage:
+    """`Conversation.append_message`, which keeps the message's author (for imports); not in
+    `crdtchat.testing.operations`, whose appends always write the replica's author."""
+
+    message: Message
+
+    def apply(self, conversation: Conversation) -> None:
+        conversation.append_message(self.message)
+
+
+@pytest.mark.parametrize(("role", "sub"), ACTORS, ids=[f"{r}-{s}" for r, s in ACTORS])
+def test_imported_messages_agree_with_the_relay(role: PeerRole, sub: str) -> None:
+    """A message in someone else's name is refused locally as the relay refuses it."""
+    state = fixed_document()
+    wrong = []
+    for kind in ("user", "assistant"):
+        for author in (sub, "someone-else"):
+            message = Message(
+                id=f"i-{kind}-{author}", role=kind, author=author, content="hi", created_at=NOW
+            )
+            operation = ImportMessage(message)
+            result = verdict(state, role, sub, operation)
+            assert result.judged
+            problem = disagreement(role, operation, result)
+            if problem is not None:
+                wrong.append(problem)
+    assert not wrong, "\n".join(wrong)
 
 
 # -- drawn documents and operations -----------------------------------------------------------
