@@ -6,7 +6,8 @@ localStorage). Nothing is mocked: the relay is stopped with SIGKILL to cut the p
 `context.set_offline` holds websocket traffic back without closing the socket. The page's
 Content-Security-Policy stays on, so the XSS test shows what a real page would run.
 
-The browser is launched once for the module. Chromium is installed by `make test` (Makefile,
+The browser is launched once for the module (tests/web/conftest.py). Chromium is installed
+by `make test` (Makefile,
 `browser`); these tests fail, never skip, when it is missing.
 """
 
@@ -18,52 +19,36 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import anyio
 import jwt
 import pytest
-from anyio.from_thread import BlockingPortal, start_blocking_portal
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from anyio.from_thread import BlockingPortal
+from playwright.sync_api import Browser, expect
 
-from crdtchat.conversations import ConversationList, list_replica
 from crdtchat.document import Conversation
 from crdtchat.loopback.openai_server import OpenAILoopback
-from crdtchat.replica import Replica
 from crdtchat.schema import assistant_turn_id
-from crdtchat.signals import Changes
-from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER, mint_token
-from tests.support.browser import CHROMIUM, FLAGS
+from crdtchat.tokens import LOCAL_ALGORITHM, LOCAL_AUDIENCE, LOCAL_ISSUER
+from tests.support.browser import (
+    PythonPeer,
+    device,
+    identity,
+    list_page,
+    open_page,
+    wait_for_list,
+)
 from tests.support.relay import REPO, SECRET, RelayProcess, token
 
-WAIT = 30_000  # ms: generous, the machine is shared
 EVENT_DELAY = 0.15  # s between streamed words: a reply is seen streaming, and a reload lands in it
 ROOM = "web-chat"
-expect.set_options(timeout=WAIT)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert CHROMIUM.exists(), "chromium is missing: run `make browser` (make test does)"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[OpenAILoopback]:
     with OpenAILoopback(event_delay=EVENT_DELAY) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
-    process = RelayProcess(tmp_path_factory.mktemp("web-browser") / "data").start()
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -86,64 +71,6 @@ def worker(
     yield
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-
-
-class PythonPeer:
-    """A Python replica of a room, run on an event loop in another thread (Playwright's sync
-    API owns this one); every touch of its document goes through that loop."""
-
-    def __init__(self, portal: BlockingPortal, relay: RelayProcess, room: str, sub: str) -> None:
-        self.portal = portal
-        self.conversation = Conversation(author=sub, role="writer")
-        self.changes = Changes()
-        self.conversation.on_update(self.changes.notify)  # any change of any root wakes waiters
-        url = f"ws://127.0.0.1:{relay.port}"
-        replica = Replica(url, room, token(room, "writer", sub), doc=self.conversation.doc)
-        self._replica_cm = portal.wrap_async_context_manager(replica)
-        self.replica = self._replica_cm.__enter__()
-        try:
-            self.call(lambda: self.replica.wait_until(lambda status: status.synced, timeout=30))
-        except BaseException:
-            self.close()  # or the portal waits for the replica for ever
-            raise
-
-    def call(self, func: Callable[..., Any], *args: Any) -> Any:
-        return self.portal.call(func, *args)
-
-    def wait(self, condition: Callable[[Conversation], bool], timeout: float = 60) -> None:
-        async def waiting() -> None:
-            with anyio.fail_after(timeout):
-                while not condition(self.conversation):
-                    await self.changes.wait()
-
-        self.portal.call(waiting)
-
-    def durable(self) -> None:
-        """Until the relay has acknowledged every local write as stored."""
-        self.call(lambda: self.replica.wait_until(lambda status: status.durable, timeout=30))
-
-    def close(self) -> None:
-        self._replica_cm.__exit__(None, None, None)
-        self.portal.call(self.conversation.close)
-
-
-@pytest.fixture(scope="module")
-def portal() -> Iterator[BlockingPortal]:
-    with start_blocking_portal() as running:
-        yield running
-
-
-def open_page(context: BrowserContext, relay: RelayProcess, room: str, tok: str) -> Page:
-    page = context.new_page()
-    page.goto(f"http://127.0.0.1:{relay.port}/c/{room}#token={tok}")
-    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=WAIT)
-    return page
-
-
-def device(browser: Browser) -> BrowserContext:
-    context = browser.new_context()
-    context.set_default_timeout(WAIT)
-    return context
 
 
 def test_a_question_streams_into_both_devices_and_the_python_replica(
@@ -391,42 +318,6 @@ def test_settings_and_an_attached_file_reach_the_python_replica(
     finally:
         laptop.close()
         python.close()
-
-
-def identity(sub: str) -> str:
-    """An identity token (design §4): a person, no room."""
-    return mint_token(SECRET, None, None, sub, 3600)
-
-
-def list_page(context: BrowserContext, relay: RelayProcess, tok: str) -> Page:
-    page = context.new_page()
-    page.goto(f"http://127.0.0.1:{relay.port}/#token={tok}")
-    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=WAIT)
-    return page
-
-
-def wait_for_list(portal: BlockingPortal, relay: RelayProcess, tok: str, check: Any) -> None:
-    """Until `check(ConversationList)` holds on a Python replica of the person's list."""
-
-    async def waiting() -> None:
-        async with list_replica(f"ws://127.0.0.1:{relay.port}", tok) as replica:
-            rooms = ConversationList(replica.doc)
-            changed = anyio.Event()
-
-            def wake() -> None:
-                nonlocal changed
-                changed.set()
-
-            unobserve = rooms.observe(wake)
-            try:
-                with anyio.fail_after(30):
-                    while not check(rooms):
-                        await changed.wait()
-                        changed = anyio.Event()
-            finally:
-                unobserve()
-
-    portal.call(waiting)
 
 
 def test_one_list_on_two_devices_and_sharing_from_it(
