@@ -3,8 +3,15 @@ from IndexedDB: time until the latest messages are on screen, and the page's JS 
 
 Anchor, in the same run: the Python client opening the same document (`Conversation.from_update`
 of its state) and reading the end of the current thread it would draw (the last 60 messages);
-the browser figures are reported as ratios to it. Scrolling back is measured as the time to
-show each further 60 messages (the page draws a window of the thread, not all of it).
+the browser figures are reported as ratios to it. Two figures per open: the wall time from
+`page.goto` until Playwright sees the last message (what earlier runs reported; it includes
+Playwright's polling), and the page's own `crdtchat:latest-drawn` mark (time since navigation
+start at which the latest message was laid out). From the relay, the page's marks split it
+into: waiting for the relay's state, applying it, and drawing.
+
+Scrolling back: the thread is a virtual list; the page is scrolled up one screen at a time
+from the end to the first message, and each draw (DOM and layout) is timed; the number of
+message nodes in the DOM is recorded at the top.
 
 Run: .venv/bin/python benchmarks/browser_open.py [--messages 10000] [--repeats 3]
 """
@@ -16,12 +23,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anyio
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
@@ -56,6 +65,54 @@ def anchor(state: bytes) -> float:
     return time.perf_counter() - start
 
 
+MARKS = """() => Object.fromEntries(performance.getEntriesByType('mark')
+  .filter((m) => m.name.startsWith('crdtchat:')).map((m) => [m.name, m.startTime]))"""
+
+# Scroll up one screen, wait for the virtual list's draw, and collect each draw's duration,
+# until the first message is drawn.
+SCROLL_BACK = """async () => {
+  const page = window.crdtchat
+  const view = page.view
+  const frame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()))
+  const times = []
+  for (let step = 0; step < 100000 && view.range[0] > 0; step++) {
+    const draws = view.draws
+    page.scroller.scrollTop -= page.scroller.clientHeight
+    for (let k = 0; k < 10 && view.draws === draws; k++) await frame()
+    if (view.draws !== draws) times.push(view.drawMs)
+  }
+  return { times, nodes: page.list.querySelectorAll('article').length, first: view.range[0] }
+}"""
+
+
+# True once the last article on the page shows `text`; polled every animation frame, so the
+# wall time is not rounded up to Playwright's `expect` polling intervals (100 ms to 1 s).
+SHOWN = """(text) => {
+  const articles = document.querySelectorAll('article')
+  return articles.length > 0 && articles[articles.length - 1].textContent.includes(text)
+}"""
+
+
+def open_until_shown(page: Page, action: Callable[[], object], last: str) -> float:
+    """Seconds from `action` (goto or reload) until the last message is on the page."""
+    start = time.perf_counter()
+    action()
+    page.wait_for_function(SHOWN, arg=last, polling="raf", timeout=120_000)
+    return time.perf_counter() - start
+
+
+def scroll_back(page: Page) -> tuple[list[float], int]:
+    """Scroll from the end to the first message; each draw's ms and the nodes at the top."""
+    result = page.evaluate(SCROLL_BACK)
+    assert result["first"] == 0, result
+    expect(page.get_by_role("article").first).to_contain_text("message 0:")
+    return result["times"], result["nodes"]
+
+
+def median_ms(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} ms" if values else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=10_000)
@@ -64,34 +121,43 @@ def main() -> None:
     state = build(args.messages)
     last = f"message {args.messages - 1}:"
     relay = RelayProcess(Path(tempfile.mkdtemp()) / "data").start()
+    relay_times, idb_times, anchors, heaps = [], [], [], []
+    drawn, received, applied, painted, idb_drawn = [], [], [], [], []
+    scroll_draws: list[float] = []
+    dom_nodes: list[int] = []
     try:
         anyio.run(upload, f"ws://127.0.0.1:{relay.port}", state)
         link = f"http://127.0.0.1:{relay.port}/c/{ROOM}#token={token(ROOM, 'writer', 'alice')}"
-        relay_times, idb_times, anchors, heaps, scrolls = [], [], [], [], []
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
             for _ in range(args.repeats):
                 anchors.append(anchor(state))
                 context = browser.new_context()
                 page = context.new_page()
-                start = time.perf_counter()
-                page.goto(link)
-                expect(page.get_by_role("article").last).to_contain_text(last, timeout=120_000)
-                relay_times.append(time.perf_counter() - start)
+                relay_times.append(open_until_shown(page, partial(page.goto, link), last))
+                marks = page.evaluate(MARKS)
+                if "crdtchat:latest-drawn" in marks:  # pages before the virtual list had no marks
+                    drawn.append(marks["crdtchat:latest-drawn"])
+                    received.append(marks["crdtchat:relay-state-received"])
+                    applied.append(
+                        marks["crdtchat:relay-state-applied"]
+                        - marks["crdtchat:relay-state-received"]
+                    )
+                    painted.append(
+                        marks["crdtchat:latest-drawn"] - marks["crdtchat:relay-state-applied"]
+                    )
                 page.evaluate("navigator.serviceWorker.ready.then(() => true)")
                 expect(page.locator(".connection")).to_have_text("online, all stored")
                 heaps.append(page.evaluate("performance.memory.usedJSHeapSize") / 2**20)
                 relay.kill()  # from IndexedDB alone now
-                start = time.perf_counter()
-                page.reload()
-                expect(page.get_by_role("article").last).to_contain_text(last, timeout=120_000)
-                idb_times.append(time.perf_counter() - start)
-                for _ in range(5):  # scroll back: each step draws 60 more messages
-                    shown = page.get_by_role("article").count()
-                    start = time.perf_counter()
-                    page.get_by_role("button", name="Show earlier messages").click()
-                    expect(page.get_by_role("article").nth(shown + 59)).to_be_attached()
-                    scrolls.append(time.perf_counter() - start)
+                idb_times.append(open_until_shown(page, page.reload, last))
+                marks = page.evaluate(MARKS)
+                if "crdtchat:latest-drawn" in marks:
+                    idb_drawn.append(marks["crdtchat:latest-drawn"])
+                if page.evaluate("Boolean(window.crdtchat.view)"):
+                    draws, nodes = scroll_back(page)
+                    scroll_draws.extend(draws)
+                    dom_nodes.append(nodes)
                 context.close()
                 relay.start()
             browser.close()
@@ -102,10 +168,28 @@ def main() -> None:
     i = statistics.median(idb_times)
     print(f"{args.messages} messages, {args.repeats} repeats (medians)")
     print(f"anchor: Python opens the document and reads the last 60: {a * 1000:.0f} ms")
-    print(f"browser, from the relay: latest on screen in {r * 1000:.0f} ms ({r / a:.1f}x anchor)")
-    print(f"browser, from IndexedDB: latest on screen in {i * 1000:.0f} ms ({i / a:.1f}x anchor)")
+    print(
+        f"browser, from the relay: latest on screen in {r * 1000:.0f} ms wall "
+        f"({r / a:.1f}x anchor); page mark {median_ms(drawn)}"
+    )
+    print(
+        f"  of which: relay's state received at {median_ms(received)}, "
+        f"applied in {median_ms(applied)}, drawn {median_ms(painted)} later"
+    )
+    print(
+        f"browser, from IndexedDB: latest on screen in {i * 1000:.0f} ms wall "
+        f"({i / a:.1f}x anchor); page mark {median_ms(idb_drawn)}"
+    )
     print(f"JS heap after opening: {statistics.median(heaps):.0f} MiB")
-    print(f"scrolling back, 60 more messages: {statistics.median(scrolls) * 1000:.0f} ms median")
+    if scroll_draws:
+        scroll_draws.sort()
+        p95 = scroll_draws[int(0.95 * (len(scroll_draws) - 1))]
+        print(
+            f"scrolling back a screen at a time to the first message: {len(scroll_draws)} "
+            f"draws, median {statistics.median(scroll_draws):.1f} ms, p95 {p95:.1f} ms, "
+            f"max {scroll_draws[-1]:.1f} ms; message nodes in the DOM at the top: "
+            f"{max(dom_nodes)}"
+        )
 
 
 if __name__ == "__main__":

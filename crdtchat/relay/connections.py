@@ -190,10 +190,10 @@ class Relay:
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
+        if self.web is not None and self.web.handles(url.path):  # first: GET of an invite link
+            return await self.web.get(request, url.path)
         if self.http.is_http_path(url.path):
             return await self.http.get(request, url)
-        if self.web is not None and self.web.handles(url.path):
-            return await self.web.get(request, url.path)
         if url.path == FEED_PATH and self.feed is not None:
             return await self._admit_feed(conn, url.query)
         room = unquote(url.path[1:])

@@ -1,5 +1,6 @@
-"""The web client on the relay's port: the app at `/` and `/c/<room>`, its files at `/static/`,
-and `GET /auth/<room>`, which tells the page whether its token is still good.
+"""The web client on the relay's port: the app at `/`, `/c/<room>` and `/rooms/<room>/join` (an
+invite link), its files at `/static/`, and `GET /auth/<room>`, which tells the page whether its
+token is still good.
 
 All of these are small GETs without a body, so they come through websockets' `process_request`
 like `/healthz`. The files are read once from `crdtchat/web/static` (built from `web/`).
@@ -35,6 +36,9 @@ _TYPES = {
     ".svg": "image/svg+xml",
 }
 _APP_PAGE = re.compile(r"\A/c/([A-Za-z0-9._-]{1,128})\Z")
+# An invite link (design §4): the page redeems it with the device's identity token by POSTing
+# the secret of its fragment to the same path (crdtchat.relay.http answers the POST).
+_JOIN_PAGE = re.compile(r"\A/rooms/([A-Za-z0-9._-]{1,128})/join\Z")
 # A Host header the relay puts back into the policy: only a host name or address and a port.
 _HOST = re.compile(r"\A[A-Za-z0-9.\-]{1,253}(:\d{1,5})?\Z|\A\[[0-9A-Fa-f:.]{2,45}\](:\d{1,5})?\Z")
 
@@ -75,13 +79,18 @@ class WebApp:
 
     @staticmethod
     def handles(path: str) -> bool:
-        return path == "/" or path.startswith(("/c/", "/static/", "/auth/"))
+        """The paths of the web client's GETs; the relay asks this before its other HTTP."""
+        return (
+            path == "/"
+            or path.startswith(("/c/", "/static/", "/auth/"))
+            or _JOIN_PAGE.fullmatch(path) is not None
+        )
 
     async def get(self, request: Request, path: str) -> Response:
         host = request.headers.get("host")
         if path.startswith("/auth/"):
             return await self._auth(request, path.removeprefix("/auth/"))
-        if path == "/" or _APP_PAGE.fullmatch(path):
+        if path == "/" or _APP_PAGE.fullmatch(path) or _JOIN_PAGE.fullmatch(path):
             return self._file("index.html", host)
         name = path.removeprefix("/static/")
         if path.startswith("/c/"):

@@ -1,6 +1,7 @@
-"""The relay serves the web client (design §6, Web client): the app at `/` and `/c/<room>`, its
-files, a strict Content-Security-Policy, `GET /auth/<room>` for the page to learn that its
-token was refused, and TLS with `--tls-cert/--tls-key`. Against a relay subprocess."""
+"""The relay serves the web client (design §6, Web client): the app at `/`, `/c/<room>` and
+`/rooms/<room>/join` (an invite link), its files, a strict Content-Security-Policy,
+`GET /auth/<room>` for the page to learn that its token was refused, and TLS with
+`--tls-cert/--tls-key`. Against a relay subprocess."""
 
 from __future__ import annotations
 
@@ -48,6 +49,28 @@ def test_the_app_is_served_at_the_root_and_at_each_conversation(relay: RelayProc
     assert script.content == (STATIC / "app.js").read_bytes()
     worker = httpx.get(relay.http_url + "/static/sw.js")
     assert worker.headers["service-worker-allowed"] == "/"
+
+
+def test_an_invite_link_opens_the_app_and_its_post_still_reaches_the_relay(
+    relay: RelayProcess,
+) -> None:
+    """GET of `/rooms/<room>/join` is the page that redeems the link's fragment; the POST of
+    the same path is the relay's join endpoint (design §4), which refuses a wrong secret."""
+    page = httpx.get(relay.http_url + "/rooms/shared-room/join")
+    assert page.status_code == 200
+    assert page.content == (STATIC / "index.html").read_bytes()
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    refused = httpx.post(
+        relay.http_url + "/rooms/shared-room/join",
+        json={"secret": "nope.nope"},
+        headers={"Authorization": f"Bearer {mint_token(SECRET, None, None, 'bob', 60)}"},
+    )
+    assert refused.status_code == 403
+    assert "this invite is not valid" in refused.text
+    for path in ("/rooms/shared-room/summary", "/rooms/a/b/join", "/rooms/shared-room/joins"):
+        assert (
+            httpx.get(relay.http_url + path).headers["content-type"] != page.headers["content-type"]
+        ), path
 
 
 def test_bad_paths_get_a_clear_answer(relay: RelayProcess) -> None:

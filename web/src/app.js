@@ -5,17 +5,20 @@ import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import { IndexeddbPersistence } from 'y-indexeddb'
 import * as decoding from 'lib0/decoding'
-import { ThreadIndex, statusLabel, validRegenerate } from './rules.js'
+import { ThreadIndex, parseCached, statusLabel, validRegenerate } from './rules.js'
 import { renderMarkdown } from './markdown.js'
-import { loadToken, tokenFromFragment, roomsOpened, rememberRoom, checkToken, decodeClaims, isIdentity, keepIdentity, loadIdentity } from './session.js'
-import { renderList, ListPage } from './list.js'
+import { loadToken, tokenFromFragment, roomsOpened, rememberRoom, checkToken, checkMember, decodeClaims, isIdentity, keepIdentity, loadIdentity } from './session.js'
+import { renderList, ListPage, PersonList } from './list.js'
 import { h } from './dom.js'
+import { MESSAGE_SYNC, syncHandler, loadFromIndexedDb } from './remote.js'
+import { VirtualList } from './virtual.js'
+import { joinPage } from './join.js'
 import { toHexString } from 'lib0/buffer'
 
 const MESSAGE_ACK = 100 // design §3: varUint(n), the first n sync updates are stored (or refused)
 const MESSAGE_AUTH = 2
-const WINDOW = 60 // messages of the thread on screen at first; scrolling back adds more
 const TYPING_IDLE_MS = 3000
+const KEEP_NODES = 400 // drawn message nodes kept for reuse before those out of view are dropped
 
 function newId () {
   const bytes = crypto.getRandomValues(new Uint8Array(16))
@@ -74,8 +77,8 @@ class ConversationPage {
     this.readMarks = this.doc.getMap('transport.read')
     this.index = new ThreadIndex([])
     this.leaf = null // a chosen branch's leaf; null follows the current thread
-    this.window = WINDOW
-    this.shownElements = new Map() // message id -> {node, key}
+    this.shownElements = new Map() // message id -> {node, key}: drawn nodes, kept while unchanged
+    this.rawMessages = new WeakMap() // Y.Map of a message -> its JSON, until the message changes
     this.pendingFiles = []
     this.localUpdates = [] // {conn, seq}: this page's updates not yet acknowledged
     this.connection = 0
@@ -88,16 +91,20 @@ class ConversationPage {
 
   async start () {
     this.build()
+    this.idb = new IndexeddbPersistence(`crdtchat:${this.room}`, this.doc)
+    this.doc.on('afterTransaction', (transaction) => {
+      this.forgetChanged(transaction)
+      this.schedule()
+    })
+    if (this.identity) this.members.observe(() => this.roleFromMembers())
+    if (await loadFromIndexedDb(this.idb)) this.localUpdates.push({ conn: -1, seq: -1 })
+    performance.mark('crdtchat:stored-copy-loaded')
     // Our own edits, registered before the provider's handler so that each one is known
     // when the provider sends it (acknowledgements count the sync updates sent).
     this.doc.on('update', (_update, origin) => {
       if (origin !== this.provider && origin !== this.idb) this.localUpdates.push({ conn: -1, seq: -1 })
       this.showConnection()
     })
-    this.idb = new IndexeddbPersistence(`crdtchat:${this.room}`, this.doc)
-    this.doc.on('afterTransaction', () => this.schedule())
-    if (this.identity) this.members.observe(() => this.roleFromMembers())
-    await this.idb.whenSynced
     if (this.identity) this.roleFromMembers()
     this.schedule()
     this.render()
@@ -108,6 +115,7 @@ class ConversationPage {
       disableBc: true,
       maxBackoffTime: 5000
     })
+    this.provider.messageHandlers[MESSAGE_SYNC] = syncHandler
     // design §3: an extension's payload is length-prefixed bytes; the Ack's holds varUint(n)
     this.provider.messageHandlers[MESSAGE_ACK] = (_encoder, decoder) =>
       this.onAck(decoding.readVarUint(decoding.createDecoder(decoding.readVarUint8Array(decoder))))
@@ -129,8 +137,12 @@ class ConversationPage {
     const awareness = this.provider.awareness
     awareness.setLocalStateField('user', { sub: this.sub, device: deviceName(), typing: false })
     awareness.on('change', () => this.showPresence())
-    window.addEventListener('online', () => this.provider.connect())
-    this.verifyToken().then((ok) => { if (ok) this.provider.connect() })
+    window.addEventListener('online', () => { if (!this.tokenProblem) this.provider.connect() })
+    // Connect while /auth is asked, not after: a refused token stops the provider either way,
+    // and a good one (the usual case) saves a round trip before the relay's state arrives.
+    performance.mark('crdtchat:connecting')
+    this.provider.connect()
+    this.verifyToken()
   }
 
   /** Count the sync updates sent on this connection, as the relay counts them for its Acks. */
@@ -170,14 +182,20 @@ class ConversationPage {
     }
     if (event === null || this.checking) return
     this.checking = true
-    try { await this.verifyToken() } finally { this.checking = false }
+    try { await this.verifyToken(true) } finally { this.checking = false }
   }
 
-  /** Ask the relay whether the token is still good; stop connecting if it is not. */
-  async verifyToken () {
+  /** Ask the relay whether the token is still good; stop connecting if it is not. After a
+   * refused connection, an identity token is asked about its membership too (not before the
+   * first: the first identity to open an empty room becomes its owner). */
+  async verifyToken (afterClose = false) {
     let answer
     try {
       answer = await checkToken(this.room, this.token)
+      if (answer.ok && this.identity && afterClose) {
+        const member = await checkMember(this.room, this.token)
+        if (!member.ok) answer = member
+      }
     } catch {
       return true // offline: keep trying, the websocket will tell
     }
@@ -221,11 +239,12 @@ class ConversationPage {
     this.settingsPanel = this.buildSettings()
     const header = h('header', {}, back, title, this.connectionNode, this.presenceNode, settingsButton, exportButton)
     this.noticeNode = h('p', { class: 'notice', role: 'alert', hidden: true })
-    this.earlier = h('button', { type: 'button', class: 'earlier', hidden: true, onclick: () => this.showEarlier() }, 'Show earlier messages')
     this.list = h('div', { class: 'messages', role: 'log', 'aria-label': 'Messages' })
-    this.scroller = h('main', { class: 'scroller' }, this.earlier, this.list)
-    this.scroller.addEventListener('scroll', () => {
-      if (this.scroller.scrollTop < 40 && this.hiddenCount > 0) this.showEarlier()
+    this.scroller = h('main', { class: 'scroller' }, this.list)
+    this.view = new VirtualList(this.scroller, this.list, {
+      id: (message) => message.id,
+      node: (message) => this.shownNode(message),
+      tail: () => this.tailNodes()
     })
     this.composer = h('textarea', { 'aria-label': 'Message', rows: 2, placeholder: 'Message' })
     this.composer.addEventListener('input', () => this.onComposerInput())
@@ -331,46 +350,77 @@ class ConversationPage {
     })
   }
 
+  /** The JSON of `canonical.messages`, each message converted again only when it changed. */
+  readMessages () {
+    const raw = []
+    for (const item of this.messages.toArray()) {
+      if (!(item instanceof Y.Map)) {
+        raw.push(item instanceof Y.AbstractType ? item.toJSON() : item)
+        continue
+      }
+      let json = this.rawMessages.get(item)
+      if (json === undefined) {
+        json = item.toJSON()
+        this.rawMessages.set(item, json)
+      }
+      raw.push(json)
+    }
+    return raw
+  }
+
+  /**
+   * Forget the JSON of the messages a transaction changed. Yjs lists every changed type with
+   * all its ancestors in `changedParentTypes`, so a message whose text or any nested type
+   * changed is there itself. (Not observeDeep: for a 10,000-message sync step 2 it builds and
+   * sorts an event per nested type, which doubled the time to apply it.)
+   */
+  forgetChanged (transaction) {
+    for (const type of transaction.changedParentTypes.keys()) {
+      if (type._item !== null && type._item.parent === this.messages) this.rawMessages.delete(type)
+    }
+  }
+
   render () {
-    const raw = this.messages.toJSON()
-    this.index = new ThreadIndex(raw)
+    const follow = this.view.atEnd() || !this.rendered
+    this.index = new ThreadIndex(this.readMessages(), parseCached)
     const title = this.meta.get('title')
     this.titleNode.textContent = typeof title === 'string' && title ? title : this.room
     document.title = `${this.titleNode.textContent} · crdtchat`
     if (this.leaf !== null && !this.index.get(this.leaf)) this.leaf = null
     const thread = this.leaf === null ? this.index.currentThread() : this.index.thread(this.leaf)
     this.thread = thread
-    const start = Math.max(0, thread.length - this.window)
-    this.hiddenCount = start
-    this.earlier.hidden = start === 0
-    const atBottom = this.scroller.scrollHeight - this.scroller.scrollTop - this.scroller.clientHeight < 80
-    const nodes = []
-    const keep = new Map()
-    for (let k = start; k < thread.length; k++) {
-      const message = thread[k]
-      const key = `${message.content}\u0000${message.status}\u0000${this.siblingKey(message)}\u0000${JSON.stringify(message.files)}`
-      let shown = this.shownElements.get(message.id)
-      if (!shown || shown.key !== key) shown = { node: this.messageNode(message), key }
-      keep.set(message.id, shown)
-      nodes.push(shown.node)
-    }
-    this.shownElements = keep
-    nodes.push(...this.streamNodes(thread))
-    this.list.replaceChildren(...nodes)
-    this.showWaiting(thread)
+    this.streamsShown = this.streamsOnThread(thread)
+    this.stopButton.hidden = !(this.canWrite && this.streamsShown.length)
+    this.view.setItems(thread, follow)
+    if (this.shownElements.size > KEEP_NODES) this.forgetHiddenNodes()
     this.syncComposer()
     this.showConnection()
     this.markRead(thread)
-    if (atBottom || !this.rendered) this.scroller.scrollTop = this.scroller.scrollHeight
+    const last = thread[thread.length - 1]
+    if (last && last.id !== this.latestDrawn) { // for benchmarks/browser_open.py
+      this.latestDrawn = last.id
+      performance.mark('crdtchat:latest-drawn', { detail: { id: last.id, messages: thread.length } })
+    }
     this.rendered = true
     document.body.dataset.ready = 'true'
   }
 
-  showEarlier () {
-    const before = this.scroller.scrollHeight - this.scroller.scrollTop
-    this.window += WINDOW
-    this.render()
-    this.scroller.scrollTop = this.scroller.scrollHeight - before
+  /** Drop the cached nodes of messages scrolled far out of view. */
+  forgetHiddenNodes () {
+    const [start, end] = this.view.range
+    const keep = new Set(this.thread.slice(start, end).map((m) => m.id))
+    for (const id of this.shownElements.keys()) if (!keep.has(id)) this.shownElements.delete(id)
+  }
+
+  /** The node of a thread message, drawn again only when what it shows has changed. */
+  shownNode (message) {
+    const key = `${message.content}\u0000${message.status}\u0000${this.siblingKey(message)}\u0000${JSON.stringify(message.files)}\u0000${this.canWrite}`
+    let shown = this.shownElements.get(message.id)
+    if (!shown || shown.key !== key) {
+      shown = { node: this.messageNode(message), key }
+      this.shownElements.set(message.id, shown)
+    }
+    return shown.node
   }
 
   siblingKey (message) {
@@ -384,8 +434,7 @@ class ConversationPage {
   }
 
   messageNode (message) {
-    const body = h('div', { class: 'body' })
-    body.innerHTML = renderMarkdown(message.content)
+    const body = h('div', { class: 'body' }, renderMarkdown(message.content))
     const label = statusLabel(message)
     const who = message.role === 'assistant' && message.model ? `${message.model.model}` : message.author
     const meta = h('div', { class: 'meta' }, h('span', { class: 'who', text: `${message.role} · ${who}` }))
@@ -434,37 +483,55 @@ class ConversationPage {
     setTimeout(() => URL.revokeObjectURL(url), 60000)
   }
 
-  streamNodes (thread) {
-    const onThread = new Set(thread.map((m) => m.id))
-    const nodes = []
-    this.streamsShown = []
+  /** The turns streaming a reply to the thread's last message (transport.streams). */
+  streamsOnThread (thread) {
+    const last = thread[thread.length - 1]
+    const turns = []
+    if (!last) return turns
     for (const [turnId, stream] of this.streams.entries()) {
       if (!(stream instanceof Y.Map)) continue
       const text = stream.get('text')
-      const parent = stream.get('parent')
-      if (!(text instanceof Y.Text) || typeof parent !== 'string') continue
-      if (!onThread.has(parent) || thread[thread.length - 1].id !== parent || this.index.get(turnId)) continue
-      this.streamsShown.push(turnId)
+      if (!(text instanceof Y.Text) || stream.get('parent') !== last.id || this.index.get(turnId)) continue
+      turns.push(turnId)
+    }
+    return turns
+  }
+
+  /** What follows the thread's last message: replies being written, else "waiting". */
+  tailNodes () {
+    const nodes = []
+    for (const turnId of this.streamsShown) {
       const body = h('div', { class: 'body' })
-      body.innerHTML = renderMarkdown(text.toString())
+      body.append(renderMarkdown(this.streams.get(turnId).get('text').toString()))
       nodes.push(h('article', { class: 'message role-assistant streaming', 'data-turn': turnId, 'aria-busy': 'true', 'aria-label': 'reply being written' },
         h('div', { class: 'meta' }, h('span', { class: 'who', text: 'assistant · writing…' })), body))
     }
-    this.stopButton.hidden = !(this.canWrite && this.streamsShown.length)
+    const thread = this.thread
+    const last = thread[thread.length - 1]
+    if (!nodes.length && last) {
+      const waiting = this.index.waitingForReply(validRegenerate(this.regenerate.toJSON()))
+      if (waiting.some((w) => w.message.id === last.id)) nodes.push(h('p', { class: 'waiting', role: 'status', text: 'Waiting for a reply…' }))
+    }
     return nodes
   }
 
-  showWaiting (thread) {
-    const last = thread[thread.length - 1]
-    const waiting = this.index.waitingForReply(validRegenerate(this.regenerate.toJSON()))
-    const waits = last && waiting.some((w) => w.message.id === last.id) && !(this.streamsShown || []).length
-    if (waits) this.list.append(h('p', { class: 'waiting', role: 'status', text: 'Waiting for a reply…' }))
-  }
-
+  /** The person has seen the thread's last message: the room's `transport.read` (writers
+   * only, design §4) and, with an identity token, the person's list (`list.read`, design §2),
+   * which a reader can keep too and which the list's unread counts start from. */
   markRead (thread) {
     const last = thread[thread.length - 1]
-    if (!this.canWrite || !last || !this.sub || document.hidden) return
-    if (this.readMarks.get(this.sub) !== last.id) this.readMarks.set(this.sub, last.id)
+    if (!last || !this.sub || document.hidden) return
+    if (this.canWrite && this.readMarks.get(this.sub) !== last.id) this.readMarks.set(this.sub, last.id)
+    if (this.identity) this.markListRead(last.id)
+  }
+
+  markListRead (id) {
+    if (!this.personList) {
+      this.personList = new PersonList(this.token, this.sub)
+      this.personList.whenReady.then(() => this.markRead(this.thread))
+      return
+    }
+    this.personList.markRead(this.room, id)
   }
 
   showConnection () {
@@ -574,14 +641,15 @@ class ConversationPage {
     this.composer.value = ''
     this.leaf = null
     this.typing(false)
-    this.scroller.scrollTop = this.scroller.scrollHeight
+    this.view.toEnd()
   }
 
   edit (message, node) {
     const area = h('textarea', { 'aria-label': 'Edited message', rows: 3 })
     area.value = message.content
     const save = h('button', { type: 'submit' }, 'Save as new branch')
-    const cancel = h('button', { type: 'button', onclick: () => this.render() }, 'Cancel')
+    const redraw = () => { this.shownElements.delete(message.id); this.render() } // the node holds the form
+    const cancel = h('button', { type: 'button', onclick: redraw }, 'Cancel')
     const form = h('form', { class: 'edit', onsubmit: (event) => {
       event.preventDefault()
       this.messages.push([this.messageMap({
@@ -594,6 +662,7 @@ class ConversationPage {
         files: message.files
       })])
       this.leaf = null
+      redraw()
     } }, area, save, cancel)
     node.querySelector('.body').replaceWith(form)
     area.focus()
@@ -666,6 +735,11 @@ async function main () {
     navigator.serviceWorker.register('/static/sw.js', { scope: '/' }).catch(() => {})
   }
   const match = location.pathname.match(/^\/c\/([A-Za-z0-9._-]{1,128})$/)
+  const invite = location.pathname.match(/^\/rooms\/([A-Za-z0-9._-]{1,128})\/join$/)
+  if (invite) {
+    await joinPage(root, invite[1])
+    return
+  }
   const fromFragment = tokenFromFragment()
   keepIdentity(fromFragment)
   if (!match) {

@@ -290,6 +290,32 @@ export class ListPage {
   }
 }
 
+/**
+ * The person's list document without its page: a conversation page opened with an identity
+ * token writes its read mark there (`list.read`). `whenReady` resolves once the stored copy
+ * is loaded and the relay has synced, so that an entry is not judged missing too early.
+ */
+export class PersonList {
+  constructor (token, sub) {
+    const room = personRoom(sub)
+    this.doc = new Y.Doc()
+    this.idb = new IndexeddbPersistence(`crdtchat:${room}`, this.doc)
+    const wsBase = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`
+    this.provider = new WebsocketProvider(wsBase, room, this.doc, {
+      params: { token }, disableBc: true, maxBackoffTime: 5000
+    })
+    this.whenReady = this.idb.whenSynced.then(() => this.provider.synced ||
+      new Promise((resolve) => this.provider.once('sync', resolve)))
+  }
+
+  /** `id` read in `room`, if the room is in the list (a mark never adds an entry). */
+  markRead (room, id) {
+    if (!this.doc.getMap('list.rooms').has(room)) return
+    const marks = this.doc.getMap('list.read')
+    if (marks.get(room) !== id) marks.set(room, id)
+  }
+}
+
 /** The rooms this browser has opened: the list for room tokens, which name no person. */
 export function renderList (root, rooms) {
   const heading = document.createElement('h1')

@@ -52,8 +52,9 @@ const PURIFY = {
   ALLOWED_URI_REGEXP: SAFE_URL
 }
 
-/** Sanitised HTML for `text` (markdown); everything from peers goes through here. */
+/** Sanitised nodes for `text` (markdown); everything from peers goes through here. DOMPurify
+ * hands back a fragment, so the page never assigns markup (no innerHTML). */
 export function renderMarkdown (text) {
   const html = marked.parse(text, { async: false })
-  return DOMPurify.sanitize(html, PURIFY)
+  return DOMPurify.sanitize(html, { ...PURIFY, RETURN_DOM_FRAGMENT: true })
 }

@@ -12,7 +12,7 @@ const FLOAT_TEXT = /^\s*[+-]?(?:(?:(?:\d(?:_?\d)*)?\.\d(?:_?\d)*|\d(?:_?\d)*\.?)
 const INT_TEXT = /^\s*[+-]?\d(?:_?\d)*(?:\.0*)?\s*$/
 const MAX_INT = 2 ** 63
 
-class Invalid extends Error {}
+export class Invalid extends Error {}
 
 const isObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v)
 
@@ -87,13 +87,37 @@ export function parseMessage (raw) {
   return { id, role, author, parent, created_at: createdAt, content, tool_calls: toolCalls, tool_call_id: toolCallId, files, model, status, error }
 }
 
+const parsed = new WeakMap() // a message's JSON object -> {message} or {error}
+
+/**
+ * `parseMessage`, remembered per JSON object: the page converts a message to JSON again only
+ * when it changed, so an unchanged message is validated once, not on every frame.
+ */
+export function parseCached (raw) {
+  if (raw === null || typeof raw !== 'object') return parseMessage(raw)
+  let result = parsed.get(raw)
+  if (result === undefined) {
+    try {
+      result = { message: parseMessage(raw) }
+    } catch (error) {
+      if (!(error instanceof Invalid)) throw error
+      result = { error }
+    }
+    parsed.set(raw, result)
+  }
+  if (result.error) throw result.error
+  return result.message
+}
+
 /**
  * The thread index of `crdtchat.view.ThreadIndex` over the JSON of `canonical.messages`:
  * which entries count (first id wins, parents must come earlier), how they link, and why the
  * others are skipped.
  */
 export class ThreadIndex {
-  constructor (rawMessages) {
+  /** `parse` is `parseMessage` or one with the same answers (`parseCached`). */
+  constructor (rawMessages, parse = parseMessage) {
+    this.parse = parse
     this.entries = [] // message or null, by position
     this.accepted = [] // positions, document order
     this.positionOf = new Map()
@@ -107,7 +131,7 @@ export class ThreadIndex {
   admit (position, raw) {
     let message
     try {
-      message = parseMessage(raw)
+      message = this.parse(raw)
     } catch (error) {
       if (!(error instanceof Invalid)) throw error
       this.entries.push(null)

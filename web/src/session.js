@@ -93,6 +93,18 @@ export async function checkToken (room, token) {
   throw new Error(`the relay answered ${response.status}`)
 }
 
+/**
+ * Whether the person of an identity token is still a member of `room`: {ok} or {ok: false,
+ * reason}. /auth accepts any good identity token (membership gives the role, design §4), so
+ * after a refused connection the page asks the room's summary, which only members may read.
+ * Throws when the relay cannot be reached.
+ */
+export async function checkMember (room, token) {
+  const response = await relayRequest('GET', `/rooms/${encodeURIComponent(room)}/summary`, token)
+  if (response.status === 403) return { ok: false, reason: (await response.text()).trim() }
+  return { ok: true }
+}
+
 /** A request to the relay with the token in `Authorization`; `body`, if any, as JSON. */
 export async function relayRequest (method, path, token, body) {
   const headers = { Authorization: `Bearer ${token}` }
