@@ -6,19 +6,19 @@ that connection, `ext=refresh` the token refresh (design §3: extensions only fo
 asked). A connection lasts only as long as its token: at its expiry the relay stops sending to
 it and closes it (4401 "token expired"), unless a refresh moved the expiry.
 
-Each connection runs the reader, which decodes frames and hands every message to the room
-synchronously, and a settler, which finishes the results in order once the store has committed
-them (broadcast, Ack, AuthDenied, sync step 2 replies). When the connection ends the settler
-still drains what was accepted, so an update accepted just before a disconnect still reaches
-everyone else. The settler is a task only while it has something to finish, a close the room
-asks for is a task only once asked, and the token's expiry is a timer: most connections are
-idle, and per-connection task groups, tasks, events and streams were 14 of the 34 KiB an idle
-connection cost (docs/performance.md, "Connections and rooms").
+Each connection runs one task, the reader: it decodes frames and hands every message to the
+room's protocol core (`crdtchat.relay.protocol`), whose actions the room carries out. What
+waits for the store (broadcasts, Ack, AuthDenied, sync step 2 replies) is finished by the core
+when the store reports the write, from the store's completion callback, so no task per
+connection waits for it; an update accepted just before a disconnect still reaches everyone
+else. A close is a task only once decided, and the token's expiry is a timer: most connections
+are idle, and per-connection task groups, tasks, events and streams were 14 of the 34 KiB an
+idle connection cost (docs/performance.md, "Connections and rooms").
 
 Bad input closes only the offending connection (1008 policy violation, 1003 for text frames,
 1009 for frames over --max-frame and other things too big), with the reason; a subject over
 its connection limit or a quota is closed with 1013 (try again later). The limits are design
-§7.3 and §7.4.
+§7.3 and §7.4. Every close has a `CloseKind`, which `/metrics` counts.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, replace
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
@@ -40,19 +40,15 @@ from crdtchat.relay.feed import WaitingFeed
 from crdtchat.relay.http import HttpEndpoints, make_response, verify
 from crdtchat.relay.membership import claim_owner, is_empty, owner_of
 from crdtchat.relay.metrics import Metrics
-from crdtchat.relay.ratelimit import ConnectionLimits, Subjects
-from crdtchat.relay.room import (
+from crdtchat.relay.protocol import (
     ACCESS_REVOKED_CODE,
     TOKEN_EXPIRED,
     TOKEN_EXPIRED_CODE,
-    Peer,
-    PeerViolation,
-    Pending,
-    Room,
-    RoomLimitReached,
-    RoomManager,
-    RoomUnavailable,
+    CloseKind,
+    VerifyToken,
 )
+from crdtchat.relay.ratelimit import ConnectionLimits, Subjects
+from crdtchat.relay.room import RelayPeer, Room, RoomLimitReached, RoomManager, RoomUnavailable
 from crdtchat.relay.webapp import WebApp
 from crdtchat.schema import ROOM_NAME, is_person_room
 from crdtchat.tokens import (
@@ -64,87 +60,17 @@ from crdtchat.tokens import (
     refusal_text,
 )
 from crdtchat.wire import (
-    MESSAGE_TOKEN_REFRESH,
     Extension,
-    RefreshAnswer,
     SyncStep2,
     SyncUpdate,
     WireError,
     decode_frame,
-    decode_token_refresh,
-    encode_message,
 )
 from crdtchat.worker.feed import FEED_PATH
 
 log = logging.getLogger("crdtchat.relay")
 
 _MAX_REASON_BYTES = 123  # RFC 6455: a close reason fits in a control frame
-
-
-class Settler:
-    """Finishes one connection's pending items in order (`Room.settle`), in a task that exists
-    only while there are any; `put` waits while `limit` are queued (back-pressure on the reader).
-    """
-
-    __slots__ = ("_error", "_queue", "_room_freed", "_task", "limit", "peer", "room")
-
-    def __init__(self, room: Room, peer: Peer, limit: int) -> None:
-        self.room = room
-        self.peer = peer
-        self.limit = limit
-        self._queue: deque[Pending] | None = None  # made on first use: idle peers have none
-        self._task: asyncio.Task[None] | None = None
-        self._room_freed: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-
-    async def put(self, item: Pending) -> None:
-        queue = self._queue
-        if queue is None:
-            queue = self._queue = deque()
-        while len(queue) >= self.limit and self._error is None:
-            self._room_freed = asyncio.get_running_loop().create_future()
-            await self._room_freed
-        if self._error is not None:
-            raise self._error
-        queue.append(item)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        try:
-            while queue:
-                item = queue.popleft()
-                await self.room.settle(self.peer, item, bool(queue))
-                freed = self._room_freed
-                if freed is not None and not freed.done():
-                    freed.set_result(None)
-        except Exception as error:  # kept for drain() and put() to raise: nobody awaits us
-            self._error = error
-            freed = self._room_freed
-            if freed is not None and not freed.done():
-                freed.set_result(None)
-        finally:
-            self._task = None
-
-    async def drain(self) -> None:
-        """Wait until everything queued is settled; re-raises what made settling fail."""
-        while self._task is not None:
-            task = self._task
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():  # the settler itself was cancelled: end as before
-                    raise
-                task.cancel()  # we were cancelled (shutdown): so is the settler
-                raise
-        if self._error is not None:
-            raise self._error
-
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 @dataclass(frozen=True)
@@ -278,7 +204,7 @@ class Relay:
         subject = self.subjects.connect(target.claims.sub)
         if isinstance(subject, str):
             log.warning("refusing a connection to %s: %s", target.room, subject)
-            self.metrics.closed_connections["subject_connections"] += 1
+            self.metrics.closed_connections[CloseKind.QUOTA] += 1
             await ws.close(1013, _close_reason(subject))
             return
         self.metrics.connections += 1
@@ -286,9 +212,11 @@ class Relay:
             try:
                 room = await self.rooms.acquire(target.room)
             except RoomLimitReached as error:  # 1013 Try Again Later: clients back off
+                self.metrics.closed_connections[CloseKind.UNAVAILABLE] += 1
                 await ws.close(1013, _close_reason(str(error)))
                 return
             except RoomUnavailable as error:
+                self.metrics.closed_connections[CloseKind.UNAVAILABLE] += 1
                 await ws.close(1011, _close_reason(str(error)))
                 return
             try:
@@ -296,11 +224,19 @@ class Relay:
                 if claims.identity:
                     role = room.role_for(claims.sub)
                     if role is None:  # removed since the upgrade was admitted
+                        self.metrics.closed_connections[CloseKind.REVOKED] += 1
                         await ws.close(ACCESS_REVOKED_CODE, "access revoked: not a member")
                         return
                     claims = replace(claims, room=room.name, role=role)
-                peer = Peer(ws, claims, target.want_ack, subject, self.config, target.want_refresh)
-                peer.identity = target.claims.identity
+                peer = RelayPeer(
+                    ws,
+                    claims,
+                    subject,
+                    self.config,
+                    want_ack=target.want_ack,
+                    want_refresh=target.want_refresh,
+                    identity=target.claims.identity,
+                )
                 await self._serve(ws, room, peer)
             finally:
                 room.release()
@@ -308,23 +244,19 @@ class Relay:
             self.metrics.connections -= 1
             self.subjects.disconnect(subject)
 
-    async def _serve(self, ws: ServerConnection, room: Room, peer: Peer) -> None:
-        settler = Settler(room, peer, self.config.max_in_flight)
-        peer.on_close_request = self._close_soon
+    async def _serve(self, ws: ServerConnection, room: Room, peer: RelayPeer) -> None:
+        peer.on_close = self._close_soon
         room.join(peer)
-        peer.watch_expiry()  # access ends with the token (or its refresh)
+        peer.watch_expiry(room)  # access ends with the token (or its refresh)
         try:
-            await self._read(ws, room, peer, settler)
-            await settler.drain()
+            await self._read(ws, room, peer)
         finally:
             peer.stop_watching_expiry()
-            settler.cancel()  # only still running if we were cancelled
             room.leave(peer)
 
-    def _close_soon(self, peer: Peer) -> None:
-        """Called once by `Peer.request_close`: close the connection in a task of its own
-        (the caller may be inside the room's protocol core, or another peer's broadcast)."""
-        self.metrics.closed_connections[_metric_reason(peer.close_reason)] += 1
+    def _close_soon(self, peer: RelayPeer) -> None:
+        """Called once per peer, when its close is decided: close the connection in a task of
+        its own (the decision may come from inside another peer's broadcast)."""
         task = asyncio.get_running_loop().create_task(
             peer.ws.close(peer.close_code, _close_reason(peer.close_reason))
         )
@@ -333,41 +265,23 @@ class Relay:
 
     async def _close_feed_at_expiry(self, ws: ServerConnection, exp: int) -> None:
         await anyio.sleep(max(0.0, exp - time.time()))
-        self.metrics.closed_connections["token_expired"] += 1
+        self.metrics.closed_connections[CloseKind.EXPIRED] += 1
         await ws.close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
 
-    async def _refresh(self, room: Room, peer: Peer, payload: bytes) -> None:
-        """Extension 102: a newer token for this connection; the relay answers either way."""
-        if peer.expires <= time.time():  # too late: access has ended, the close is on its way
-            raise PeerViolation(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
+    async def _refresh(self, room: Room, verify_token: VerifyToken) -> None:
+        """Extension 102: verify the newer token (which may need the network), then let the
+        protocol judge and answer it."""
         try:
-            token = decode_token_refresh(payload)
-        except WireError as error:
-            raise PeerViolation(1008, f"malformed token refresh: {error}") from None
-        try:
-            claims = await verify(self.verifier, token, None)
-            if peer.identity and claims.identity:
-                role = room.role_for(claims.sub)
-                if role is None:
-                    raise TokenError("not a member of this room")
-                claims = replace(claims, room=room.name, role=role)
-            elif claims.identity:
-                raise TokenError("identity token")
-            elif not claims.allows_room(room.name):
-                raise TokenError("wrong room")
+            verified: TokenClaims | TokenError = await verify(
+                self.verifier, verify_token.token, None
+            )
         except TokenError as error:
-            answer = RefreshAnswer(False, reason=f"token refused: {refusal_text(error.reason)}")
-        else:
-            if claims.sub != peer.claims.sub:
-                answer = RefreshAnswer(False, reason="a refreshed token must name the same subject")
-            else:
-                peer.refresh(claims)
-                answer = RefreshAnswer(True, exp=claims.exp)
-        if not answer.accepted:
-            log.info("room %s: refused a token refresh from %r: %s", room.name, peer, answer.reason)
-        room.send(peer, encode_message(answer.encode()))
+            verified = error
+        peer = cast(RelayPeer, verify_token.peer)
+        room.perform(room.core.refresh_verified(peer, verified, time.time()))
+        peer.watch_expiry(room)
 
-    async def _read(self, ws: ServerConnection, room: Room, peer: Peer, settler: Settler) -> None:
+    async def _read(self, ws: ServerConnection, room: Room, peer: RelayPeer) -> None:
         config = self.config
         limits = ConnectionLimits(
             config.rate_messages, config.rate_burst, config.rate_bytes, 2 * config.max_frame
@@ -378,82 +292,44 @@ class Relay:
                     # Closing: keep reading (and dropping) frames so that websockets sees the
                     # peer's close frame behind them instead of waiting for its close timeout.
                     continue
-                problem = await self._consume(frame, room, peer, settler, limits)
-                if problem is not None:
-                    code, reason = problem
-                    log.warning("closing %r (%d): %s", peer, code, reason)
-                    peer.request_close(code, reason)
+                await self._consume(frame, room, peer, limits)
         except ConnectionClosed as closed:
             if closed.sent is not None and closed.sent.code == 1009:
                 log.warning("closed %r: frame larger than %d bytes", peer, config.max_frame)
-                self.metrics.closed_connections["frame_too_big"] += 1
+                self.metrics.closed_connections[CloseKind.LIMITS] += 1
             elif closed.rcvd is None and closed.sent is None:
                 log.info("connection %r lost", peer)
 
     async def _consume(
-        self,
-        frame: bytes | str,
-        room: Room,
-        peer: Peer,
-        settler: Settler,
-        limits: ConnectionLimits,
-    ) -> tuple[int, str] | None:
-        """Hand one frame's messages to the room; (code, reason) if the peer must go."""
+        self, frame: bytes | str, room: Room, peer: RelayPeer, limits: ConnectionLimits
+    ) -> None:
+        """Hand one frame's messages to the room, in order; the frame layer's own checks
+        (text frames, undecodable frames, rates) close the peer here."""
         if isinstance(frame, str):
-            return 1003, "text frames are not part of the protocol"
+            room.close_peer(
+                peer, 1003, "text frames are not part of the protocol", CloseKind.MALFORMED
+            )
+            return
         self.metrics.bytes_in += len(frame)
         try:
             messages = decode_frame(frame)
         except WireError as error:
-            return 1008, f"malformed frame: {error}"
+            room.close_peer(peer, 1008, f"malformed frame: {error}", CloseKind.MALFORMED)
+            return
         over = limits.admit(len(messages), len(frame))
         if over is not None:
-            return 1008, over
+            room.close_peer(peer, 1008, over, CloseKind.RATE)
+            return
+        max_in_flight = self.config.max_in_flight
         for message in messages:
-            if (
-                isinstance(message, Extension)
-                and message.type == MESSAGE_TOKEN_REFRESH
-                and peer.want_refresh
-            ):
-                try:
-                    await self._refresh(room, peer, message.payload)
-                except PeerViolation as violation:
-                    return violation.code, violation.reason
-                continue
+            if peer.closing:
+                return
             if isinstance(message, SyncStep2 | SyncUpdate) and not room.structure_ready.is_set():
                 await room.structure_ready.wait()
-            try:
-                item = room.handle(peer, message)
-            except PeerViolation as violation:
-                return violation.code, violation.reason
-            if item is not None:
-                await settler.put(item)
-        return None
-
-
-def _metric_reason(reason: str) -> str:
-    if reason.startswith(("malformed", "state vector")):
-        return "malformed_frame"
-    if reason.startswith("rate limit"):
-        return "rate_limit"
-    if reason.startswith("update could not"):
-        return "undecodable_update"
-    if reason.startswith("text frames"):
-        return "text_frame"
-    if reason.startswith("token expired"):
-        return "token_expired"
-    if reason.startswith("access revoked"):
-        return "access_revoked"
-    if reason.startswith("client too slow"):
-        return "too_slow"
-    if reason.startswith("too many refused"):
-        return "refused_writes"
-    if reason.startswith("awareness"):
-        return "awareness"
-    if reason.startswith("quota"):
-        return "quota"
-    if reason.startswith("room is full"):
-        return "room_full"
-    if reason.startswith("relay storage"):
-        return "storage_failure"
-    return "other"
+            actions = room.receive(peer, message)
+            if isinstance(message, Extension):
+                for action in actions:
+                    if isinstance(action, VerifyToken):
+                        await self._refresh(room, action)
+            if peer.queue is not None and len(peer.queue) >= max_in_flight:
+                await room.wait_for_queue(peer, max_in_flight)

@@ -45,6 +45,7 @@ class Metrics:
     room_evictions: int = 0  # idle rooms unloaded early at the room limit
     room_limit_refusals: int = 0  # joins refused: the room limit reached, no room idle
     compactions: int = 0
+    # by `crdtchat.relay.protocol.CloseKind` value: what closed them, for machines
     closed_connections: Counter[str] = field(default_factory=Counter)
     store_write_seconds: Histogram = field(default_factory=Histogram)
 
@@ -106,11 +107,11 @@ class Metrics:
             self.compactions,
         )
         lines.append(
-            "# HELP crdtchat_closed_connections_total Connections closed by the relay, by reason."
+            "# HELP crdtchat_closed_connections_total Connections closed by the relay, by kind."
         )
         lines.append("# TYPE crdtchat_closed_connections_total counter")
-        for reason, count in sorted(self.closed_connections.items()):
-            lines.append(f'crdtchat_closed_connections_total{{reason="{reason}"}} {count}')
+        for kind, count in sorted(self.closed_connections.items()):
+            lines.append(f'crdtchat_closed_connections_total{{kind="{kind}"}} {count}')
         hist = self.store_write_seconds
         lines.append(
             "# HELP crdtchat_store_write_seconds Time from queueing an update to its commit."

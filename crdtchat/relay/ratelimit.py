@@ -12,39 +12,46 @@ from dataclasses import dataclass, field
 
 
 class TokenBucket:
+    """`rate` tokens per second up to `burst`. Every method takes `now` (seconds since the
+    epoch, the clock of the relay's protocol core, which reads no clock itself); the I/O shell
+    may leave it out. A clock that steps back refills nothing."""
+
     __slots__ = ("burst", "rate", "tokens", "updated")  # several per connection
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = burst
-        self.updated = time.monotonic()
+        self.updated: float | None = None  # full until first used
 
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+    def _refill(self, now: float | None) -> None:
+        if now is None:
+            now = time.time()
+        if self.updated is not None and now > self.updated:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        if self.updated is None or now > self.updated:
+            self.updated = now
 
-    def take(self, amount: float) -> bool:
+    def take(self, amount: float, now: float | None = None) -> bool:
         """Spend `amount` tokens if the bucket holds them; False means over the limit."""
-        self._refill()
+        self._refill(now)
         if amount > self.tokens:
             return False
         self.tokens -= amount
         return True
 
-    def can_take(self, amount: float) -> bool:
+    def can_take(self, amount: float, now: float | None = None) -> bool:
         """Whether `amount` is there, spending nothing (it is charged once it is known)."""
-        self._refill()
+        self._refill(now)
         return amount <= self.tokens
 
-    def charge(self, amount: float) -> None:
+    def charge(self, amount: float, now: float | None = None) -> None:
         """Spend `amount` even if that leaves a debt: for costs known only afterwards."""
-        self._refill()
+        self._refill(now)
         self.tokens -= amount
 
-    def full(self) -> bool:
-        self._refill()
+    def full(self, now: float | None = None) -> bool:
+        self._refill(now)
         return self.tokens >= self.burst
 
 

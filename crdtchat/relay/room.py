@@ -1,11 +1,9 @@
-"""Rooms: one conversation's live document, awareness and connected peers, and their lifetime.
+"""Rooms: the I/O shell around the relay's protocol core (design §3, `crdtchat.relay.protocol`).
 
-`Room.handle` is the protocol core for one incoming message: synchronous, so the live document
-changes in the order messages arrive, and it returns what must happen once the store has caught
-up (`WriteDone`, `Reply`, `Refusal`). Each connection settles those in order in its own task,
-which is where broadcasts and acknowledgements happen: an update reaches other peers, and its
-sender's Ack, only after the commit that holds it. Broadcast frames are encoded once and the
-same bytes are written to every peer.
+A `Room` holds one conversation's `RoomProtocol` and performs the actions it returns: writes
+to the peers' sockets, store writes on the store thread (whose completion it reports back as
+`stored`), closes, the worker feed. The protocol decides; this module only carries out, which
+is why every function here is small except the websockets fast path (`Room._send_many`).
 
 `RoomManager` loads a room on first use, keeps it while peers are connected and for a grace
 period after the last one leaves, then flushes it (compacting its log) and drops it.
@@ -15,64 +13,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import anyio
 from anyio.abc import TaskStatus
-from pycrdt import Awareness, Doc
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from crdtchat.errors import RemoteProtocolError, StorageError
+from crdtchat.errors import StorageError
 from crdtchat.relay.config import RelayConfig
 from crdtchat.relay.feed import WaitingFeed, WaitingWatch
-from crdtchat.relay.livedoc import Accepted, LiveDoc, UndecodableUpdate, build_structure
-from crdtchat.relay.membership import members, role_of
+from crdtchat.relay.livedoc import LiveDoc, build_structure
 from crdtchat.relay.metrics import Metrics
-from crdtchat.relay.ratelimit import Subject, TokenBucket
-from crdtchat.relay.store import Store, StoreError
-from crdtchat.schema import Member, is_person_room, person_room
-from crdtchat.tokens import TokenClaims
-from crdtchat.wire import (
-    Ack,
-    AuthDenied,
-    AwarenessEntry,
-    AwarenessMessage,
-    QueryAwareness,
-    SyncStep1,
-    SyncStep2,
-    SyncUpdate,
-    WireError,
-    WireMessage,
-    decode_awareness,
-    encode_awareness,
-    encode_message,
+from crdtchat.relay.protocol import (
+    TOKEN_EXPIRED,
+    TOKEN_EXPIRED_CODE,
+    Acknowledge,
+    Action,
+    Append,
+    Broadcast,
+    CheckWaiting,
+    Close,
+    CloseKind,
+    Compact,
+    Peer,
+    PeerViolation,
+    RoomProtocol,
+    Send,
 )
+from crdtchat.relay.ratelimit import Subject
+from crdtchat.relay.store import Store, StoreError
+from crdtchat.schema import Member
+from crdtchat.tokens import TokenClaims
+from crdtchat.wire import Ack, encode_message
 
 log = logging.getLogger("crdtchat.relay.room")
 
-# Close code and reason for a connection whose token expired (design §3): in the 4400s, which
-# y-websocket clients and `Replica` take as "do not come back with this token".
-TOKEN_EXPIRED_CODE = 4401
-TOKEN_EXPIRED = "token expired"
-# A connection whose membership ended (design §4): the same path as an expiry, its own reason.
-ACCESS_REVOKED_CODE = 4403
-
-
-class PeerViolation(RemoteProtocolError):
-    """The peer broke the protocol; close its connection with this code and reason."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+# How often presence is checked for clients gone quiet (pycrdt's Awareness: a tenth of its
+# 30 s timeout).
+AWARENESS_TICK = 3.0
 
 
 class RoomUnavailable(StorageError):
@@ -83,143 +68,66 @@ class RoomLimitReached(RoomUnavailable):
     """`max_rooms` rooms are loaded and every one has peers: try again later (close 1013)."""
 
 
-class Peer:
-    """One websocket connection in a room."""
+class RelayPeer(Peer):
+    """A peer with its websocket connection: what the shell needs to write to it and close it."""
 
-    # Slots: a relay holds one per connection, mostly idle ones (issue 12: memory per
-    # connection); a per-instance dict of these ~20 attributes was about 1 KiB of each.
-    __slots__ = (
-        "_expiry",
-        "acked",
-        "awareness_ids",
-        "awareness_rate",
-        "claims",
-        "close_code",
-        "close_reason",
-        "closing",
-        "expires",
-        "failed",
-        "identity",
-        "on_close_request",
-        "plain",
-        "protocol",
-        "settled",
-        "subject",
-        "transport",
-        "want_ack",
-        "want_refresh",
-        "ws",
-    )
+    __slots__ = ("_expiry", "on_close", "plain", "protocol", "transport", "ws")
 
     def __init__(
         self,
         ws: ServerConnection,
         claims: TokenClaims,
-        want_ack: bool,
         subject: Subject,
         config: RelayConfig,
+        *,
+        want_ack: bool = False,
         want_refresh: bool = False,
+        identity: bool = False,
     ) -> None:
+        super().__init__(
+            claims,
+            subject,
+            config,
+            want_ack=want_ack,
+            want_refresh=want_refresh,
+            identity=identity,
+        )
         self.ws = ws
         # Fixed once the handshake is done; kept here for the broadcast loop (Room._send_many).
         self.transport = ws.transport
         self.protocol = ws.protocol
         self.plain = not ws.protocol.extensions
-        self.claims = claims
-        # A plain attribute: the broadcast loop reads it for every peer (design §3, access ends).
-        self.expires = float(claims.exp)
         # Closes the connection at `expires` (a timer, not a task per connection: most
         # connections are idle, and each task cost the relay kilobytes; issue 12).
         self._expiry: asyncio.TimerHandle | None = None
-        self.want_ack = want_ack
-        self.want_refresh = want_refresh
-        # Opened with an identity token: its role comes from the room's membership and follows
-        # every change to it (Room.enforce_access).
-        self.identity = False
-        self.awareness_ids: set[int] = set()
-        self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
-        self.acked = 0
-        self.failed = False
-        # Most refusals rebuild the room's document (O(document)): a subject that keeps
-        # sending refused writes, over however many connections, is closed rather than allowed
-        # to burn the relay's CPU. Its quotas are shared by its connections too (design §7.4).
-        self.subject = subject
-        self.awareness_rate = TokenBucket(config.awareness_rate, config.awareness_burst)
-        self.closing = False  # a close was requested
-        self.close_code = 1000
-        self.close_reason = ""
         # Set by the relay: closes the connection (a callback rather than a task waiting on an
         # event, for the same reason as the expiry timer).
-        self.on_close_request: Callable[[Peer], None] | None = None
+        self.on_close: Callable[[RelayPeer], None] | None = None
 
-    def watch_expiry(self) -> None:
-        """(Re)arm the timer that closes the connection when its token expires."""
-        if self._expiry is not None:
-            self._expiry.cancel()
+    def watch_expiry(self, room: Room) -> None:
+        """(Re)arm the timer that tells `room` when the token expires."""
+        self.stop_watching_expiry()
+        if self.closing:
+            return
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_at(loop.time() + self.expires - time.time(), self._expire)
+        self._expiry = loop.call_at(loop.time() + self.expires - time.time(), self._expire, room)
 
     def stop_watching_expiry(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
 
-    def _expire(self) -> None:
+    def _expire(self, room: Room) -> None:
         self._expiry = None
-        if self.expires - time.time() > 0:  # the clocks drifted apart: not yet
-            self.watch_expiry()
-            return
-        log.info("closing %r: token expired", self)
-        self.request_close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
-
-    def refresh(self, claims: TokenClaims) -> None:
-        """Use a newer token of the same subject from now on (extension 102)."""
-        self.claims = claims
-        self.expires = float(claims.exp)
-        if self._expiry is not None:
-            self.watch_expiry()
-
-    def revoke(self, reason: str) -> None:
-        """Access ended: nothing more is sent to it (the broadcast loop reads `expires`), it
-        can neither sync nor send awareness (Room.handle), and it is closed with `reason`."""
-        self.request_close(ACCESS_REVOKED_CODE, reason)
-        self.expires = 0.0
-        self.stop_watching_expiry()
-
-    def request_close(self, code: int, reason: str) -> None:
-        if not self.closing:
-            self.closing = True
-            self.close_code = code
-            self.close_reason = reason
-            if self.on_close_request is not None:
-                self.on_close_request(self)
+        actions = room.core.expire(self, time.time())
+        if actions:
+            log.info("closing %r: token expired", self)
+            room.perform(actions)
+        else:  # the clocks drifted apart, or a refresh moved the expiry: not yet
+            self.watch_expiry(room)
 
     def __repr__(self) -> str:
         return f"<peer {self.claims.sub}/{self.claims.role} {self.ws.remote_address}>"
-
-
-@dataclass(frozen=True)
-class WriteDone:
-    """An update is settled once `future` (its commit, or the last one before it) is done."""
-
-    future: asyncio.Future[None] | None
-    frame: bytes | None  # the update to broadcast, None when it changed nothing
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A reply that may only leave after `future`: it can contain not yet committed changes."""
-
-    future: asyncio.Future[None] | None
-    frame: bytes
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reason: str
-
-
-Pending = WriteDone | Reply | Refusal
 
 
 class RoomState(Enum):
@@ -245,31 +153,28 @@ class Room:
         self.config = config
         self.state = RoomState.LOADING
         self.error: str | None = None
-        self.peers: dict[ServerConnection, Peer] = {}
         self.refs = 0
         self.ready = anyio.Event()  # set when open, or when loading failed
         self.structure_ready = anyio.Event()  # writes wait for the structure index
         self.finished = anyio.Event()
-        # empty until loaded; closed when the room is done
-        self.live = LiveDoc(limits=config.shape_limits)
-        self.awareness = Awareness(Doc())
-        self.awareness.set_local_state(None)  # the relay itself is not present
-        self.awareness.observe(self._on_awareness)
-        # Which connection introduced each awareness client id: only it may change or clear
-        # that state (design §3, presence is bound to its connection).
-        self.awareness_owners: dict[int, Peer] = {}
-        self._members: dict[str, Member] | None = None  # see members()
-        self._next_seq = 1
+        self.core = RoomProtocol(name, config, metrics)
+        self.core.watches_feed = self.waiting is not None
         self._last_write: asyncio.Future[None] | None = None
-        self._log_length = 0
-        self._log_bytes = 0
-        self._snapshot_bytes = 0
-        self._created = False  # the store holds something of this room (design §7.4 quotas)
+        self._last_compaction: asyncio.Future[None] | None = None
+        # Readers waiting for their peer's queue to shrink (back-pressure, `wait_for_queue`).
+        self._backpressured: dict[Peer, asyncio.Future[None]] = {}
         self._stopping = False
-        self._failed = False
         self._evicted = False
         self.last_used = time.monotonic()  # for unloading the least recently used idle room
         self._wake = anyio.Event()
+
+    @property
+    def live(self) -> LiveDoc:
+        return self.core.live
+
+    @property
+    def peers(self) -> dict[Peer, None]:
+        return self.core.peers
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -282,16 +187,16 @@ class Room:
     def _release_documents(self) -> None:
         """Drop the observers of the room's documents: yrs holds their callbacks, and without
         this every room ever loaded would stay in memory (issue 12)."""
-        self.live.close()
+        self.core.close()
         if self.waiting is not None:
             self.waiting.close()
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         try:
             stored = await self.store.load(self.name)
-            self.live.close()
-            self.live = LiveDoc(stored.state, limits=self.config.shape_limits)
-            self._members = None
+            actions = self.core.load(
+                stored.state, stored.next_seq, stored.log_length, stored.log_bytes
+            )
         except (StoreError, ValueError) as error:
             self.error = f"room {self.name!r} could not be loaded: {error}"
             log.error("%s", self.error)
@@ -299,17 +204,11 @@ class Room:
             self.ready.set()
             task_status.started()
             return
-        self._next_seq = stored.next_seq
-        self._log_length = stored.log_length
-        self._log_bytes = stored.log_bytes
-        self._snapshot_bytes = len(stored.state)
-        self._created = bool(stored.state) or stored.next_seq > 1
         self.metrics.room_loads += 1
-        if self._should_compact():
-            self._compact(self._next_seq - 1)
+        self.perform(actions)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._index_structure, stored.state)
-            await tg.start(self.awareness.start)
+            tg.start_soon(self._tick_awareness)
             self.state = RoomState.OPEN
             self.ready.set()
             task_status.started()
@@ -331,8 +230,13 @@ class Room:
         finally:
             self.structure_ready.set()
 
+    async def _tick_awareness(self) -> None:
+        while True:
+            await anyio.sleep(AWARENESS_TICK)
+            self.perform(self.core.tick(time.time()))
+
     async def _live_until_done(self) -> None:
-        while not (self._stopping or self._failed or self._evicted):
+        while not (self._stopping or self.core.failed or self._evicted):
             wake = self._wake = anyio.Event()
             if self.refs == 0:
                 with anyio.move_on_after(self.config.idle_unload) as scope:
@@ -345,22 +249,22 @@ class Room:
                 await wake.wait()
 
     async def _flush(self) -> None:
-        if self._failed:
+        if self.core.failed:
             return
         if self._last_write is not None:
             try:
                 await asyncio.shield(self._last_write)
             except StoreError:
                 return
-        if self._log_length:
-            future = self._compact(self._next_seq - 1)
+        self.perform(self.core.flush())
+        if self._last_compaction is not None:
             with contextlib.suppress(StoreError):
-                await asyncio.shield(future)
+                await asyncio.shield(self._last_compaction)
 
     @property
     def writes(self) -> int:
         """Changes with every stored write: what readers of the document may cache against."""
-        return self._next_seq
+        return self.core.next_seq
 
     def attach(self) -> None:
         self.refs += 1
@@ -394,33 +298,123 @@ class Room:
 
     @property
     def failed(self) -> bool:
-        return self._failed
+        return self.core.failed
 
     def fail(self, reason: str) -> None:
         """The store lost a write: close every peer, drop the room, reload it from disk later."""
-        if self._failed:
+        if self.core.failed:
             return
-        self._failed = True
-        log.error("room %s failed: %s", self.name, reason)
-        for peer in self.peers.values():
-            peer.failed = True
-            peer.request_close(1011, "relay storage failed")
+        self.perform(self.core.store_failed(reason))
+        self._wake_readers()
         self._wake.set()
+
+    # -- carrying out the protocol's actions ---------------------------------------------
+
+    def perform(self, actions: list[Action]) -> None:
+        """Carry out `actions`, in order (VerifyToken is the caller's: it must be awaited)."""
+        for action in actions:
+            if isinstance(action, Broadcast):
+                peers = cast("list[RelayPeer]", list(self.core.peers))  # a copy: peers may leave
+                self._send_many(peers, action.message, action.exclude)
+            elif isinstance(action, Send):
+                self._send_many((cast(RelayPeer, action.peer),), action.message)
+            elif isinstance(action, Acknowledge):
+                self._send_many((cast(RelayPeer, action.peer),), encode_message(Ack(action.count)))
+            elif isinstance(action, Append):
+                self._append(action)
+            elif isinstance(action, Compact):
+                self._compact(action)
+            elif isinstance(action, Close):
+                self._close(action)
+            elif isinstance(action, CheckWaiting) and self.waiting is not None:
+                self.waiting.check(self.live.doc, shape_checked=self.live.shape_checked())
+
+    def _append(self, action: Append) -> None:
+        future = self.store.append(self.name, action.seq, action.update)
+        self._last_write = future
+        future.add_done_callback(partial(self._stored, action.seq))
+
+    def _stored(self, seq: int, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self.fail(str(error))
+            return
+        self.perform(self.core.stored(seq))
+        if self._backpressured:
+            self._wake_readers()
+
+    def _compact(self, action: Compact) -> None:
+        future = self.store.compact(self.name, action.upto_seq, action.snapshot)
+        self._last_compaction = future
+        future.add_done_callback(self._compacted)
+
+    def _compacted(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            log.error("room %s: compaction failed (the log is kept): %s", self.name, error)
+        else:
+            self.metrics.compactions += 1
+
+    def _close(self, action: Close) -> None:
+        peer = cast(RelayPeer, action.peer)
+        log.warning("closing %r (%d, %s): %s", peer, action.code, action.kind, action.reason)
+        self.metrics.closed_connections[action.kind.value] += 1
+        peer.stop_watching_expiry()
+        if peer.on_close is not None:
+            peer.on_close(peer)
+
+    async def wait_for_queue(self, peer: Peer, limit: int) -> None:
+        """Back-pressure: wait while `peer` has `limit` results waiting for the store."""
+        while peer.queued >= limit and not peer.closing:
+            future = self._backpressured.get(peer)
+            if future is None:
+                future = self._backpressured[peer] = asyncio.get_running_loop().create_future()
+            await future
+
+    def _wake_readers(self) -> None:
+        limit = self.config.max_in_flight
+        for peer, future in list(self._backpressured.items()):
+            if peer.queued < limit or peer.closing:
+                del self._backpressured[peer]
+                if not future.done():
+                    future.set_result(None)
 
     # -- peers ---------------------------------------------------------------------------
 
-    def send(self, peer: Peer, frame: bytes) -> None:
-        self._send_many([peer], frame)
+    def join(self, peer: RelayPeer) -> None:
+        self.perform(self.core.join(peer))
 
-    def broadcast(self, frame: bytes, exclude: Peer | None = None) -> int:
-        """Send `frame` to every peer but `exclude`; returns how many it was meant for."""
-        self._send_many(list(self.peers.values()), frame, exclude)  # a copy: peers may leave
-        return len(self.peers) - (exclude is not None and exclude.ws in self.peers)
+    def leave(self, peer: RelayPeer) -> None:
+        future = self._backpressured.pop(peer, None)
+        if future is not None and not future.done():
+            future.cancel()
+        self.perform(self.core.leave(peer))
 
-    def _send_many(self, peers: Iterable[Peer], frame: bytes, exclude: Peer | None = None) -> None:
+    def receive(self, peer: RelayPeer, message: Any) -> list[Action]:
+        """Hand one message to the protocol and carry out what it says; returns the actions
+        (the caller awaits a VerifyToken among them)."""
+        actions = self.core.receive(peer, message, time.time())
+        self.perform(actions)
+        return actions
+
+    def close_peer(self, peer: RelayPeer, code: int, reason: str, kind: CloseKind) -> None:
+        """Close `peer` for something the shell saw (the frame layer, a slow reader)."""
+        close = self.core.close_peer(peer, code, reason, kind)
+        if close is not None:
+            self._close(close)
+
+    def _send_many(
+        self, peers: Iterable[RelayPeer], frame: bytes, exclude: Peer | None = None
+    ) -> None:
         """Write `frame` to every open peer, as one websocket frame built once.
 
-        The relay's frames are unmasked and uncompressed (compression=None), so they are the
+        The websockets fast path, and the only place that relies on websockets' internals
+        (`tests/relay/test_websockets_fast_path.py` fails with a clear message if they change):
+        the relay's frames are unmasked and uncompressed (compression=None), so they are the
         same bytes on every connection. websockets.broadcast would frame the message again per
         connection, which was a third of the relay's CPU per delivered update at 500 peers
         (benchmarks/fanout.py). This makes the same check it does (skip connections that are
@@ -437,14 +431,14 @@ class Room:
             if peer is exclude or peer.protocol.state is not is_open:
                 continue
             if peer.expires <= now:  # its token expired: nothing more, its close is coming
-                peer.request_close(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
+                self.close_peer(peer, TOKEN_EXPIRED_CODE, TOKEN_EXPIRED, CloseKind.EXPIRED)
                 continue
             transport = peer.transport
             if transport is None:
                 continue
             if transport.get_write_buffer_size() > limit:
                 log.warning("closing %r: send buffer over %d bytes", peer, limit)
-                peer.request_close(1008, "client too slow: send buffer full")
+                self.close_peer(peer, 1008, "client too slow: send buffer full", CloseKind.SLOW)
                 continue
             if peer.plain:
                 if wire is None:
@@ -459,52 +453,13 @@ class Room:
             sent += 1
         self.metrics.bytes_out += len(frame) * sent
 
-    def join(self, peer: Peer) -> None:
-        self.peers[peer.ws] = peer
-        self.send(peer, encode_message(SyncStep1(self.live.state_vector())))
-        entries = self._awareness_entries()
-        if entries:
-            self.send(peer, encode_message(AwarenessMessage(encode_awareness(entries))))
-
-    def leave(self, peer: Peer) -> None:
-        self.peers.pop(peer.ws, None)
-        for cid in peer.awareness_ids:
-            if self.awareness_owners.get(cid) is peer:
-                del self.awareness_owners[cid]
-        gone = [cid for cid in peer.awareness_ids if cid in self.awareness.states]
-        if gone:
-            self.awareness.remove_awareness_states(gone, "close")
-            self._broadcast_removal(gone)
-
     # -- membership (design §4) ----------------------------------------------------------
 
     def members(self) -> dict[str, Member]:
-        """The room's membership, read once per change: only `write_access` changes it (no
-        peer may write `access.*`), and every identity join reads it."""
-        if self._members is None:
-            self._members = members(self.live.doc)
-        return self._members
+        return self.core.members()
 
     def role_for(self, sub: str) -> str | None:
-        """The role an identity gets in this room from its membership, if any; in a
-        person's list document, "person" for that person and nobody else."""
-        if is_person_room(self.name):
-            return "person" if person_room(sub) == self.name else None
-        return role_of(self.members(), sub)
-
-    def enforce_access(self) -> None:
-        """Give every identity connection the role its membership now grants, or end it."""
-        table = self.members()
-        for peer in list(self.peers.values()):
-            if not peer.identity or peer.expires == 0.0:
-                continue
-            sub = peer.claims.sub
-            role = self.role_for(sub) if is_person_room(self.name) else role_of(table, sub)
-            if role is None:
-                log.info("room %s: %r is no longer a member", self.name, peer)
-                peer.revoke(f"access revoked: {peer.claims.sub} is no longer a member")
-            elif role != peer.claims.role:
-                peer.claims = replace(peer.claims, role=role)  # type: ignore[arg-type]
+        return self.core.role_for(sub)
 
     async def write_access(self, write: Any) -> None:
         """Make a membership change of the relay's own: applied, enforced on every connection
@@ -513,260 +468,17 @@ class Room:
         Nothing is awaited before the write is applied: a caller that read the membership
         to decide on `write` is not raced by another change.
         """
-        if self._failed:
-            raise RoomUnavailable("relay storage failed")
-        update = self.live.local_write(write)
-        self._members = None
-        self.enforce_access()
-        seq = self._next_seq
-        self._next_seq += 1
-        future = self.store.append(self.name, seq, update)
-        self._last_write = future
-        self._log_length += 1
-        self._log_bytes += len(update)
-        self._created = True
-        if self._should_compact():
-            self._compact(seq)
+        try:
+            _, actions = self.core.local_write(write)
+        except PeerViolation:
+            raise RoomUnavailable("relay storage failed") from None
+        self.perform(actions)
+        future = self._last_write
+        assert future is not None
         try:
             await asyncio.shield(future)
         except StoreError as error:
-            self.fail(str(error))
             raise RoomUnavailable(f"relay storage failed: {error}") from None
-        self.metrics.updates_stored += 1
-        self.metrics.updates_out += self.broadcast(encode_message(SyncUpdate(update)))
-
-    # -- awareness -----------------------------------------------------------------------
-
-    def _awareness_entries(self) -> list[AwarenessEntry]:
-        own = self.awareness.client_id
-        meta = self.awareness.meta
-        return [
-            AwarenessEntry(cid, int(meta[cid]["clock"]), json.dumps(state, separators=(",", ":")))
-            for cid, state in self.awareness.states.items()
-            if cid != own and cid in meta
-        ]
-
-    def _broadcast_removal(self, client_ids: list[int]) -> None:
-        meta = self.awareness.meta
-        entries = [AwarenessEntry(cid, int(meta[cid]["clock"]), "null") for cid in client_ids]
-        self.broadcast(encode_message(AwarenessMessage(encode_awareness(entries))))
-
-    def _on_awareness(self, topic: str, change: tuple[dict[str, Any], Any]) -> None:
-        changes, origin = change
-        if topic == "update" and origin == "timeout" and changes["removed"]:
-            for peer in self.peers.values():
-                peer.awareness_ids.difference_update(changes["removed"])
-            for cid in changes["removed"]:
-                self.awareness_owners.pop(cid, None)
-            self._broadcast_removal(list(changes["removed"]))
-
-    # -- the protocol core ---------------------------------------------------------------
-
-    def handle(self, peer: Peer, message: WireMessage) -> Pending | None:
-        """Apply one message from `peer`; raises PeerViolation for input that ends the peer."""
-        if peer.expires <= time.time():  # no sync, no awareness once the token has expired
-            raise PeerViolation(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
-        if isinstance(message, SyncStep2 | SyncUpdate):
-            return self._handle_update(peer, message.update)
-        if isinstance(message, SyncStep1):
-            try:
-                update = self.live.update_since(message.state_vector)
-            except WireError as error:
-                raise PeerViolation(1008, str(error)) from None
-            return Reply(self._last_write, encode_message(SyncStep2(update)))
-        if isinstance(message, AwarenessMessage):
-            self._handle_awareness(peer, message.payload)
-            return None
-        if isinstance(message, QueryAwareness):
-            self._take_awareness_rate(peer)  # a small query, a reply of every state
-            entries = self._awareness_entries()
-            self.send(peer, encode_message(AwarenessMessage(encode_awareness(entries))))
-            return None
-        # AuthDenied, Ack and extensions are relay-to-client messages: nothing to do.
-        return None
-
-    def _handle_update(self, peer: Peer, update: bytes) -> Pending:
-        self.metrics.updates_in += 1
-        if self._failed:  # its live document may hold unstored writes: nothing builds on it
-            raise PeerViolation(1011, "relay storage failed")
-        claims = peer.claims
-        subject = peer.subject
-        try:
-            outcome = self.live.apply(
-                update,
-                claims.role,
-                claims.sub,
-                partial=not peer.want_ack,
-                gate=lambda size: self._admit_growth(subject, size),
-            )
-        except UndecodableUpdate as error:
-            raise PeerViolation(1008, str(error)) from None
-        if not isinstance(outcome, Accepted):
-            self.metrics.refused_writes += 1
-            log.info("room %s: refused update from %r: %s", self.name, peer, outcome.reason)
-            if not subject.refusals.take(1):
-                raise PeerViolation(1008, f"too many refused writes from subject {subject.sub!r}")
-            return Refusal(outcome.reason)
-        if not outcome.delta:
-            return WriteDone(self._last_write, None)
-        subject.write_bytes.charge(len(outcome.delta))
-        if not self._created:
-            self._created = True
-            subject.rooms.charge(1)
-        if self.waiting is not None:
-            self.waiting.check(self.live.doc, shape_checked=self.live.shape_checked())
-        seq = self._next_seq
-        self._next_seq += 1
-        future = self.store.append(self.name, seq, outcome.delta)
-        self._last_write = future
-        self._log_length += 1
-        self._log_bytes += len(outcome.delta)
-        if self._should_compact():
-            self._compact(seq)
-        return WriteDone(future, encode_message(SyncUpdate(outcome.delta)))
-
-    def _admit_growth(self, subject: Subject, size: int) -> None:
-        """Called by LiveDoc.apply, before applying, for an update that adds `size` bytes of
-        new structs: the room's size and the subject's quotas (design §7.4)."""
-        config = self.config
-        held = self._snapshot_bytes + self._log_bytes
-        if held + size > config.max_document:
-            raise PeerViolation(
-                1009, f"room is full: its document holds {held} bytes, limit {config.max_document}"
-            )
-        if not self._created and not subject.rooms.can_take(1):
-            raise PeerViolation(
-                1013,
-                f"quota: subject {subject.sub!r} created {config.quota_rooms:g} rooms "
-                f"in {config.quota_interval:g} s; try again later",
-            )
-        if not subject.write_bytes.can_take(size):
-            raise PeerViolation(
-                1013,
-                f"quota: subject {subject.sub!r} wrote {config.quota_bytes:g} bytes "
-                f"in {config.quota_interval:g} s; try again later",
-            )
-
-    def _take_awareness_rate(self, peer: Peer) -> None:
-        if not peer.awareness_rate.take(1):
-            rate = f"{self.config.awareness_rate:g}"
-            raise PeerViolation(1008, f"rate limit exceeded: more than {rate} awareness messages/s")
-
-    def _handle_awareness(self, peer: Peer, payload: bytes) -> None:
-        """Relay one awareness update within the limits of design §7.3, or end the peer.
-
-        Entries for client ids another connection owns are dropped first (design §3: presence
-        is bound to its connection), so they count for nothing here.
-        """
-        config = self.config
-        self._take_awareness_rate(peer)
-        try:
-            entries = decode_awareness(payload, config.awareness_depth)
-        except WireError as error:
-            raise PeerViolation(1008, f"malformed awareness update: {error}") from None
-        owners = self.awareness_owners
-        relay_id = self.awareness.client_id
-        own = [
-            e for e in entries if owners.get(e.client_id, peer) is peer and e.client_id != relay_id
-        ]
-        if len(own) < len(entries):
-            log.info(
-                "room %s: %r may not change the presence of another connection's client ids %s",
-                self.name,
-                peer,
-                sorted({e.client_id for e in entries} - {e.client_id for e in own}),
-            )
-            if not own:
-                return
-            payload = encode_awareness(own)
-        held = set(peer.awareness_ids)
-        for entry in own:
-            size = len(entry.state.encode("utf-8"))
-            if size > config.awareness_state_bytes:
-                raise PeerViolation(
-                    1009,
-                    f"awareness state of client {entry.client_id} is {size} bytes, "
-                    f"limit {config.awareness_state_bytes}",
-                )
-            if entry.removed:
-                held.discard(entry.client_id)
-            else:
-                held.add(entry.client_id)
-        if len(held) > config.awareness_clients:
-            raise PeerViolation(
-                1008,
-                f"awareness for more than {config.awareness_clients} client ids on one connection",
-            )
-        self.metrics.awareness_in += 1
-        self.awareness.apply_awareness_update(payload, peer)
-        peer.awareness_ids = held
-        for entry in own:
-            if entry.removed:
-                owners.pop(entry.client_id, None)
-            else:
-                owners[entry.client_id] = peer
-        self.broadcast(encode_message(AwarenessMessage(payload)))
-
-    # -- compaction ----------------------------------------------------------------------
-
-    def _should_compact(self) -> bool:
-        if self._log_length == 0:
-            return False
-        if self._log_length >= self.config.compact_updates:
-            return True
-        return self._log_bytes >= max(self.config.compact_min_bytes, self._snapshot_bytes)
-
-    def _compact(self, upto_seq: int) -> asyncio.Future[None]:
-        """Snapshot the live document (it holds every accepted update up to `upto_seq`)."""
-        snapshot = self.live.compact()
-        self._snapshot_bytes = len(snapshot)
-        self._log_length = 0
-        self._log_bytes = 0
-        future = self.store.compact(self.name, upto_seq, snapshot)
-        future.add_done_callback(self._compacted)
-        return future
-
-    def _compacted(self, future: asyncio.Future[None]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:
-            log.error("room %s: compaction failed (the log is kept): %s", self.name, error)
-        else:
-            self.metrics.compactions += 1
-
-    # -- settling, per connection --------------------------------------------------------
-
-    async def settle(self, peer: Peer, item: Pending, more_queued: bool) -> None:
-        """Finish one pending item of `peer`, in order; `more_queued` delays the Ack."""
-        if peer.failed:
-            return
-        if isinstance(item, Refusal):
-            self._ack(peer)
-            self.send(peer, encode_message(AuthDenied(item.reason)))
-            peer.settled += 1
-        else:
-            if item.future is not None:
-                try:
-                    await asyncio.shield(item.future)
-                except StoreError as error:
-                    peer.failed = True
-                    self.fail(str(error))
-                    return
-            if isinstance(item, Reply):
-                self.send(peer, item.frame)
-            else:
-                if item.frame is not None:
-                    self.metrics.updates_stored += 1
-                    self.metrics.updates_out += self.broadcast(item.frame, exclude=peer)
-                peer.settled += 1
-        if not more_queued:
-            self._ack(peer)
-
-    def _ack(self, peer: Peer) -> None:
-        if peer.want_ack and peer.settled > peer.acked:
-            peer.acked = peer.settled
-            self.send(peer, encode_message(Ack(peer.settled)))
 
 
 class RoomManager:

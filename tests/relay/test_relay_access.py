@@ -89,7 +89,7 @@ def access(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Access]:
 
 def expired_closes(relay: RelayProcess) -> float:
     """Connections the relay closed for an expired token (absent from /metrics until one)."""
-    name = 'crdtchat_closed_connections_total{reason="token_expired"}'
+    name = 'crdtchat_closed_connections_total{kind="expired"}'
     text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
     for line in text.splitlines():
         if line.startswith(name + " "):

@@ -109,7 +109,7 @@ async def test_bad_input_closes_only_its_connection(relay: RelayProcess, case: s
 
 async def test_rejections_are_counted(relay: RelayProcess) -> None:
     text = httpx.get(f"{relay.http_url}/metrics", timeout=10).text
-    assert 'crdtchat_closed_connections_total{reason="malformed_frame"}' in text
+    assert 'crdtchat_closed_connections_total{kind="malformed"}' in text
 
 
 async def test_a_multi_message_frame_with_one_bad_message_closes(relay: RelayProcess) -> None:
