@@ -2,8 +2,8 @@
 
 Every message crosses through the real wire encoding (encode_frame/decode_frame), so these tests
 also check that what the session produces is what the wire module can carry. The relay in the
-ack tests is a small model written here (a pycrdt Doc, a durable/undurable split and the ack
-rules of crdtchat.wire.Ack); the real relay is exercised in tests/replica/test_replica.py.
+ordering machine is the relay's own protocol core (`crdtchat.relay.protocol`) with an in-memory
+store, so the client and relay protocols run together exactly as in production, minus sockets.
 """
 
 from __future__ import annotations
@@ -23,6 +23,20 @@ from hypothesis.stateful import (
 )
 from pycrdt import Array, Awareness, Doc, Map, Text
 
+from crdtchat.document import Conversation
+from crdtchat.merge import merge
+from crdtchat.relay.config import RelayConfig
+from crdtchat.relay.protocol import (
+    Acknowledge,
+    Action,
+    Append,
+    Broadcast,
+    Compact,
+    Peer,
+    RoomProtocol,
+    Send,
+)
+from crdtchat.relay.ratelimit import Subjects
 from crdtchat.sync import (
     REMOTE_ORIGIN,
     Denied,
@@ -33,6 +47,7 @@ from crdtchat.sync import (
     SyncProtocolError,
     SyncSession,
 )
+from crdtchat.tokens import TokenClaims
 from crdtchat.wire import (
     Ack,
     AuthDenied,
@@ -46,6 +61,10 @@ from crdtchat.wire import (
     decode_frame,
     encode_frame,
 )
+
+ROOM = "sync-orderings"
+NOW = 1_900_000_000.0
+EXP = int(NOW) + 3600
 
 
 def wire(messages: list[WireMessage]) -> list[WireMessage]:
@@ -424,83 +443,91 @@ def test_malformed_awareness_is_a_protocol_error() -> None:
         session.receive(AwarenessMessage(b"\x01\x01\x01\x05{bad"))
 
 
-# -- a model relay, and every ordering hypothesis can find ----------------------------------
+# -- the relay's protocol core, and every ordering hypothesis can find ------------------------
 
 
 @dataclass
-class ModelConnection:
-    """One client connection as the model relay sees it; queues are ordered like TCP."""
+class CoreConnection:
+    """One client connection to the in-memory relay; queues are ordered like TCP."""
 
+    peer: Peer
     to_relay: deque[WireMessage] = field(default_factory=deque)
     to_client: deque[WireMessage] = field(default_factory=deque)
-    received: int = 0  # SyncStep2/SyncUpdate messages received
-    stored_upto: int = 0  # ... of which settled (stored or refused)
-    acked: int = 0
-    unstored: list[tuple[int, bytes]] = field(default_factory=list)
 
 
-class ModelRelay:
-    """The relay's rules as crdtchat.wire documents them, in memory.
-
-    Writes to the root "forbidden" are refused. Received updates are stored in a separate step
-    (so acks can lag), and a crash loses what was received but not stored.
+class CoreRelay:
+    """The relay's own protocol core (`crdtchat.relay.protocol.RoomProtocol`) with an in-memory
+    store: what it appends is durable only once `store` runs (so acknowledgements lag), and a
+    crash loses what was appended but not stored, then loads the room again from the store.
+    Writes to the root "forbidden" are refused, as every root outside the schema is.
     """
 
     def __init__(self) -> None:
-        self.doc: Doc = Doc()
-        self.connections: dict[int, ModelConnection] = {}
+        self.config = RelayConfig(secret="test")
+        self.subjects = Subjects(self.config.subject_quotas())
+        self.disk: list[bytes] = []  # durable: a snapshot or updates, merged on load
+        self.appended: list[Append] = []
+        self.connections: dict[int, CoreConnection] = {}
+        self.room = RoomProtocol(ROOM, self.config)
+        self.room.load(b"", 1, 0, 0)
+
+    @property
+    def doc(self) -> Doc:
+        return self.room.live.doc
 
     def durable_update(self) -> bytes:
-        return self.doc.get_update()
+        return merge(*self.disk) if self.disk else b""
 
-    def open(self, client: int) -> ModelConnection:
-        connection = ModelConnection()
-        connection.to_client.append(SyncStep1(self.doc.get_state()))
+    def _perform(self, actions: list[Action]) -> None:
+        peers = {connection.peer: connection for connection in self.connections.values()}
+        for action in actions:
+            if isinstance(action, Send):
+                peers[action.peer].to_client.extend(decode_frame(action.message))
+            elif isinstance(action, Acknowledge):
+                peers[action.peer].to_client.append(Ack(action.count))
+            elif isinstance(action, Broadcast):
+                for peer, connection in peers.items():
+                    if peer is not action.exclude:
+                        connection.to_client.extend(decode_frame(action.message))
+            elif isinstance(action, Append):
+                self.appended.append(action)
+            elif isinstance(action, Compact):
+                self.disk = [action.snapshot]  # the store holds every update up to it
+            else:
+                raise AssertionError(f"the relay did not expect to {action}")
+
+    def open(self, client: int) -> CoreConnection:
+        subject = self.subjects.get(f"c{client}")
+        claims = TokenClaims(f"c{client}", EXP, ROOM, "writer")
+        connection = CoreConnection(Peer(claims, subject, self.config, want_ack=True))
         self.connections[client] = connection
+        self._perform(self.room.join(connection.peer))
         return connection
 
     def close(self, client: int) -> None:
-        self.connections.pop(client, None)
+        connection = self.connections.pop(client, None)
+        if connection is not None:
+            self._perform(self.room.leave(connection.peer))
 
     def deliver_one(self, client: int) -> None:
         connection = self.connections[client]
         for message in wire([connection.to_relay.popleft()]):
-            if isinstance(message, SyncStep1):
-                connection.to_client.append(SyncStep2(self.doc.get_update(message.state_vector)))
-            elif isinstance(message, SyncStep2 | SyncUpdate):
-                connection.received += 1
-                connection.unstored.append((connection.received, message.update))
+            self._perform(self.room.receive(connection.peer, message, NOW))
 
-    def store(self, client: int) -> None:
-        """Store (or refuse) everything received on one connection, then broadcast."""
-        connection = self.connections[client]
-        for seq, update in connection.unstored:
-            if self._forbidden(update):
-                connection.to_client.append(Ack(seq - 1))
-                connection.acked = seq - 1
-                connection.to_client.append(AuthDenied("writes to 'forbidden' are not allowed"))
-            else:
-                self.doc.apply_update(update)
-                for other, peer in self.connections.items():
-                    if other != client:
-                        peer.to_client.append(SyncUpdate(update))
-            connection.stored_upto = seq
-        connection.unstored.clear()
-
-    def ack(self, client: int) -> None:
-        connection = self.connections[client]
-        if connection.stored_upto > connection.acked:
-            connection.acked = connection.stored_upto
-            connection.to_client.append(Ack(connection.acked))
-
-    def _forbidden(self, update: bytes) -> bool:
-        scratch: Doc = Doc()
-        scratch.apply_update(self.doc.get_update())
-        scratch.apply_update(update)
-        return len(scratch.get("forbidden", type=Map)) > 0
+    def store(self) -> None:
+        """The store commits everything appended so far."""
+        if self.appended:
+            self.disk.extend(append.update for append in self.appended)
+            upto = self.appended[-1].seq
+            self.appended.clear()
+            self._perform(self.room.stored(upto))
 
     def crash(self) -> None:
         self.connections.clear()
+        self.appended.clear()
+        self.room.close()
+        self.room = RoomProtocol(ROOM, self.config)
+        self.room.load(self.durable_update(), 1 + len(self.disk), 0, 0)
 
 
 CLIENTS = 3
@@ -509,12 +536,16 @@ client_ids = st.integers(0, CLIENTS - 1)
 
 class SyncMachine(RuleBasedStateMachine):
     """Clients edit, disconnect and reconnect while messages cross in any order the
-    per-connection FIFO allows; the relay stores, acks, refuses and crashes."""
+    per-connection FIFO allows; the relay (its real protocol core) stores, acks, refuses and
+    crashes."""
 
     @initialize()
     def setup(self) -> None:
-        self.relay = ModelRelay()
-        self.docs: list[Doc] = [Doc() for _ in range(CLIENTS)]
+        self.relay = CoreRelay()
+        self.conversations = [
+            Conversation(author=f"c{client}", role="writer") for client in range(CLIENTS)
+        ]
+        self.docs: list[Doc] = [conversation.doc for conversation in self.conversations]
         self.sessions = [SyncSession(doc) for doc in self.docs]
         self.local_updates: dict[tuple[int, int], bytes] = {}
         self.forbidden_ids: set[tuple[int, int]] = set()
@@ -537,20 +568,18 @@ class SyncMachine(RuleBasedStateMachine):
     @rule(client=client_ids, text=st.text(min_size=1, max_size=5), send=st.booleans())
     def edit(self, client: int, text: str, send: bool) -> None:
         self.edits += 1
-        append_message(self.docs[client], f"{client}:{self.edits}:{text}")
+        self.conversations[client].append("user", f"{client}:{self.edits}:{text}")
         self._collect(client)
         if send:  # otherwise it waits, and goes out merged with later ones
             self._flush_client(client)
 
-    @rule(client=client_ids, send=st.booleans())
-    def edit_text_of_an_existing_message(self, client: int, send: bool) -> None:
-        root = messages_root(self.docs[client])
-        if len(root):
-            text = root[len(root) - 1]["content"]
-            text += "+"
-            self._collect(client)
-            if send:
-                self._flush_client(client)
+    @rule(client=client_ids, title=st.text(min_size=1, max_size=5), send=st.booleans())
+    def set_the_title(self, client: int, title: str, send: bool) -> None:
+        """A map write that concurrent writes overwrite, beside the appended messages."""
+        self.conversations[client].set_title(title)
+        self._collect(client)
+        if send:
+            self._flush_client(client)
 
     @rule(client=client_ids, send=st.booleans())
     def forbidden_edit(self, client: int, send: bool) -> None:
@@ -599,17 +628,9 @@ class SyncMachine(RuleBasedStateMachine):
             self._flush_client(client)
             count -= 1
 
-    @rule(client=client_ids, and_ack=st.booleans())
-    def relay_stores(self, client: int, and_ack: bool) -> None:
-        if client in self.relay.connections:
-            self.relay.store(client)
-            if and_ack:
-                self.relay.ack(client)
-
-    @rule(client=client_ids)
-    def relay_acks(self, client: int) -> None:
-        if client in self.relay.connections:
-            self.relay.ack(client)
+    @rule()
+    def relay_stores(self) -> None:
+        self.relay.store()
 
     @rule(roll=st.integers(0, 7))
     def relay_crashes(self, roll: int) -> None:
@@ -645,8 +666,7 @@ class SyncMachine(RuleBasedStateMachine):
                 while connection.to_relay:
                     self.relay.deliver_one(client)
                     busy = True
-                self.relay.store(client)
-                self.relay.ack(client)
+                self.relay.store()
                 while connection.to_client:
                     busy = True
                     for message in wire([connection.to_client.popleft()]):
@@ -668,9 +688,13 @@ class SyncMachine(RuleBasedStateMachine):
             else:
                 assert session.durable, session.pending_ids
                 assert sorted(contents(doc)) == relay_messages
+                assert doc.get_state() == self.relay.doc.get_state()
         self.durable_means_stored()
         for session in self.sessions:
             session.close()
+        for conversation in self.conversations:
+            conversation.close()
+        self.relay.room.close()
 
 
 TestSyncOrderings = SyncMachine.TestCase

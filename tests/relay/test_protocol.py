@@ -1,0 +1,597 @@
+"""The relay's protocol core, in-process: no sockets, no subprocess, no clock.
+
+Every test drives `RoomProtocol` with wire messages built by `crdtchat.wire` from real pycrdt
+documents (a `Conversation` writes them as a client would) and checks the actions it returns:
+what is sent to whom, what is stored, what is acknowledged when, and which peer is closed with
+what code, reason and kind (design §3, the relay's protocol core).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Map
+
+import crdtchat.relay.protocol as protocol_module
+from crdtchat.document import Conversation
+from crdtchat.relay.config import RelayConfig
+from crdtchat.relay.membership import claim_owner, members
+from crdtchat.relay.protocol import (
+    ACCESS_REVOKED_CODE,
+    TOKEN_EXPIRED_CODE,
+    Acknowledge,
+    Action,
+    Append,
+    Broadcast,
+    Close,
+    CloseKind,
+    Compact,
+    Peer,
+    RoomProtocol,
+    Send,
+    VerifyToken,
+)
+from crdtchat.relay.ratelimit import Subjects
+from crdtchat.tokens import TokenClaims, TokenError
+from crdtchat.wire import (
+    AuthDenied,
+    AwarenessEntry,
+    AwarenessMessage,
+    Extension,
+    QueryAwareness,
+    RefreshAnswer,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    WireMessage,
+    decode_awareness,
+    decode_frame,
+    encode_awareness,
+    encode_token_refresh,
+)
+
+NOW = 1_900_000_000.0  # every input takes `now`; the tests pick it
+EXP = int(NOW) + 3600
+ROOM = "room-1"
+
+
+class Harness:
+    """A room's protocol and the peers of a test, with helpers to write and read messages."""
+
+    def __init__(self, **config: object) -> None:
+        self.config = RelayConfig(secret="s", **config)  # type: ignore[arg-type]
+        self.subjects = Subjects(self.config.subject_quotas())
+        self.room = RoomProtocol(ROOM, self.config)
+        self.room.load(b"", 1, 0, 0)
+
+    def peer(
+        self,
+        sub: str = "alice",
+        role: str = "writer",
+        *,
+        want_ack: bool = True,
+        want_refresh: bool = False,
+        identity: bool = False,
+        exp: int = EXP,
+    ) -> Peer:
+        claims = TokenClaims(sub, exp, None if identity else ROOM, role)  # type: ignore[arg-type]
+        subject = self.subjects.connect(sub)
+        assert not isinstance(subject, str)
+        peer = Peer(
+            claims,
+            subject,
+            self.config,
+            want_ack=want_ack,
+            want_refresh=want_refresh,
+            identity=identity,
+        )
+        self.room.join(peer)
+        return peer
+
+    def receive(self, peer: Peer, message: WireMessage, now: float = NOW) -> list[Action]:
+        return self.room.receive(peer, message, now)
+
+
+class Client:
+    """A client's copy of the document: writes become SyncUpdate messages."""
+
+    def __init__(self, author: str = "alice") -> None:
+        self.conversation = Conversation(author=author)
+
+    def write(self, text: str = "hello", *, message_id: str | None = None) -> SyncUpdate:
+        doc = self.conversation.doc
+        before = doc.get_state()
+        self.conversation.append("user", text, message_id=message_id)
+        return SyncUpdate(doc.get_update(before))
+
+
+def messages_to(actions: list[Action], peer: Peer) -> list[WireMessage]:
+    """The wire messages `actions` send to `peer` alone (Send), in order."""
+    return [
+        message
+        for action in actions
+        if isinstance(action, Send) and action.peer is peer
+        for message in decode_frame(action.message)
+    ]
+
+
+def only(actions: list[Action], kind: type) -> list:  # type: ignore[type-arg]
+    return [action for action in actions if isinstance(action, kind)]
+
+
+def closes(actions: list[Action]) -> list[Close]:
+    return only(actions, Close)
+
+
+# -- the module ----------------------------------------------------------------------------
+
+
+def test_the_core_imports_no_io_and_reads_no_clock() -> None:
+    tree = ast.parse(Path(protocol_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    forbidden = {"asyncio", "anyio", "websockets", "trio", "threading", "socket", "time", "sqlite3"}
+    assert imported, "the walk found no import at all"
+    assert not imported & forbidden, f"the protocol core imports {imported & forbidden}"
+
+
+# -- joining, sync step 1 and 2 --------------------------------------------------------------
+
+
+def test_a_joining_peer_gets_the_rooms_state_vector() -> None:
+    h = Harness()
+    client = Client()
+    writer = h.peer()
+    h.room.stored(max(a.seq for a in only(h.receive(writer, client.write()), Append)))
+    reader = Peer(TokenClaims("bob", EXP, ROOM, "reader"), h.subjects.get("bob"), h.config)
+    (step1,) = messages_to(h.room.join(reader), reader)
+    assert isinstance(step1, SyncStep1)
+    assert step1.state_vector == h.room.live.doc.get_state()
+
+
+def test_sync_step_1_is_answered_with_what_the_peer_lacks() -> None:
+    h = Harness()
+    writer = h.peer()
+    assert only(h.receive(writer, Client().write("one")), Append)
+    h.room.stored(1)
+    reader = h.peer("bob", "reader")
+    (reply,) = messages_to(h.receive(reader, SyncStep1(Doc().get_state())), reader)
+    assert isinstance(reply, SyncStep2)
+    copy = Conversation(author="bob")
+    copy.doc.apply_update(reply.update)
+    assert [m.content for m in copy.all_messages()] == ["one"]
+
+
+def test_a_sync_step_2_reply_waits_until_what_it_may_contain_is_stored() -> None:
+    h = Harness()
+    writer = h.peer()
+    reader = h.peer("bob", "reader")
+    actions = h.receive(writer, Client().write())
+    assert only(actions, Append) == [Append(1, only(actions, Append)[0].update)]
+    waiting = h.receive(reader, SyncStep1(Doc().get_state()))
+    assert messages_to(waiting, reader) == [], "a reply left before the write it holds was stored"
+    released = h.room.stored(1)
+    (reply,) = messages_to(released, reader)
+    assert isinstance(reply, SyncStep2)
+
+
+def test_a_sync_step_2_from_a_writer_is_judged_stored_and_broadcast() -> None:
+    h = Harness()
+    writer = h.peer()
+    other = h.peer("bob", "reader")
+    update = Client().write().update
+    actions = h.receive(writer, SyncStep2(update))
+    (append,) = only(actions, Append)
+    assert append.seq == 1
+    after = h.room.stored(1)
+    (broadcast,) = only(after, Broadcast)
+    assert broadcast.exclude is writer
+    assert decode_frame(broadcast.message) == [SyncUpdate(append.update)]
+    assert other in h.room.peers
+
+
+def test_a_malformed_state_vector_closes_the_peer_as_malformed() -> None:
+    h = Harness()
+    peer = h.peer()
+    (close,) = closes(h.receive(peer, SyncStep1(b"\xff\xff\xff")))
+    assert (close.code, close.kind) == (1008, CloseKind.MALFORMED)
+    assert close.reason.startswith("state vector")
+
+
+# -- updates, acknowledgements and their order ------------------------------------------------
+
+
+def test_an_update_is_broadcast_and_acknowledged_only_after_it_is_stored() -> None:
+    h = Harness()
+    writer = h.peer()
+    reader = h.peer("bob", "reader")
+    actions = h.receive(writer, Client().write())
+    assert only(actions, Append) and not only(actions, Broadcast)
+    assert not only(actions, Acknowledge), "acknowledged before the store held it"
+    after = h.room.stored(1)
+    assert [type(a) for a in after] == [Broadcast, Acknowledge]
+    assert after[1] == Acknowledge(writer, 1)
+    assert h.room.metrics.updates_out == 1  # the reader; not the writer itself
+    assert reader in h.room.peers
+
+
+def test_broadcasts_follow_the_order_of_sequence_numbers() -> None:
+    h = Harness()
+    alice, bob = h.peer("alice"), h.peer("bob")
+    first = only(h.receive(alice, Client("alice").write("a")), Append)[0]
+    second = only(h.receive(bob, Client("bob").write("b")), Append)[0]
+    assert (first.seq, second.seq) == (1, 2)
+    assert h.room.stored(0) == []
+    after = h.room.stored(2)
+    sent = [decode_frame(b.message)[0] for b in only(after, Broadcast)]
+    assert sent == [SyncUpdate(first.update), SyncUpdate(second.update)]
+    assert only(after, Acknowledge) == [Acknowledge(alice, 1), Acknowledge(bob, 1)]
+
+
+def test_the_acknowledgement_waits_while_more_of_the_peer_is_unstored() -> None:
+    h = Harness()
+    writer = h.peer()
+    client = Client()
+    h.receive(writer, client.write("a"))
+    h.receive(writer, client.write("b"))
+    assert only(h.room.stored(1), Acknowledge) == [], "acked with a later write still unstored"
+    assert only(h.room.stored(2), Acknowledge) == [Acknowledge(writer, 2)]
+
+
+def test_an_update_that_changes_nothing_is_settled_without_a_store_write() -> None:
+    h = Harness()
+    writer = h.peer()
+    update = Client().write()
+    h.receive(writer, update)
+    h.room.stored(1)
+    again = h.receive(writer, update)
+    assert not only(again, Append) and not only(again, Broadcast)
+    assert only(again, Acknowledge) == [Acknowledge(writer, 2)]
+
+
+def test_a_peer_without_the_ack_extension_gets_no_acknowledgement() -> None:
+    h = Harness()
+    writer = h.peer(want_ack=False)
+    h.receive(writer, Client().write())
+    assert only(h.room.stored(1), Acknowledge) == []
+
+
+def test_an_update_accepted_before_its_sender_left_is_still_broadcast() -> None:
+    h = Harness()
+    writer = h.peer()
+    h.peer("bob", "reader")
+    h.receive(writer, Client().write())
+    h.room.leave(writer)
+    after = h.room.stored(1)
+    assert len(only(after, Broadcast)) == 1
+    assert only(after, Acknowledge) == []
+
+
+# -- refusals -----------------------------------------------------------------------------------
+
+
+def test_a_refused_update_is_acknowledged_before_its_auth_denied_and_never_stored() -> None:
+    h = Harness()
+    reader = h.peer("bob", "reader")
+    actions = h.receive(reader, Client("bob").write())
+    assert not only(actions, Append) and not only(actions, Broadcast)
+    (denied,) = messages_to(actions, reader)
+    assert isinstance(denied, AuthDenied)
+    assert "reader" in denied.reason
+    assert only(actions, Acknowledge) == [Acknowledge(reader, 1)]
+    assert h.room.metrics.refused_writes == 1
+
+
+def test_a_refusal_waits_behind_the_peers_earlier_unstored_update() -> None:
+    h = Harness()
+    writer = h.peer()
+    client = Client()
+    h.receive(writer, client.write("mine", message_id="m1"))
+    duplicate = Client("alice")
+    refused = h.receive(writer, duplicate.write("again", message_id="m1"))
+    assert messages_to(refused, writer) == [], "the refusal overtook the earlier update"
+    after = h.room.stored(1)
+    ordered = [a for a in after if not isinstance(a, Broadcast)]
+    assert ordered[0] == Acknowledge(writer, 1)
+    (denied,) = messages_to(ordered, writer)
+    assert isinstance(denied, AuthDenied) and "m1" in denied.reason
+    assert ordered[-1] == Acknowledge(writer, 2)
+
+
+def test_a_subject_that_keeps_being_refused_is_closed() -> None:
+    h = Harness()
+    reader = h.peer("bob", "reader")
+    client = Client("bob")
+    result: list[Action] = []
+    for _ in range(int(h.config.subject_quotas().refusal_burst) + 1):
+        result = h.receive(reader, client.write())
+    (close,) = closes(result)
+    assert (close.code, close.kind) == (1008, CloseKind.REFUSALS)
+    assert close.reason.startswith("too many refused writes")
+    assert h.receive(reader, client.write()) == [], "a closing peer's messages are dropped"
+
+
+# -- protocol violations and limits -------------------------------------------------------------
+
+
+def test_an_undecodable_update_closes_the_peer_as_malformed() -> None:
+    h = Harness()
+    peer = h.peer()
+    (close,) = closes(h.receive(peer, SyncUpdate(b"\x05\xff\x00garbage")))
+    assert (close.code, close.kind) == (1008, CloseKind.MALFORMED)
+    assert close.reason.startswith("update could not be decoded")
+    assert peer.closing
+
+
+def test_an_update_over_the_shape_limits_closes_the_peer_as_limits() -> None:
+    h = Harness(max_value_bytes=64)
+    peer = h.peer()
+    (close,) = closes(h.receive(peer, Client().write("x" * 1000)))
+    assert (close.code, close.kind) == (1008, CloseKind.LIMITS)
+    assert close.reason.startswith("update exceeds limits")
+
+
+def test_a_full_room_closes_the_writer_with_1009() -> None:
+    h = Harness(max_document=64)
+    peer = h.peer()
+    (close,) = closes(h.receive(peer, Client().write("y" * 200)))
+    assert (close.code, close.kind) == (1009, CloseKind.LIMITS)
+    assert close.reason.startswith("room is full")
+
+
+def test_a_subject_over_its_byte_quota_is_told_to_come_back_later() -> None:
+    h = Harness(quota_bytes=100)
+    peer = h.peer()
+    (close,) = closes(h.receive(peer, Client().write("z" * 300)))
+    assert (close.code, close.kind) == (1013, CloseKind.QUOTA)
+    assert close.reason.startswith("quota")
+    assert not only(h.room.stored(1), Broadcast)
+
+
+# -- awareness -----------------------------------------------------------------------------------
+
+
+def awareness(client_id: int, clock: int, state: object) -> AwarenessMessage:
+    entry = AwarenessEntry(client_id, clock, json.dumps(state))
+    return AwarenessMessage(encode_awareness([entry]))
+
+
+def test_awareness_is_broadcast_and_its_owner_alone_may_change_it() -> None:
+    h = Harness()
+    alice, bob = h.peer("alice"), h.peer("bob")
+    (sent,) = only(h.receive(alice, awareness(7, 1, {"user": "alice"})), Broadcast)
+    assert sent.exclude is None
+    assert h.room.awareness_owners[7] is alice
+    assert h.receive(bob, awareness(7, 2, None)) == [], "bob cleared alice's presence"
+    assert 7 in h.room.awareness.states
+
+
+def test_query_awareness_is_answered_with_every_state() -> None:
+    h = Harness()
+    alice, bob = h.peer("alice"), h.peer("bob")
+    h.receive(alice, awareness(7, 1, {"user": "alice"}))
+    (reply,) = messages_to(h.receive(bob, QueryAwareness()), bob)
+    assert isinstance(reply, AwarenessMessage)
+    assert [e.client_id for e in decode_awareness(reply.payload)] == [7]
+
+
+def test_a_peer_that_leaves_takes_its_presence_with_it() -> None:
+    h = Harness()
+    alice = h.peer("alice")
+    h.peer("bob")
+    h.receive(alice, awareness(7, 1, {"user": "alice"}))
+    (removal,) = only(h.room.leave(alice), Broadcast)
+    (message,) = decode_frame(removal.message)
+    assert isinstance(message, AwarenessMessage)
+    assert [e.removed for e in decode_awareness(message.payload)] == [True]
+    assert 7 not in h.room.awareness_owners
+
+
+def test_presence_not_renewed_times_out_on_a_tick() -> None:
+    h = Harness()
+    alice = h.peer("alice")
+    h.receive(alice, awareness(7, 1, {"user": "alice"}))
+    # pycrdt stamps presence with the real clock, so the ticks here use it too
+    assert h.room.tick(time.time()) == []
+    (removal,) = only(h.room.tick(time.time() + 31), Broadcast)
+    assert 7 not in alice.awareness_ids and 7 not in h.room.awareness_owners
+    assert decode_awareness(decode_frame(removal.message)[0].payload)[0].removed  # type: ignore[union-attr]
+
+
+def test_awareness_over_its_rate_is_closed_as_rate() -> None:
+    h = Harness(awareness_rate=1.0, awareness_burst=2.0)
+    alice = h.peer("alice")
+    results = [h.receive(alice, awareness(7, clock, {"n": clock})) for clock in range(1, 4)]
+    (close,) = closes(results[-1])
+    assert (close.code, close.kind) == (1008, CloseKind.RATE)
+    # the rate refills with `now`, the only clock the core has
+    h2 = Harness(awareness_rate=1.0, awareness_burst=2.0)
+    bob = h2.peer("bob")
+    for clock in range(1, 6):
+        assert not closes(h2.receive(bob, awareness(8, clock, {"n": clock}), NOW + 2 * clock))
+
+
+def test_awareness_too_large_or_for_too_many_ids_is_closed_as_limits() -> None:
+    h = Harness(awareness_state_bytes=32)
+    (close,) = closes(h.receive(h.peer(), awareness(7, 1, {"text": "w" * 100})))
+    assert (close.code, close.kind) == (1009, CloseKind.LIMITS)
+    h = Harness(awareness_clients=1)
+    entries = [AwarenessEntry(cid, 1, "{}") for cid in (7, 8)]
+    (close,) = closes(h.receive(h.peer(), AwarenessMessage(encode_awareness(entries))))
+    assert (close.code, close.kind) == (1008, CloseKind.LIMITS)
+
+
+def test_malformed_awareness_is_closed_as_malformed() -> None:
+    h = Harness()
+    (close,) = closes(h.receive(h.peer(), AwarenessMessage(b"\x01\x07")))
+    assert (close.code, close.kind) == (1008, CloseKind.MALFORMED)
+    assert close.reason.startswith("malformed awareness update")
+
+
+# -- tokens: expiry, refresh, revocation -----------------------------------------------------------
+
+
+def test_every_message_after_the_expiry_closes_the_peer_as_expired() -> None:
+    h = Harness()
+    peer = h.peer()
+    assert h.room.expire(peer, EXP - 1) == []
+    (close,) = closes(h.receive(peer, SyncStep1(Doc().get_state()), EXP))
+    assert (close.code, close.reason, close.kind) == (
+        TOKEN_EXPIRED_CODE,
+        "token expired",
+        CloseKind.EXPIRED,
+    )
+    assert h.room.expire(peer, EXP) == [], "closed once"
+
+
+def test_the_expiry_input_closes_the_peer() -> None:
+    h = Harness()
+    peer = h.peer()
+    (close,) = closes(h.room.expire(peer, EXP))
+    assert close.kind is CloseKind.EXPIRED
+
+
+def test_a_token_refresh_is_verified_by_the_shell_then_answered() -> None:
+    h = Harness()
+    peer = h.peer(want_refresh=True)
+    (verify,) = h.receive(peer, encode_token_refresh("a.new.token"))
+    assert verify == VerifyToken(peer, "a.new.token")
+    newer = TokenClaims("alice", EXP + 600, ROOM, "writer")
+    (answer,) = messages_to(h.room.refresh_verified(peer, newer, NOW), peer)
+    assert isinstance(answer, Extension)
+    assert RefreshAnswer.decode(answer.payload) == RefreshAnswer(True, exp=EXP + 600)
+    assert peer.expires == EXP + 600
+    assert h.room.expire(peer, EXP) == [], "the refresh moved the expiry"
+
+
+def test_a_refresh_is_refused_for_another_subject_a_bad_token_or_another_room() -> None:
+    h = Harness()
+    peer = h.peer(want_refresh=True)
+    refusals = [
+        TokenClaims("mallory", EXP + 600, ROOM, "writer"),
+        TokenError("expired"),
+        TokenClaims("alice", EXP + 600, "another-room", "writer"),
+    ]
+    for verified in refusals:
+        (answer,) = messages_to(h.room.refresh_verified(peer, verified, NOW), peer)
+        decoded = RefreshAnswer.decode(answer.payload)  # type: ignore[union-attr]
+        assert not decoded.accepted and decoded.reason
+    assert peer.expires == EXP
+
+
+def test_a_malformed_or_late_refresh_closes_the_peer() -> None:
+    h = Harness()
+    peer = h.peer(want_refresh=True)
+    (close,) = closes(h.receive(peer, Extension(102, b"\xff")))
+    assert (close.code, close.kind) == (1008, CloseKind.MALFORMED)
+    late = h.peer("bob", want_refresh=True)
+    verified = TokenClaims("bob", EXP + 60, ROOM, "writer")
+    (close,) = closes(h.room.refresh_verified(late, verified, EXP + 1))
+    assert close.kind is CloseKind.EXPIRED
+
+
+def test_a_refresh_without_the_extension_is_ignored() -> None:
+    h = Harness()
+    assert h.receive(h.peer(), encode_token_refresh("t")) == []
+
+
+def test_a_membership_change_revokes_an_identity_connection_that_lost_access() -> None:
+    h = Harness()
+    seq, actions = h.room.local_write(claim_owner("owner@x"))
+    assert only(actions, Append)[0].seq == seq
+    h.room.stored(seq)
+    owner = h.peer("owner@x", "writer", identity=True)
+    stranger = h.peer("eve@x", "writer", identity=True)
+    assert h.room.role_for("owner@x") is not None
+    assert h.room.role_for("eve@x") is None
+
+    def remove_owner(roots: dict) -> None:  # type: ignore[type-arg]
+        del roots["access.members"]["owner@x"]
+
+    assert "owner@x" in members(h.room.live.doc)
+    _, actions = h.room.local_write(remove_owner)
+    revoked = {c.peer: c for c in closes(actions)}
+    assert set(revoked) == {owner, stranger}
+    assert revoked[owner].code == ACCESS_REVOKED_CODE
+    assert revoked[owner].kind is CloseKind.REVOKED
+    assert owner.expires == 0.0
+    # the relay's own write is broadcast to everyone once stored
+    (broadcast,) = only(h.room.stored(seq + 1), Broadcast)
+    assert broadcast.exclude is None
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+def test_a_store_failure_closes_every_peer_and_accepts_nothing_more() -> None:
+    h = Harness()
+    writer, reader = h.peer(), h.peer("bob", "reader")
+    h.receive(writer, Client().write())
+    failed = h.room.store_failed("disk gone")
+    assert {c.peer for c in closes(failed)} == {writer, reader}
+    assert {(c.code, c.reason, c.kind) for c in closes(failed)} == {
+        (1011, "relay storage failed", CloseKind.UNAVAILABLE)
+    }
+    assert h.room.stored(1) == [], "nothing of a failed room is broadcast"
+    late = h.peer("carol")
+    (close,) = closes(h.receive(late, Client("carol").write()))
+    assert close.kind is CloseKind.UNAVAILABLE
+    assert h.room.flush() == []
+
+
+def test_the_log_is_compacted_after_compact_updates_writes() -> None:
+    h = Harness(compact_updates=2)
+    writer = h.peer()
+    client = Client()
+    assert not only(h.receive(writer, client.write("a")), Compact)
+    (compact,) = only(h.receive(writer, client.write("b")), Compact)
+    assert compact.upto_seq == 2
+    copy = Doc()
+    copy.apply_update(compact.snapshot)
+    assert copy.get_state() == h.room.live.doc.get_state()
+    assert h.room.flush() == [], "nothing logged since the compaction"
+
+
+def test_a_loaded_room_with_a_long_log_is_compacted_at_once() -> None:
+    h = Harness(compact_updates=5)
+    doc = Doc()
+    doc["x"] = Map()
+    room = RoomProtocol(ROOM, h.config)
+    (compact,) = only(room.load(doc.get_update(), 8, 7, 100), Compact)
+    assert compact.upto_seq == 7
+    assert room.durable_seq == 7
+
+
+def test_every_close_kind_is_a_stable_string() -> None:
+    assert {kind.value for kind in CloseKind} == {
+        "malformed",
+        "limits",
+        "rate",
+        "refusals",
+        "quota",
+        "expired",
+        "revoked",
+        "slow",
+        "unavailable",
+    }
+    assert dataclasses.is_dataclass(Close)
+
+
+@pytest.mark.parametrize("role", ["writer", "worker"])
+def test_writers_and_workers_may_post_what_their_role_allows(role: str) -> None:
+    h = Harness()
+    peer = h.peer("w", role)
+    conversation = Conversation(author="w", role=role)  # type: ignore[arg-type]
+    before = conversation.doc.get_state()
+    conversation.append("user" if role == "writer" else "assistant", "hi")
+    actions = h.receive(peer, SyncUpdate(conversation.doc.get_update(before)))
+    assert only(actions, Append), [messages_to(actions, peer)]
