@@ -11,7 +11,7 @@ JS_STAMP := $(JS)/node_modules/.crdtchat-installed
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test lint install js web browser
+.PHONY: demo test lint install js web browser screenshots
 
 demo: $(STAMP)
 	$(BIN)/crdtchat demo
@@ -49,3 +49,8 @@ browser:
 # fails when the shipped files were built from other sources).
 web:
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build
+
+# Regenerate the web client's screenshots in docs/images (linked from the README) after a
+# change to how the page looks: a real relay and Debian's chromium (benchmarks/web_screenshots.py).
+screenshots: $(STAMP) browser
+	$(BIN)/python benchmarks/web_screenshots.py
