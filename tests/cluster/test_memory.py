@@ -91,7 +91,8 @@ async def test_the_stand_in_gives_the_transcript_real_jetstream_gives(
 
 async def test_cluster_rooms_race_on_the_stand_in_as_on_nats() -> None:
     stream = MemoryStream()
-    rooms = [ClusterRoom(MemoryRoomLog(stream), "race") for _ in range(2)]
+    logs = [MemoryRoomLog(stream) for _ in range(2)]
+    rooms = [ClusterRoom(log, "race") for log in logs]
     for room in rooms:
         await room.open()
     results: list[object] = []
@@ -109,6 +110,8 @@ async def test_cluster_rooms_race_on_the_stand_in_as_on_nats() -> None:
             for index in range(2):
                 group.start_soon(claim, index)
         assert sum(isinstance(result, Refused) for result in results) == 1
+        # Both judged at the same sequence: one publish conflicted and was judged again.
+        assert sum(log.metrics.publish_conflicts for log in logs) == 1
         stream.available = False
         with pytest.raises(ClusterError):
             await rooms[0].submit(b"\x00\x00", "down", once)
