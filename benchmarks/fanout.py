@@ -14,11 +14,17 @@
 
 Run: .venv/bin/python benchmarks/fanout.py [--quick] [--json results.json]
 (`--observe` is the observer subprocess's entry point, started by the benchmark itself.)
+
+Before/after a relay change: `--old-src DIR` (a checkout of the earlier relay, e.g. `git worktree
+add /tmp/old REV`) runs only the fan-out, this tree's relay against that one, alternating which
+goes first, `--runs` times each with `--observers` observers, each run on a fresh relay, and
+prints every run and the medians of new/old.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -42,6 +48,7 @@ from pycrdt import Array, Map, Text, merge_updates
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks._support import (
+    REPO,
     SECRET,
     LightClient,
     Server,
@@ -763,6 +770,63 @@ def report(
     return "\n".join(out)
 
 
+async def compare_relays(
+    trees: dict[str, Path], observers: int, runs: int, settings: Settings
+) -> list[FanoutResult]:
+    """The fan-out on the relay of each tree in turn, alternating the order from run to run so
+    that drift in the machine's load hits both; a fresh relay and data directory every run."""
+    results: list[FanoutResult] = []
+    names = list(trees)
+    for index in range(runs):
+        for name in names if index % 2 == 0 else names[::-1]:
+            with tempfile.TemporaryDirectory(prefix="crdtchat-fanout-") as tmp:
+                args = ["--idle-unload", "1", "--subject-connections", "10000"]
+                with running_relay(Path(tmp) / "relay-data", args, src=trees[name]) as relay:
+                    print(f"run {index + 1}: {name} relay, {observers} observers ...", flush=True)
+                    result = await fanout(
+                        relay,
+                        observers,
+                        settings.procs,
+                        settings.updates,
+                        settings.rate,
+                        settings.warmup,
+                    )
+            results.append(dataclasses.replace(result, server=name))
+    return results
+
+
+def compare_report(results: list[FanoutResult]) -> str:
+    out = [
+        "| run | relay | p50 ms | p99 ms | delivered | CPU µs/delivery |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    new = [r for r in results if r.server == "new"]
+    old = [r for r in results if r.server == "old"]
+    for index, (n, o) in enumerate(zip(new, old, strict=True)):
+        for r in (n, o):
+            out.append(
+                f"| {index + 1} | {r.server} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
+                f"| {r.deliveries}/{r.expected} | {r.cpu_us_per_delivery:.1f} |"
+            )
+    p99 = [n.p99_ms / o.p99_ms for n, o in zip(new, old, strict=True)]
+    cpu = [n.cpu_us_per_delivery / o.cpu_us_per_delivery for n, o in zip(new, old, strict=True)]
+    out.append("")
+    out.append("new/old per run, p99: " + " / ".join(f"{x:.2f}" for x in p99))
+    out.append("new/old per run, CPU per delivery: " + " / ".join(f"{x:.2f}" for x in cpu))
+    out.append(
+        f"median of new/old: p99 {statistics.median(p99):.3f}, "
+        f"CPU per delivery {statistics.median(cpu):.3f}"
+    )
+    out.append(
+        "medians new vs old: p99 "
+        f"{statistics.median(r.p99_ms for r in new):.1f} vs "
+        f"{statistics.median(r.p99_ms for r in old):.1f} ms, CPU "
+        f"{statistics.median(r.cpu_us_per_delivery for r in new):.1f} vs "
+        f"{statistics.median(r.cpu_us_per_delivery for r in old):.1f} µs/delivery"
+    )
+    return "\n".join(out)
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
@@ -777,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--old-src", type=Path, help="compare with the relay of this checkout")
+    parser.add_argument("--runs", type=int, default=5, help="with --old-src: runs of each")
+    parser.add_argument("--observers", type=int, default=500, help="with --old-src")
     parser.add_argument("--observe", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--last", type=int, help=argparse.SUPPRESS)
@@ -801,6 +868,16 @@ def main(argv: list[str] | None = None) -> int:
         settings.cold_joins, settings.warm_joins, settings.turns = 1, 2, 20
     load = os.getloadavg()
     print(f"load average {load}; {os.cpu_count()} cores", flush=True)
+    if args.old_src is not None:
+        trees = {"new": REPO, "old": args.old_src.resolve()}
+        compared = anyio.run(compare_relays, trees, args.observers, args.runs, settings)
+        load_after = os.getloadavg()
+        print()
+        print(compare_report(compared))
+        print(f"load average before {load[0]:.2f}, after {load_after[0]:.2f}")
+        if args.json is not None:
+            args.json.write_text(json.dumps(_plain(compared), indent=1, default=str))
+        return 0
     print(f"building a {settings.join_messages}-message conversation ...", flush=True)
     state = conversation_state(settings.join_messages)
     with tempfile.TemporaryDirectory(prefix="crdtchat-fanout-") as tmp:

@@ -356,6 +356,41 @@ class LiveDoc(ClosesOnExit):
         self.since_bytes += len(update)
         return update
 
+    def apply_stored(self, update: bytes) -> bool:
+        """Apply an update that was judged elsewhere and is stored (a cluster node's stream
+        hands back another node's write, design §3): unjudged, indexed and kept for rebuilds
+        like an accepted one. Returns whether it changed the document.
+
+        The message id index is read again before the next judged write: the update may carry
+        messages whose ids it must know.
+        """
+        if self.closed:
+            raise RuntimeError("this room document was closed")
+        structure = self._ensure_structure()
+        before = self.doc.get_state()
+        decoded = decode_update(update)
+        try:
+            plan = None if structure is None else structure.check(decoded)
+        except (ShapeError, UpdateFormatError, StructureError, MissingDependency) as error:
+            # judged on another node against the same state: this copy cannot index it, so it
+            # stops accepting writes rather than judge them against a wrong index
+            self.structure = None
+            self.structure_error = f"a stored update could not be indexed: {error}"
+            plan = None
+        with self.doc.transaction():
+            self.doc.apply_update(update)
+        self._changes.clear()
+        changed = self.doc.get_state() != before or bool(decoded.deletes)
+        if not changed:
+            return False
+        if structure is not None and plan is not None and self.structure is structure:
+            structure.commit(plan)
+        self.ids.forget()
+        self._deleted = None
+        self._since.append(update)
+        self.since_bytes += len(update)
+        return True
+
     def _unwritable_root(self, roots: set[str], role: str) -> str | None:
         """Why new items may not land in `roots`, judged by the root alone.
 

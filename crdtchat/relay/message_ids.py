@@ -65,5 +65,11 @@ class MessageIds:
         """The update was refused: forget its claims."""
         self._new.clear()
 
+    def forget(self) -> None:
+        """The document changed without a judgement (a stored update from elsewhere): read
+        the ids again before the next claim."""
+        self._taken = None
+        self._new.clear()
+
     def __contains__(self, message_id: str) -> bool:
         return self._taken is not None and message_id in self._taken

@@ -8,9 +8,10 @@ It is modelled on websockets' `Protocol` and h11's `Connection`, and on the clie
 
 Inputs (methods): a peer joined or left, a decoded wire message from a peer, the store has
 durably written up to a sequence number, the store failed, a token refresh was verified, a
-token's expiry is due, a peer's access was revoked, the relay's own membership write, and an
-awareness `tick`. Every input that depends on time takes `now` (seconds since the epoch, the
-clock of token expiries).
+token's expiry is due, a peer's access was revoked, the relay's own membership write, an
+awareness `tick`, and for a cluster node, a stored update judged elsewhere (`apply_stored`) and
+presence from another node (`remote_awareness`). Every input that depends on time takes `now`
+(seconds since the epoch, the clock of token expiries).
 
 Actions (returned, to be performed in order): `Send` to one peer, `Broadcast` to every peer but
 one, `Append`/`Compact` to the store, `Acknowledge` (the `ext=ack` count), `Close` a peer with
@@ -496,6 +497,42 @@ class RoomProtocol:
                 CloseKind.QUOTA,
             )
 
+    def apply_stored(self, update: bytes) -> list[Action]:
+        """An update judged elsewhere and already stored (a cluster node's stream hands back
+        another node's write): applied unjudged, committed as durable at once and broadcast
+        to every peer; membership changes in it are enforced.
+
+        Stream order is the contract: the shell hands these over between its own writes'
+        `stored`, never while one of them is unstored (that write was judged against a copy
+        without this update, so its conditional publish fails). If it does, the room fails
+        (`store_failed`): peers reconnect and resend what was not acknowledged.
+        """
+        if self.failed:
+            return []
+        if self._unstored:
+            return self.store_failed("a stored update arrived before this node's own write")
+        if not self.live.apply_stored(update):
+            return []
+        self._members = None
+        actions = self.enforce_access()
+        if self.watches_feed:
+            actions.append(CheckWaiting())
+        seq = self.next_seq
+        self.next_seq += 1
+        self.durable_seq = seq
+        self._log_length += 1
+        self._log_bytes += len(update)
+        self._created = True
+        self.metrics.updates_stored += 1
+        self.metrics.updates_out += len(self.peers)
+        actions.append(Broadcast(encode_message(SyncUpdate(update))))
+        if self._queued:
+            for peer in list(self._queued):
+                self._release(peer, actions)
+        if self._should_compact():
+            actions.append(self._compact(seq))
+        return actions
+
     # -- the store -----------------------------------------------------------------------
 
     def stored(self, upto_seq: int) -> list[Action]:
@@ -716,6 +753,25 @@ class RoomProtocol:
         for cid in gone:
             self.awareness_owners.pop(cid, None)
         return [self._removal(gone)]
+
+    def remote_awareness(self, payload: bytes) -> list[Action]:
+        """Presence from peers of another node (a cluster's presence subject): applied and
+        broadcast to every peer here, owned by no connection of this node. Entries for client
+        ids a local connection owns are dropped, as from any other connection."""
+        try:
+            entries = decode_awareness(payload, self.config.awareness_depth)
+        except WireError:
+            log.warning("room %s: dropped malformed remote awareness", self.name)
+            return []
+        owners = self.awareness_owners
+        relay_id = self.awareness.client_id
+        remote = [e for e in entries if e.client_id not in owners and e.client_id != relay_id]
+        if not remote:
+            return []
+        if len(remote) < len(entries):
+            payload = encode_awareness(remote)
+        self.awareness.apply_awareness_update(payload, "remote")
+        return [Broadcast(encode_message(AwarenessMessage(payload)))]
 
     def _take_awareness_rate(self, peer: Peer, now: float) -> None:
         if not peer.awareness_rate.take(1, now):

@@ -595,3 +595,42 @@ def test_writers_and_workers_may_post_what_their_role_allows(role: str) -> None:
     conversation.append("user" if role == "writer" else "assistant", "hi")
     actions = h.receive(peer, SyncUpdate(conversation.doc.get_update(before)))
     assert only(actions, Append), [messages_to(actions, peer)]
+
+
+# -- a cluster node's inputs -----------------------------------------------------------------------
+
+
+def test_an_update_stored_elsewhere_is_applied_and_broadcast_to_everyone_at_once() -> None:
+    h = Harness()
+    writer, reader = h.peer(), h.peer("bob", "reader")
+    elsewhere = Client("carol").write("from another node", message_id="m-far").update
+    actions = h.room.apply_stored(elsewhere)
+    (broadcast,) = only(actions, Broadcast)
+    assert broadcast.exclude is None and decode_frame(broadcast.message) == [SyncUpdate(elsewhere)]
+    assert not only(actions, Append), "it is stored already"
+    assert h.room.durable_seq == h.room.last_seq == 1
+    assert {writer, reader} <= set(h.room.peers)
+    assert h.room.apply_stored(elsewhere) == [], "applied twice, it changes nothing"
+    # its message id is known to the next judgement here
+    (denied,) = messages_to(h.receive(writer, Client().write("again", message_id="m-far")), writer)
+    assert isinstance(denied, AuthDenied) and "m-far" in denied.reason
+
+
+def test_an_update_stored_elsewhere_while_a_local_write_is_unstored_fails_the_room() -> None:
+    h = Harness()
+    writer = h.peer()
+    h.receive(writer, Client().write("local"))
+    (close,) = closes(h.room.apply_stored(Client("carol").write("far").update))
+    assert close.kind is CloseKind.UNAVAILABLE and h.room.failed
+
+
+def test_presence_from_another_node_is_broadcast_but_cannot_take_a_local_id() -> None:
+    h = Harness()
+    alice = h.peer("alice")
+    h.receive(alice, awareness(7, 1, {"user": "alice"}))
+    far = awareness(9, 1, {"user": "carol"})
+    (broadcast,) = only(h.room.remote_awareness(far.payload), Broadcast)
+    assert broadcast.exclude is None
+    assert 9 in h.room.awareness.states and 9 not in h.room.awareness_owners
+    assert h.room.remote_awareness(awareness(7, 5, None).payload) == []
+    assert 7 in h.room.awareness.states
