@@ -506,13 +506,16 @@ class Replica:
             # Content the caller's document brought along is ours until the relay has it.
             session.track_local(self.doc.get_update(get_state(stored) if stored else None))
 
-        ops_send, ops_receive = anyio.create_memory_object_stream[StoreOp](math.inf)
-        self._ops_send = ops_send
         task_group = await stack.enter_async_context(anyio.create_task_group())
         # Exit order (reverse of registration): stop the connection and background tasks,
         # then let the store writer drain everything queued, then the task group ends.
         stack.push_async_callback(self._close_store_queue)
-        task_group.start_soon(self._store_writer, ops_receive)
+        if self._store is not None:
+            # Without a file there is nothing to write: no queue, no writer task to wake
+            # twice per edit (a worker streaming 200 replies paid ~9% of its CPU for it).
+            ops_send, ops_receive = anyio.create_memory_object_stream[StoreOp](math.inf)
+            self._ops_send = ops_send
+            task_group.start_soon(self._store_writer, ops_receive)
         self._background_scope = anyio.CancelScope()
         stack.callback(self._background_scope.cancel)
         task_group.start_soon(self._background)
@@ -911,9 +914,10 @@ class Replica:
         self._publish()
 
     def _queue_op(self, op: StoreOp) -> None:
+        if self._ops_send is None:
+            return  # no local file (`store_path` None): nothing is ever unsaved
         if isinstance(op, AppendLocal | AppendRemote):
             self._unsaved += 1
-        assert self._ops_send is not None
         try:
             self._ops_send.send_nowait(op)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
