@@ -15,6 +15,7 @@ is asyncio-only). The document must be edited from the event loop's thread.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -253,8 +254,10 @@ class Replica:
         self._token_answered = anyio.Event()
         self._fresh_refused = False
         self._attempt = 0
-        self._dirty = anyio.Event()
-        self._send_wakeup = anyio.Event()
+        # Set and cleared again by the two tasks that wait on them, once per edit or ack: plain
+        # asyncio events, since building an anyio Event each time cost more than the wake-up.
+        self._dirty = asyncio.Event()
+        self._send_wakeup = asyncio.Event()
         self._retry_now = anyio.Event()
         self._stopping = anyio.Event()
         self._exit_stack: AsyncExitStack | None = None
@@ -574,7 +577,7 @@ class Replica:
                     tg.start_soon(self._snapshot_loop)
                 while True:
                     await self._dirty.wait()
-                    self._dirty = anyio.Event()
+                    self._dirty.clear()
                     self._pump()
 
     def _mark_dirty(self) -> None:
@@ -856,7 +859,7 @@ class Replica:
     async def _send_loop(self, ws: ClientConnection, connection: anyio.CancelScope) -> None:
         try:
             while True:
-                self._send_wakeup = anyio.Event()
+                self._send_wakeup.clear()
                 messages = self.session.data_to_send()
                 if messages:
                     for frame in _frames(messages):
@@ -910,7 +913,8 @@ class Replica:
                 presence_changed = True
         if presence_changed or not session.connected:
             self._presence_changes.notify()
-        self._send_wakeup.set()
+        if session.has_data_to_send:  # not for an ack: the sender would wake for nothing
+            self._send_wakeup.set()
         self._publish()
 
     def _queue_op(self, op: StoreOp) -> None:

@@ -205,6 +205,11 @@ class SyncSession:
         return self._next_local_id
 
     @property
+    def has_data_to_send(self) -> bool:
+        """Whether `data_to_send` would return something now."""
+        return bool(self._outbox)
+
+    @property
     def sent(self) -> int:
         """SyncStep2/SyncUpdate messages handed out on this connection."""
         return self._sent

@@ -277,6 +277,20 @@ def test_acks_make_pending_updates_durable_in_order() -> None:
     assert session.durable and session.acked == 4
 
 
+def test_has_data_to_send_is_true_for_an_edit_and_false_after_an_ack() -> None:
+    # The replica wakes its sender only when this is true: an ack must not wake it.
+    doc: Doc = Doc()
+    session = connected(doc)
+    assert session.has_data_to_send  # our SyncStep1 and the SyncStep2 answering the relay
+    session.data_to_send()
+    assert not session.has_data_to_send
+    append_message(doc, "a")
+    assert session.has_data_to_send
+    session.data_to_send()
+    session.receive(Ack(2))
+    assert session.durable and not session.has_data_to_send
+
+
 def test_queued_local_updates_go_out_merged_and_settle_together() -> None:
     doc: Doc = Doc()
     session = connected(doc)
