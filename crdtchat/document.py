@@ -809,8 +809,9 @@ class Conversation(ClosesOnExit):
 
     def append_stream(self, turn_id: str, text: str) -> None:
         self._require(rights.WRITE_STREAMS)
-        stream_text = self._stream_text(turn_id)
-        stream_text += text
+        with self.doc.transaction():  # one for the look-up and the append
+            stream_text = self._stream_text(turn_id)
+            stream_text += text
 
     def reset_stream(self, turn_id: str) -> None:
         self._require(rights.WRITE_STREAMS)
@@ -833,8 +834,14 @@ class Conversation(ClosesOnExit):
         return result
 
     def _stream_text(self, turn_id: str) -> Text:
-        stream = self.streams.get(turn_id)
-        text = stream.get("text") if isinstance(stream, Map) else None
+        # Runs on every flush of every streamed reply: indexing in one transaction, where
+        # Map.get opens a transaction of its own and looks the key up twice.
+        with self.doc.transaction():
+            try:
+                stream = self.streams[turn_id]
+                text = stream["text"] if isinstance(stream, Map) else None
+            except KeyError:
+                text = None
         if not isinstance(text, Text):
             raise ConversationError(f"no stream {turn_id!r}")
         return text

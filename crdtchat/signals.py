@@ -11,11 +11,16 @@ import anyio
 
 class Changes:
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        # Made by the first waiter: a notify with nobody waiting (a replica's status changes
+        # twice per streamed flush) then costs nothing.
+        self._event: anyio.Event | None = None
 
     def notify(self, *_: object) -> None:
-        self._event.set()
-        self._event = anyio.Event()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
         await self._event.wait()
