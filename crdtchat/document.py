@@ -19,10 +19,10 @@ from pycrdt import Array, Doc, Map, Subscription, Text
 from pydantic import BaseModel, ValidationError
 
 from crdtchat import rights, schema
+from crdtchat.early import EarlyUpdates
 from crdtchat.errors import ConversationError
 from crdtchat.lifetime import ClosesOnExit
 from crdtchat.merge import merge
-from crdtchat.pending import PendingUpdates
 from crdtchat.prefix import RunningHashes
 from crdtchat.pycrdt_internals import in_transaction, subscriptions
 from crdtchat.rights import LocalWrite, PeerRole
@@ -133,9 +133,9 @@ class Conversation(ClosesOnExit):
         self._running_hashes = RunningHashes()
         # Messages appended inside a transaction that is still open: the view sees them only
         # when it commits, but later appends in the same transaction may follow them.
-        self._pending: dict[str, Message] = {}
-        self.view.on_change(self._pending.clear)
-        self.early = PendingUpdates()  # updates waiting for what they build on
+        self._uncommitted: dict[str, Message] = {}
+        self.view.on_change(self._uncommitted.clear)
+        self.early = EarlyUpdates()  # updates waiting for what they build on
         self._update_subscriptions: list[Subscription] = []
 
     def close(self) -> None:
@@ -255,7 +255,7 @@ class Conversation(ClosesOnExit):
 
     def apply_update(self, update: bytes, *, origin: Any = None) -> None:
         """Merge a peer's update, or hold it until what it builds on has arrived (as Yjs does;
-        see `crdtchat.pending`). Held updates are in `early`.
+        see `crdtchat.early`). Held updates are in `early`.
 
         Bytes that do not decode are refused before anything changes. An update that decodes
         but cannot be integrated (an item whose parent is not a shared type) is refused too,
@@ -463,14 +463,14 @@ class Conversation(ClosesOnExit):
         """
         if alone is None:
             alone = not in_transaction(self.doc)
-        self._pending[message.id] = message
+        self._uncommitted[message.id] = message
         try:
             with self.doc.transaction():
                 if alone:
                     self.view.expect_append([message])
                 self.messages.append(self._message_map(message, Text(message.content)))
         except BaseException:
-            self._pending.pop(message.id, None)
+            self._uncommitted.pop(message.id, None)
             raise
         finally:
             self.view.forget_expected()
@@ -482,7 +482,7 @@ class Conversation(ClosesOnExit):
         Stricter than the relay in one way: no id held here is reused at all, not even for
         the same assistant turn (a worker that sees the turn committed has nothing to add).
         """
-        taken = self.view.claimed(message.id) or self._pending.get(message.id)
+        taken = self.view.claimed(message.id) or self._uncommitted.get(message.id)
         if taken is not None:
             raise ConversationError(f"a message {message.id!r} exists already")
         reason = message_id_refusal(message.id, message.role, message.parent, None)
@@ -492,11 +492,11 @@ class Conversation(ClosesOnExit):
     def _lookup(self, message_id: str) -> Message | None:
         """An accepted message, or one appended earlier in the transaction still open."""
         message = self.view.get(message_id)
-        return message if message is not None else self._pending.get(message_id)
+        return message if message is not None else self._uncommitted.get(message_id)
 
     def _last(self) -> Message | None:
-        if self._pending:
-            return next(reversed(self._pending.values()))
+        if self._uncommitted:
+            return next(reversed(self._uncommitted.values()))
         return self.view.last()
 
     def _checked_message(self, **fields: Any) -> Message:

@@ -28,9 +28,9 @@ from typing import Any
 
 from pycrdt import Awareness, Doc, Subscription, TransactionEvent
 
+from crdtchat.early import EarlyUpdates
 from crdtchat.errors import RemoteProtocolError
 from crdtchat.merge import merge
-from crdtchat.pending import PendingUpdates
 from crdtchat.updates import EMPTY_UPDATE
 from crdtchat.wire import (
     Ack,
@@ -144,7 +144,7 @@ class SyncSession:
         self._outbox: list[WireMessage | _Step2 | LocalUpdate] = []
         self._applying_remote = False
         self._remote_changed = False
-        self._early = PendingUpdates()  # remote updates waiting for what they build on
+        self._early = EarlyUpdates()  # remote updates waiting for what they build on
         # Local ids the relay refused. They stay pending (the document holds them), and every
         # later local write builds on them, so the relay refuses those too: the replica is
         # blocked until `Replica.recover` drops them.
@@ -368,7 +368,7 @@ class SyncSession:
         self._answered_step1 = True
 
     def _apply_remote(self, update: bytes, *, complete: bool = False) -> None:
-        """Apply what of `update` can be integrated now; `crdtchat.pending` holds the rest
+        """Apply what of `update` can be integrated now; `crdtchat.early` holds the rest
         (a broadcast can overtake the sync step 2 carrying what it builds on)."""
         if update == EMPTY_UPDATE:
             return

@@ -3,7 +3,7 @@
 pycrdt can apply an update but not show what is inside one, and two things need to know before
 applying: the relay, which must refuse updates whose shape makes pycrdt loop forever when the
 result is read (`crdtchat.structure`), and every replica, which must keep an update back until
-what it builds on has arrived, as Yjs does (`crdtchat.pending`). Both read the same facts: for
+what it builds on has arrived, as Yjs does (`crdtchat.early`). Both read the same facts: for
 each struct its id, length, origins, parent and content kind.
 
 The format (Yjs `encoding.js`, yrs `update.rs`): varUint(number of clients), then per client

@@ -38,10 +38,10 @@ from typing import Any
 from pycrdt import Array, Doc, Map
 
 from crdtchat import schema
+from crdtchat.early import split
 from crdtchat.errors import RemoteProtocolError
 from crdtchat.lifetime import ClosesOnExit, weak_method
 from crdtchat.merge import merge
-from crdtchat.pending import split
 from crdtchat.pycrdt_internals import is_panic, raw_event_kind, root_count, wrap
 from crdtchat.relay.message_ids import MessageIds
 from crdtchat.relay.permissions import RULES, Access, Change, check_changes
@@ -254,7 +254,7 @@ class LiveDoc(ClosesOnExit):
 
         `partial`: part of an update may build on changes the room does not have; a Yjs
         client's sync step 2 carries the structs it holds pending, for instance. With
-        `partial`, such an update is cut to the part that can be integrated (`crdtchat.pending`),
+        `partial`, such an update is cut to the part that can be integrated (`crdtchat.early`),
         and that part is judged, stored and sent on as the update; without, it is refused
         (a peer that asked for acknowledgements must not be told the rest was stored).
 

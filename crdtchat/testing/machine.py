@@ -84,7 +84,7 @@ class ConversationMachine(RuleBasedStateMachine):
     start_time: ClassVar[float] = 1_700_000_000.0
     #: state-vector exchange rounds at quiescence. One is what a reconnect does and what
     #: Yjs needs, and it is enough now that `Conversation` holds early updates and passes
-    #: them on as Yjs does (`crdtchat.pending`); code built on bare pycrdt needed more
+    #: them on as Yjs does (`crdtchat.early`); code built on bare pycrdt needed more
     resync_rounds: ClassVar[int] = 1
     #: True: the network keeps back an update that a replica cannot integrate yet, before
     #: the replica sees it. `Conversation.apply_update` keeps such updates back itself now

@@ -112,9 +112,9 @@ def _append_text(message: Map, suffix: str) -> None:
     text += suffix
 
 
-async def test_pending_updates_are_refused_and_not_integrated_later(tmp_path: Path) -> None:
+async def test_early_updates_are_refused_and_not_integrated_later(tmp_path: Path) -> None:
     relay = RelayProcess(tmp_path / "data").start()
-    room = "pending"
+    room = "early"
     try:
         async with (
             raw_client(url(relay, room, "alice")) as alice,
@@ -135,7 +135,7 @@ async def test_pending_updates_are_refused_and_not_integrated_later(tmp_path: Pa
             await alice.send(SyncUpdate(first))
             await bob.wait_for(lambda: len(bob.messages) == 1)
             await alice.wait_acked()
-            # Had `second` stayed pending inside the relay, `first` would have completed it.
+            # Had `second` been held back inside the relay, `first` would have completed it.
             assert str(bob.messages[0]["content"]) == "one"
     finally:
         relay.stop()

@@ -102,7 +102,7 @@ def test_replicas_that_all_write_before_syncing_keep_every_write(
 # pycrdt 0.14.13 integrates an update whose client's earlier clocks it lacks as soon as the
 # update's origins are present, behind a gap, where Yjs keeps it pending. The machine found the
 # divergence this causes (the last test below); `Conversation.apply_update` now holds such
-# updates back (crdtchat.pending), and these tests pin down that it does.
+# updates back (crdtchat.early), and these tests pin down that it does.
 
 
 def _early_update() -> tuple[Conversation, Conversation, bytes, bytes]:

@@ -1,4 +1,4 @@
-"""crdtchat.pending: updates delivered in any order, duplicated, end in the same document as
+"""crdtchat.early: updates delivered in any order, duplicated, end in the same document as
 delivered in order, and nothing is ever integrated behind a gap (which pycrdt would do)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
+from crdtchat.early import EarlyUpdates, split
 from crdtchat.merge import merge
-from crdtchat.pending import PendingUpdates, split
 from crdtchat.testing.network import has_gap
 from crdtchat.updates import decode_update
 from crdtchat.wire import decode_state_vector
@@ -29,11 +29,11 @@ def test_any_delivery_order_ends_in_the_same_document(
     if updates:
         deliveries += data.draw(st.lists(st.sampled_from(updates), max_size=3), label="again")
     doc = Doc()
-    pending = PendingUpdates()
+    early = EarlyUpdates()
     for update in deliveries:
-        pending.offer(update, doc.get_state, doc.apply_update)
+        early.offer(update, doc.get_state, doc.apply_update)
         assert not has_gap(doc)
-    assert len(pending) == 0
+    assert len(early) == 0
     assert decode_state_vector(doc.get_state()) == decode_state_vector(expected.get_state())
     assert _json(doc) == _json(expected)
 
@@ -56,13 +56,13 @@ def test_the_ready_part_of_an_update_is_applied_and_the_rest_waits() -> None:
     reader = Doc()
     ready, rest = split(decode_update(both), {})
     assert ready is not None and rest is not None
-    pending = PendingUpdates()
-    applied = pending.offer(both, reader.get_state, reader.apply_update)
+    early = EarlyUpdates()
+    applied = early.offer(both, reader.get_state, reader.apply_update)
     assert len(applied) == 1 and reader.get("m", type=Map).to_py() == {"b": 2.0}
-    assert len(pending) == 1
-    applied = pending.offer(first, reader.get_state, reader.apply_update)
+    assert len(early) == 1
+    applied = early.offer(first, reader.get_state, reader.apply_update)
     assert reader.get("m", type=Map).to_py() == {"a": 1.0, "b": 2.0, "c": 3.0}
-    assert len(pending) == 0 and len(applied) == 2
+    assert len(early) == 0 and len(applied) == 2
 
 
 def test_a_deletion_of_unknown_clocks_waits_for_them() -> None:
@@ -74,11 +74,11 @@ def test_a_deletion_of_unknown_clocks_waits_for_them() -> None:
     del root["a"]
     deletion = writer.get_update(before)
     reader = Doc()
-    pending = PendingUpdates()
-    pending.offer(deletion, reader.get_state, reader.apply_update)
-    assert len(pending) == 1
-    pending.offer(created, reader.get_state, reader.apply_update)
-    assert reader.get("m", type=Map).to_py() == {} and len(pending) == 0
+    early = EarlyUpdates()
+    early.offer(deletion, reader.get_state, reader.apply_update)
+    assert len(early) == 1
+    early.offer(created, reader.get_state, reader.apply_update)
+    assert reader.get("m", type=Map).to_py() == {} and len(early) == 0
 
 
 def test_what_is_held_is_bounded() -> None:
@@ -91,8 +91,8 @@ def test_what_is_held_is_bounded() -> None:
         root[f"k{n}"] = "y" * 100
         held_back.append(writer.get_update(before))  # each needs "a", which never arrives
     reader = Doc()
-    pending = PendingUpdates(max_bytes=300)
+    early = EarlyUpdates(max_bytes=300)
     for update in held_back:
-        pending.offer(update, reader.get_state, reader.apply_update)
-    assert 0 < sum(map(len, pending.held)) <= 300
-    assert pending.held == held_back[-len(pending.held) :]  # the newest are kept
+        early.offer(update, reader.get_state, reader.apply_update)
+    assert 0 < sum(map(len, early.held)) <= 300
+    assert early.held == held_back[-len(early.held) :]  # the newest are kept

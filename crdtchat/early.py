@@ -4,7 +4,8 @@ pycrdt 0.14 integrates an item whose client's earlier clocks are missing as soon
 origins are present: it is shown, but its clock is not in the state vector, so it is never
 passed on, and later edits inside it raise no events (tests/testing/test_convergence.py). Through a
 relay this happens whenever a broadcast overtakes the sync step 2 that carries its
-predecessors. Yjs keeps such an update pending until the gap is filled; `PendingUpdates` does
+predecessors. Yjs keeps such an update back until the gap is filled (its "pending structs";
+here "pending" means local updates the relay has not stored, design §3); `EarlyUpdates` does
 the same in front of `Doc.apply_update`: of each update, the structs that can be integrated
 (their client's earlier clocks, their origins and parents are in the document or taken from
 the same update) and the deletions of known clocks are applied; the rest is held and retried
@@ -86,7 +87,7 @@ def split(update: DecodedUpdate, state: dict[int, int]) -> Ready:
     return ready, decode_update(encode_update(update.data, left, rest_deletes))
 
 
-class PendingUpdates:
+class EarlyUpdates:
     """What one document holds back; `offer` applies what it can and keeps the rest.
 
     At most `max_bytes` are held: past that the oldest held parts are dropped (logged). That
