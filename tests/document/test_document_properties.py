@@ -166,11 +166,15 @@ class ViewMatchesRebuild(RuleBasedStateMachine):
         self.counter = 0
 
     def _next_id(self) -> str:
-        """An id neither replica has accepted (raw writes may have taken counter ids)."""
+        """An id neither replica holds, accepted or not (raw writes may have taken counter ids,
+        and `Conversation` refuses an id any well-formed message claims)."""
         while True:
             self.counter += 1
             candidate = f"m{self.counter}"
-            if self.live.view.get(candidate) is None and self.peer.view.get(candidate) is None:
+            if (
+                self.live.view.claimed(candidate) is None
+                and self.peer.view.claimed(candidate) is None
+            ):
                 return candidate
 
     @rule(target=ids, parent=st.none() | ids, batch=st.integers(1, 3), grouped=st.booleans())
