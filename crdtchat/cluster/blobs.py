@@ -44,6 +44,8 @@ class ClusterBlobStore:
         self.markers = markers
         self.max_size = max_size
         self.temp = temp
+        # Transfers' disk work gets threads of its own, as in the local store (http.py uses it).
+        self.threads = anyio.CapacityLimiter(8)
 
     @classmethod
     async def connect(

@@ -62,7 +62,7 @@ class MemoryStream:
         if last != expected:
             raise SequenceConflict(room, expected, last)
         self.seq += 1
-        entry = LogEntry(seq=self.seq, data=data, snapshot=rollup, covers=covers)
+        entry = LogEntry(seq=self.seq, data=data, snapshot=rollup, covers=covers, msg_id=msg_id)
         if rollup:
             self.rooms[room] = [entry]
         else:

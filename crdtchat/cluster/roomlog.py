@@ -65,6 +65,7 @@ class LogEntry:
     data: bytes
     snapshot: bool = False
     covers: int = 0  # a snapshot's last covered sequence
+    msg_id: str = ""  # its Nats-Msg-Id: a node recognises its own writes coming back
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,26 @@ class RoomLog:
         except nats.errors.Error as exc:
             raise ClusterError(f"room {room}: cannot read its last sequence: {exc}") from exc
         return message.seq or 0
+
+    async def last_entry(self, room: str) -> LogEntry | None:
+        """The room subject's last message (None for an empty room)."""
+        try:
+            message = await self.connection.js.get_last_msg(
+                self.names.stream, self.names.room_subject(room)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.errors.Error as exc:
+            raise ClusterError(f"room {room}: cannot read its last message: {exc}") from exc
+        headers = message.headers or {}
+        snapshot = headers.get(KIND_HEADER) == SNAPSHOT
+        return LogEntry(
+            seq=message.seq or 0,
+            data=message.data or b"",
+            snapshot=snapshot,
+            covers=int(headers.get(COVERS_HEADER, "0") or 0) if snapshot else 0,
+            msg_id=headers.get(Header.MSG_ID.value, ""),
+        )
 
     async def append(
         self, room: str, update: bytes, *, expected_seq: int, msg_id: str, deadline: float = 10.0
@@ -287,10 +308,11 @@ class Follower:
             return None
         self.seq = seq
         headers = msg.headers or {}
+        msg_id = headers.get(Header.MSG_ID.value, "")
         if headers.get(KIND_HEADER) != SNAPSHOT:
-            return LogEntry(seq=seq, data=msg.data)
-        covers = headers.get(COVERS_HEADER, "0")
-        return LogEntry(seq=seq, data=msg.data, snapshot=True, covers=int(covers or 0))
+            return LogEntry(seq=seq, data=msg.data, msg_id=msg_id)
+        covers = int(headers.get(COVERS_HEADER, "0") or 0)
+        return LogEntry(seq=seq, data=msg.data, snapshot=True, covers=covers, msg_id=msg_id)
 
     def __aiter__(self) -> AsyncIterator[LogEntry]:
         return self._iterate()

@@ -57,6 +57,10 @@ class RelayConfig:
     max_document: int = 64 * MIB  # a room's document (snapshot + log) may not grow past this
     tls_cert: str | None = None  # PEM files: with both, the relay serves wss:// and https://
     tls_key: str | None = None
+    # Cluster mode (docs/cluster.md): rooms, feed and blobs in NATS JetStream at these servers
+    # (comma-separated; also CRDTCHAT_NATS_URL), the stream's replicas when this node creates it.
+    nats: str | None = None
+    nats_replicas: int | None = None
 
     def subject_quotas(self) -> SubjectQuotas:
         return SubjectQuotas(

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import anyio
 from websockets.asyncio.server import serve
@@ -69,6 +70,10 @@ async def run_relay(
     on_listening: Callable[[str, int, str], None] | None = None,
 ) -> None:
     """Serve until `stop` is set, then shut down in order."""
+    nats = config.nats or os.environ.get("CRDTCHAT_NATS_URL")
+    if nats:
+        await _run_cluster_node(config, nats, stop, on_listening)
+        return
     metrics = Metrics()
     blobs = BlobStore(config.data / "blobs", config.max_blob)
     await anyio.to_thread.run_sync(blobs.prepare)
@@ -79,45 +84,109 @@ async def run_relay(
         feed = WaitingFeed(store)
         rooms = RoomManager(store, metrics, config, feed)
         await tg.start(rooms.run)
-        limits = HttpLimits(
-            uploads_per_subject=config.blob_uploads_per_subject,
-            uploads_total=config.blob_uploads_total,
-            downloads_per_subject=config.blob_downloads_per_subject,
-            downloads_total=config.blob_downloads_total,
-            stall_timeout=config.blob_stall_timeout,
-            open_timeout=config.open_timeout,
-        )
         # /healthz answers 503 while the store cannot write (store.health says why)
-        verifier = TokenVerifier(config.secret, config.issuers)
-        endpoints = HttpEndpoints(verifier, blobs, metrics, rooms, limits, store.health)
-        tls = tls_context(config)
-        web = WebApp(verifier, secure=tls is not None)
-        relay = Relay(config, rooms, endpoints, metrics, feed, verifier, web)
-        try:
-            async with serve(
-                relay.handle,
-                config.host,
-                config.port,
-                process_request=relay.process_request,
-                create_connection=connection_class(endpoints),
-                max_size=config.max_frame,
-                ping_interval=None,  # one keepalive loop for all (crdtchat/relay/keepalive.py)
-                ping_timeout=None,
-                open_timeout=None,  # RelayConnection applies it to websocket handshakes only
-                compression=None,
-                server_header="crdtchat-relay",
-                ssl=tls,
-            ) as server:
-                host, port = server.sockets[0].getsockname()[:2]
-                if on_listening is not None:
-                    on_listening(host, port, "wss" if tls is not None else "ws")
-                tg.start_soon(keep_alive, server, config.ping_interval, stop)
-                await stop.wait()
-                log.info("shutting down")
-                endpoints.close()
-                server.close(code=1001, reason="relay shutting down")
-        finally:
-            rooms.close()
+        await _serve(config, stop, on_listening, tg, rooms, blobs, metrics, feed, store.health)
+
+
+async def _run_cluster_node(
+    config: RelayConfig,
+    nats: str,
+    stop: anyio.Event,
+    on_listening: Callable[[str, int, str], None] | None,
+) -> None:
+    """Cluster mode (docs/cluster.md): rooms, feed and blobs in NATS JetStream; `--data` holds
+    only temporary files."""
+    from crdtchat.cluster.connection import parse_servers
+    from crdtchat.cluster.names import Names
+    from crdtchat.cluster.node import ClusterNode
+    from crdtchat.cluster.relaynode import (
+        ClusterRelayMetrics,
+        ClusterRoomShell,
+        ClusterStore,
+        relay_feed_from_kv,
+    )
+
+    metrics = ClusterRelayMetrics()
+    node = await ClusterNode.start(
+        parse_servers(nats),
+        data=config.data,
+        max_blob_size=config.max_blob,
+        replicas=config.nats_replicas,
+        # Deployments (or tests) sharing one NATS account keep apart by prefix.
+        names=Names(os.environ.get("CRDTCHAT_NATS_PREFIX", "crdtchat")),
+    )
+    metrics.cluster = node.metrics
+    store: Any = ClusterStore(node)  # the Store interface, on JetStream
+    feed = WaitingFeed(store)
+    rooms = RoomManager(store, metrics, config, feed, room_class=ClusterRoomShell)
+    watching = anyio.CancelScope()
+
+    async def watch_feed() -> None:
+        with watching:
+            await relay_feed_from_kv(node, feed)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(rooms.run)
+            tg.start_soon(watch_feed)
+            blobs: Any = node.blobs  # BlobStore's interface, in the object store
+            # /healthz answers 503 while NATS is away (writes are not acknowledged then)
+            await _serve(config, stop, on_listening, tg, rooms, blobs, metrics, feed, store.health)
+            watching.cancel()
+    finally:
+        await node.stop()
+
+
+async def _serve(
+    config: RelayConfig,
+    stop: anyio.Event,
+    on_listening: Callable[[str, int, str], None] | None,
+    tg: anyio.abc.TaskGroup,
+    rooms: RoomManager,
+    blobs: BlobStore,
+    metrics: Metrics,
+    feed: WaitingFeed,
+    health: Callable[[], str | None],
+) -> None:
+    """Accept connections until `stop`, then close them; the rooms flush after `rooms.close`."""
+    limits = HttpLimits(
+        uploads_per_subject=config.blob_uploads_per_subject,
+        uploads_total=config.blob_uploads_total,
+        downloads_per_subject=config.blob_downloads_per_subject,
+        downloads_total=config.blob_downloads_total,
+        stall_timeout=config.blob_stall_timeout,
+        open_timeout=config.open_timeout,
+    )
+    verifier = TokenVerifier(config.secret, config.issuers)
+    endpoints = HttpEndpoints(verifier, blobs, metrics, rooms, limits, health)
+    tls = tls_context(config)
+    web = WebApp(verifier, secure=tls is not None)
+    relay = Relay(config, rooms, endpoints, metrics, feed, verifier, web)
+    try:
+        async with serve(
+            relay.handle,
+            config.host,
+            config.port,
+            process_request=relay.process_request,
+            create_connection=connection_class(endpoints),
+            max_size=config.max_frame,
+            ping_interval=None,  # one keepalive loop for all (crdtchat/relay/keepalive.py)
+            ping_timeout=None,
+            open_timeout=None,  # RelayConnection applies it to websocket handshakes only
+            compression=None,
+            server_header="crdtchat-relay",
+            ssl=tls,
+        ) as server:
+            host, port = server.sockets[0].getsockname()[:2]
+            if on_listening is not None:
+                on_listening(host, port, "wss" if tls is not None else "ws")
+            tg.start_soon(keep_alive, server, config.ping_interval, stop)
+            await stop.wait()
+            log.info("shutting down")
+            endpoints.close()
+            server.close(code=1001, reason="relay shutting down")
+    finally:
+        rooms.close()
 
 
 def tls_context(config: RelayConfig) -> ssl.SSLContext | None:

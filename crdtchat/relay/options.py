@@ -57,6 +57,9 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
     # design §6, Web client
     "tls_cert": ("tls_cert", str, "PEM certificate chain: serve wss:// and https://"),
     "tls_key": ("tls_key", str, "PEM private key of --tls-cert"),
+    # docs/cluster.md
+    "nats": ("nats", str, "cluster mode: NATS servers, comma-separated (or CRDTCHAT_NATS_URL)"),
+    "nats_replicas": ("nats_replicas", int, "replicas of the room stream this node creates"),
 }
 
 

@@ -490,11 +490,13 @@ class RoomManager:
         metrics: Metrics,
         config: RelayConfig,
         feed: WaitingFeed | None = None,
+        room_class: type[Room] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.config = config
         self.feed = feed
+        self.room_class = room_class or Room  # cluster mode: crdtchat.cluster.relaynode
         self.rooms: dict[str, Room] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
@@ -522,7 +524,7 @@ class RoomManager:
                 if len(self.rooms) >= self.config.max_rooms:
                     await self._make_room()
                     continue  # the room may have been loaded meanwhile
-                room = Room(name, self.store, self.metrics, self.config, self.feed)
+                room = self.room_class(name, self.store, self.metrics, self.config, self.feed)
                 self.rooms[name] = room
                 self.metrics.rooms = len(self.rooms)
                 self._tg.start_soon(self._run_room, room)

@@ -1,0 +1,281 @@
+"""A relay node in cluster mode: the relay's room shell with its rooms in JetStream.
+
+`crdtchat serve --nats URLS` runs the ordinary relay (connections, the protocol core, HTTP)
+with three things swapped (docs/cluster.md):
+
+- `ClusterStore` stands where the SQLite `Store` stands. `load` reads a room's snapshot and
+  tail from its subject. `append` publishes an accepted update conditionally on the room
+  subject's last sequence this node knows (a per-room chain: one publish in flight per room,
+  each naming the sequence the previous one got) with a unique `Nats-Msg-Id`; its future
+  resolves on JetStream's acknowledgement, the durable point, which is when the protocol core
+  acknowledges the write and broadcasts it. A conflict (another node wrote first) fails the
+  room: its peers are closed (1011), reconnect and resend what was not acknowledged, and the
+  room is loaded again from the stream, so a check never races a write on another node.
+  `compact` rolls the room up conditionally; a conflict just skips that compaction.
+- `ClusterRoomShell` is the relay's `Room` plus a follower of the room's subject: what other
+  nodes stored is applied unjudged (`RoomProtocol.apply_stored`) and broadcast to this node's
+  peers, in stream order. This node's own messages coming back are recognised by their id.
+  A foreign message arriving while one of this node's publishes is still unacknowledged means
+  that publish will conflict: the room fails at once rather than acknowledge it.
+- the feed reads and writes the KV bucket, and every node tells its feed subscribers about a
+  room that starts waiting anywhere; blobs live in the object store; `/healthz` says when NATS
+  is away and `/metrics` adds the `crdtchat_nats_*` figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import broadcast
+
+from crdtchat.cluster.errors import ClusterError, SequenceConflict
+from crdtchat.cluster.metrics import ClusterMetrics
+from crdtchat.cluster.node import ClusterNode
+from crdtchat.cluster.roomlog import Appended, Follower, LogEntry
+from crdtchat.relay.feed import WaitingFeed
+from crdtchat.relay.metrics import Metrics
+from crdtchat.relay.room import Room
+from crdtchat.relay.store import StoredRoom, StoreError
+from crdtchat.worker.feed import encode_room_waiting
+
+log = logging.getLogger("crdtchat.cluster.relay")
+# Roll-ups by other nodes a publish waits out before it counts as a conflict.
+MAX_ROLLUPS_SKIPPED = 5
+
+
+@dataclass
+class _RoomStream:
+    """This node's knowledge of one loaded room's subject."""
+
+    last: int  # the subject's last sequence this node knows (applied or published)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # unique per load
+    # msg id -> the store future of this node's write, until it is stored
+    pending: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    stream_seq: dict[int, int] = field(default_factory=dict)  # protocol seq -> stream seq
+    own: set[int] = field(default_factory=set)  # protocol seqs this node published
+    chain: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ClusterStore:
+    """The relay's store interface (crdtchat/relay/store.py) on JetStream."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+        self.log = node.rooms
+        self.rooms: dict[str, _RoomStream] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def health(self) -> str | None:
+        metrics = self.node.metrics
+        if not metrics.connected:
+            return f"NATS disconnected ({metrics.last_error or 'reconnecting'})"
+        return None
+
+    async def load(self, room: str) -> StoredRoom:
+        try:
+            state = await self.log.load(room)
+        except ClusterError as error:
+            raise StoreError(str(error)) from error
+        self.rooms[room] = _RoomStream(last=state.seq)
+        updates = state.updates
+        return StoredRoom(
+            state=state.merged(),
+            log_length=len(updates),
+            log_bytes=sum(len(entry.data) for entry in updates),
+            next_seq=1,
+        )
+
+    def append(self, room: str, seq: int, update: bytes) -> asyncio.Future[None]:
+        stream = self.rooms[room]
+        msg_id = f"{self.node.node_id}:{stream.token}:{seq}"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream.pending[msg_id] = future
+        self._spawn(self._publish(room, stream, seq, update, msg_id, future))
+        return future
+
+    async def _publish(
+        self,
+        room: str,
+        stream: _RoomStream,
+        seq: int,
+        update: bytes,
+        msg_id: str,
+        future: asyncio.Future[None],
+    ) -> None:
+        async with stream.chain:
+            try:
+                appended = await self._append_over_rollups(room, stream, update, msg_id)
+            except SequenceConflict as conflict:
+                error: Exception = StoreError(f"another node wrote room {room} first: {conflict}")
+            except ClusterError as exc:
+                error = StoreError(str(exc))
+            else:
+                stream.pending.pop(msg_id, None)
+                stream.last = max(stream.last, appended.seq)
+                stream.stream_seq[seq] = appended.seq
+                stream.own.add(seq)
+                if not future.done():
+                    future.set_result(None)
+                return
+            stream.pending.pop(msg_id, None)
+            if not future.done():
+                future.set_exception(error)
+
+    async def _append_over_rollups(
+        self, room: str, stream: _RoomStream, update: bytes, msg_id: str
+    ) -> Appended:
+        """Publish on the condition of `stream.last`; a roll-up of exactly that state by
+        another node changed nothing the update was judged against: publish after it."""
+        expected = stream.last
+        for _ in range(MAX_ROLLUPS_SKIPPED):
+            try:
+                return await self.log.append(
+                    room, update, expected_seq=expected, msg_id=msg_id, deadline=30.0
+                )
+            except SequenceConflict:
+                last = await self.log.last_entry(room)
+                if last is None or not (last.snapshot and last.covers == expected):
+                    raise
+                expected = last.seq
+        raise SequenceConflict(room, expected, None)
+
+    def compact(self, room: str, upto_seq: int, snapshot: bytes) -> asyncio.Future[None]:
+        stream = self.rooms[room]
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._spawn(self._compact(room, stream, upto_seq, snapshot, future))
+        return future
+
+    async def _compact(
+        self,
+        room: str,
+        stream: _RoomStream,
+        upto_seq: int,
+        snapshot: bytes,
+        future: asyncio.Future[None],
+    ) -> None:
+        async with stream.chain:  # after the append of `upto_seq`
+            covers = stream.stream_seq.get(upto_seq)
+            # Only the node whose own write crossed the threshold rolls the room up: every node
+            # counts the room's log, and one roll-up is enough.
+            if covers is not None and covers == stream.last and upto_seq in stream.own:
+                try:
+                    stream.last = await self.log.compact(room, snapshot, upto_seq=covers)
+                except SequenceConflict:
+                    log.info("room %s: written meanwhile, compaction skipped", room)
+                except ClusterError as exc:
+                    log.warning("room %s: compaction failed: %s", room, exc)
+        if not future.done():
+            future.set_result(None)
+
+    def set_waiting(self, room: str, waiting: bool) -> asyncio.Future[None]:
+        stream = self.rooms.get(room)
+        seq = stream.last if stream is not None else 0
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def write() -> None:
+            with contextlib.suppress(ClusterError):
+                await self.node.feed.set_waiting(room, waiting, seq=seq)
+            future.set_result(None)
+
+        self._spawn(write())
+        return future
+
+    async def waiting_rooms(self) -> list[str]:
+        return sorted(await self.node.feed.waiting_rooms())
+
+    def forget(self, room: str) -> None:
+        self.rooms.pop(room, None)
+
+
+class ClusterRoomShell(Room):
+    """The relay's room shell, fed also by the room's subject (other nodes' writes)."""
+
+    store: ClusterStore  # type: ignore[assignment]
+
+    async def _run(self, task_status: Any) -> None:
+        async def follow_when_loaded() -> None:
+            await self.ready.wait()
+            stream = self.store.rooms.get(self.name)
+            if stream is None or self.error is not None:
+                return
+            follower = self.store.log.follow(self.name, after_seq=stream.last)
+            try:
+                await follower.start()
+                await self.structure_ready.wait()  # remote writes are indexed like local ones
+                await self._follow(follower, stream)
+            except ClusterError as exc:
+                self.fail(f"following the room's stream failed: {exc}")
+            finally:
+                await follower.close()
+
+        follower_task: asyncio.Task[None] = asyncio.ensure_future(follow_when_loaded())
+        try:
+            await super()._run(task_status)
+        finally:
+            follower_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower_task
+            self.store.forget(self.name)
+
+    async def _follow(self, follower: Follower, stream: _RoomStream) -> None:
+        own = f"{self.store.node.node_id}:{stream.token}:"
+        async for entry in follower:
+            if self.core.failed:
+                return
+            if entry.msg_id.startswith(own):  # this node's write, handed back: it is stored
+                stream.last = max(stream.last, entry.seq)
+                future = stream.pending.pop(entry.msg_id, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+                    # its done callback (the core's `stored`) runs before the next entry
+                    await asyncio.sleep(0)
+                continue
+            if entry.seq <= stream.last:
+                continue
+            if entry.snapshot and entry.covers == stream.last:
+                stream.last = entry.seq  # a roll-up of what this node holds already
+                continue
+            if stream.pending:
+                self.fail(f"another node wrote room {self.name} while this node was publishing")
+                return
+            self._apply_remote(entry, stream)
+
+    def _apply_remote(self, entry: LogEntry, stream: _RoomStream) -> None:
+        stream.last = entry.seq
+        stream.stream_seq[self.core.next_seq] = entry.seq  # the sequence it is committed as
+        self.perform(self.core.apply_stored(entry.data))
+
+
+class ClusterRelayMetrics(Metrics):
+    """The relay's counters, then the node's NATS figures."""
+
+    cluster: ClusterMetrics | None = None
+
+    def render(self) -> str:
+        text = super().render()
+        return text if self.cluster is None else text + self.cluster.render()
+
+
+async def relay_feed_from_kv(node: ClusterNode, feed: WaitingFeed) -> None:
+    """Tell this node's feed subscribers of every room that starts waiting, on any node."""
+    known: dict[str, bool] = {}
+    while True:
+        try:
+            async for change in node.feed.watch():
+                if change.waiting and not known.get(change.room) and feed.subscribers:
+                    broadcast(feed.subscribers, encode_room_waiting(change.room))
+                known[change.room] = change.waiting
+        except ClusterError as exc:
+            log.warning("feed watch failed, watching again: %s", exc)
+        await asyncio.sleep(1.0)

@@ -1,0 +1,113 @@
+"""Three relay processes in cluster mode on the real three-node NATS cluster (docs/cluster.md).
+
+Clients spread over the nodes: writes on one node reach peers on the others in one order,
+a reader's write is refused on any node, a node that is SIGKILLed loses nothing acknowledged,
+a late joiner after compaction gets everything, and the feed and /healthz speak for the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from crdtchat.cluster.names import Names
+from tests.support.nats import NatsCluster
+from tests.support.relay import RelayProcess, message_map, metric, raw_client, token
+
+pytestmark = pytest.mark.anyio
+
+ROOM = "chat.nodes"
+
+
+@pytest.fixture
+def nodes(cluster: NatsCluster, names: Names, tmp_path: Path) -> Iterator[list[RelayProcess]]:
+    relays = []
+    try:
+        for index in range(3):
+            relay = RelayProcess(
+                tmp_path / f"node{index}",
+                [
+                    "--nats",
+                    ",".join(cluster.urls[index:] + cluster.urls[:index]),
+                    "--compact-updates",
+                    "8",
+                ],
+                env={"CRDTCHAT_NATS_PREFIX": names.prefix},
+            )
+            relays.append(relay.start())
+        yield relays
+    finally:
+        for relay in relays:
+            relay.stop()
+
+
+def url(relay: RelayProcess, sub: str, role: str = "writer") -> str:
+    return relay.url(ROOM, token(ROOM, role, sub), ack=True)
+
+
+async def test_writes_on_one_node_reach_peers_on_the_others(nodes: list[RelayProcess]) -> None:
+    a, b, c = nodes
+    async with (
+        raw_client(url(a, "alice")) as alice,
+        raw_client(url(b, "bob")) as bob,
+        raw_client(url(c, "viewer", "reader")) as viewer,
+    ):
+        await alice.push(
+            lambda doc: alice.messages.append(message_map("m1", "user", "alice", "hi"))
+        )
+        await alice.wait_acked()
+        for client in (bob, viewer):
+            await client.wait_for(lambda client=client: len(client.messages) == 1)
+        await bob.push(
+            lambda doc: bob.messages.append(message_map("m2", "user", "bob", "yo", "m1"))
+        )
+        await bob.wait_acked()
+        await alice.wait_for(lambda: len(alice.messages) == 2)
+        await viewer.wait_for(lambda: len(viewer.messages) == 2)
+
+        # A reader's write is refused on its node; nobody else sees it.
+        await viewer.push(
+            lambda doc: viewer.messages.append(message_map("x", "user", "viewer", "no"))
+        )
+        await viewer.wait_for(lambda: len(viewer.denied) == 1)
+        assert "reader" in viewer.denied[0]
+
+        for index in range(12):  # past --compact-updates 8: the room is rolled up
+            marker = f"a{index}"
+            await alice.push(
+                lambda doc, marker=marker: alice.messages.append(
+                    message_map(marker, "user", "alice", marker)
+                )
+            )
+        await alice.wait_acked()
+        await bob.wait_for(lambda: len(bob.messages) == 14)
+        ids = [message["id"] for message in bob.messages.to_py()]
+        assert [message["id"] for message in alice.messages.to_py()] == ids
+    assert metric(a, "crdtchat_nats_connected") == 1
+    assert metric(a, "crdtchat_nats_compactions_total") >= 1  # rolled up in the stream
+    assert httpx.get(f"{c.http_url}/healthz", timeout=10).status_code == 200
+
+    # A late joiner on the third node, after compaction: the whole room.
+    async with raw_client(url(c, "carol")) as late:
+        await late.wait_for(lambda: len(late.messages) == 14)
+        assert [message["id"] for message in late.messages.to_py()] == ids
+
+
+async def test_a_killed_node_loses_nothing_acknowledged(nodes: list[RelayProcess]) -> None:
+    a, b, _ = nodes
+    async with raw_client(url(a, "alice")) as alice:
+        for index in range(5):
+            marker = f"k{index}"
+            await alice.push(
+                lambda doc, marker=marker: alice.messages.append(
+                    message_map(marker, "user", "alice", marker)
+                )
+            )
+        await alice.wait_acked()
+    a.kill()
+    async with raw_client(url(b, "bob")) as bob:
+        await bob.wait_for(lambda: len(bob.messages) == 5)
+        assert [m["id"] for m in bob.messages.to_py()] == [f"k{i}" for i in range(5)]
