@@ -39,11 +39,14 @@ from crdtchat.cluster.node import ClusterNode
 from crdtchat.cluster.roomlog import Appended, Follower, LogEntry
 from crdtchat.relay.feed import WaitingFeed
 from crdtchat.relay.metrics import Metrics
-from crdtchat.relay.room import Room
+from crdtchat.relay.protocol import Action, Broadcast
+from crdtchat.relay.room import Room, RoomManager, RoomState
 from crdtchat.relay.store import StoredRoom, StoreError
+from crdtchat.wire import MESSAGE_AWARENESS, AwarenessMessage, decode_frame
 from crdtchat.worker.feed import encode_room_waiting
 
 log = logging.getLogger("crdtchat.cluster.relay")
+AWARENESS_TAG = bytes([MESSAGE_AWARENESS])  # the first byte of an encoded awareness message
 # Roll-ups by other nodes a publish waits out before it counts as a conflict.
 MAX_ROLLUPS_SKIPPED = 5
 
@@ -70,7 +73,8 @@ class ClusterStore:
         self.rooms: dict[str, _RoomStream] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+    def spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        """Run `coroutine` in the background, kept referenced until it is done."""
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -101,7 +105,7 @@ class ClusterStore:
         msg_id = f"{self.node.node_id}:{stream.token}:{seq}"
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stream.pending[msg_id] = future
-        self._spawn(self._publish(room, stream, seq, update, msg_id, future))
+        self.spawn(self._publish(room, stream, seq, update, msg_id, future))
         return future
 
     async def _publish(
@@ -153,7 +157,7 @@ class ClusterStore:
     def compact(self, room: str, upto_seq: int, snapshot: bytes) -> asyncio.Future[None]:
         stream = self.rooms[room]
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._spawn(self._compact(room, stream, upto_seq, snapshot, future))
+        self.spawn(self._compact(room, stream, upto_seq, snapshot, future))
         return future
 
     async def _compact(
@@ -188,7 +192,7 @@ class ClusterStore:
                 await self.node.feed.set_waiting(room, waiting, seq=seq)
             future.set_result(None)
 
-        self._spawn(write())
+        self.spawn(write())
         return future
 
     async def waiting_rooms(self) -> list[str]:
@@ -199,9 +203,31 @@ class ClusterStore:
 
 
 class ClusterRoomShell(Room):
-    """The relay's room shell, fed also by the room's subject (other nodes' writes)."""
+    """The relay's room shell, fed also by the room's subject (other nodes' writes) and by the
+    presence of other nodes' peers, to which it publishes its own peers' presence."""
 
     store: ClusterStore  # type: ignore[assignment]
+    _applying_remote_presence = False
+
+    def perform(self, actions: list[Action]) -> None:
+        super().perform(actions)
+        if self._applying_remote_presence:
+            return  # what another node published goes no further than this node's peers
+        for action in actions:
+            if isinstance(action, Broadcast) and action.message[:1] == AWARENESS_TAG:
+                for message in decode_frame(action.message):
+                    if isinstance(message, AwarenessMessage):
+                        self.store.spawn(
+                            self.store.node.presence.publish(self.name, message.payload)
+                        )
+
+    def apply_remote_presence(self, update: bytes) -> None:
+        """Presence from another node's peers (or their removal when that node died)."""
+        self._applying_remote_presence = True
+        try:
+            self.perform(self.core.remote_awareness(update))
+        finally:
+            self._applying_remote_presence = False
 
     async def _run(self, task_status: Any) -> None:
         async def follow_when_loaded() -> None:
@@ -210,7 +236,9 @@ class ClusterRoomShell(Room):
             if stream is None or self.error is not None:
                 return
             follower = self.store.log.follow(self.name, after_seq=stream.last)
+            presence = self.store.node.presence
             try:
+                await presence.join(self.name)
                 await follower.start()
                 await self.structure_ready.wait()  # remote writes are indexed like local ones
                 await self._follow(follower, stream)
@@ -218,6 +246,7 @@ class ClusterRoomShell(Room):
                 self.fail(f"following the room's stream failed: {exc}")
             finally:
                 await follower.close()
+                await presence.leave(self.name)
 
         follower_task: asyncio.Task[None] = asyncio.ensure_future(follow_when_loaded())
         try:
@@ -265,6 +294,16 @@ class ClusterRelayMetrics(Metrics):
     def render(self) -> str:
         text = super().render()
         return text if self.cluster is None else text + self.cluster.render()
+
+
+async def relay_presence(node: ClusterNode, rooms: RoomManager) -> None:
+    """Hand presence from other nodes (and removals for nodes gone silent) to loaded rooms."""
+    async for event in node.presence.events():
+        room = rooms.rooms.get(event.room)
+        if event.query or not isinstance(room, ClusterRoomShell):
+            continue  # a query: this node's peers renew their presence within 15 s anyway
+        if room.state is RoomState.OPEN:
+            room.apply_remote_presence(event.update)
 
 
 async def relay_feed_from_kv(node: ClusterNode, feed: WaitingFeed) -> None:

@@ -104,6 +104,7 @@ async def _run_cluster_node(
         ClusterRoomShell,
         ClusterStore,
         relay_feed_from_kv,
+        relay_presence,
     )
 
     metrics = ClusterRelayMetrics()
@@ -121,14 +122,16 @@ async def _run_cluster_node(
     rooms = RoomManager(store, metrics, config, feed, room_class=ClusterRoomShell)
     watching = anyio.CancelScope()
 
-    async def watch_feed() -> None:
+    async def watch_feed_and_presence() -> None:
         with watching:
-            await relay_feed_from_kv(node, feed)
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(relay_feed_from_kv, node, feed)
+                inner.start_soon(relay_presence, node, rooms)
 
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(rooms.run)
-            tg.start_soon(watch_feed)
+            tg.start_soon(watch_feed_and_presence)
             blobs: Any = node.blobs  # BlobStore's interface, in the object store
             # /healthz answers 503 while NATS is away (writes are not acknowledged then)
             await _serve(config, stop, on_listening, tg, rooms, blobs, metrics, feed, store.health)

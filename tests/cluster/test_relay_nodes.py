@@ -7,9 +7,12 @@ a late joiner after compaction gets everything, and the feed and /healthz speak 
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -111,3 +114,23 @@ async def test_a_killed_node_loses_nothing_acknowledged(nodes: list[RelayProcess
     async with raw_client(url(b, "bob")) as bob:
         await bob.wait_for(lambda: len(bob.messages) == 5)
         assert [m["id"] for m in bob.messages.to_py()] == [f"k{i}" for i in range(5)]
+
+
+async def test_presence_crosses_nodes_and_clears_when_a_node_dies(
+    nodes: list[RelayProcess],
+) -> None:
+    a, b, _ = nodes
+    async with raw_client(url(b, "bob")) as bob, raw_client(url(a, "alice")) as alice:
+        state = {"user": "alice", "device": "laptop", "typing": False}
+        clock = 0
+        with anyio.fail_after(15):  # renewed as y-protocols clients do, until node B hears it
+            while 77 not in bob.awareness:
+                clock += 1
+                await alice.set_presence(77, clock, state)
+                with anyio.move_on_after(0.5):
+                    await bob.wait_for(lambda: 77 in bob.awareness)
+        assert json.loads(bob.awareness[77][1]) == state
+        a.kill()  # node A dies: its heartbeat stops, and node B drops A's peers within seconds
+        killed = time.monotonic()
+        await bob.wait_for(lambda: bob.awareness[77][1] == "null", timeout=15)
+        assert time.monotonic() - killed < 8
