@@ -29,8 +29,8 @@ from crdtchat.testing.machine import ConversationMachine, CreateConversation
 from crdtchat.testing.network import (
     Envelope,
     LocalStore,
-    Replica,
     SimulatedNetwork,
+    SimulatedReplica,
     has_gap,
     integrates_fully,
 )
@@ -64,9 +64,9 @@ __all__ = [
     "LocalStore",
     "Operation",
     "Reading",
-    "Replica",
     "ReplicaState",
     "SimulatedNetwork",
+    "SimulatedReplica",
     "append_messages",
     "assert_same_state",
     "canonical_snapshot",

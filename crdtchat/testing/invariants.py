@@ -26,7 +26,7 @@ from crdtchat.merge import merge
 from crdtchat.prefix import reference_prefix_hash
 from crdtchat.schema import Message, RegenerateRequest, assistant_turn_id
 from crdtchat.shape import MAX_READ_DEPTH
-from crdtchat.testing.network import Replica, has_gap
+from crdtchat.testing.network import SimulatedReplica, has_gap
 from crdtchat.testing.operations import message_problems, root_json
 from crdtchat.wire import decode_state_vector
 
@@ -260,7 +260,7 @@ def rebuild(updates: Sequence[bytes]) -> Conversation:
     return open_update(merge(*updates) if updates else None)
 
 
-def check_rebuild(replica: Replica, state: ReplicaState | None = None) -> None:
+def check_rebuild(replica: SimulatedReplica, state: ReplicaState | None = None) -> None:
     """Merging every update the replica applied rebuilds exactly the live document."""
     state = state or read_replica(replica.live)
     rebuilt = rebuild(replica.history)
@@ -327,7 +327,7 @@ def check_no_gap(conversation: Conversation, what: str = "replica") -> None:
 
 
 def check_quiescent(
-    replicas: Sequence[Replica], *, regenerate_unanswered: bool = True
+    replicas: Sequence[SimulatedReplica], *, regenerate_unanswered: bool = True
 ) -> list[ReplicaState]:
     """Every check that needs no history beyond the replicas themselves."""
     for replica in replicas:

@@ -45,7 +45,7 @@ from crdtchat.testing.invariants import (
     check_quiescent,
     raw_message_ids,
 )
-from crdtchat.testing.network import Replica, SimulatedNetwork
+from crdtchat.testing.network import SimulatedNetwork, SimulatedReplica
 from crdtchat.testing.operations import (
     ForeignDeleteMessage,
     Operation,
@@ -155,7 +155,7 @@ class ConversationMachine(RuleBasedStateMachine):
         index = self.draw_replica(data, among=sorted(feasible))
         self.apply(index, data.draw(feasible[index], label="operation"))
 
-    def extra_invariants(self, replicas: Sequence[Replica]) -> None:
+    def extra_invariants(self, replicas: Sequence[SimulatedReplica]) -> None:
         """Override: more checks at quiescence (every replica is up and in sync)."""
 
     # -- start ------------------------------------------------------------------------------------

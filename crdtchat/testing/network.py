@@ -72,8 +72,9 @@ class LocalStore:
 
 
 @dataclass
-class Replica:
-    """One device: a conversation (None while crashed), its store, and what it received."""
+class SimulatedReplica:
+    """One simulated device: a conversation (None while crashed), its store, and what it
+    received. Not `crdtchat.Replica`, which syncs a real document through a real relay."""
 
     index: int
     author: str
@@ -124,9 +125,11 @@ class SimulatedNetwork:
         self.clock = clock
         self.hold_early_updates = hold_early_updates
         self.used_client_ids: set[int] = set()
-        self.replicas: list[Replica] = []
+        self.replicas: list[SimulatedReplica] = []
         for index, (author, client_id) in enumerate(zip(authors, client_ids, strict=True)):
-            replica = Replica(index=index, author=author, client_id=client_id, conversation=None)
+            replica = SimulatedReplica(
+                index=index, author=author, client_id=client_id, conversation=None
+            )
             self.replicas.append(replica)
             self._open(replica, client_id)
         size = len(self.replicas)
@@ -150,7 +153,7 @@ class SimulatedNetwork:
             and frozenset((a, b)) not in self.cut
         )
 
-    def live_replicas(self) -> list[Replica]:
+    def live_replicas(self) -> list[SimulatedReplica]:
         return [r for r in self.replicas if r.alive]
 
     def busy_links(self) -> list[tuple[int, int]]:
@@ -282,7 +285,7 @@ class SimulatedNetwork:
     def _all_pairs(self) -> set[frozenset[int]]:
         return {frozenset(pair) for pair in self._pairs()}
 
-    def _open(self, replica: Replica, client_id: int) -> None:
+    def _open(self, replica: SimulatedReplica, client_id: int) -> None:
         if client_id in self.used_client_ids:
             raise ValueError(f"client id {client_id} was used before: reuse corrupts peers")
         self.used_client_ids.add(client_id)
@@ -303,7 +306,7 @@ class SimulatedNetwork:
             lambda update, replica=replica: self._on_update(replica, update)
         )
 
-    def _on_update(self, replica: Replica, update: bytes) -> None:
+    def _on_update(self, replica: SimulatedReplica, update: bytes) -> None:
         if replica._applying_remote:
             return  # recorded raw by `_receive`; a full mesh does not forward
         replica.history.append(update)
@@ -312,7 +315,7 @@ class SimulatedNetwork:
             if self.connected(replica.index, other):
                 self._send(replica.index, other, "update", update)
 
-    def _receive(self, replica: Replica, update: bytes) -> None:
+    def _receive(self, replica: SimulatedReplica, update: bytes) -> None:
         if self.hold_early_updates and not integrates_fully(replica.live.encode_state(), update):
             replica.held.append(update)
             self.held_total += 1
@@ -327,7 +330,7 @@ class SimulatedNetwork:
                     self._integrate(replica, held)
                     progress = True
 
-    def _integrate(self, replica: Replica, update: bytes) -> None:
+    def _integrate(self, replica: SimulatedReplica, update: bytes) -> None:
         replica._applying_remote = True
         try:
             replica.live.apply_update(update)

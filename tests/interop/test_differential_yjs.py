@@ -24,7 +24,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 import tests.support.hypothesis_profiles  # noqa: F401  (profiles, if conftest has not loaded them)
 from crdtchat import schema
-from crdtchat.testing import ConversationMachine, Replica, read_replica
+from crdtchat.testing import ConversationMachine, SimulatedReplica, read_replica
 from crdtchat.testing.invariants import assert_same_state, open_update
 from tests.support import JS
 
@@ -49,7 +49,7 @@ class RecordingMachine(ConversationMachine):
 
     histories: ClassVar[dict[tuple[bytes, ...], History]] = {}
 
-    def extra_invariants(self, replicas: Sequence[Replica]) -> None:
+    def extra_invariants(self, replicas: Sequence[SimulatedReplica]) -> None:
         for replica in replicas:
             updates = tuple(replica.history)
             if updates not in self.histories:
