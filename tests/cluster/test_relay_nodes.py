@@ -15,9 +15,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from crdtchat.cluster.names import Names
-from tests.support.nats import NatsCluster
+from crdtchat.worker.feed import FEED_PATH, decode_room_names
+from tests.support.nats import NatsCluster, nats_cluster
 from tests.support.relay import RelayProcess, message_map, metric, raw_client, token
 
 pytestmark = pytest.mark.anyio
@@ -134,3 +136,54 @@ async def test_presence_crosses_nodes_and_clears_when_a_node_dies(
         killed = time.monotonic()
         await bob.wait_for(lambda: bob.awareness[77][1] == "null", timeout=15)
         assert time.monotonic() - killed < 8
+
+
+async def test_the_feed_on_any_node_reports_a_room_waiting_on_another(
+    nodes: list[RelayProcess],
+) -> None:
+    a, _, c = nodes
+    feed_url = f"{c.ws_base}{FEED_PATH}?token={token('*', 'worker', 'w1')}"
+    async with connect(feed_url) as feed:
+        async with raw_client(url(a, "alice")) as alice:
+            await alice.push(
+                lambda doc: alice.messages.append(message_map("q1", "user", "alice", "?"))
+            )
+            await alice.wait_acked()
+        with anyio.fail_after(15):
+            rooms: list[str] = []
+            while ROOM not in rooms:
+                rooms += decode_room_names(await feed.recv())
+
+
+async def test_writes_wait_while_nats_is_away_and_are_stored_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    """One NATS server, stopped under a relay node: /healthz says so, a write is not
+    acknowledged; NATS back, the write is acknowledged and a fresh reader has it."""
+    with nats_cluster(tmp_path / "nats", size=1) as single:
+        relay = RelayProcess(
+            tmp_path / "node", ["--nats", single.url], env={"CRDTCHAT_NATS_PREFIX": "away"}
+        ).start()
+        try:
+            async with raw_client(url(relay, "alice")) as alice:
+                await alice.push(
+                    lambda doc: alice.messages.append(message_map("m1", "user", "alice", "a"))
+                )
+                await alice.wait_acked(1)
+                single.kill(0)
+                with anyio.fail_after(15):
+                    while httpx.get(f"{relay.http_url}/healthz", timeout=5).status_code != 503:
+                        await anyio.sleep(0.1)  # polling an HTTP endpoint: there is no event
+                await alice.push(
+                    lambda doc: alice.messages.append(message_map("m2", "user", "alice", "b"))
+                )
+                with anyio.move_on_after(1):
+                    await alice.wait_acked(2)
+                assert alice.acks[-1] == 1  # not acknowledged while NATS is away
+                await anyio.to_thread.run_sync(single.restart, 0)
+                await alice.wait_acked(2, timeout=30)
+            assert httpx.get(f"{relay.http_url}/healthz", timeout=5).status_code == 200
+            async with raw_client(url(relay, "reader", "reader")) as reader:
+                await reader.wait_for(lambda: len(reader.messages) == 2)
+        finally:
+            relay.stop()
