@@ -27,7 +27,7 @@ from crdtchat.portable import export_json
 from crdtchat.schema import SCHEMA_VERSION, FileRef, Message
 from crdtchat.signals import Changes
 from crdtchat.tui import commands
-from crdtchat.tui.blobs import BlobError
+from crdtchat.tui.blobs import AttachmentError
 from crdtchat.tui.link import Link
 from crdtchat.tui.presence import describe, local_state, summarise
 from crdtchat.tui.threads import (
@@ -330,7 +330,7 @@ class ChatApp(App[None]):
         line = event.value
         try:
             command = commands.parse(line)
-        except commands.CommandError as error:
+        except commands.ChatCommandError as error:
             self.notice(str(error), error=True)  # the line stays in the composer to be fixed
             return
         if command is None:
@@ -516,7 +516,7 @@ class ChatApp(App[None]):
         self.notice(f"uploading {path.name}…")
         try:
             ref = await self.uploader.upload(path)
-        except (BlobError, OSError) as error:
+        except (AttachmentError, OSError) as error:
             self.notice(_reason(error), error=True)
             return
         self.attachments.append(ref)
@@ -556,7 +556,7 @@ class ChatApp(App[None]):
         """Execute `command`, showing any failure instead of raising it; True if it worked."""
         try:
             await self.execute(command)
-        except (UserError, ConversationError, BlobError, OSError, KeyError) as error:
+        except (UserError, ConversationError, AttachmentError, OSError, KeyError) as error:
             self.notice(_reason(error), error=True)
             return False
         except Exception as error:  # the UI boundary: never let a command take the app down

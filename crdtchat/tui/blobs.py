@@ -25,17 +25,19 @@ from crdtchat.schema import FileRef
 MAX_ATTACHMENT = 32 * 1024 * 1024
 
 
-class BlobError(StorageError, RuntimeError):
-    """The file could not be read or the relay did not store it; the text says which."""
+class AttachmentError(StorageError, RuntimeError):
+    """The file could not be read or the relay did not store it; the text says which.
+    Not `crdtchat.relay.blobs.BlobError`, the relay's refusal of an upload."""
 
 
 def http_base(relay_url: str) -> str:
     """`ws://host:port/...` → `http://host:port` (wss → https), as membership reads it, but a
-    bad URL is a BlobError: the attachment code reports a storage problem, not a command's."""
+    bad URL is an AttachmentError: the attachment code reports a storage problem, not a
+    command's."""
     try:
         return membership.http_base(relay_url)
     except ValueError:
-        raise BlobError(f"not a relay URL: {relay_url!r}") from None
+        raise AttachmentError(f"not a relay URL: {relay_url!r}") from None
 
 
 def blob_url(relay_url: str, room: str, sha256: str) -> str:
@@ -68,10 +70,10 @@ class BlobUploader:
                     headers={"Authorization": f"Bearer {self.token}"},
                 )
         except httpx.HTTPError as error:
-            raise BlobError(f"upload of {path.name} failed: {error}") from error
+            raise AttachmentError(f"upload of {path.name} failed: {error}") from error
         if response.status_code not in (200, 201, 204):
             reason = response.text.strip().splitlines()[0] if response.text.strip() else ""
-            raise BlobError(
+            raise AttachmentError(
                 f"relay refused {path.name}: HTTP {response.status_code} {reason}".rstrip()
             )
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -82,7 +84,7 @@ def _read(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size > MAX_ATTACHMENT:
-            raise BlobError(f"{path} is {size} bytes; the limit is {MAX_ATTACHMENT}")
+            raise AttachmentError(f"{path} is {size} bytes; the limit is {MAX_ATTACHMENT}")
         return path.read_bytes()
     except OSError as error:
-        raise BlobError(f"cannot read {path}: {error.strerror or error}") from error
+        raise AttachmentError(f"cannot read {path}: {error.strerror or error}") from error

@@ -13,8 +13,9 @@ from pathlib import Path
 from crdtchat.errors import ConfigError
 
 
-class CommandError(ConfigError, ValueError):
-    """The input looked like a command but is not a valid one; the text says why."""
+class ChatCommandError(ConfigError, ValueError):
+    """The input looked like a chat command (/...) but is not a valid one; the text says why.
+    Not `crdtchat.errors.CommandError`, which is a failed command-line program."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def parse(line: str) -> Command | None:
     if name in ("branch", "edit"):
         number, _, text = rest.partition(" ")
         if not number:
-            raise CommandError(f"/{name} needs the number of a message: /{name} N [TEXT]")
+            raise ChatCommandError(f"/{name} needs the number of a message: /{name} N [TEXT]")
         text = text.strip()
         return Branch(_number(name, number), text or None)
     if name == "branches":
@@ -190,17 +191,17 @@ def parse(line: str) -> Command | None:
         return Help()
     if name in ("quit", "exit", "q"):
         return Quit()
-    raise CommandError(f"unknown command /{name} (try /help; // sends a line starting with /)")
+    raise ChatCommandError(f"unknown command /{name} (try /help; // sends a line starting with /)")
 
 
 def _no_argument(name: str, rest: str) -> None:
     if rest:
-        raise CommandError(f"/{name} takes no argument")
+        raise ChatCommandError(f"/{name} takes no argument")
 
 
 def _one_word(name: str, rest: str, what: str) -> str:
     if not rest or len(rest.split()) != 1:
-        raise CommandError(f"/{name} needs one {what}")
+        raise ChatCommandError(f"/{name} needs one {what}")
     return rest
 
 
@@ -208,19 +209,19 @@ def _number(name: str, text: str) -> int:
     try:
         number = int(text)
     except ValueError:
-        raise CommandError(f"/{name}: {text!r} is not a number") from None
+        raise ChatCommandError(f"/{name}: {text!r} is not a number") from None
     if number < 1:
-        raise CommandError(f"/{name}: numbers start at 1")
+        raise ChatCommandError(f"/{name}: numbers start at 1")
     return number
 
 
 def _path(name: str, rest: str) -> str:
     if not rest:
-        raise CommandError(f"/{name} needs a PATH")
+        raise ChatCommandError(f"/{name} needs a PATH")
     try:
         parts = shlex.split(rest)
     except ValueError as error:
-        raise CommandError(f"/{name}: {error}") from None
+        raise ChatCommandError(f"/{name}: {error}") from None
     if len(parts) != 1:
-        raise CommandError(f"/{name} needs one PATH (quote it if it has spaces)")
+        raise ChatCommandError(f"/{name} needs one PATH (quote it if it has spaces)")
     return parts[0]

@@ -59,7 +59,7 @@ def test_parse(line: str, expected: commands.Command | None) -> None:
     ],
 )
 def test_parse_refuses_with_a_reason(line: str, reason: str) -> None:
-    with pytest.raises(commands.CommandError, match=reason):
+    with pytest.raises(commands.ChatCommandError, match=reason):
         commands.parse(line)
 
 
