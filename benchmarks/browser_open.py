@@ -3,11 +3,12 @@ from IndexedDB: time until the latest messages are on screen, and the page's JS 
 
 Anchor, in the same run: the Python client opening the same document (`Conversation.from_update`
 of its state) and reading the end of the current thread it would draw (the last 60 messages);
-the browser figures are reported as ratios to it. Two figures per open: the wall time from
-`page.goto` until Playwright sees the last message (what earlier runs reported; it includes
-Playwright's polling), and the page's own `crdtchat:latest-drawn` mark (time since navigation
-start at which the latest message was laid out). From the relay, the page's marks split it
-into: waiting for the relay's state, applying it, and drawing.
+the browser figures are reported as ratios to it. Three figures per open: the wall time from
+`page.goto` until the last message is on the page (polled every animation frame); the CPU time
+of the page's main thread meanwhile (Chromium's `ThreadTime` metric, which a loaded machine
+hardly changes, unlike the wall time); and the page's own `crdtchat:latest-drawn` mark (time
+since navigation start at which the latest message was laid out). From the relay, the page's
+marks split it into: connecting, the relay's state received, applied, drawn.
 
 Scrolling back: the thread is a virtual list; the page is scrolled up one screen at a time
 from the end to the first message, and each draw (DOM and layout) is timed; the number of
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anyio
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import CDPSession, Page, expect, sync_playwright
 
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
@@ -93,12 +94,22 @@ SHOWN = """(text) => {
 }"""
 
 
-def open_until_shown(page: Page, action: Callable[[], object], last: str) -> float:
-    """Seconds from `action` (goto or reload) until the last message is on the page."""
+def open_until_shown(
+    page: Page, cdp: CDPSession, action: Callable[[], object], last: str
+) -> tuple[float, float]:
+    """Seconds from `action` (goto or reload) until the last message is on the page, and the
+    CPU seconds the new document's main thread had spent by then (Chromium's `ThreadTime`
+    metric, which starts again with each document: CPU time, so it hardly grows when other
+    processes load the machine, unlike the wall time)."""
     start = time.perf_counter()
     action()
     page.wait_for_function(SHOWN, arg=last, polling="raf", timeout=120_000)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, thread_time(cdp)
+
+
+def thread_time(cdp: CDPSession) -> float:
+    metrics = cdp.send("Performance.getMetrics")["metrics"]
+    return next(m["value"] for m in metrics if m["name"] == "ThreadTime")
 
 
 def scroll_back(page: Page) -> tuple[list[float], int]:
@@ -117,12 +128,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-scroll", action="store_true", help="only the two opens")
     args = parser.parse_args()
     state = build(args.messages)
     last = f"message {args.messages - 1}:"
     relay = RelayProcess(Path(tempfile.mkdtemp()) / "data").start()
     relay_times, idb_times, anchors, heaps = [], [], [], []
-    drawn, received, applied, painted, idb_drawn = [], [], [], [], []
+    relay_cpu: list[float] = []
+    idb_cpu: list[float] = []
+    drawn, connecting, received, applied, painted, idb_drawn = [], [], [], [], [], []
     scroll_draws: list[float] = []
     dom_nodes: list[int] = []
     try:
@@ -134,10 +148,15 @@ def main() -> None:
                 anchors.append(anchor(state))
                 context = browser.new_context()
                 page = context.new_page()
-                relay_times.append(open_until_shown(page, partial(page.goto, link), last))
+                cdp = context.new_cdp_session(page)
+                cdp.send("Performance.enable")
+                wall, cpu = open_until_shown(page, cdp, partial(page.goto, link), last)
+                relay_times.append(wall)
+                relay_cpu.append(cpu)
                 marks = page.evaluate(MARKS)
                 if "crdtchat:latest-drawn" in marks:  # pages before the virtual list had no marks
                     drawn.append(marks["crdtchat:latest-drawn"])
+                    connecting.append(marks["crdtchat:connecting"])
                     received.append(marks["crdtchat:relay-state-received"])
                     applied.append(
                         marks["crdtchat:relay-state-applied"]
@@ -150,11 +169,13 @@ def main() -> None:
                 expect(page.locator(".connection")).to_have_text("online, all stored")
                 heaps.append(page.evaluate("performance.memory.usedJSHeapSize") / 2**20)
                 relay.kill()  # from IndexedDB alone now
-                idb_times.append(open_until_shown(page, page.reload, last))
+                wall, cpu = open_until_shown(page, cdp, page.reload, last)
+                idb_times.append(wall)
+                idb_cpu.append(cpu)
                 marks = page.evaluate(MARKS)
                 if "crdtchat:latest-drawn" in marks:
                     idb_drawn.append(marks["crdtchat:latest-drawn"])
-                if page.evaluate("Boolean(window.crdtchat.view)"):
+                if not args.no_scroll and page.evaluate("Boolean(window.crdtchat.view)"):
                     draws, nodes = scroll_back(page)
                     scroll_draws.extend(draws)
                     dom_nodes.append(nodes)
@@ -173,12 +194,18 @@ def main() -> None:
         f"({r / a:.1f}x anchor); page mark {median_ms(drawn)}"
     )
     print(
-        f"  of which: relay's state received at {median_ms(received)}, "
+        f"  of which: connecting at {median_ms(connecting)}, "
+        f"relay's state received at {median_ms(received)}, "
         f"applied in {median_ms(applied)}, drawn {median_ms(painted)} later"
     )
     print(
         f"browser, from IndexedDB: latest on screen in {i * 1000:.0f} ms wall "
         f"({i / a:.1f}x anchor); page mark {median_ms(idb_drawn)}"
+    )
+    cpu_relay, cpu_idb = statistics.median(relay_cpu), statistics.median(idb_cpu)
+    print(
+        f"page main-thread CPU until shown: from the relay {cpu_relay * 1000:.0f} ms, "
+        f"from IndexedDB {cpu_idb * 1000:.0f} ms"
     )
     print(f"JS heap after opening: {statistics.median(heaps):.0f} MiB")
     if scroll_draws:
