@@ -39,7 +39,8 @@ from tests.support.relay import (
     running_relay,
     token,
 )
-from tests.worker.test_worker_relay import WorkerProcess, person, wait_for, watch_all
+from tests.support.replica import person, wait_for, watch_all
+from tests.support.worker import WorkerProcess
 
 DEEP = 20_000  # deep enough to overflow the native stack when rendered
 

@@ -26,6 +26,7 @@ from crdtchat.replica import Backoff, Replica
 from crdtchat.tokens import read_claims_unverified
 from tests.support import JS
 from tests.support.relay import RelayProcess, message_map, raw_client, running_relay, token
+from tests.support.replica import wait_doc
 
 SCRIPT = JS / "relay_peer.mjs"
 NODE = shutil.which("node")
@@ -121,22 +122,6 @@ def text_of(doc: Doc, message_id: str) -> str | None:
         if m["id"] == message_id:
             return str(m["content"])
     return None
-
-
-async def wait_doc(doc: Doc, condition: Any, timeout: float = 20.0) -> None:
-    changed = anyio.Event()
-
-    def wake(_: object) -> None:
-        changed.set()
-
-    subscription = doc.observe(wake)
-    try:
-        with anyio.fail_after(timeout):
-            while not condition():
-                await changed.wait()
-                changed = anyio.Event()
-    finally:
-        doc.unobserve(subscription)
 
 
 @pytest.mark.anyio

@@ -23,8 +23,8 @@ from crdtchat.document import Conversation
 from crdtchat.local_store import LocalStore
 from crdtchat.relay.store import Store, StoreError
 from crdtchat.replica import Backoff, Replica
-from tests.replica.test_replica import wait_doc
 from tests.support.relay import RelayProcess, raw_client, running_relay, token
+from tests.support.replica import wait_doc
 
 ROOM = "disk-1"
 FAST = Backoff(initial=0.05, maximum=0.5)

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from pycrdt import Array, Doc, Map
 from crdtchat.document import Conversation
 from crdtchat.replica import Backoff, Replica, ReplicaStatus
 from tests.support.relay import REPO, RelayProcess, message_map, raw_client, running_relay, token
+from tests.support.replica import wait_doc
 
 ROOM = "conv-1"
 FAST = Backoff(initial=0.05, maximum=0.5)
@@ -58,24 +59,6 @@ def say(doc: Doc, sub: str, message_id: str, text: str) -> None:
 
 def ids(doc: Doc) -> set[str]:
     return {str(m["id"]) for m in messages(doc)}
-
-
-async def wait_doc(doc: Doc, condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Wait for a document condition, woken by the document's own change events."""
-    changed = anyio.Event()
-
-    def wake(_: object) -> None:
-        nonlocal changed
-        changed.set()
-
-    subscription = doc.observe(wake)
-    try:
-        with anyio.fail_after(timeout):
-            while not condition():
-                await changed.wait()
-                changed = anyio.Event()
-    finally:
-        doc.unobserve(subscription)
 
 
 def durable_ids(rep: Replica, local_to_message: dict[int, str]) -> set[str]:

@@ -16,8 +16,8 @@ import pytest
 
 from crdtchat.document import Conversation
 from crdtchat.replica import Backoff, Replica
-from tests.replica.test_replica import wait_doc
 from tests.support.relay import raw_client, running_relay, token
+from tests.support.replica import wait_doc
 
 ROOM = "week-1"
 AWAY_MESSAGES = 1_000

@@ -8,7 +8,7 @@ a scripted stand-in, the external boundary; the worker's own turn logic is the r
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,10 +25,10 @@ from crdtchat.schema import ModelRef, assistant_turn_id
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.blobs import BlobUploader, blob_url
 from crdtchat.tui.link import DetachedLink, ReplicaLink
-from crdtchat.tui.widgets import Line, ThreadView
 from crdtchat.worker.room import unwatch, watch
 from crdtchat.worker.turn import Changes, TurnSettings, serve_turn
 from tests.support.relay import RelayProcess, running_relay, token
+from tests.support.tui import line, submit, thread_texts, until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -55,32 +55,6 @@ class ScriptedModel:
 
 def make_app(conversation: Conversation, device: str = "laptop") -> ChatApp:
     return ChatApp(conversation, DetachedLink(conversation.doc), room="room-1", device=device)
-
-
-def thread_texts(app: ChatApp) -> list[str]:
-    return app.query_one("#thread", ThreadView).texts()
-
-
-def line(app: ChatApp, name: str) -> str:
-    return app.query_one(f"#{name}", Line).text
-
-
-async def until(app: ChatApp, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until `predicate()` holds, re-checking after each redraw of the app."""
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await app.updated.wait()
-    except TimeoutError:
-        screen = {name: line(app, name) for name in ("notice", "presence", "status")}
-        raise AssertionError(f"condition not met; screen: {screen}, {thread_texts(app)}") from None
-
-
-async def submit(pilot, text: str) -> None:  # type: ignore[no-untyped-def]
-    """Put `text` in the composer (as a paste would) and press enter."""
-    pilot.app.query_one("#composer").value = text
-    await pilot.press("enter")
-    await pilot.pause()
 
 
 async def test_sending_appends_a_message_and_clears_the_composer() -> None:

@@ -21,6 +21,7 @@ from crdtchat.tui.main import follow_membership
 from crdtchat.tui.rooms import RoomsApp, relay_share
 from crdtchat.tui.widgets import Line
 from tests.support.relay import RelayProcess, identity_token, raw_client, running_relay
+from tests.support.tui import submit
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 QUICK = Backoff(initial=0.05, maximum=0.2)
@@ -99,13 +100,6 @@ async def test_a_room_shared_with_you_is_added_by_name() -> None:
         assert [(e.room, e.title) for e in rooms.entries()] == [("c-from-bob", "Bob's notes")]
         await command(pilot, "add not/a/room")
         assert "a room name is" in notice(app)
-
-
-async def submit(pilot: Pilot[None], text: str) -> None:
-    """Type `text` into the chat's composer and press enter."""
-    pilot.app.query_one("#composer", Input).value = text
-    await pilot.press("enter")
-    await pilot.pause()
 
 
 async def test_the_chat_follows_the_persons_role_in_the_room() -> None:

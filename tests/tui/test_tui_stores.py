@@ -16,7 +16,7 @@ from crdtchat.tui.app import ChatApp
 from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.main import saved_screen
 from tests.support.relay import RelayProcess, running_relay, token
-from tests.tui.test_tui import line, submit, thread_texts, until
+from tests.support.tui import line, submit, thread_texts, until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -12,23 +12,22 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import pytest
 
 from crdtchat import cli
-from crdtchat.document import Conversation
 from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.providers.openai_chat import OpenAIChatProvider
-from crdtchat.replica import Backoff, Replica
+from crdtchat.replica import Backoff
 from crdtchat.schema import assistant_turn_id
 from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
-from crdtchat.worker.turn import Changes
 from tests.support.relay import REPO, SECRET, RelayProcess, running_relay, token
+from tests.support.replica import person, wait_for, watch_all
 
 pytestmark = pytest.mark.anyio
 
@@ -41,29 +40,6 @@ def refusing_url() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield f"ws://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@asynccontextmanager
-async def person(relays: Sequence[str], room: str) -> AsyncIterator[Conversation]:
-    conversation = Conversation(author="alice")
-    async with Replica(
-        relays, room, token(room, "writer", "alice"), doc=conversation.doc, backoff=FAST
-    ) as replica:
-        await replica.wait_until(lambda status: status.synced, timeout=20)
-        yield conversation
-
-
-def watch_all(conversation: Conversation) -> Changes:
-    changes = Changes()
-    conversation.view.on_change(changes.notify)
-    conversation.streams.observe_deep(changes.notify)
-    return changes
-
-
-async def wait_for(condition: Callable[[], bool], changes: Changes, timeout: float) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await changes.wait()
 
 
 async def test_worker_command_with_a_dead_relay_first_answers_on_the_live_one(
@@ -90,7 +66,7 @@ async def test_worker_command_with_a_dead_relay_first_answers_on_the_live_one(
         with open(tmp_path / "worker.log", "wb") as log:
             worker = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
         try:
-            async with person([live.ws_base], "asked") as alice:
+            async with person([live.ws_base], "asked", backoff=FAST) as alice:
                 changes = watch_all(alice)
                 question = alice.append("user", "is anyone there")
                 answer_id = assistant_turn_id(question.id, 1)
@@ -130,7 +106,7 @@ async def test_worker_feed_moves_to_the_next_relay_when_its_relay_dies(tmp_path:
             async with anyio.create_task_group() as workers:
                 workers.start_soon(run_worker, config, providers)
                 for relay, room in ((a, "on-a"), (b, "on-b")):
-                    async with person([relay.ws_base], room) as alice:
+                    async with person([relay.ws_base], room, backoff=FAST) as alice:
                         changes = watch_all(alice)
                         question = alice.append("user", f"a question in {room}")
                         answer_id = assistant_turn_id(question.id, 1)

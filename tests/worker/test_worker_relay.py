@@ -7,13 +7,7 @@ websockets, and the model is the loopback OpenAI server (Chat Completions).
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -21,39 +15,17 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from crdtchat.document import Conversation
 from crdtchat.loopback.openai_server import OpenAILoopback
 from crdtchat.providers.openai_chat import OpenAIChatProvider
-from crdtchat.replica import Replica
 from crdtchat.schema import assistant_turn_id
 from crdtchat.worker.feed import FEED_PATH, decode_room_names
 from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
-from crdtchat.worker.turn import Changes
-from tests.support.relay import REPO, SECRET, running_relay, token
+from tests.support.relay import running_relay, token
+from tests.support.replica import person, wait_for, watch_all
+from tests.support.worker import WorkerProcess
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def person(relay_url: str, room: str, sub: str = "alice") -> AsyncIterator[Conversation]:
-    conversation = Conversation(author=sub)
-    async with Replica(relay_url, room, token(room, "writer", sub), doc=conversation.doc) as r:
-        await r.wait_until(lambda status: status.synced, timeout=10)
-        yield conversation
-
-
-def watch_all(conversation: Conversation) -> Changes:
-    changes = Changes()
-    conversation.view.on_change(changes.notify)
-    conversation.streams.observe_deep(changes.notify)
-    return changes
-
-
-async def wait_for(condition: Callable[[], bool], changes: Changes, timeout: float) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await changes.wait()
 
 
 async def test_room_feed_is_for_workers_and_lists_rooms_that_wait(tmp_path: Path) -> None:
@@ -106,54 +78,6 @@ async def test_room_feed_is_for_workers_and_lists_rooms_that_wait(tmp_path: Path
             bob.append("user", "anyone?")
             with anyio.fail_after(10):
                 assert decode_room_names(await feed.recv()) == ["r2"]
-
-
-class WorkerProcess:
-    """`crdtchat worker` as a subprocess that the test can SIGKILL and start again."""
-
-    def __init__(self, sub: str, relay_port: int, model_url: str, log_dir: Path) -> None:
-        self.sub = sub
-        self.env = {
-            **os.environ,
-            "CRDTCHAT_TOKEN": token("*", "worker", sub),
-            "CRDTCHAT_SECRET": SECRET,
-            "OPENAI_BASE_URL": model_url,
-            "OPENAI_API_KEY": "test",
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.args = [
-            sys.executable,
-            "-m",
-            "crdtchat.cli",
-            "worker",
-            "--relay",
-            f"ws://127.0.0.1:{relay_port}",
-            "--provider",
-            "openai-chat",
-            "--lease-ttl",
-            "1.5",
-            "--idle-after",
-            "3",
-        ]
-        self.log_path = log_dir / f"{sub}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=log, stderr=log)
-
-    def kill_and_restart(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.kills += 1
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
 
 
 async def test_three_workers_killed_mid_reply_give_exactly_one_reply_each(tmp_path: Path) -> None:
