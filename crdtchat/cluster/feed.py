@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from crdtchat.cluster.connection import ClusterConnection
 from crdtchat.cluster.errors import ClusterError
 from crdtchat.cluster.names import room_from_token, room_token
+from crdtchat.cluster.roomlog import retry_transient
 
 _STREAM_NAME_IN_USE = 10058
 
@@ -108,7 +109,7 @@ class WaitingFeed:
 
     async def watch(self, *, initial_only: bool = False) -> AsyncIterator[FeedChange]:
         """Every room's state now, then (unless `initial_only`) each change as it is written."""
-        watcher = await self.kv.watchall()
+        watcher = await retry_transient(self.kv.watchall, "feed: cannot watch the bucket")
         try:
             async for entry in watcher:
                 if entry is None:  # the end of the current values

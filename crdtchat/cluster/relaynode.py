@@ -196,7 +196,10 @@ class ClusterStore:
         return future
 
     async def waiting_rooms(self) -> list[str]:
-        return sorted(await self.node.feed.waiting_rooms())
+        try:
+            return sorted(await self.node.feed.waiting_rooms())
+        except ClusterError as exc:
+            raise StoreError(str(exc)) from exc
 
     def forget(self, room: str) -> None:
         self.rooms.pop(room, None)

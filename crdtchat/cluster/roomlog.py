@@ -30,8 +30,9 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -55,6 +56,9 @@ _LAST_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")
 # How often a follower's consumer proves it is alive; two missed beats re-create it.
 FOLLOW_HEARTBEAT = 1.0
 RETRY_PAUSE = 0.1
+# How long a read waits out an election or a restarting server before giving up.
+READ_DEADLINE = 15.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,26 +112,26 @@ class RoomLog:
 
     async def last_seq(self, room: str) -> int:
         """The room subject's last sequence: what an append must name to be accepted."""
+        subject = self.names.room_subject(room)
         try:
-            message = await self.connection.js.get_last_msg(
-                self.names.stream, self.names.room_subject(room)
+            message = await retry_transient(
+                lambda: self.connection.js.get_last_msg(self.names.stream, subject),
+                f"room {room}: cannot read its last sequence",
             )
         except nats.js.errors.NotFoundError:
             return 0
-        except nats.errors.Error as exc:
-            raise ClusterError(f"room {room}: cannot read its last sequence: {exc}") from exc
         return message.seq or 0
 
     async def last_entry(self, room: str) -> LogEntry | None:
         """The room subject's last message (None for an empty room)."""
+        subject = self.names.room_subject(room)
         try:
-            message = await self.connection.js.get_last_msg(
-                self.names.stream, self.names.room_subject(room)
+            message = await retry_transient(
+                lambda: self.connection.js.get_last_msg(self.names.stream, subject),
+                f"room {room}: cannot read its last message",
             )
         except nats.js.errors.NotFoundError:
             return None
-        except nats.errors.Error as exc:
-            raise ClusterError(f"room {room}: cannot read its last message: {exc}") from exc
         headers = message.headers or {}
         snapshot = headers.get(KIND_HEADER) == SNAPSHOT
         return LogEntry(
@@ -265,17 +269,18 @@ class Follower:
             config = ConsumerConfig(opt_start_seq=self.seq + 1)
         else:
             policy, config = DeliverPolicy.ALL, ConsumerConfig()
-        try:
-            self._subscription = await self.log.connection.js.subscribe(
+        js = self.log.connection.js
+        self._subscription = await retry_transient(
+            lambda: js.subscribe(
                 names.room_subject(self.room),
                 stream=names.stream,
                 ordered_consumer=True,
                 idle_heartbeat=FOLLOW_HEARTBEAT,
                 deliver_policy=policy,
                 config=config,
-            )
-        except nats.errors.Error as exc:
-            raise ClusterError(f"room {self.room}: cannot follow: {exc}") from exc
+            ),
+            f"room {self.room}: cannot follow",
+        )
 
     async def close(self) -> None:
         self.log.metrics.consumer_lag.pop(self.room, None)
@@ -320,6 +325,28 @@ class Follower:
     async def _iterate(self) -> AsyncIterator[LogEntry]:
         while True:
             yield await self.next()
+
+
+async def retry_transient(
+    call: Callable[[], Awaitable[T]], what: str, deadline: float = READ_DEADLINE
+) -> T:
+    """`call()`, again while NATS answers nothing or "unavailable" (an election, a server
+    restarting), until `deadline` seconds; then ClusterError. Reads only: they repeat safely."""
+    give_up = time.monotonic() + deadline
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.NotFoundError:
+            raise
+        except nats.js.errors.APIError as exc:
+            if not _transient(exc) or time.monotonic() > give_up:
+                raise ClusterError(f"{what}: {exc.description}") from exc
+        except nats.errors.ConnectionClosedError as exc:
+            raise ClusterError(f"{what}: the NATS connection is closed") from exc
+        except nats.errors.Error as exc:
+            if time.monotonic() > give_up:
+                raise ClusterError(f"{what}: {exc}") from exc
+        await asyncio.sleep(RETRY_PAUSE)
 
 
 def _transient(exc: nats.js.errors.APIError) -> bool:
