@@ -123,3 +123,51 @@ async def test_a_reply_streamed_through_dying_nodes_completes_once(
         replies = [m for m in reader.current_thread() if m.role == "assistant"]
         assert [m.parent for m in replies] == [question.id, follow_up.id]
         assert all(m.status == "complete" for m in replies)
+
+
+async def test_two_nodes_writing_one_room_at_once_lose_nothing(
+    nodes: list[RelayProcess],
+) -> None:
+    """Concurrent writers on nodes A and B: conflicts fail the room on one node (its peers
+    reconnect and resend), and in the end every message of both is stored once."""
+    a, b, _ = nodes
+    room = "contended"
+    people = {"alice": Conversation(author="alice"), "bob": Conversation(author="bob")}
+    async with (
+        Replica(
+            [a.ws_base, b.ws_base],
+            room,
+            token(room, "writer", "alice"),
+            doc=people["alice"].doc,
+            backoff=FAST,
+        ) as alice,
+        Replica(
+            [b.ws_base, a.ws_base],
+            room,
+            token(room, "writer", "bob"),
+            doc=people["bob"].doc,
+            backoff=FAST,
+        ) as bob,
+    ):
+        for replica in (alice, bob):
+            await replica.wait_until(lambda status: status.synced, timeout=30)
+
+        async def write(name: str) -> None:
+            for index in range(25):
+                people[name].append("user", f"{name}-{index}", parent=None)
+                await anyio.sleep(0.01)  # a person typing, not a flood
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write, "alice")
+            group.start_soon(write, "bob")
+        for replica in (alice, bob):
+            await replica.wait_until(
+                lambda status: status.synced and status.pending == 0, timeout=90
+            )
+    reader = Conversation(author="reader")
+    async with Replica(
+        [b.ws_base], room, token(room, "reader", "carol"), doc=reader.doc, backoff=FAST
+    ) as fresh:
+        await fresh.wait_until(lambda status: status.synced, timeout=30)
+    contents = sorted(message.content for message in reader.all_messages())
+    assert contents == sorted(f"{n}-{i}" for n in ("alice", "bob") for i in range(25))
