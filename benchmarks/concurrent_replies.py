@@ -206,6 +206,7 @@ class Observed:
     """What one device's screen received for one reply."""
 
     latencies_ms: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # the stamps, beside latencies_ms
     seen: set[bytes] = field(default_factory=set)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -216,6 +217,7 @@ class Observed:
             if stamp not in self.seen:
                 self.seen.add(stamp)
                 self.latencies_ms.append((arrived - float(stamp)) * 1e3)
+                self.sent_at.append(float(stamp))
         if b"complete" in payload:
             self.complete.set()
 
@@ -228,6 +230,23 @@ class Phase:
     cpu: dict[str, float]
     seconds: float
     latencies_ms: list[float]
+    # (seconds from the questions going out to the token's send stamp, latency ms)
+    timeline: list[tuple[float, float]] = field(default_factory=list)
+
+    def over_time(self, bucket: float = 0.5) -> str:
+        """p50/p99/max of the tokens sent in each `bucket` seconds: where the tail comes from."""
+        buckets: dict[int, list[float]] = {}
+        for at, ms in self.timeline:
+            buckets.setdefault(int(at // bucket), []).append(ms)
+        lines = [f"{self.name}, by send time:  from s  tokens  p50 ms  p99 ms  max ms"]
+        for index in sorted(buckets):
+            values = sorted(buckets[index])
+            lines.append(
+                f"{'':>24}{index * bucket:>6.1f} {len(values):>7} "
+                f"{percentile(values, 0.5):>7.1f} {percentile(values, 0.99):>7.1f} "
+                f"{values[-1]:>7.1f}"
+            )
+        return "\n".join(lines)
 
     def cpu_us_per_token(self, process: str) -> float:
         return self.cpu[process] / max(self.tokens, 1) * 1e6
@@ -353,7 +372,7 @@ async def crdtchat_phase(
         finally:
             for client in clients:
                 client.close()
-    return collect("crdtchat", n, tokens, observed, cpu, seconds)
+    return collect("crdtchat", n, tokens, observed, cpu, seconds, started)
 
 
 def open_log(work: Path) -> Any:
@@ -387,17 +406,28 @@ async def floor_phase(n: int, tokens: int, proxy_url: str, proxy_pid: int, timeo
     finally:
         for client in clients:
             client.close()
-    return collect("floor", n, tokens, dict(enumerate(observed)), cpu, seconds)
+    return collect("floor", n, tokens, dict(enumerate(observed)), cpu, seconds, started)
 
 
 def collect(
-    name: str, n: int, tokens: int, observed: dict[Any, Observed], cpu: dict[str, float], s: float
+    name: str,
+    n: int,
+    tokens: int,
+    observed: dict[Any, Observed],
+    cpu: dict[str, float],
+    s: float,
+    started: float,
 ) -> Phase:
     latencies = sorted(ms for watch in observed.values() for ms in watch.latencies_ms)
+    timeline = [
+        (at - started, ms)
+        for watch in observed.values()
+        for at, ms in zip(watch.sent_at, watch.latencies_ms, strict=True)
+    ]
     delivered = sum(len(watch.seen) for watch in observed.values())
     if delivered != n * tokens:
         print(f"{name}: {delivered} tokens seen, expected {n * tokens}", file=sys.stderr)
-    return Phase(name, n, delivered, cpu, s, latencies)
+    return Phase(name, n, delivered, cpu, s, latencies, timeline)
 
 
 # ---------------------------------------------------------------- the run
@@ -464,6 +494,8 @@ async def run(args: argparse.Namespace) -> None:
                         f"load {load()}",
                         flush=True,
                     )
+                    if args.over_time:
+                        print(phase.over_time(), flush=True)
                 return
             with child(
                 [sys.executable, here, "--serve-proxy", openai_url],
@@ -482,6 +514,8 @@ async def run(args: argparse.Namespace) -> None:
                     print(f"round {round_ + 1}: floor, load {load()}", file=sys.stderr)
                     floor = await floor_phase(n, k, proxy_url, proxy.pid, args.timeout)
                     pairs.append((ours, floor))
+                    if args.over_time:
+                        print(f"{ours.over_time()}\n{floor.over_time()}", flush=True)
         print(
             f"\n{args.conversations} conversations x {args.tokens} tokens at {args.rate:g} "
             f"tokens/s each, flush every {FLUSH_SECONDS * 1e3:.0f} ms; load after: {load()}"
@@ -515,6 +549,9 @@ def cli() -> None:
     parser.add_argument("--workers", type=int, default=1, help="crdtchat worker processes")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", type=Path, help="--limit runs: py-spy the worker to FILE")
+    parser.add_argument(
+        "--over-time", action="store_true", help="latency by send time, per phase: the tail's when"
+    )
     parser.add_argument("--work", type=Path, help="keep logs and stores here (default: a temp dir)")
     parser.add_argument(
         "--limit",
