@@ -197,17 +197,6 @@ class RelaySubprocess:
         if self.proc is not None:
             stop_process(self.proc, timeout)
 
-    def __enter__(self) -> Self:
-        return self.start() if not self.running else self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 @dataclass
 class ManagedProcess:

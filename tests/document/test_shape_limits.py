@@ -406,7 +406,7 @@ async def test_worker_serving_every_room_answers_beside_a_poisoned_one(tmp_path:
         OpenAILoopback() as model,
     ):
         base = f"ws://127.0.0.1:{relay.port}"
-        worker = WorkerProcess("worker-1", relay.port, model.base_url, tmp_path)
+        worker = WorkerProcess("worker-1", relay.ws_base, model.base_url, tmp_path)
         async with person(base, "poisoned", "alice") as alice, person(base, "fine", "bob") as bob:
             with alice.doc.transaction():
                 alice.settings_map["deep"] = top = Map()

@@ -15,7 +15,17 @@ from tests.support.relay import SECRET, token
 class WorkerProcess:
     """`crdtchat worker` as a subprocess that the test can SIGKILL and start again."""
 
-    def __init__(self, sub: str, relay_port: int, model_url: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        sub: str,
+        relays: str,
+        model_url: str,
+        log_dir: Path,
+        *,
+        lease_ttl: float | None = 1.5,
+        idle_after: float = 3.0,
+    ) -> None:
+        """`relays`: the `--relay` value (one base URL or a comma-separated list)."""
         self.sub = sub
         self.env = {
             **os.environ,
@@ -27,18 +37,11 @@ class WorkerProcess:
         }
         self.args = [
             sys.executable,
-            "-m",
-            "crdtchat.cli",
-            "worker",
-            "--relay",
-            f"ws://127.0.0.1:{relay_port}",
-            "--provider",
-            "openai-chat",
-            "--lease-ttl",
-            "1.5",
-            "--idle-after",
-            "3",
+            *("-m", "crdtchat.cli", "worker", "--provider", "openai-chat"),
+            *("--relay", relays, "--idle-after", f"{idle_after:g}"),
         ]
+        if lease_ttl is not None:
+            self.args += ["--lease-ttl", f"{lease_ttl:g}"]
         self.log_path = log_dir / f"{sub}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0

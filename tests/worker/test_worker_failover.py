@@ -8,10 +8,7 @@ subprocess where the command line is what is shown, in-process (`run_worker`) ot
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +23,9 @@ from crdtchat.replica import Backoff
 from crdtchat.schema import assistant_turn_id
 from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
-from tests.support.relay import REPO, SECRET, RelayProcess, running_relay, token
+from tests.support.relay import RelayProcess, running_relay, token
 from tests.support.replica import person, wait_for, watch_all
+from tests.support.worker import WorkerProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -50,21 +48,15 @@ async def test_worker_command_with_a_dead_relay_first_answers_on_the_live_one(
         running_relay(tmp_path / "live") as live,
         OpenAILoopback() as model,
     ):
-        env = {
-            **os.environ,
-            "CRDTCHAT_TOKEN": token("*", "worker", "worker-1"),
-            "CRDTCHAT_SECRET": SECRET,
-            "OPENAI_BASE_URL": model.base_url,
-            "OPENAI_API_KEY": "test",
-            "PYTHONUNBUFFERED": "1",
-        }
-        command = [
-            sys.executable,
-            *("-m", "crdtchat.cli", "worker", "--provider", "openai-chat"),
-            *("--relay", f"{dead},{live.ws_base}", "--idle-after", "2"),
-        ]
-        with open(tmp_path / "worker.log", "wb") as log:
-            worker = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+        worker = WorkerProcess(
+            "worker-1",
+            f"{dead},{live.ws_base}",
+            model.base_url,
+            tmp_path,
+            lease_ttl=None,
+            idle_after=2,
+        )
+        worker.start()
         try:
             async with person([live.ws_base], "asked", backoff=FAST) as alice:
                 changes = watch_all(alice)
@@ -75,9 +67,8 @@ async def test_worker_command_with_a_dead_relay_first_answers_on_the_live_one(
                 assert answer.author == "worker-1" and answer.status == "complete"
                 assert "is anyone there" in answer.content
         finally:
-            worker.kill()
-            worker.wait()
-        assert f"room feed at {dead} unavailable" in (tmp_path / "worker.log").read_text()
+            worker.stop()
+        assert f"room feed at {dead} unavailable" in worker.log_path.read_text()
 
 
 async def test_worker_feed_moves_to_the_next_relay_when_its_relay_dies(tmp_path: Path) -> None:

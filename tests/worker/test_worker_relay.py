@@ -85,7 +85,7 @@ async def test_three_workers_killed_mid_reply_give_exactly_one_reply_each(tmp_pa
     turns = 8
     with running_relay(tmp_path / "data") as relay, OpenAILoopback(event_delay=0.05) as model:
         workers = [
-            WorkerProcess(f"worker-{n}", relay.port, model.base_url, tmp_path) for n in (1, 2, 3)
+            WorkerProcess(f"worker-{n}", relay.ws_base, model.base_url, tmp_path) for n in (1, 2, 3)
         ]
         for worker in workers:
             worker.start()
