@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -42,10 +43,17 @@ from crdtchat.relay.metrics import Metrics
 from crdtchat.relay.protocol import Action, Broadcast
 from crdtchat.relay.room import Room, RoomManager, RoomState
 from crdtchat.relay.store import StoredRoom, StoreError
-from crdtchat.wire import MESSAGE_AWARENESS, AwarenessMessage, decode_frame
+from crdtchat.wire import (
+    MESSAGE_AWARENESS,
+    AwarenessEntry,
+    AwarenessMessage,
+    decode_frame,
+    encode_awareness,
+)
 from crdtchat.worker.feed import encode_room_waiting
 
 log = logging.getLogger("crdtchat.cluster.relay")
+COMPACT = (",", ":")  # JSON as y-protocols writes it
 AWARENESS_TAG = bytes([MESSAGE_AWARENESS])  # the first byte of an encoded awareness message
 # Roll-ups by other nodes a publish waits out before it counts as a conflict.
 MAX_ROLLUPS_SKIPPED = 5
@@ -224,6 +232,19 @@ class ClusterRoomShell(Room):
                             self.store.node.presence.publish(self.name, message.payload)
                         )
 
+    def answer_presence_query(self) -> None:
+        """Another node loaded this room: publish the presence of this node's own peers."""
+        core = self.core
+        states, meta = core.awareness.states, core.awareness.meta
+        entries = [
+            AwarenessEntry(cid, int(meta[cid]["clock"]), json.dumps(states[cid], separators=COMPACT))
+            for cid in core.awareness_owners
+            if cid in states and cid in meta
+        ]
+        if entries:
+            payload = encode_awareness(entries)
+            self.store.spawn(self.store.node.presence.publish(self.name, payload))
+
     def apply_remote_presence(self, update: bytes) -> None:
         """Presence from another node's peers (or their removal when that node died)."""
         self._applying_remote_presence = True
@@ -303,9 +324,11 @@ async def relay_presence(node: ClusterNode, rooms: RoomManager) -> None:
     """Hand presence from other nodes (and removals for nodes gone silent) to loaded rooms."""
     async for event in node.presence.events():
         room = rooms.rooms.get(event.room)
-        if event.query or not isinstance(room, ClusterRoomShell):
-            continue  # a query: this node's peers renew their presence within 15 s anyway
-        if room.state is RoomState.OPEN:
+        if not isinstance(room, ClusterRoomShell) or room.state is not RoomState.OPEN:
+            continue
+        if event.query:
+            room.answer_presence_query()
+        else:
             room.apply_remote_presence(event.update)
 
 

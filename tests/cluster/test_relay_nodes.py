@@ -132,6 +132,9 @@ async def test_presence_crosses_nodes_and_clears_when_a_node_dies(
                 with anyio.move_on_after(0.5):
                     await bob.wait_for(lambda: 77 in bob.awareness)
         assert json.loads(bob.awareness[77][1]) == state
+        # A node that loads the room later asks the others: carol on node C sees alice at once.
+        async with raw_client(url(nodes[2], "carol")) as carol:
+            await carol.wait_for(lambda: 77 in carol.awareness, timeout=10)
         a.kill()  # node A dies: its heartbeat stops, and node B drops A's peers within seconds
         killed = time.monotonic()
         await bob.wait_for(lambda: bob.awareness[77][1] == "null", timeout=15)
