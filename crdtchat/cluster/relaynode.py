@@ -237,9 +237,9 @@ class ClusterRoomShell(Room):
         core = self.core
         states, meta = core.awareness.states, core.awareness.meta
         entries = [
-            AwarenessEntry(cid, int(meta[cid]["clock"]), json.dumps(states[cid], separators=COMPACT))
+            AwarenessEntry(cid, int(meta[cid]["clock"]), json.dumps(state, separators=COMPACT))
             for cid in core.awareness_owners
-            if cid in states and cid in meta
+            if (state := states.get(cid)) is not None and cid in meta
         ]
         if entries:
             payload = encode_awareness(entries)
