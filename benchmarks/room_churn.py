@@ -18,6 +18,7 @@ against the first row, is what the loads left behind.
 
     .venv/bin/python benchmarks/room_churn.py --loads 20000 --rooms 2000
     .venv/bin/python benchmarks/room_churn.py --loads 20000 --without structure
+    .venv/bin/python benchmarks/room_churn.py --cost-of 0 10 40   # a loaded room's memory
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ctypes
 import gc
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -223,10 +225,10 @@ async def churn(args: argparse.Namespace, data: Path) -> None:
     print(f"parts: {used_parts}; {args.rooms} rooms, {args.loaded} loaded at once", flush=True)
     print(
         "| loads | mean room KiB | RSS MiB, rooms loaded | after malloc_trim | "
-        "all unloaded, trimmed | vs first | malloc in use | malloc free | SQLite's heap MiB | "
-        "Python blocks | s |"
+        "all unloaded | trimmed (ms to trim) | vs first | malloc in use | malloc free | "
+        "SQLite's heap MiB | Python blocks | s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     async with Store(data) as store:
         used: AnyStore = store if "store" in parts else MemoryStore()
         if args.messages:
@@ -255,14 +257,19 @@ async def churn(args: argparse.Namespace, data: Path) -> None:
             while loaded:  # what stays once every room is gone is what a load leaves behind
                 await loaded.popleft().unload(used)
             gc.collect()
+            drained_untrimmed = rss_mib()
+            trim_started = time.perf_counter()
             trim()
+            trim_ms = (time.perf_counter() - trim_started) * 1000
             drained = rss_mib()
             in_use, free = malloc_in_use_and_free()
             if first is None:
                 first, first_regions = drained, regions()
             print(
                 f"| {load} | {sum(sizes) / len(sizes) / 1024:.1f} | {with_rooms:.1f} | "
-                f"{with_rooms_trimmed:.1f} | {drained:.1f} | {drained - first:+.1f} | "
+                f"{with_rooms_trimmed:.1f} | {drained_untrimmed:.1f} | "
+                f"{drained:.1f} ({trim_ms:.1f}) | "
+                f"{drained - first:+.1f} | "
                 f"{in_use:.1f} | {free:.1f} | "
                 f"{SQLITE.sqlite3_memory_used() / 2**20:.2f} | {sys.getallocatedblocks()} | "
                 f"{time.monotonic() - started:.0f} |",
@@ -271,6 +278,52 @@ async def churn(args: argparse.Namespace, data: Path) -> None:
             sizes.clear()
         if args.regions and first is not None:
             print_region_growth(first_regions, regions())
+
+
+def loaded_cost(messages: int, rooms: int, parts: set[str]) -> float:
+    """KiB of resident memory per loaded room of `messages` messages (`parts` of it held),
+    measured in this process: run it in a fresh one (`--cost-of`)."""
+    states = [room_state(messages) for _ in range(rooms)]
+    feed = WaitingFeed(MemoryStore())  # type: ignore[arg-type]
+    gc.collect()
+    before = rss_mib()
+    held: list[object] = []
+    for index, state in enumerate(states):
+        live = LiveDoc(state)
+        if "structure" in parts:
+            live.adopt_structure(build_structure(state))
+        held.append(live)
+        if "watch" in parts:
+            watch = WaitingWatch(f"room-{index}", feed)
+            watch.check(live.doc)
+            held.append(watch)
+        if "awareness" in parts:
+            held.append(Awareness(Doc()))
+    gc.collect()
+    return (rss_mib() - before) * 1024 / rooms
+
+
+def print_loaded_costs(args: argparse.Namespace) -> None:
+    """What a loaded room costs by its number of messages, each figure in a fresh process."""
+    variants = [("doc",), ("doc", "structure"), ("doc", "watch"), PARTS]
+    print(f"resident KiB per loaded room ({args.loaded} rooms), by messages in it")
+    print("| parts | " + " | ".join(f"{n} messages" for n in args.cost_of) + " | per message |")
+    print("|---|" + "---:|" * (len(args.cost_of) + 1), flush=True)
+    for variant in variants:
+        costs = []
+        for messages in args.cost_of:
+            code = (
+                "import sys; from benchmarks.room_churn import loaded_cost; "
+                f"print(loaded_cost({messages}, {args.loaded}, {set(variant)!r}))"
+            )
+            result = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            )
+            costs.append(float(result.stdout.split()[-1]))
+        slope = (costs[-1] - costs[0]) / max(1, args.cost_of[-1] - args.cost_of[0])
+        label = "all" if variant == PARTS else " + ".join(variant)
+        cells = " | ".join(f"{cost:.1f}" for cost in costs)
+        print(f"| {label} | {cells} | {slope:.2f} |", flush=True)
 
 
 def rss_mib() -> float:
@@ -290,7 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--regions", action="store_true", help="print growth by mapping")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--cost-of",
+        type=int,
+        nargs="*",
+        default=[],
+        help="instead: memory per loaded room of these many messages, part by part",
+    )
     args = parser.parse_args(argv)
+    if args.cost_of:
+        print_loaded_costs(args)
+        return 0
     with tempfile.TemporaryDirectory(prefix="crdtchat-churn-") as tmp:
         asyncio.run(churn(args, Path(tmp) / "data"))
     return 0

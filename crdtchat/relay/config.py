@@ -25,6 +25,7 @@ class RelayConfig:
     rate_bytes: float = 64 * MIB  # per connection: sustained bytes per second (burst: 2 frames)
     idle_unload: float = 60.0  # seconds a room without connections stays in memory
     max_rooms: int = 10_000  # rooms loaded at once; then idle ones are unloaded early (§7.6)
+    trim_interval: float = 60.0  # give freed memory back after a room unload, at most this often
     compact_updates: int = 1000  # compact a room's log after this many updates ...
     compact_min_bytes: int = 256 * 1024  # ... or this many bytes, or its snapshot's size
     max_blob: int = 64 * MIB

@@ -29,6 +29,7 @@ from crdtchat.relay.blobs import BlobStore
 from crdtchat.relay.config import RelayConfig
 from crdtchat.relay.connections import Relay
 from crdtchat.relay.feed import WaitingFeed
+from crdtchat.relay.heap import HeapTrimmer
 from crdtchat.relay.http import HttpEndpoints, HttpLimits, connection_class
 from crdtchat.relay.keepalive import keep_alive
 from crdtchat.relay.metrics import Metrics
@@ -83,6 +84,7 @@ async def run_relay(
     ):
         feed = WaitingFeed(store)
         rooms = RoomManager(store, metrics, config, feed)
+        rooms.after_unload = HeapTrimmer(config.trim_interval).room_unloaded
         await tg.start(rooms.run)
         # /healthz answers 503 while the store cannot write (store.health says why)
         await _serve(config, stop, on_listening, tg, rooms, blobs, metrics, feed, store.health)

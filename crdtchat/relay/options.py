@@ -11,6 +11,11 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
     "byte_rate": ("rate_bytes", float, "sustained bytes per second per connection"),
     "idle_unload": ("idle_unload", float, "seconds an unused room stays in memory"),
     "max_rooms": ("max_rooms", int, "rooms loaded at once (then idle ones unload early)"),
+    "trim_interval": (
+        "trim_interval",
+        float,
+        "seconds between giving freed memory back to the system after room unloads (0: never)",
+    ),
     "ping_interval": ("ping_interval", float, "seconds between keepalive pings"),
     "compact_updates": ("compact_updates", int, "compact a room's log after this many updates"),
     "compact_bytes": ("compact_min_bytes", int, "... or after this many bytes"),

@@ -501,6 +501,9 @@ class RoomManager:
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
         self._closed = anyio.Event()
+        # Called with the number of rooms left once a room is gone (the relay gives freed
+        # memory back: crdtchat.relay.heap).
+        self.after_unload: Callable[[int], None] | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -570,3 +573,5 @@ class RoomManager:
             self.metrics.rooms = len(self.rooms)
             room.ready.set()
             room.finished.set()
+            if self.after_unload is not None:
+                self.after_unload(len(self.rooms))
