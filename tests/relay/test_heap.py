@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 
 from crdtchat.relay.heap import HeapTrimmer
-from tests.relay.test_leaks import rss_bytes
+from tests.support.memory import rss_bytes
 
 
 def test_a_trim_gives_back_what_was_freed_between_live_allocations() -> None:

@@ -25,6 +25,7 @@ from crdtchat.relay.livedoc import Accepted, LiveDoc, Refused
 from crdtchat.replica import Replica
 from crdtchat.schema import assistant_turn_id
 from crdtchat.wire import AuthDenied
+from tests.support.memory import rss_bytes
 from tests.support.relay import (
     RawClient,
     declare_roots,
@@ -38,15 +39,6 @@ ROUNDS = 5_000
 RELAY_ROOMS = 1_500
 # Before the fix one iteration kept 12-90 KB (issue 12); 5,000 of them are 60-450 MB.
 RSS_BOUND = 24 * 1024 * 1024
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size from /proc (VmRSS), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/<pid>/status")
 
 
 def room_state(messages: int = 20) -> bytes:
