@@ -40,6 +40,7 @@ from crdtchat.providers.hosted import (
     HttpFailure,
     Recovery,
     describe_failure,
+    event_object,
     stream_call,
 )
 from crdtchat.providers.retry import RetryableStreamError
@@ -279,12 +280,7 @@ class MessagesStreamParser:
     def feed(self, event: SSEEvent) -> list[TurnEvent]:
         if self._done:
             return []
-        try:
-            data = json.loads(event.data)
-        except ValueError as exc:
-            raise RetryableStreamError(f"malformed event data: {exc}") from exc
-        if not isinstance(data, dict):
-            raise RetryableStreamError("event data is not a JSON object")
+        data = event_object(event)
         kind = data.get("type") or event.event
         handler = _HANDLERS.get(kind)
         return handler(self, data) if handler is not None else []

@@ -92,6 +92,18 @@ class Recovery:
     body: dict[str, Any]
 
 
+def event_object(event: SSEEvent, what: str = "event data") -> dict[str, Any]:
+    """The JSON object an SSE event carries. A stream cut or garbled mid-event is retried
+    (RetryableStreamError), as every hosted API's stream is read the same way."""
+    try:
+        data = json.loads(event.data)
+    except ValueError as exc:
+        raise RetryableStreamError(f"malformed {what}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RetryableStreamError(f"{what} is not a JSON object")
+    return data
+
+
 def _is_event_stream(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
 

@@ -8,7 +8,6 @@ thread is sent every time; servers with prefix caching report the saving as
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from crdtchat.providers.base import (
     TurnRequest,
     Usage,
 )
-from crdtchat.providers.hosted import HostedProvider, describe_failure, stream_call
+from crdtchat.providers.hosted import HostedProvider, describe_failure, event_object, stream_call
 from crdtchat.providers.retry import RetryableStreamError
 from crdtchat.providers.sse import SSEEvent
 from crdtchat.providers.wire import message_text, pick_params, tool_parameters
@@ -151,12 +150,7 @@ class ChatStreamParser:
             return []
         if event.data.strip() == "[DONE]":
             return self._finish_turn()
-        try:
-            chunk = json.loads(event.data)
-        except ValueError as exc:
-            raise RetryableStreamError(f"malformed chunk: {exc}") from exc
-        if not isinstance(chunk, dict):
-            raise RetryableStreamError("chunk is not a JSON object")
+        chunk = event_object(event, "chunk")
         if isinstance(chunk.get("error"), dict):
             err = chunk["error"]
             self._done = True

@@ -22,7 +22,6 @@ to the exact provider, api and model that made them).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +41,7 @@ from crdtchat.providers.hosted import (
     HttpFailure,
     Recovery,
     describe_failure,
+    event_object,
     stream_call,
 )
 from crdtchat.providers.retry import RetryableStreamError
@@ -236,12 +236,7 @@ class ResponsesStreamParser:
     def feed(self, event: SSEEvent) -> list[TurnEvent]:
         if self._done or event.data == "[DONE]":
             return []
-        try:
-            data = json.loads(event.data)
-        except ValueError as exc:
-            raise RetryableStreamError(f"malformed event data: {exc}") from exc
-        if not isinstance(data, dict):
-            raise RetryableStreamError("event data is not a JSON object")
+        data = event_object(event)
         kind = data.get("type") or event.event
         handler = _HANDLERS.get(kind)
         return handler(self, data) if handler is not None else []
