@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import email.utils
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from crdtchat.providers.anthropic_messages import MessagesStreamParser
 from crdtchat.providers.base import ProviderError
+from crdtchat.providers.openai_chat import ChatStreamParser
+from crdtchat.providers.openai_responses import ResponsesStreamParser
 from crdtchat.providers.registry import PROVIDER_NAMES, make_provider
-from crdtchat.providers.retry import RetryPolicy, parse_retry_after, zero_delay_policy
+from crdtchat.providers.retry import (
+    RetryableStreamError,
+    RetryPolicy,
+    parse_retry_after,
+    zero_delay_policy,
+)
+from crdtchat.providers.sse import SSEEvent
 from tests.support.providers import SleepRecorder
 
 pytestmark = pytest.mark.anyio
@@ -101,3 +112,18 @@ def test_registry_builds_hosted_providers_and_refuses_unknown_names() -> None:
     assert make_provider("anthropic", model=None).model  # a default model
     with pytest.raises(ProviderError, match="unknown provider 'nope'"):
         make_provider("nope", model=None)
+
+
+@pytest.mark.parametrize(
+    "parser",
+    [ChatStreamParser, ResponsesStreamParser, MessagesStreamParser],
+    ids=["openai-chat", "openai-responses", "anthropic"],
+)
+@pytest.mark.parametrize("data", ['{"type": "message_st', "[1, 2]"])
+def test_a_garbled_stream_event_is_retried_by_every_hosted_parser(
+    parser: Callable[[], Any], data: str
+) -> None:
+    """A stream cut mid-event, or an event that is not a JSON object, is a stream to try again
+    (`providers.hosted.event_object`), not a turn that failed for good."""
+    with pytest.raises(RetryableStreamError, match=r"malformed|not a JSON object"):
+        parser().feed(SSEEvent(data=data))
