@@ -18,9 +18,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
+from crdtchat.lifetime import ClosesOnExit
 from crdtchat.tokens import mint_token
 
 LISTENING = re.compile(r"crdtchat relay listening on wss?://([^:\s]+):(\d+)")
@@ -236,7 +236,7 @@ class ManagedProcess:
 
 
 @dataclass
-class LocalStack:
+class LocalStack(ClosesOnExit):
     """A relay on a free (or given) port with its data in `data`, plus any workers.
 
     Use as a context manager; everything started is stopped on exit.
@@ -325,13 +325,4 @@ class LocalStack:
         if self.relay is not None:
             self.relay.stop()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    close = stop  # `with LocalStack(...)` stops everything on the way out (ClosesOnExit)
