@@ -23,9 +23,11 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from pycrdt import Doc
 
+from crdtchat import schema
 from crdtchat.document import Conversation, PeerRole
 from crdtchat.errors import ConversationError
 from crdtchat.relay.livedoc import Accepted, LiveDoc, Refused
+from crdtchat.rights import PERMITS, RIGHTS, SET_META, Access, local_refusal
 from crdtchat.schema import DerivedEntry, Message, ModelRef, ToolCall
 from crdtchat.testing import CreateConversation, strategies
 from crdtchat.testing.machine import CLIENT_IDS
@@ -231,6 +233,17 @@ def walk(sub: str) -> Iterator[Operation]:
     yield RequestCancel("q2~a1")
     yield RequestRegeneration("q1")
     yield ClearRegeneration("q1")
+
+
+def test_the_table_gives_only_schema_roots_and_never_access() -> None:
+    """Nobody writes `access.*` (the relay does) nor a root outside the schema (design §4); a
+    role that appends messages has message access; every kind of access permits something."""
+    writable = set(schema.ALL_ROOTS) - set(schema.ACCESS_ROOTS)
+    for role, rights in RIGHTS.items():
+        assert set(rights.roots) <= writable, role
+        assert bool(rights.messages) == (rights.roots.get(schema.MESSAGES) is Access.MESSAGES)
+    assert set(PERMITS) == set(Access) and all(PERMITS.values())
+    assert local_refusal("admin", SET_META) == "unknown role 'admin'"
 
 
 def test_the_walk_covers_every_operation() -> None:
