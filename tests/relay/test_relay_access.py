@@ -37,6 +37,7 @@ from tests.support.relay import (
     token,
     upgrade_status,
 )
+from tests.support.replica import wait_doc
 from tests.support.tokens import JwksServer, KeyPair, claims, forge_hs256, forge_none, jwks_server
 from tests.support.tokens import write_trust_file as write_trust
 
@@ -249,7 +250,7 @@ async def test_replica_refreshes_its_token_in_band(access: Access, tmp_path: Pat
             await _sleep_until(first_exp + 1.5)
             await _write(w, "late")
             messages = replica.doc.get("canonical.messages", type=Array)
-            await replica.wait_until(lambda _: len(messages) == 1, timeout=20)
+            await wait_doc(replica.doc, lambda: len(messages) == 1, timeout=20)
         assert replica.status.connected and replica.status.rejected is None
         assert len(minted) >= 2
     after = expired_closes(relay)
