@@ -70,6 +70,7 @@ class _RoomStream:
     stream_seq: dict[int, int] = field(default_factory=dict)  # protocol seq -> stream seq
     own: set[int] = field(default_factory=set)  # protocol seqs this node published
     chain: asyncio.Lock = field(default_factory=asyncio.Lock)
+    broken: str | None = None  # a publish failed: later ones must not land without it
 
 
 class ClusterStore:
@@ -126,6 +127,11 @@ class ClusterStore:
         future: asyncio.Future[None],
     ) -> None:
         async with stream.chain:
+            if stream.broken is not None:
+                stream.pending.pop(msg_id, None)
+                if not future.done():
+                    future.set_exception(StoreError(stream.broken))
+                return
             try:
                 appended = await self._append_over_rollups(room, stream, update, msg_id)
             except SequenceConflict as conflict:
@@ -140,6 +146,7 @@ class ClusterStore:
                 if not future.done():
                     future.set_result(None)
                 return
+            stream.broken = str(error)
             stream.pending.pop(msg_id, None)
             if not future.done():
                 future.set_exception(error)
