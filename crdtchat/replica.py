@@ -299,7 +299,10 @@ class Replica:
     async def wait_until(
         self, predicate: Callable[[ReplicaStatus], bool], *, timeout: float | None = None
     ) -> ReplicaStatus:
-        """Wait until `predicate(status)` holds, e.g. ``lambda s: s.durable``."""
+        """Wait until `predicate(status)` holds, e.g. ``lambda s: s.durable``.
+
+        Checked again on every status change and every update to the document that passes
+        through the replica, so the predicate may read the document too."""
         with anyio.fail_after(timeout):
             while not predicate(self.status):
                 await self._status_changes.wait()
@@ -893,13 +896,16 @@ class Replica:
         if session is None:
             return
         presence_changed = False
+        doc_changed = False
         for event in session.events():
             if isinstance(event, LocalUpdate):
                 self._queue_op(AppendLocal(event.local_id, event.update))
                 self._snapshot_due.set()
+                doc_changed = True
             elif isinstance(event, RemoteUpdate):
                 self._queue_op(AppendRemote(event.update))
                 self._snapshot_due.set()
+                doc_changed = True
             elif isinstance(event, Durable):
                 self._queue_op(MarkDurable(event.local_ids))
             elif isinstance(event, Synced):
@@ -916,6 +922,10 @@ class Replica:
         if session.has_data_to_send:  # not for an ack: the sender would wake for nothing
             self._send_wakeup.set()
         self._publish()
+        if doc_changed:
+            # wait_until's predicate may read the document: re-check it even when the status
+            # did not change (without a local file, an update leaves `unsaved` at 0).
+            self._status_changes.notify()
 
     def _queue_op(self, op: StoreOp) -> None:
         if self._ops_send is None:

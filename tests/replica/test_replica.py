@@ -231,6 +231,23 @@ async def test_an_existing_conversation_document_syncs(relay: RelayProcess) -> N
 
 
 @pytest.mark.anyio
+async def test_wait_until_rechecks_a_document_predicate_on_each_update(
+    relay: RelayProcess,
+) -> None:
+    # Without a local file an update leaves the status as it was (`unsaved` stays 0), so
+    # wait_until must wake for the update itself, not only for a status change.
+    async with (
+        replica(relay, "ada", None) as ada,
+        replica(relay, "bob", None) as bob,
+    ):
+        for rep in (ada, bob):
+            await rep.wait_until(lambda s: s.synced, timeout=20)
+        say(ada.doc, "ada", "m1", "hello")
+        status = await bob.wait_until(lambda _: ids(bob.doc) == {"m1"}, timeout=20)
+        assert status.unsaved == 0
+
+
+@pytest.mark.anyio
 async def test_refused_writes_are_surfaced_and_stay_pending(relay: RelayProcess) -> None:
     denials: list[str] = []
     async with replica(relay, "ada", None, on_denied=denials.append) as rep:
