@@ -2,8 +2,9 @@
 
 - `crdtchat.testing.operations`: writes as frozen values with `apply(conversation)`;
 - `crdtchat.testing.strategies`: hypothesis strategies that draw them for a replica's state;
-- `crdtchat.testing.network`: a deterministic network of replicas (loss, reordering,
-  duplication, partitions, crashes with a local store);
+- `crdtchat.testing.network`: a deterministic network of replicas running the real client
+  protocol, linked directly or through the real relay protocol (loss, reordering,
+  duplication, partitions, crashes with a local store, relay crashes, refusals);
 - `crdtchat.testing.invariants`: what must hold at quiescence;
 - `crdtchat.testing.machine`: `ConversationMachine`, the state machine to subclass.
 
@@ -27,10 +28,13 @@ from crdtchat.testing.invariants import (
 )
 from crdtchat.testing.machine import ConversationMachine, CreateConversation
 from crdtchat.testing.network import (
+    RELAY,
     Envelope,
     LocalStore,
-    SimulatedNetwork,
+    RelayStore,
     SimulatedReplica,
+    SimulatedNetwork,
+    SimulatedRelay,
     has_gap,
     integrates_fully,
 )
@@ -58,15 +62,18 @@ from crdtchat.testing.strategies import (
 from crdtchat.wire import decode_state_vector  # state vectors belong to the wire
 
 __all__ = [
+    "RELAY",
     "ConversationMachine",
     "CreateConversation",
     "Envelope",
     "LocalStore",
     "Operation",
     "Reading",
+    "RelayStore",
+    "SimulatedReplica",
     "ReplicaState",
     "SimulatedNetwork",
-    "SimulatedReplica",
+    "SimulatedRelay",
     "append_messages",
     "assert_same_state",
     "canonical_snapshot",

@@ -1,9 +1,15 @@
 """`ConversationMachine`: replicas, a lossy network, and the invariants at quiescence.
 
+Each run draws its topology: replicas linked to each other directly, or each connected to a
+relay (one room of the real relay protocol, with a role per replica). Either way every
+replica runs the client protocol real replicas run (`crdtchat.sync.SyncSession`), and every
+frame goes through `crdtchat.wire` (`crdtchat.testing.network`).
+
 Hypothesis picks a rule per step: a write on some replica (drawn from the strategies), or a
 network event (deliver, reorder, drop, duplicate, partition, heal, crash, restart, save,
-clock). `quiesce` heals everything, delivers everything and checks every invariant; the
-end of each run does the same, so every run ends checked.
+clock), or a relay event (its store makes writes durable, the relay crashes or its store
+fails, a blocked replica recovers). `quiesce` heals everything, delivers everything and
+checks every invariant; the end of each run does the same, so every run ends checked.
 
 Subclass it to test your own merge logic:
 
@@ -38,18 +44,25 @@ from hypothesis.stateful import (
 
 from crdtchat import schema
 from crdtchat.document import Conversation
+from crdtchat.errors import ConversationError
+from crdtchat.relay.config import RelayConfig
+from crdtchat.relay.protocol import CloseKind
 from crdtchat.testing import strategies
 from crdtchat.testing.invariants import (
     ReplicaState,
+    assert_same_state,
     check_kept,
     check_quiescent,
+    open_update,
     raw_message_ids,
+    read_replica,
 )
-from crdtchat.testing.network import SimulatedNetwork, SimulatedReplica
+from crdtchat.testing.network import RELAY, SECRET, Envelope, SimulatedReplica, SimulatedNetwork
 from crdtchat.testing.operations import (
     ForeignDeleteMessage,
     Operation,
 )
+from crdtchat.wire import decode_state_vector
 
 StrategyFactory = Callable[[Conversation], st.SearchStrategy[Operation]]
 CLIENT_IDS = st.integers(1, 2**31)  # Yjs client ids are uint32
@@ -95,6 +108,19 @@ class ConversationMachine(RuleBasedStateMachine):
     #: wait, even with none yet (False: ignore such requests, for code that does)
     regenerate_unanswered: ClassVar[bool] = True
 
+    #: topologies a run is drawn from: "peers" (direct links, every fault) and "relay"
+    #: (each replica connected to the relay protocol, with a role)
+    topologies: ClassVar[tuple[str, ...]] = ("peers", "relay")
+    #: roles a person's replica may get behind the relay (a worker author's is "worker";
+    #: replica 0 is a writer, so that the conversation can be created)
+    roles: ClassVar[tuple[str, ...]] = ("writer", "writer", "reader")
+    #: writes the relay refuses (foreign, deep, duplicate ids) per run behind the relay
+    relay_misfits: ClassVar[int] = 2
+    #: relay crashes and store failures per run (each loses what was not durable)
+    max_relay_failures: ClassVar[int] = 2
+    #: the relay compacts its log after this many updates (drawn per run)
+    compact_every: ClassVar[st.SearchStrategy[int]] = st.sampled_from((2, 5, 1000))
+
     #: steps and runs of every machine of this process, for reports (`long` promises 100,000)
     steps_taken: ClassVar[int] = 0
     runs: ClassVar[int] = 0
@@ -113,6 +139,9 @@ class ConversationMachine(RuleBasedStateMachine):
         #: messages written before any replica ever synced (concurrent creation)
         self.presync_ids: set[str] = set()
         self.quiescences = 0
+        self.misfits = 0  # foreign writes made behind the relay
+        self.relay_failures = 0
+        self._durable_seq = 0  # how far the relay's store was read into durable_ids
 
     # -- helpers for subclasses ---------------------------------------------------------------
 
@@ -132,7 +161,7 @@ class ConversationMachine(RuleBasedStateMachine):
         return data.draw(st.sampled_from(choices), label="replica")
 
     def apply(self, index: int, operation: Operation) -> None:
-        """Replica `index` performs `operation` (sent on every connected link)."""
+        """SimulatedReplica `index` performs `operation` (sent on every connected link)."""
         conversation = self.net.replicas[index].live
         if isinstance(operation, ForeignDeleteMessage):
             self.deletes_happened = True
@@ -141,7 +170,13 @@ class ConversationMachine(RuleBasedStateMachine):
             if isinstance(identifier, str):
                 self.deleted_ids.add(identifier)
         event(f"operation {type(operation).__name__}")
-        self.net.apply(index, operation)
+        role = self.net.replicas[index].role
+        try:
+            self.net.apply(index, operation)
+        except ConversationError as error:
+            if role is None or not str(error).startswith(f"a {role} may not"):
+                raise
+            event("operation refused by the replica's role")  # up front: nothing written
 
     def write_with(self, data: st.DataObject, factory: StrategyFactory) -> None:
         """Draw a replica for which `factory` has something to do, and apply one operation."""
@@ -170,33 +205,57 @@ class ConversationMachine(RuleBasedStateMachine):
         )
         # Concurrent inserts are ordered by client id: drawing the order explores both sides.
         client_ids = data.draw(st.permutations(range(1, count + 1)), label="client ids")
+        topology = data.draw(st.sampled_from(self.topologies), label="topology")
+        relay = topology == "relay"
+        roles = None
+        config = None
+        if relay:
+            roles = [
+                "worker"
+                if author.startswith("worker")
+                else "writer"
+                if index == 0
+                else data.draw(st.sampled_from(self.roles), label=f"role of {index}")
+                for index, author in enumerate(authors)
+            ]
+            config = RelayConfig(
+                secret=SECRET,
+                compact_updates=data.draw(self.compact_every, label="compact every"),
+            )
+        event(f"topology {topology}")
         network = SimulatedNetwork(
             authors,
             clock=self.clock,
             client_ids=client_ids,
             connected=False,
             hold_early_updates=self.hold_early_updates,
+            relay=relay,
+            roles=roles,
+            relay_config=config,
         )
         self.network = network
         concurrent = data.draw(st.booleans(), label="concurrent creation")
         title = data.draw(st.none() | strategies.texts(max_size=5), label="title")
         if concurrent:
             for replica in network.replicas:
+                if replica.role == "worker":
+                    continue  # workers write no meta: the relay would refuse it
                 network.apply(replica.index, CreateConversation(title))
                 for _ in range(data.draw(st.integers(0, 2), label="early writes")):
                     operation = data.draw(strategies.append_messages(replica.live))
-                    network.apply(replica.index, operation)
-                    self.presync_ids.add(operation.message_id)
+                    self.apply(replica.index, operation)
+                    if not relay:  # behind the relay, a role may refuse it
+                        self.presync_ids.add(operation.message_id)
         else:
             network.apply(0, CreateConversation(title))
-            state = network.replicas[0].live.encode_state()
-            for replica in network.replicas[1:]:
-                network.load(replica.index, state)
+            if not relay:  # shared out of band; behind the relay, through it
+                state = network.replicas[0].live.encode_state()
+                for replica in network.replicas[1:]:
+                    network.load(replica.index, state)
         for replica in network.replicas:
             self.save_replica(replica.index, compact=False)
-        for a in range(count):
-            for b in range(a + 1, count):
-                network.heal(a, b)
+        for a, b in network.pairs():
+            network.heal(a, b)
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -232,42 +291,63 @@ class ConversationMachine(RuleBasedStateMachine):
     def transport_step(self, data: st.DataObject) -> None:
         self.write_with(data, strategies.transport_changes)
 
+    def _foreign_allowed(self) -> bool:
+        """Writes our relay refuses: every one on direct links; behind the relay at most
+        `relay_misfits` per run, and none while a replica is blocked (its later writes would
+        all be refused too: steps spent on nothing)."""
+        net = self.network
+        if net is None or net.relay is None:
+            return True
+        return self.misfits < self.relay_misfits and not net.blocked_replicas()
+
+    def foreign_with(self, data: st.DataObject, factory: StrategyFactory) -> None:
+        if self.network is not None and self.network.relay is not None:
+            self.misfits += 1
+        self.write_with(data, factory)
+
+    @precondition(_foreign_allowed)
     @rule(data=st.data())
     def foreign_write(self, data: st.DataObject) -> None:
         if self.foreign_writes:
-            self.write_with(data, strategies.foreign_writes)
+            self.foreign_with(data, strategies.foreign_writes)
 
+    @precondition(_foreign_allowed)
     @rule(data=st.data())
     def foreign_duplicate_id(self, data: st.DataObject) -> None:
         """A message reusing a taken id at any position: what our relay refuses, in a document
         that came from elsewhere. Every replica must read the same first-of-an-id."""
         if self.foreign_writes:
-            self.write_with(data, strategies.duplicate_ids)
+            self.foreign_with(data, strategies.duplicate_ids)
 
+    @precondition(_foreign_allowed)
     @rule(data=st.data())
     def deep_write(self, data: st.DataObject) -> None:
         if self.deep_writes:
-            self.write_with(data, strategies.deep_writes)
+            self.foreign_with(data, strategies.deep_writes)
 
     # -- the network --------------------------------------------------------------------------
 
     def _busy(self) -> bool:
         return self.network is not None and bool(self.network.busy_links())
 
-    def _draw_link(self, data: st.DataObject) -> tuple[int, int, int]:
-        sender, receiver = data.draw(st.sampled_from(self.net.busy_links()), label="link")
-        queue = self.net.queues[(sender, receiver)]
-        position = data.draw(st.integers(0, len(queue) - 1), label="position")
-        return sender, receiver, position
+    def _peer_busy(self) -> bool:
+        return self.network is not None and bool(self._busy_peer_links())
+
+    def _busy_peer_links(self) -> list[tuple[int, int]]:
+        return [link for link in self.net.busy_links() if RELAY not in link]
+
+    def _draw_frame(self, data: st.DataObject, label: str) -> Envelope:
+        """Any frame of a peer link, or the first of a relay connection."""
+        return data.draw(st.sampled_from(self.net.deliverable()), label=label)
 
     @precondition(_busy)
     @rule(data=st.data(), count=st.integers(1, 4))
     def deliver(self, data: st.DataObject, count: int) -> None:
-        """Deliver `count` messages, each from any link and any position (0 = in order)."""
+        """Deliver `count` frames, each from any link (and any position of a peer link)."""
         for _ in range(count):
             if not self.net.busy_links():
                 return
-            self.net.deliver(*self._draw_link(data))
+            self.net.deliver_envelope(self._draw_frame(data, "deliver"))
 
     @precondition(_busy)
     @rule(data=st.data())
@@ -281,13 +361,19 @@ class ConversationMachine(RuleBasedStateMachine):
     @precondition(_busy)
     @rule(data=st.data())
     def drop(self, data: st.DataObject) -> None:
-        self.net.drop(*self._draw_link(data))
+        """Lose a frame (on a relay connection: the connection breaks)."""
+        envelope = self._draw_frame(data, "drop")
+        queue = self.net.queues[(envelope.sender, envelope.receiver)]
+        position = next(i for i, queued in enumerate(queue) if queued is envelope)
+        self.net.drop(envelope.sender, envelope.receiver, position)
 
-    @precondition(_busy)
+    @precondition(_peer_busy)
     @rule(data=st.data())
     def duplicate(self, data: st.DataObject) -> None:
-        sender, receiver, position = self._draw_link(data)
+        """Copy a frame of a peer link to any place of its queue."""
+        sender, receiver = data.draw(st.sampled_from(self._busy_peer_links()), label="link")
         size = len(self.net.queues[(sender, receiver)])
+        position = data.draw(st.integers(0, size - 1), label="position")
         self.net.duplicate(
             sender, receiver, position, data.draw(st.integers(0, size), label="insert at")
         )
@@ -295,9 +381,8 @@ class ConversationMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.network is not None)
     @rule(data=st.data())
     def partition(self, data: st.DataObject) -> None:
-        size = len(self.net.replicas)
-        pairs = [(a, b) for a in range(size) for b in range(a + 1, size)]
-        self.net.partition(*data.draw(st.sampled_from(pairs), label="pair"))
+        """Cut a link (RELAY, -1, is the relay)."""
+        self.net.partition(*data.draw(st.sampled_from(self.net.pairs()), label="pair"))
 
     @precondition(lambda self: self.network is not None and bool(self.network.cut))
     @rule(data=st.data())
@@ -305,6 +390,67 @@ class ConversationMachine(RuleBasedStateMachine):
         cut = sorted(tuple(sorted(pair)) for pair in self.net.cut)
         a, b = data.draw(st.sampled_from(cut), label="pair")
         self.net.heal(a, b)
+
+    # -- the relay ------------------------------------------------------------------------------
+
+    def _relay_up(self) -> bool:
+        return (
+            self.network is not None and self.network.relay is not None and self.network.up(RELAY)
+        )
+
+    def _relay_may_fail(self) -> bool:
+        return self._relay_up() and self.relay_failures < self.max_relay_failures
+
+    @precondition(
+        lambda self: (
+            self.network is not None
+            and self.network.relay is not None
+            and bool(self.network.relay.store.writes)
+        )
+    )
+    @rule(data=st.data())
+    def store_writes(self, data: st.DataObject) -> None:
+        """The relay's store makes some of its writes durable (then they are acknowledged
+        and broadcast)."""
+        writes = self.net.relay_store.writes
+        self.net.store_writes(data.draw(st.integers(1, len(writes)), label="writes"))
+        self.note_relay_durable()
+
+    @precondition(_relay_may_fail)
+    @rule()
+    def crash_relay(self) -> None:
+        """The relay dies: what its store had not made durable is lost."""
+        event("relay crash")
+        self.relay_failures += 1
+        self.net.crash_relay()
+
+    @precondition(
+        lambda self: (
+            self.network is not None
+            and self.network.relay is not None
+            and not self.network.up(RELAY)
+        )
+    )
+    @rule()
+    def restart_relay(self) -> None:
+        self.net.restart_relay()
+
+    @precondition(_relay_may_fail)
+    @rule()
+    def fail_store(self) -> None:
+        """The relay's store fails a write: the room closes every connection and reloads."""
+        event("relay store failure")
+        self.relay_failures += 1
+        self.net.fail_store()
+
+    @precondition(lambda self: self.network is not None and bool(self.network.blocked_replicas()))
+    @rule(data=st.data())
+    def recover(self, data: st.DataObject) -> None:
+        """A replica the relay refused recovers (`crdtchat.Replica.recover`): a new document from the
+        relay, with a new client id."""
+        blocked = [r.index for r in self.net.blocked_replicas()]
+        index = data.draw(st.sampled_from(blocked), label="replica")
+        self.net.recover(index, self.new_client_id(data))
 
     @precondition(lambda self: self.network is not None and len(self.network.live_replicas()) > 1)
     @rule(data=st.data())
@@ -321,10 +467,13 @@ class ConversationMachine(RuleBasedStateMachine):
     def restart(self, data: st.DataObject) -> None:
         crashed = [r.index for r in self.net.replicas if not r.alive]
         index = data.draw(st.sampled_from(crashed), label="replica")
+        self.net.restart(index, self.new_client_id(data))
+
+    def new_client_id(self, data: st.DataObject) -> int:
         client_id = data.draw(CLIENT_IDS, label="client id")
         while client_id in self.net.used_client_ids:
             client_id += 1
-        self.net.restart(index, client_id)
+        return client_id
 
     @precondition(lambda self: self.network is not None)
     @rule(data=st.data(), compact=st.booleans())
@@ -341,7 +490,7 @@ class ConversationMachine(RuleBasedStateMachine):
     @rule()
     def quiesce(self) -> None:
         """Heal, restart, deliver everything, then check every invariant."""
-        self.net.quiesce(rounds=self.resync_rounds)
+        self.settle_everything()
         self.check_invariants_now()
 
     @invariant()
@@ -349,19 +498,78 @@ class ConversationMachine(RuleBasedStateMachine):
         if self.network is not None:  # not the check before the first step
             ConversationMachine.steps_taken += 1
 
+    @invariant()
+    def relay_reads_every_frame(self) -> None:
+        """A client protocol never sends what the relay protocol cannot decode."""
+        if self.network is not None and self.network.relay is not None:
+            malformed = [c for c in self.network.relay.closes if c[1] is CloseKind.MALFORMED]
+            assert not malformed, f"the relay found frames malformed: {malformed}"
+
     # -- invariants --------------------------------------------------------------------------
 
     def save_replica(self, index: int, *, compact: bool) -> None:
-        """Save, and remember what became durable: it must never be lost."""
+        """Save, and remember what became durable: it must never be lost. (Behind the relay
+        the promise is the relay's store: a replica's refused writes, saved or not, are
+        dropped by its recovery; `note_relay_durable`.)"""
         self.net.save(index, compact=compact)
-        conversation = self.net.replicas[index].live
+        if self.net.relay is None:
+            conversation = self.net.replicas[index].live
+            self.durable_ids |= raw_message_ids(conversation)
+            self.durable_accepted |= {m.id for m in conversation.all_messages()}
+
+    def note_relay_durable(self) -> None:
+        """Remember the messages the relay's store holds durably: they must never be lost."""
+        store = self.net.relay_store
+        if store.durable_seq == self._durable_seq:
+            return
+        self._durable_seq = store.durable_seq
+        conversation = open_update(store.state() or None)
         self.durable_ids |= raw_message_ids(conversation)
         self.durable_accepted |= {m.id for m in conversation.all_messages()}
+
+    def settle_everything(self) -> None:
+        """Quiesce; behind the relay, check that refusals reached their replicas, recover
+        the blocked ones, and quiesce again until none is blocked."""
+        net = self.net
+        net.quiesce(rounds=self.resync_rounds)
+        if net.relay is None:
+            return
+        for _ in range(len(net.replicas) + 1):
+            self.check_refusals()
+            blocked = net.blocked_replicas()
+            if not blocked:
+                break
+            event(f"quiescence: blocked replicas recovered {min(len(blocked), 2)}+")
+            for replica in blocked:
+                net.recover(replica.index, net.fresh_client_id())
+            net.quiesce(rounds=self.resync_rounds)
+        else:
+            raise AssertionError("replicas stay blocked after recovering")
+        self.note_relay_durable()
+
+    def check_refusals(self) -> None:
+        """At quiescence behind the relay: a reader that wrote was refused, and told; every
+        other replica's writes are acknowledged as stored."""
+        for replica in self.net.replicas:
+            session = replica.sessions[RELAY]
+            if replica.role == "reader" and replica.client_id in _clients(replica):
+                assert replica.blocked, f"replica {replica.index}, a reader, wrote unrefused"
+            if not replica.blocked:
+                assert session.durable, (
+                    f"replica {replica.index}: local updates {session.pending_ids} "
+                    "not acknowledged at quiescence"
+                )
 
     def check_invariants_now(self) -> list[ReplicaState]:
         """Every replica must be up and in sync (call after `network.quiesce()`)."""
         replicas = self.net.replicas
         states = check_quiescent(replicas, regenerate_unanswered=self.regenerate_unanswered)
+        relay = self.net.relay
+        if relay is not None:
+            stored = read_replica(open_update(relay.store.state() or None))
+            assert_same_state(states[0], stored, "the relay's store differs from replica 0")
+            event(f"quiescence: relay closed connections {min(len(relay.closes), 1)}+")
+            event(f"quiescence: relay compacted {bool(relay.store.snapshot)}")
         conversations = [r.live for r in replicas]
         present = self.durable_ids - self.deleted_ids
         # Deleting an item can orphan its descendants, so acceptance is only promised when
@@ -390,5 +598,10 @@ class ConversationMachine(RuleBasedStateMachine):
         # Every run ends at quiescence, checked; unless a step already failed, in which
         # case that failure is the one to report and shrink.
         if self.network is not None and sys.exc_info()[0] is None:
-            self.net.quiesce(rounds=self.resync_rounds)
+            self.settle_everything()
             self.check_invariants_now()
+
+
+def _clients(replica: SimulatedReplica) -> set[int]:
+    """Client ids whose writes the replica's document holds."""
+    return set(decode_state_vector(replica.live.state_vector()))

@@ -1,47 +1,135 @@
-"""A deterministic, sans-I/O network of `Conversation` replicas.
+"""A deterministic network of replicas running the real sync cores, without I/O.
 
-Nothing here chooses anything: which message is delivered, dropped or duplicated, which
-link is cut and which replica crashes are all arguments, so a hypothesis test draws them and
-a failure shrinks to a minimal schedule and replays exactly.
+Every replica is a `Conversation` whose connections are `crdtchat.sync.SyncSession`s, the
+client protocol a real `SimulatedReplica` runs (its early-update path included); the relay, when there
+is one, is `crdtchat.relay.protocol.RoomProtocol`, the core the relay runs, with roles from
+tokens minted and verified by `crdtchat.tokens`. Every frame on a link is one message encoded
+by `crdtchat.wire` and decoded on arrival. What is not real is I/O: links are lists, the
+relay's store is `RelayStore` (a list that makes writes durable when told), and a device's
+file is `LocalStore`.
 
-The model:
-- every ordered pair of replicas has a FIFO queue (a link); a local write is sent as an
-  `update` on every connected link; `deliver` may take any queued message (reordering);
-- a cut link (`partition`) loses what was in flight, like a broken connection; `heal`
-  reconnects and both sides resync by state vectors (`sync_step1` → `sync_step2`), as the
-  y-protocols sync does;
-- each replica has a `LocalStore`: received and local updates are kept in memory until an
-  explicit `save`; `crash` loses the unsaved ones, `restart` reopens from the store with a
-  new client id (reusing a client id after losing updates would corrupt peers) and resyncs.
+Nothing here chooses anything: which frame is delivered, dropped or duplicated, which link is
+cut, which replica or the relay crashes, when the relay's store makes its writes durable, are
+all arguments, so a hypothesis test draws them and a failure shrinks to a minimal schedule and
+replays exactly.
+
+Topology: replicas are numbered 0..n-1 and the relay is the node `RELAY`. With `relay=True`
+every replica has a connection to the relay; with `peers=True` (the default without a relay)
+every pair of replicas has a direct link, each end a `SyncSession` (y-protocols sync is
+symmetric: each side sends its state vector, answers the other's, then sends its updates;
+a replica passes what it receives on one link to its others, as y-webrtc does).
+
+- Peer links lose, reorder and duplicate frames (`drop`, `deliver` at any position,
+  `duplicate`). A relay connection is a websocket: ordered and lossless while it lasts, so a
+  frame on it is delivered first-in first-out, and `drop` there breaks the connection.
+- `partition(a, b)` cuts a link (a connection drop; what was in flight is lost); `heal(a, b)`
+  reconnects and both sides start the sync again.
+- Each replica has a `LocalStore`: received and local updates stay unsaved until `save`;
+  `crash` loses them, `restart` reopens from the store with a new client id (reusing a client
+  id after losing updates would corrupt peers) and reconnects.
+- The relay: what it asks its store to write is durable only after `store_writes` (the
+  store's acknowledgement, `RoomProtocol.stored`); `crash_relay` loses the rest, `restart_relay`
+  loads the room from what is durable. A write the relay refuses comes back to its replica as
+  `Denied` (`SimulatedReplica.refused`, `SimulatedReplica.blocked`); `recover` gives it a way back, as
+  `crdtchat.Replica.recover` does: a new document with a new client id, from the relay.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final
 
 from pycrdt import Doc, Subscription, get_update
 
 from crdtchat.document import Conversation
+from crdtchat.merge import merge
+from crdtchat.relay.config import RelayConfig
+from crdtchat.relay.protocol import (
+    Acknowledge,
+    Action,
+    Append,
+    Broadcast,
+    Close,
+    CloseKind,
+    Compact,
+    Peer,
+    RoomProtocol,
+    Send,
+)
+from crdtchat.relay.ratelimit import Subject, Subjects
+from crdtchat.sync import Denied, Durable, RemoteUpdate, SyncSession
 from crdtchat.testing.operations import Operation
-from crdtchat.updates import EMPTY_UPDATE
+from crdtchat.tokens import mint_token, verify_token
+from crdtchat.wire import (
+    Ack,
+    AuthDenied,
+    AwarenessMessage,
+    Extension,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    WireMessage,
+    decode_frame,
+    encode_message,
+)
 
-Kind = Literal["update", "sync_step1", "sync_step2"]
 Clock = Callable[[], float]
 
+#: The relay's node number on links (`queues[(0, RELAY)]`, `partition(0, RELAY)`).
+RELAY: Final = -1
+#: The simulated relay's room and token secret.
+ROOM: Final = "simulated-room"
+SECRET: Final = "crdtchat.testing: the simulated relay's token secret"
+#: Closes that will happen again on every reconnection while the replica holds what caused
+#: them: like a refusal, they block it.
+STUCK: Final = frozenset(
+    {CloseKind.MALFORMED, CloseKind.LIMITS, CloseKind.REFUSALS, CloseKind.QUOTA}
+)
+_TOKEN_TTL = 10 * 365 * 86400.0  # tokens never expire within a run
 
-@dataclass(frozen=True)
+_KINDS: dict[type, str] = {
+    SyncStep1: "sync_step1",
+    SyncStep2: "sync_step2",
+    SyncUpdate: "update",
+    AwarenessMessage: "awareness",
+    QueryAwareness: "query_awareness",
+    Ack: "ack",
+    AuthDenied: "auth_denied",
+    Extension: "extension",
+}
+
+
+def node_name(node: int) -> str:
+    return "relay" if node == RELAY else str(node)
+
+
+@dataclass(frozen=True, eq=False)
 class Envelope:
-    """One message in flight on the link sender → receiver."""
+    """One frame in flight on the link sender → receiver: a message encoded by
+    `crdtchat.wire`. `serial` numbers frames in the order they were sent (for reports)."""
 
-    kind: Kind
+    kind: str
     sender: int
     receiver: int
     payload: bytes
+    serial: int = 0
+
+    def message(self) -> WireMessage:
+        """The frame decoded, as the receiver reads it."""
+        (message,) = decode_frame(self.payload)
+        return message
 
     def __repr__(self) -> str:
-        return f"<{self.kind} {self.sender}->{self.receiver} {len(self.payload)}B>"
+        detail = ""
+        if self.kind == "ack":
+            detail = f" {self.message().seq}"  # type: ignore[union-attr]
+        elif self.kind == "auth_denied":
+            detail = f" {self.message().reason!r}"  # type: ignore[union-attr]
+        route = f"{node_name(self.sender)}->{node_name(self.receiver)}"
+        return f"<#{self.serial} {self.kind}{detail} {route} {len(self.payload)}B>"
 
 
 @dataclass
@@ -73,8 +161,8 @@ class LocalStore:
 
 @dataclass
 class SimulatedReplica:
-    """One simulated device: a conversation (None while crashed), its store, and what it
-    received. Not `crdtchat.Replica`, which syncs a real document through a real relay."""
+    """One simulated device: a conversation (None while crashed), its sessions, its store.
+    Not `crdtchat.Replica`, the real thing, whose client protocol (`SyncSession`) it runs."""
 
     index: int
     author: str
@@ -85,10 +173,20 @@ class SimulatedReplica:
     #: rebuild the live document
     history: list[bytes] = field(default_factory=list)
     incarnation: int = 0
-    #: updates held back because they start beyond what this replica has (hold mode)
-    held: list[bytes] = field(default_factory=list)
+    #: frames held back because their update starts beyond what this replica has (hold mode)
+    held: list[Envelope] = field(default_factory=list)
+    #: the role its relay token grants (None: no relay)
+    role: str | None = None
+    #: one client protocol per link, keyed by the node at the other end
+    sessions: dict[int, SyncSession] = field(default_factory=dict)
+    #: the relay's refusals (`AuthDenied` reasons) since this incarnation started
+    refused: list[str] = field(default_factory=list)
+    #: connections the relay closed since this incarnation started: (kind, reason)
+    closes: list[tuple[CloseKind, str]] = field(default_factory=list)
+    #: local ids the relay acknowledged as stored, this incarnation
+    durable: int = 0
     _subscription: Subscription | None = None
-    _applying_remote: bool = False
+    _receiving: bool = False
 
     @property
     def alive(self) -> bool:
@@ -101,9 +199,110 @@ class SimulatedReplica:
             raise RuntimeError(f"replica {self.index} is crashed")
         return self.conversation
 
+    @property
+    def blocked(self) -> bool:
+        """The relay refused something of this replica's: its document holds what the relay
+        will never store, and later writes build on it (`SimulatedNetwork.recover`)."""
+        return (
+            bool(self.refused)
+            or any(kind in STUCK for kind, _ in self.closes)
+            or any(s.blocked for s in self.sessions.values())
+        )
+
+    def __repr__(self) -> str:
+        state = "up" if self.alive else "crashed"
+        return f"<replica {self.index} {self.author}/{self.role} {state} id={self.client_id}>"
+
+
+@dataclass
+class RelayStore:
+    """The relay's store: `writes` it was asked for, durable once `acknowledge` says so.
+
+    The protocol is real; the store is this list. Durable: a snapshot and a log of
+    (sequence number, update), as `crdtchat.relay.store` keeps them."""
+
+    snapshot: bytes = b""
+    log: list[tuple[int, bytes]] = field(default_factory=list)
+    durable_seq: int = 0
+    writes: list[Append | Compact] = field(default_factory=list)
+
+    def acknowledge(self, count: int) -> int:
+        """Make the first `count` writes durable, in order; the highest sequence number the
+        store now holds."""
+        done, self.writes = self.writes[:count], self.writes[count:]
+        for write in done:
+            if isinstance(write, Append):
+                self.log.append((write.seq, write.update))
+                self.durable_seq = write.seq
+            else:
+                self.snapshot = write.snapshot
+                self.log = [(seq, update) for seq, update in self.log if seq > write.upto_seq]
+        return self.durable_seq
+
+    def lose_unacknowledged(self) -> None:
+        self.writes.clear()
+
+    def state(self) -> bytes:
+        """Everything durable, as one update."""
+        parts = [self.snapshot] if self.snapshot else []
+        parts += [update for _, update in self.log]
+        return merge(*parts) if parts else b""
+
+
+class SimulatedRelay:
+    """The relay: one room's `RoomProtocol` over a `RelayStore`, and its connections."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.store = RelayStore()
+        self.protocol: RoomProtocol | None = None
+        self.subjects = Subjects(config.subject_quotas())
+        #: the protocol's peer of each connected replica
+        self.peers: dict[int, Peer] = {}
+        #: every connection the relay closed: (replica, kind, reason)
+        self.closes: list[tuple[int, CloseKind, str]] = []
+        self.crashes = 0
+
+    @property
+    def up(self) -> bool:
+        return self.protocol is not None
+
+    @property
+    def room(self) -> RoomProtocol:
+        if self.protocol is None:
+            raise RuntimeError("the relay is crashed")
+        return self.protocol
+
+    def start(self) -> list[Action]:
+        """Load the room from what the store holds durably."""
+        self.protocol = RoomProtocol(ROOM, self.config)
+        store = self.store
+        log_bytes = sum(len(update) for _, update in store.log)
+        return self.protocol.load(store.state(), store.durable_seq + 1, len(store.log), log_bytes)
+
+    def stop(self) -> None:
+        """The process dies: connections and unacknowledged writes are gone."""
+        if self.protocol is not None:
+            self.protocol.close()
+        self.protocol = None
+        self.peers.clear()
+        self.subjects = Subjects(self.config.subject_quotas())
+        self.store.lose_unacknowledged()
+        self.crashes += 1
+
+    def peer(self, replica: SimulatedReplica) -> Peer:
+        """A new connection of `replica`, with the role its (real) token grants."""
+        assert replica.role is not None
+        token = mint_token(SECRET, ROOM, replica.role, replica.author, _TOKEN_TTL)
+        claims = verify_token(SECRET, token, ROOM)
+        subject = self.subjects.connect(claims.sub)
+        if not isinstance(subject, Subject):
+            raise AssertionError(subject)
+        return Peer(claims, subject, self.config, want_ack=True)
+
 
 class SimulatedNetwork:
-    """N replicas, their links, their stores; every choice is the caller's."""
+    """N replicas, maybe a relay, their links and stores; every choice is the caller's."""
 
     def __init__(
         self,
@@ -113,99 +312,170 @@ class SimulatedNetwork:
         client_ids: Sequence[int],
         connected: bool = True,
         hold_early_updates: bool = False,
+        relay: bool = False,
+        roles: Sequence[str] | None = None,
+        peers: bool | None = None,
+        relay_config: RelayConfig | None = None,
     ) -> None:
-        """Start every replica empty; if `connected`, each pair begins its sync handshake.
+        """Start every replica empty; if `connected`, every link connects (and syncs).
 
-        With `hold_early_updates`, a replica keeps an update back (as Yjs keeps it pending)
-        until all of it can be integrated: pycrdt 0.14 integrates some such updates behind
-        a gap (see `has_gap`) and keeps others pending where a compacted save loses them.
+        With `relay`, each replica connects to a relay with the role `roles[i]` ("writer"
+        by default; its author is the token's subject). `peers` links every pair directly
+        (default: when there is no relay).
+
+        With `hold_early_updates`, the network keeps an update back before the replica sees
+        it, until all of it can be integrated; by default the replica's `SyncSession` does
+        that itself (`crdtchat.early`), which is the code path real peers take.
         """
         if len(client_ids) != len(authors) or len(set(client_ids)) != len(client_ids):
             raise ValueError("one distinct client id per replica")
+        if roles is not None and len(roles) != len(authors):
+            raise ValueError("one role per replica")
         self.clock = clock
         self.hold_early_updates = hold_early_updates
         self.used_client_ids: set[int] = set()
-        self.replicas: list[SimulatedReplica] = []
-        for index, (author, client_id) in enumerate(zip(authors, client_ids, strict=True)):
-            replica = SimulatedReplica(
-                index=index, author=author, client_id=client_id, conversation=None
-            )
-            self.replicas.append(replica)
-            self._open(replica, client_id)
-        size = len(self.replicas)
-        self.queues: dict[tuple[int, int], list[Envelope]] = {
-            (a, b): [] for a in range(size) for b in range(size) if a != b
-        }
-        self.cut: set[frozenset[int]] = set() if connected else self._all_pairs()
+        self.relay: SimulatedRelay | None = None
+        if relay:
+            self.relay = SimulatedRelay(relay_config or RelayConfig(secret=SECRET))
+        size = len(authors)
+        self.peer_links = (not relay) if peers is None else peers
+        links: list[tuple[int, int]] = []
+        if self.peer_links:
+            links += [(a, b) for a in range(size) for b in range(size) if a != b]
+        if relay:
+            links += [pair for i in range(size) for pair in ((i, RELAY), (RELAY, i))]
+        self.queues: dict[tuple[int, int], list[Envelope]] = {link: [] for link in links}
+        self.cut: set[frozenset[int]] = set() if connected else self._all_pairs(size)
         self.delivered = 0
         self.held_total = 0
-        for a, b in self._pairs():
-            if self.connected(a, b):
-                self._handshake(a, b)
+        #: every refusal the relay sent: (replica, reason)
+        self.refusals: list[tuple[int, str]] = []
+        self._serials = itertools.count(1)
+        self.replicas: list[SimulatedReplica] = []
+        for index, (author, client_id) in enumerate(zip(authors, client_ids, strict=True)):
+            role = None if not relay else (roles[index] if roles is not None else "writer")
+            replica = SimulatedReplica(
+                index=index, author=author, client_id=client_id, conversation=None, role=role
+            )
+            self.replicas.append(replica)
+        if self.relay is not None:
+            self._perform(self.relay.start())
+        for replica in self.replicas:
+            self._open(replica, replica.client_id)
 
     # -- state ------------------------------------------------------------------------------
 
+    def linked(self, a: int, b: int) -> bool:
+        """Whether the topology has a link between `a` and `b` (cut or not)."""
+        return (a, b) in self.queues
+
+    def up(self, node: int) -> bool:
+        if node == RELAY:
+            return self.relay is not None and self.relay.up
+        return self.replicas[node].alive
+
     def connected(self, a: int, b: int) -> bool:
-        return (
-            a != b
-            and self.replicas[a].alive
-            and self.replicas[b].alive
-            and frozenset((a, b)) not in self.cut
-        )
+        return self.linked(a, b) and self.up(a) and self.up(b) and frozenset((a, b)) not in self.cut
 
     def live_replicas(self) -> list[SimulatedReplica]:
         return [r for r in self.replicas if r.alive]
 
+    def blocked_replicas(self) -> list[SimulatedReplica]:
+        return [r for r in self.replicas if r.alive and r.blocked]
+
     def busy_links(self) -> list[tuple[int, int]]:
-        """Links with messages in flight, in a fixed order."""
+        """Links with frames in flight, in a fixed order."""
         return [link for link, queue in self.queues.items() if queue]
 
     def in_flight(self) -> Iterator[Envelope]:
         for queue in self.queues.values():
             yield from queue
 
+    def deliverable(self) -> list[Envelope]:
+        """Frames `deliver_envelope` may take now: any on a peer link, the first on a relay
+        connection (a websocket delivers in order)."""
+        frames: list[Envelope] = []
+        for (sender, receiver), queue in self.queues.items():
+            if queue:
+                frames += queue[:1] if RELAY in (sender, receiver) else queue
+        return frames
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every link once, (a, b) with a < b (the relay, -1, comes first)."""
+        return sorted({(min(a, b), max(a, b)) for a, b in self.queues})
+
     # -- local writes -------------------------------------------------------------------------
 
     def apply(self, index: int, operation: Operation) -> None:
-        """Replica `index` performs `operation`; its updates go out on every connected link."""
-        operation.apply(self.replicas[index].live)
+        """SimulatedReplica `index` performs `operation`; its sessions send it on their links."""
+        replica = self.replicas[index]
+        operation.apply(replica.live)
+        self._pump(replica)
 
     def load(self, index: int, update: bytes) -> None:
-        """Replica `index` receives `update` out of band (a shared file, a QR code, …)."""
-        self._receive(self.replicas[index], update)
+        """SimulatedReplica `index` receives `update` out of band (a shared file, a QR code, …): to
+        its sessions it is a local change, which they send on."""
+        replica = self.replicas[index]
+        replica._receiving = True
+        try:
+            replica.live.apply_update(update)
+        finally:
+            replica._receiving = False
+        replica.history.append(update)
+        replica.store.record(update)
+        self._pump(replica)
 
     # -- the network's choices ----------------------------------------------------------------
 
     def deliver(self, sender: int, receiver: int, position: int = 0) -> Envelope:
-        """Deliver the message at `position` of the link (0 is FIFO order)."""
+        """Deliver the frame at `position` of the link (0 is FIFO order; only 0 on a relay
+        connection)."""
+        if position and RELAY in (sender, receiver):
+            raise ValueError("a relay connection delivers in order: position must be 0")
         envelope = self.queues[(sender, receiver)].pop(position)
         self.delivered += 1
-        target = self.replicas[receiver]
-        if envelope.kind == "sync_step1":
-            if self.connected(receiver, sender):
-                reply = target.live.update_since(envelope.payload)
-                self._send(receiver, sender, "sync_step2", reply)
+        if receiver == RELAY:
+            self._relay_receive(sender, envelope)
         else:
-            self._receive(target, envelope.payload)
+            self._replica_receive(self.replicas[receiver], envelope)
         return envelope
 
+    def deliver_envelope(self, envelope: Envelope) -> None:
+        """Deliver this frame (one of `deliverable()`)."""
+        queue = self.queues[(envelope.sender, envelope.receiver)]
+        position = next(i for i, queued in enumerate(queue) if queued is envelope)
+        self.deliver(envelope.sender, envelope.receiver, position)
+
     def drop(self, sender: int, receiver: int, position: int) -> Envelope:
-        return self.queues[(sender, receiver)].pop(position)
+        """Lose a frame. On a relay connection a lost frame is a broken connection: the link
+        is cut (`heal` reconnects)."""
+        envelope = self.queues[(sender, receiver)][position]
+        if RELAY in (sender, receiver):
+            self.partition(sender, receiver)
+        else:
+            self.queues[(sender, receiver)].pop(position)
+        return envelope
 
     def duplicate(self, sender: int, receiver: int, position: int, insert_at: int) -> None:
+        """Copy a frame of a peer link (a websocket never duplicates one)."""
+        if RELAY in (sender, receiver):
+            raise ValueError("a relay connection does not duplicate frames")
         queue = self.queues[(sender, receiver)]
         queue.insert(insert_at, queue[position])
 
     def partition(self, a: int, b: int) -> None:
         """Cut the link both ways; what was in flight is lost."""
+        if not self.linked(a, b):
+            raise ValueError(f"no link between {node_name(a)} and {node_name(b)}")
+        was_connected = self.connected(a, b)
         self.cut.add(frozenset((a, b)))
-        self.queues[(a, b)].clear()
-        self.queues[(b, a)].clear()
+        if was_connected:
+            self._disconnect(a, b)
 
     def heal(self, a: int, b: int) -> None:
         self.cut.discard(frozenset((a, b)))
         if self.connected(a, b):
-            self._handshake(a, b)
+            self._connect(a, b)
 
     def save(self, index: int, *, compact: bool = False) -> None:
         """Make what replica `index` holds durable (as one compacted update if `compact`)."""
@@ -219,6 +489,12 @@ class SimulatedNetwork:
         """The replica dies: unsaved updates and its connections are lost."""
         replica = self.replicas[index]
         conversation = replica.live
+        for other in self._others(index):
+            if self.connected(index, other):
+                self._disconnect(index, other)
+        for session in replica.sessions.values():
+            session.close()
+        replica.sessions.clear()
         if replica._subscription is not None:
             conversation.doc.unobserve(replica._subscription)
         conversation.view.close()
@@ -226,126 +502,311 @@ class SimulatedNetwork:
         replica.store.lose_unsaved()
         replica.history = []
         replica.held = []
-        for (a, b), queue in self.queues.items():
-            if index in (a, b):
-                queue.clear()
 
     def restart(self, index: int, client_id: int) -> None:
-        """Reopen a crashed replica from its store under a new client id, and resync."""
+        """Reopen a crashed replica from its store under a new client id, and reconnect."""
         replica = self.replicas[index]
         if replica.alive:
             raise RuntimeError(f"replica {index} is running")
         replica.incarnation += 1
         self._open(replica, client_id)
-        for other in range(len(self.replicas)):
-            if self.connected(index, other):
-                self._handshake(index, other)
+
+    def recover(self, index: int, client_id: int) -> None:
+        """What `crdtchat.Replica.recover` does for a blocked replica: drop the document and
+        everything the relay has not stored, and start again from the relay with a new
+        client id (the old one's clocks went to what was refused)."""
+        replica = self.replicas[index]
+        if replica.alive:
+            self.crash(index)
+        replica.store = LocalStore()
+        self.restart(index, client_id)
 
     def fresh_client_id(self) -> int:
         return max(self.used_client_ids) + 1
 
-    def quiesce(self, *, rounds: int = 1, max_deliveries: int = 100_000) -> int:
-        """Heal every link, restart every crashed replica, resync all pairs, deliver all.
+    # -- the relay ------------------------------------------------------------------------------
 
-        A round is one state-vector exchange between every pair (what a reconnect does),
-        then delivery of everything in order. It repairs whatever dropped messages left out,
-        so afterwards every replica must hold the same document. With `rounds` > 1 another
-        round follows while the previous one changed some replica's state vector (peers
-        reconnecting again); returns the number of rounds run.
+    @property
+    def relay_store(self) -> RelayStore:
+        if self.relay is None:
+            raise RuntimeError("this network has no relay")
+        return self.relay.store
+
+    def store_writes(self, count: int | None = None) -> None:
+        """The relay's store makes its first `count` writes (all: None) durable."""
+        relay = self._relay()
+        store = relay.store
+        before = store.durable_seq
+        durable = store.acknowledge(len(store.writes) if count is None else count)
+        if relay.up and durable > before:
+            self._perform(relay.room.stored(durable))
+
+    def crash_relay(self) -> None:
+        """The relay dies: every connection drops, writes not yet durable are lost."""
+        relay = self._relay()
+        if not relay.up:
+            raise RuntimeError("the relay is crashed")
+        for replica in self.replicas:
+            if self.connected(replica.index, RELAY):
+                self._disconnect(replica.index, RELAY, relay_side=False)
+        relay.stop()
+
+    def restart_relay(self) -> None:
+        """The relay starts again from its store; replicas whose link is not cut reconnect."""
+        relay = self._relay()
+        if relay.up:
+            raise RuntimeError("the relay is running")
+        self._perform(relay.start())
+        for replica in self.replicas:
+            if self.connected(replica.index, RELAY):
+                self._connect(replica.index, RELAY)
+
+    def fail_store(self) -> None:
+        """The store loses a write: the room closes every connection (`store_failed`), and
+        the relay loads it again from the store, as its I/O shell does."""
+        relay = self._relay()
+        self._perform(relay.room.store_failed("simulated store failure"))
+        self.crash_relay()
+        self.restart_relay()
+
+    # -- quiescence -------------------------------------------------------------------------
+
+    def quiesce(self, *, rounds: int = 1, max_deliveries: int = 100_000) -> int:
+        """Heal every link, restart everything crashed, reconnect every link, deliver all.
+
+        A round is one reconnection of every link (a state-vector exchange both ways), then
+        delivery of everything, with the relay's store making every write durable, until
+        nothing is in flight. It repairs whatever lost frames left out, so afterwards every
+        replica must hold the same document. Blocked replicas are not recovered here (see
+        `recover`). With `rounds` > 1 another round follows while the previous one changed
+        some replica's state vector; returns the number of rounds run.
         """
         self.cut.clear()
+        if self.relay is not None and not self.relay.up:
+            self.restart_relay()
         for replica in self.replicas:
             if not replica.alive:
                 self.restart(replica.index, self.fresh_client_id())
         for done in range(1, rounds + 1):
             before = [r.live.state_vector() for r in self.replicas]
-            for a, b in self._pairs():
-                self._handshake(a, b)
-            self.deliver_all(max_deliveries=max_deliveries)
+            for a, b in self.pairs():
+                self._disconnect(a, b)
+                self._connect(a, b)
+            self.settle(max_deliveries=max_deliveries)
             if [r.live.state_vector() for r in self.replicas] == before:
                 return done
         return rounds
 
+    def settle(self, *, max_deliveries: int = 100_000) -> None:
+        """Deliver everything in flight and make every relay write durable, until done."""
+        for _ in range(max_deliveries):
+            self.deliver_all(max_deliveries=max_deliveries)
+            if self.relay is None or not self.relay.store.writes:
+                return
+            self.store_writes()
+        raise AssertionError(f"the network did not settle in {max_deliveries} rounds")
+
     def deliver_all(self, *, max_deliveries: int = 100_000) -> None:
-        """Deliver every message in flight, link by link in order, replies included."""
+        """Deliver every frame in flight, link by link in order, replies included."""
         for _ in range(max_deliveries):
             busy = self.busy_links()
             if not busy:
                 return
             for sender, receiver in busy:
-                self.deliver(sender, receiver)
+                if self.queues[(sender, receiver)]:
+                    self.deliver(sender, receiver)
         raise AssertionError(f"the network did not quiesce in {max_deliveries} deliveries")
 
-    # -- internals -------------------------------------------------------------------------------
+    # -- internals: replicas -------------------------------------------------------------------
 
-    def _pairs(self) -> list[tuple[int, int]]:
-        size = len(self.replicas)
-        return [(a, b) for a in range(size) for b in range(a + 1, size)]
+    def _relay(self) -> SimulatedRelay:
+        if self.relay is None:
+            raise RuntimeError("this network has no relay")
+        return self.relay
 
-    def _all_pairs(self) -> set[frozenset[int]]:
-        return {frozenset(pair) for pair in self._pairs()}
+    def _others(self, index: int) -> list[int]:
+        return [b for a, b in self.queues if a == index]
+
+    @staticmethod
+    def _all_pairs(size: int) -> set[frozenset[int]]:
+        nodes = [*range(size), RELAY]
+        return {frozenset((a, b)) for a in nodes for b in nodes if a != b}
 
     def _open(self, replica: SimulatedReplica, client_id: int) -> None:
         if client_id in self.used_client_ids:
             raise ValueError(f"client id {client_id} was used before: reuse corrupts peers")
         self.used_client_ids.add(client_id)
+        # Behind the relay the conversation knows its role, as a real client's does: it
+        # refuses up front what the relay would refuse (`crdtchat.rights`), and only writes
+        # that bypass its API reach the relay's judgement.
         conversation = Conversation(
-            Doc(client_id=client_id), author=replica.author, clock=self.clock
+            Doc(client_id=client_id),
+            author=replica.author,
+            clock=self.clock,
+            role=replica.role,  # type: ignore[arg-type]
         )
         replica.client_id = client_id
         replica.conversation = conversation
+        replica.refused = []
+        replica.closes = []
+        replica.durable = 0
         saved = replica.store.load()
         replica.history = list(saved)
-        replica._applying_remote = True
-        try:
-            for update in saved:
-                conversation.apply_update(update)
-        finally:
-            replica._applying_remote = False
+        for update in saved:  # before any session observes: not a new local change
+            conversation.apply_update(update)
         replica._subscription = conversation.on_update(
             lambda update, replica=replica: self._on_update(replica, update)
         )
+        for other in self._others(replica.index):
+            replica.sessions[other] = SyncSession(conversation.doc)
+        for other in self._others(replica.index):
+            if self.connected(replica.index, other):
+                self._connect(replica.index, other)
 
     def _on_update(self, replica: SimulatedReplica, update: bytes) -> None:
-        if replica._applying_remote:
-            return  # recorded raw by `_receive`; a full mesh does not forward
+        if replica._receiving:
+            return  # recorded raw, as received (RemoteUpdate)
         replica.history.append(update)
         replica.store.record(update)
-        for other in range(len(self.replicas)):
-            if self.connected(replica.index, other):
-                self._send(replica.index, other, "update", update)
 
-    def _receive(self, replica: SimulatedReplica, update: bytes) -> None:
-        if self.hold_early_updates and not integrates_fully(replica.live.encode_state(), update):
-            replica.held.append(update)
+    def _pump(self, replica: SimulatedReplica) -> None:
+        """Move what each session of `replica` has to send onto its link, and its events
+        into the replica's history, store and refusals."""
+        if not replica.alive:
+            return
+        for other, session in replica.sessions.items():
+            for event in session.events():
+                if isinstance(event, RemoteUpdate):
+                    replica.history.append(event.update)
+                    replica.store.record(event.update)
+                elif isinstance(event, Denied):
+                    replica.refused.append(event.reason)
+                    self.refusals.append((replica.index, event.reason))
+                elif isinstance(event, Durable):
+                    replica.durable += len(event.local_ids)
+            if session.has_data_to_send:
+                messages = session.data_to_send()
+                if self.connected(replica.index, other):
+                    for message in messages:
+                        self._send(replica.index, other, message)
+
+    def _replica_receive(self, replica: SimulatedReplica, envelope: Envelope) -> None:
+        message = envelope.message()
+        if (
+            self.hold_early_updates
+            and isinstance(message, SyncUpdate)
+            and not integrates_fully(replica.live.encode_state(), message.update)
+        ):
+            replica.held.append(envelope)
             self.held_total += 1
             return
-        self._integrate(replica, update)
+        self._feed(replica, envelope.sender, message)
         progress = True
         while progress and replica.held:
             progress = False
             for held in list(replica.held):
-                if integrates_fully(replica.live.encode_state(), held):
+                update = held.message().update  # type: ignore[union-attr]
+                if integrates_fully(replica.live.encode_state(), update):
                     replica.held.remove(held)
-                    self._integrate(replica, held)
+                    self._feed(replica, held.sender, held.message())
                     progress = True
+        self._pump(replica)
 
-    def _integrate(self, replica: SimulatedReplica, update: bytes) -> None:
-        replica._applying_remote = True
+    def _feed(self, replica: SimulatedReplica, sender: int, message: WireMessage) -> None:
+        replica._receiving = True
         try:
-            replica.live.apply_update(update)
+            replica.sessions[sender].receive(message)
         finally:
-            replica._applying_remote = False
-        if update != EMPTY_UPDATE:
-            replica.history.append(update)
-            replica.store.record(update)
+            replica._receiving = False
 
-    def _handshake(self, a: int, b: int) -> None:
-        self._send(a, b, "sync_step1", self.replicas[a].live.state_vector())
-        self._send(b, a, "sync_step1", self.replicas[b].live.state_vector())
+    # -- internals: links ----------------------------------------------------------------------
 
-    def _send(self, sender: int, receiver: int, kind: Kind, payload: bytes) -> None:
-        self.queues[(sender, receiver)].append(Envelope(kind, sender, receiver, payload))
+    def _connect(self, a: int, b: int) -> None:
+        """A connection opens between `a` and `b`: both ends start the sync."""
+        for node, other in ((a, b), (b, a)):
+            if node == RELAY:
+                relay = self._relay()
+                peer = relay.peer(self.replicas[other])
+                relay.peers[other] = peer
+                self._perform(relay.room.join(peer))
+            else:
+                self.replicas[node].sessions[other].connect()
+        for node in (a, b):
+            if node != RELAY:
+                self._pump(self.replicas[node])
+
+    def _disconnect(self, a: int, b: int, *, relay_side: bool = True) -> None:
+        """The connection between `a` and `b` ends; what was in flight is lost."""
+        self.queues[(a, b)].clear()
+        self.queues[(b, a)].clear()
+        for node, other in ((a, b), (b, a)):
+            if node == RELAY:
+                relay = self._relay()
+                peer = relay.peers.pop(other, None)
+                if peer is not None and relay_side:
+                    relay.subjects.disconnect(peer.subject)
+                    self._perform(relay.room.leave(peer))
+            elif self.up(node):
+                replica = self.replicas[node]
+                replica.sessions[other].disconnect()
+                replica.held = [e for e in replica.held if e.sender != other]
+                self._pump(replica)
+
+    def _send(self, sender: int, receiver: int, message: WireMessage) -> None:
+        self.queues[(sender, receiver)].append(
+            Envelope(
+                _KINDS[type(message)],
+                sender,
+                receiver,
+                encode_message(message),
+                next(self._serials),
+            )
+        )
+
+    def _send_frame(self, receiver: int, frame: bytes) -> None:
+        (message,) = decode_frame(frame)
+        self.queues[(RELAY, receiver)].append(
+            Envelope(_KINDS[type(message)], RELAY, receiver, frame, next(self._serials))
+        )
+
+    # -- internals: the relay -------------------------------------------------------------------
+
+    def _relay_receive(self, sender: int, envelope: Envelope) -> None:
+        relay = self._relay()
+        peer = relay.peers[sender]
+        self._perform(relay.room.receive(peer, envelope.message(), self.clock()))
+
+    def _replica_of(self, peer: Peer) -> int | None:
+        for index, connected in self._relay().peers.items():
+            if connected is peer:
+                return index
+        return None
+
+    def _perform(self, actions: list[Action]) -> None:
+        """Carry out the relay protocol's actions, as its I/O shell does."""
+        relay = self._relay()
+        for action in actions:
+            if isinstance(action, Send | Acknowledge):
+                index = self._replica_of(action.peer)
+                if index is None or action.peer.closing:
+                    continue
+                if isinstance(action, Send):
+                    self._send_frame(index, action.message)
+                else:
+                    self._send(RELAY, index, Ack(action.count))
+            elif isinstance(action, Broadcast):
+                for index, peer in list(relay.peers.items()):
+                    if peer is not action.exclude and not peer.closing:
+                        self._send_frame(index, action.message)
+            elif isinstance(action, Append | Compact):
+                relay.store.writes.append(action)
+            elif isinstance(action, Close):
+                index = self._replica_of(action.peer)
+                if index is not None:
+                    relay.closes.append((index, action.kind, action.reason))
+                    self.replicas[index].closes.append((action.kind, action.reason))
+                    self.partition(index, RELAY)
+            # VerifyToken (no refresh here) and CheckWaiting (no worker feed): nothing to do
 
 
 def has_gap(doc: Doc) -> bool:

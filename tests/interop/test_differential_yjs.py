@@ -48,6 +48,9 @@ class RecordingMachine(ConversationMachine):
     """Records every replica's history at every quiescence (each distinct one once)."""
 
     histories: ClassVar[dict[tuple[bytes, ...], History]] = {}
+    # Direct links: every write reaches the history, foreign junk included (behind the
+    # relay most of it is refused, and the histories are poorer).
+    topologies = ("peers",)
 
     def extra_invariants(self, replicas: Sequence[SimulatedReplica]) -> None:
         for replica in replicas:

@@ -160,9 +160,12 @@ def test_one_sync_round_converges_after_an_update_overtook_the_handshake() -> No
         net.apply(index, CreateConversation())
         net.save(index)
     net.heal(0, 1)  # each side queues its sync step 1
-    net.apply(0, SetTitle("x"))  # queued behind replica 0's step 1
+    net.deliver(1, 0)  # replica 0 answers replica 1's step 1 with its step 2
+    net.apply(0, SetTitle("x"))  # queued behind replica 0's step 1 and step 2
+    assert [e.kind for e in net.queues[(0, 1)]] == ["sync_step1", "sync_step2", "update"]
+    net.deliver(0, 1, 2)  # the title overtakes the step 2 that carries what it builds on
     net.deliver(0, 1)  # replica 1 answers the step 1 ...
-    net.deliver(0, 1)  # ... and gets the title before replica 0's step 2 with the rest
+    net.deliver(0, 1)  # ... and gets the rest
     net.crash(0)  # the title was not saved: only replica 1 has it now
     net.quiesce(rounds=1)
     check_converged([r.live for r in net.replicas])
