@@ -372,3 +372,137 @@ def test_the_subclassing_example_of_the_docs() -> None:
         settings=settings(max_examples=15, stateful_step_count=20, derandomize=True, database=None),
     )
     assert PinningMachine.pins > 0
+
+
+# -- behind the relay -------------------------------------------------------------------------
+
+
+def relayed(roles: list[str], **config: object) -> SimulatedNetwork:
+    """Replicas behind the in-process relay, synced, with the conversation created by 0."""
+    from crdtchat.relay.config import RelayConfig
+    from crdtchat.testing.network import SECRET
+
+    net = SimulatedNetwork(
+        ["alice", "bob", "worker-1"][: len(roles)],
+        clock=lambda: NOW,
+        client_ids=range(1, len(roles) + 1),
+        relay=True,
+        roles=roles,
+        relay_config=RelayConfig(secret=SECRET, **config),  # type: ignore[arg-type]
+    )
+    net.apply(0, CreateConversation("t"))
+    net.settle()
+    return net
+
+
+def test_every_frame_to_and_from_the_relay_is_a_wire_message() -> None:
+    from crdtchat.testing import RELAY
+    from crdtchat.wire import SyncUpdate
+
+    net = relayed(["writer", "writer"])
+    net.apply(0, AppendMessage("m", "user", "hi", parent=None))
+    [frame] = net.queues[(0, RELAY)]
+    assert frame.kind == "update" and isinstance(frame.message(), SyncUpdate)
+    assert repr(frame).endswith(f"update 0->relay {len(frame.payload)}B>")
+
+
+def test_the_relay_broadcasts_and_acknowledges_only_what_its_store_made_durable() -> None:
+    from crdtchat.testing import RELAY
+
+    net = relayed(["writer", "writer"])
+    net.apply(0, AppendMessage("m", "user", "hi", parent=None))
+    net.deliver_all()
+    assert len(net.relay_store.writes) == 1, "asked to store, not yet durable"
+    assert not net.queues[(RELAY, 1)] and not net.queues[(RELAY, 0)]
+    assert net.replicas[0].sessions[RELAY].pending_count == 1
+    net.store_writes(1)
+    assert [e.kind for e in net.queues[(RELAY, 1)]] == ["update"]
+    assert [repr(e).split()[1:3] for e in net.queues[(RELAY, 0)]] == [["ack", "2"]]
+    net.deliver_all()
+    assert ids(net.replicas[1].live) == ["m"]
+    assert net.replicas[0].sessions[RELAY].durable
+
+
+def test_a_relay_crash_loses_what_its_store_had_not_made_durable_and_resync_repairs_it() -> None:
+    net = relayed(["writer", "writer"])
+    net.apply(0, AppendMessage("m", "user", "hi", parent=None))
+    net.deliver_all()
+    net.crash_relay()
+    assert "m" not in ids(open_store(net))
+    net.restart_relay()
+    net.settle()
+    assert ids(net.replicas[1].live) == ["m"], "replica 0 sent it again: it was not acked"
+    assert "m" in ids(open_store(net))
+
+
+def open_store(net: SimulatedNetwork) -> Conversation:
+    from crdtchat.testing.invariants import open_update
+
+    return open_update(net.relay_store.state() or None)
+
+
+def test_a_readers_write_is_refused_by_the_relay_and_blocks_it_until_it_recovers() -> None:
+    from crdtchat.testing.operations import ForeignMapWrite
+
+    net = relayed(["writer", "reader"])
+    net.apply(1, ForeignMapWrite("canonical.meta", "title", "mine"))  # bypasses the role check
+    net.settle()
+    assert net.replicas[1].blocked
+    assert net.refusals == [(1, "a reader may not change the document")]
+    assert net.replicas[0].live.title == "t"
+    net.recover(1, client_id=50)
+    net.settle()
+    assert not net.replicas[1].blocked and net.replicas[1].live.title == "t"
+    check_converged([r.live for r in net.replicas])
+
+
+def test_a_conversation_behind_the_relay_refuses_up_front_what_its_role_may_not_write() -> None:
+    from crdtchat.errors import ConversationError
+
+    net = relayed(["writer", "reader"])
+    with pytest.raises(ConversationError, match="a reader may not"):
+        net.apply(1, SetTitle("no"))
+    assert not net.queues[(1, -1)]
+
+
+def test_the_relay_compacts_its_store_and_a_restart_loads_the_snapshot() -> None:
+    net = relayed(["writer", "writer"], compact_updates=2)
+    for index in range(3):
+        net.apply(0, AppendMessage(f"m{index}", "user", "x", parent=None))
+        net.settle()
+    assert net.relay_store.snapshot, "compacted"
+    net.crash_relay()
+    net.restart_relay()
+    net.crash(1)
+    net.restart(1, client_id=60)
+    net.settle()
+    assert ids(net.replicas[1].live) == ["m0", "m1", "m2"]
+
+
+def test_a_store_failure_closes_every_connection_and_the_room_reloads() -> None:
+    from crdtchat.relay.protocol import CloseKind
+
+    net = relayed(["writer", "writer"])
+    net.fail_store()
+    assert {kind for _, kind, _ in net.relay.closes} == {CloseKind.UNAVAILABLE}  # type: ignore[union-attr]
+    assert not net.connected(0, -1)
+    net.quiesce()
+    check_converged([r.live for r in net.replicas])
+
+
+def test_a_relay_connection_neither_reorders_nor_duplicates_and_a_lost_frame_breaks_it() -> None:
+    from crdtchat.testing import RELAY
+
+    net = relayed(["writer", "writer"])
+    net.apply(0, AppendMessage("m", "user", "hi", parent=None))
+    net.apply(0, SetTitle("u"))
+    net.deliver_all()
+    net.store_writes()
+    with pytest.raises(ValueError, match="in order"):
+        net.deliver(RELAY, 1, 1)
+    with pytest.raises(ValueError, match="duplicate"):
+        net.duplicate(RELAY, 1, 0, 0)
+    net.drop(RELAY, 1, 0)
+    assert not net.connected(1, RELAY) and not net.queues[(RELAY, 1)]
+    net.quiesce()
+    assert ids(net.replicas[1].live) == ["m"]
