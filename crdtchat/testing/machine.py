@@ -57,7 +57,7 @@ from crdtchat.testing.invariants import (
     raw_message_ids,
     read_replica,
 )
-from crdtchat.testing.network import RELAY, SECRET, Envelope, SimulatedReplica, SimulatedNetwork
+from crdtchat.testing.network import RELAY, SECRET, Envelope, SimulatedNetwork, SimulatedReplica
 from crdtchat.testing.operations import (
     ForeignDeleteMessage,
     Operation,
@@ -446,8 +446,8 @@ class ConversationMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.network is not None and bool(self.network.blocked_replicas()))
     @rule(data=st.data())
     def recover(self, data: st.DataObject) -> None:
-        """A replica the relay refused recovers (`crdtchat.Replica.recover`): a new document from the
-        relay, with a new client id."""
+        """A replica the relay refused recovers (`crdtchat.Replica.recover`): a new document
+        from the relay, with a new client id."""
         blocked = [r.index for r in self.net.blocked_replicas()]
         index = data.draw(st.sampled_from(blocked), label="replica")
         self.net.recover(index, self.new_client_id(data))

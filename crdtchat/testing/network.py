@@ -1,12 +1,12 @@
 """A deterministic network of replicas running the real sync cores, without I/O.
 
 Every replica is a `Conversation` whose connections are `crdtchat.sync.SyncSession`s, the
-client protocol a real `SimulatedReplica` runs (its early-update path included); the relay, when there
-is one, is `crdtchat.relay.protocol.RoomProtocol`, the core the relay runs, with roles from
-tokens minted and verified by `crdtchat.tokens`. Every frame on a link is one message encoded
-by `crdtchat.wire` and decoded on arrival. What is not real is I/O: links are lists, the
-relay's store is `RelayStore` (a list that makes writes durable when told), and a device's
-file is `LocalStore`.
+client protocol a real `crdtchat.Replica` runs (its early-update path included); the relay,
+when there is one, is `crdtchat.relay.protocol.RoomProtocol`, the core the relay runs, with
+roles from tokens minted and verified by `crdtchat.tokens`. Every frame on a link is one
+message encoded by `crdtchat.wire` and decoded on arrival. What is not real is I/O: links are
+lists, the relay's store is `RelayStore` (a list that makes writes durable when told), and a
+device's file is `LocalStore`.
 
 Nothing here chooses anything: which frame is delivered, dropped or duplicated, which link is
 cut, which replica or the relay crashes, when the relay's store makes its writes durable, are
@@ -30,7 +30,7 @@ a replica passes what it receives on one link to its others, as y-webrtc does).
 - The relay: what it asks its store to write is durable only after `store_writes` (the
   store's acknowledgement, `RoomProtocol.stored`); `crash_relay` loses the rest, `restart_relay`
   loads the room from what is durable. A write the relay refuses comes back to its replica as
-  `Denied` (`SimulatedReplica.refused`, `SimulatedReplica.blocked`); `recover` gives it a way back, as
+  `Denied` (`SimulatedReplica.refused`, `.blocked`); `recover` gives it a way back, as
   `crdtchat.Replica.recover` does: a new document with a new client id, from the relay.
 """
 
