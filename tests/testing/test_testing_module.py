@@ -323,12 +323,10 @@ def test_held_updates_wait_for_their_predecessors() -> None:
 def test_the_network_example_of_the_docs() -> None:
     from crdtchat.testing import check_quiescent
 
-    net = SimulatedNetwork(
-        ["alice", "bob"], clock=lambda: 1.7e9, client_ids=[1, 2], hold_early_updates=True
-    )
+    net = SimulatedNetwork(["alice", "bob"], clock=lambda: 1.7e9, client_ids=[1, 2])
     net.apply(0, CreateConversation("notes"))
     net.apply(0, AppendMessage("m1", "user", "hi", parent=None))
-    net.drop(0, 1, 0)
+    assert net.drop(0, 1, 0).kind == "sync_step1"
     net.partition(0, 1)
     net.crash(1)
     net.restart(1, client_id=7)
