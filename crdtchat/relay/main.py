@@ -1,8 +1,9 @@
 """`crdtchat serve`: run the relay until SIGTERM or SIGINT, then shut down gracefully.
 
 Shutdown order matters for "everything accepted is on disk": stop accepting and close every
-connection (each connection's settler drains what it accepted), then let every room flush and
-compact, then close the store, whose thread commits whatever is still queued.
+connection (what a connection had accepted is queued to the store already, and is broadcast
+once stored even after its sender left), then let every room flush and compact, then close the
+store, whose thread commits whatever is still queued.
 
 Options beyond design §6 (`--rate`, `--idle-unload`, ...) are read with defaults when the
 `crdtchat` parser does not define them; `python -m crdtchat.relay.main` accepts all of them.
