@@ -391,7 +391,7 @@ class Room:
     def leave(self, peer: RelayPeer) -> None:
         future = self._backpressured.pop(peer, None)
         if future is not None and not future.done():
-            future.cancel()
+            future.set_result(None)
         self.perform(self.core.leave(peer))
 
     def receive(self, peer: RelayPeer, message: Any) -> list[Action]:

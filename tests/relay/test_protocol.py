@@ -634,3 +634,16 @@ def test_presence_from_another_node_is_broadcast_but_cannot_take_a_local_id() ->
     assert 9 in h.room.awareness.states and 9 not in h.room.awareness_owners
     assert h.room.remote_awareness(awareness(7, 5, None).payload) == []
     assert 7 in h.room.awareness.states
+
+
+def test_a_peers_queue_holds_its_results_until_stored_for_the_shells_back_pressure() -> None:
+    h = Harness()
+    writer = h.peer()
+    client = Client()
+    for text in ("a", "b", "c"):
+        h.receive(writer, client.write(text))
+    assert writer.queued == 3
+    h.room.stored(2)
+    assert writer.queued == 1
+    h.room.stored(3)
+    assert writer.queued == 0
