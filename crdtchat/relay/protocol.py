@@ -624,12 +624,14 @@ class RoomProtocol:
     def refresh_verified(
         self, peer: Peer, verified: TokenClaims | TokenError, now: float
     ) -> list[Action]:
-        """The token of a refresh (extension 102) was verified (or not): answer either way."""
+        """The token of a refresh (extension 102) was verified (or not): answer either way.
+
+        Whether it came in time was judged when it arrived (`receive`); verifying may take a
+        while (a trusted issuer's keys), and an expiry meanwhile is the expiry timer's to
+        close, as without a refresh.
+        """
         if peer.closing:
             return []
-        if peer.expires <= now:  # too late: access has ended
-            close = self.close_peer(peer, TOKEN_EXPIRED_CODE, TOKEN_EXPIRED, CloseKind.EXPIRED)
-            return [] if close is None else [close]
         answer: RefreshAnswer
         try:
             if isinstance(verified, TokenError):
