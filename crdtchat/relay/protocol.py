@@ -43,7 +43,14 @@ from pycrdt import Awareness, Doc
 
 from crdtchat.errors import RemoteProtocolError
 from crdtchat.relay.config import RelayConfig
-from crdtchat.relay.livedoc import Accepted, LiveDoc, OverLimits, UndecodableUpdate
+from crdtchat.relay.livedoc import (
+    Accepted,
+    LiveDoc,
+    Outcome,
+    OverLimits,
+    Refused,
+    UndecodableUpdate,
+)
 from crdtchat.relay.membership import members, role_of
 from crdtchat.relay.metrics import Metrics
 from crdtchat.relay.ratelimit import Subject, TokenBucket
@@ -238,20 +245,6 @@ class CheckWaiting:
 Action = Send | Broadcast | Acknowledge | Close | Append | Compact | VerifyToken | CheckWaiting
 
 
-@dataclass(frozen=True, slots=True)
-class Judged:
-    """An update `judge_update` accepted: `delta` is what to commit (b"": it changed nothing)."""
-
-    delta: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """An update `judge_update` refused; the peer is told with AuthDenied(reason)."""
-
-    reason: str
-
-
 # What waits in a peer's queue.
 _UPDATE = 0  # an update (accepted or refused-less no-op) to count as settled
 _REPLY = 1  # a message to send
@@ -408,7 +401,7 @@ class RoomProtocol:
     def _receive_update(self, peer: Peer, update: bytes, now: float) -> list[Action]:
         actions: list[Action] = []
         verdict = self.judge_update(peer, update, now)
-        if isinstance(verdict, Refusal):
+        if isinstance(verdict, Refused):
             self._settle_after(peer, 0, _REFUSAL, verdict.reason, actions)
         elif not verdict.delta:
             self._settle_after(peer, self.last_seq, _UPDATE, None, actions)
@@ -417,10 +410,11 @@ class RoomProtocol:
             self._settle_after(peer, seq, _UPDATE, None, actions)
         return actions
 
-    def judge_update(self, peer: Peer, update: bytes, now: float) -> Judged | Refusal:
+    def judge_update(self, peer: Peer, update: bytes, now: float) -> Outcome:
         """Judge `update` from `peer` against the live document, which it changes if accepted
         (all or nothing); raises PeerViolation for input that ends the peer. Charges the
-        subject's quotas for what it accepts."""
+        subject's quotas for what it accepts. Returns livedoc's verdict as it is: Accepted
+        (its delta to commit, b"" when it changed nothing) or Refused (told with AuthDenied)."""
         self.metrics.updates_in += 1
         if self.failed:  # its live document may hold unstored writes: nothing builds on it
             raise PeerViolation(1011, STORAGE_FAILED, CloseKind.UNAVAILABLE)
@@ -447,13 +441,13 @@ class RoomProtocol:
                     f"too many refused writes from subject {subject.sub!r}",
                     CloseKind.REFUSALS,
                 )
-            return Refusal(outcome.reason)
+            return outcome
         if outcome.delta:
             subject.write_bytes.charge(len(outcome.delta), now)
             if not self._created:
                 self._created = True
                 subject.rooms.charge(1, now)
-        return Judged(outcome.delta)
+        return outcome
 
     def commit_update(self, delta: bytes, sender: Peer | None, actions: list[Action]) -> int:
         """Give an applied update its sequence number and store it; it is broadcast (to all
