@@ -66,7 +66,10 @@ class RoomLogLike(Protocol):
 
 
 @dataclass(frozen=True)
-class Refused:
+class RefusedAt:
+    """An update the copy refused at sequence `seq` (livedoc's Refused plus where it was judged,
+    so a caller can tell a refusal of a stale copy from one of the current state)."""
+
     reason: str
     seq: int  # the copy's sequence the update was judged at
 
@@ -155,7 +158,7 @@ class ClusterRoom:
         """Until the copy holds everything the stream holds now."""
         await self.wait_for_seq(await self.log.last_seq(self.room), timeout)
 
-    async def submit(self, update: bytes, msg_id: str, judge: Judge) -> Appended | Refused:
+    async def submit(self, update: bytes, msg_id: str, judge: Judge) -> Appended | RefusedAt:
         """Judge `update` against the caught-up copy and store it if accepted.
 
         Returns once JetStream acknowledged it (the durable point) or it was refused; peers get
@@ -167,7 +170,7 @@ class ClusterRoom:
             seq = self.seq  # judged at, and the condition of the publish: no await in between
             reason = judge(self.doc, update)
             if reason is not None:
-                return Refused(reason, seq)
+                return RefusedAt(reason, seq)
             try:
                 return await self.log.append(self.room, update, expected_seq=seq, msg_id=msg_id)
             except SequenceConflict as conflict:

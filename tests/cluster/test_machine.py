@@ -19,7 +19,7 @@ from pycrdt import Doc, Map, Text
 
 from crdtchat.cluster.errors import ClusterError
 from crdtchat.cluster.memory import MemoryRoomLog, MemoryStream
-from crdtchat.cluster.room import ClusterRoom, Refused
+from crdtchat.cluster.room import ClusterRoom, RefusedAt
 from crdtchat.cluster.roomlog import Appended
 
 ROOMS = ("r.1", "r_2")
@@ -78,7 +78,7 @@ class ClusterMachine(RuleBasedStateMachine):
         """Two nodes claim at once: no more than one claim is ever accepted per room."""
         contenders = [self.nodes[i % len(self.nodes)][room] for i in (first, second)]
 
-        async def both() -> list[Appended | Refused]:
+        async def both() -> list[Appended | RefusedAt]:
             updates = []
             for _ in contenders:
                 doc: Doc = Doc(client_id=next(client_ids))

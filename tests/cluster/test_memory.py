@@ -15,7 +15,7 @@ from pycrdt import Doc, Map, Text
 from crdtchat.cluster.connection import ClusterConnection
 from crdtchat.cluster.errors import ClusterError, SequenceConflict
 from crdtchat.cluster.memory import MemoryRoomLog, MemoryStream
-from crdtchat.cluster.room import ClusterRoom, Refused
+from crdtchat.cluster.room import ClusterRoom, RefusedAt
 from crdtchat.cluster.roomlog import RoomLog
 
 pytestmark = pytest.mark.anyio
@@ -109,7 +109,7 @@ async def test_cluster_rooms_race_on_the_stand_in_as_on_nats() -> None:
         async with anyio.create_task_group() as group:
             for index in range(2):
                 group.start_soon(claim, index)
-        assert sum(isinstance(result, Refused) for result in results) == 1
+        assert sum(isinstance(result, RefusedAt) for result in results) == 1
         # Both judged at the same sequence: one publish conflicted and was judged again.
         assert sum(log.metrics.publish_conflicts for log in logs) == 1
         stream.available = False

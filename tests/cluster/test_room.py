@@ -7,7 +7,7 @@ import pytest
 from pycrdt import Doc, Map, Text
 
 from crdtchat.cluster.connection import ClusterConnection
-from crdtchat.cluster.room import ClusterRoom, Refused
+from crdtchat.cluster.room import ClusterRoom, RefusedAt
 from crdtchat.cluster.roomlog import Appended, LogEntry, RoomLog
 from crdtchat.wire import decode_state_vector
 
@@ -32,10 +32,10 @@ def claim(name: str, client_id: int) -> bytes:
 
 async def race(
     conn_a: ClusterConnection, conn_b: ClusterConnection, name: str, round_: int
-) -> dict[str, Appended | Refused]:
+) -> dict[str, Appended | RefusedAt]:
     """Nodes a and b claim room `name` at once; both copies end with the one accepted claim."""
     rooms = {"a": ClusterRoom(RoomLog(conn_a), name), "b": ClusterRoom(RoomLog(conn_b), name)}
-    results: dict[str, Appended | Refused] = {}
+    results: dict[str, Appended | RefusedAt] = {}
 
     async def submit(node: str, client: int) -> None:
         update = claim(node, client)
@@ -76,7 +76,7 @@ async def test_concurrent_checks_on_two_nodes_accept_exactly_one_write(
         for round_ in range(5):  # five races, each for a fresh room's claim
             results = await race(connection, second, f"{ROOM}-{round_}", round_)
             accepted = [node for node, result in results.items() if isinstance(result, Appended)]
-            refused = [result for result in results.values() if isinstance(result, Refused)]
+            refused = [result for result in results.values() if isinstance(result, RefusedAt)]
             assert len(accepted) == 1 and len(refused) == 1
             assert refused[0].reason == "already claimed"
 
