@@ -31,7 +31,7 @@ from crdtchat.cluster.connection import ClusterConnection
 from crdtchat.cluster.errors import ClusterError
 from crdtchat.cluster.feed import open_bucket
 from crdtchat.cluster.names import room_token
-from crdtchat.relay.blobs import BlobError, check_name
+from crdtchat.relay.blobs import HttpRefusal, check_name
 
 _STREAM_NAME_IN_USE = 10058
 
@@ -131,7 +131,7 @@ class ClusterUpload:
         for chunk in chunks:
             self.size += len(chunk)
             if self.size > self.store.max_size:
-                raise BlobError(413, f"blob larger than {self.store.max_size} bytes")
+                raise HttpRefusal(413, f"blob larger than {self.store.max_size} bytes")
             self._hash.update(chunk)
             self._file.write(chunk)
 
@@ -140,7 +140,7 @@ class ClusterUpload:
         assert self._file is not None
         actual = self._hash.hexdigest()
         if actual != self.sha256:
-            raise BlobError(400, f"body hashes to {actual}, not {self.sha256}")
+            raise HttpRefusal(400, f"body hashes to {actual}, not {self.sha256}")
         file, self._file = self._file, None
         store = self.store
         try:

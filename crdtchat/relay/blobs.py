@@ -35,8 +35,10 @@ from crdtchat.errors import StorageError
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
-class BlobError(StorageError, ValueError):
-    """An upload that must not be stored; `status` is the HTTP status to answer with."""
+class HttpRefusal(StorageError, ValueError):
+    """A plain-HTTP request the relay refuses (a blob, a membership change, a room), answered
+    with `status` and `reason`. Here rather than in http.py because the blob store, which
+    http.py imports, refuses uploads with it too."""
 
     def __init__(self, status: int, reason: str, *, retry_after: int | None = None) -> None:
         super().__init__(reason)
@@ -47,7 +49,7 @@ class BlobError(StorageError, ValueError):
 
 def check_name(sha256: str) -> str:
     if not SHA256_HEX.fullmatch(sha256):
-        raise BlobError(400, "a blob name is 64 lowercase hex digits (its SHA-256)")
+        raise HttpRefusal(400, "a blob name is 64 lowercase hex digits (its SHA-256)")
     return sha256
 
 
@@ -129,19 +131,19 @@ class Upload:
         for chunk in chunks:
             self.size += len(chunk)
             if self.size > self.store.max_size:
-                raise BlobError(413, f"blob larger than {self.store.max_size} bytes")
+                raise HttpRefusal(413, f"blob larger than {self.store.max_size} bytes")
             self._hash.update(chunk)
             self._file.write(chunk)
 
     async def finish(self) -> None:
-        """Verify the hash and move the bytes into place; BlobError if they are not `sha256`."""
+        """Verify the hash and move the bytes into place; HttpRefusal if they are not `sha256`."""
         await anyio.to_thread.run_sync(self._finish, limiter=self.store.threads)
 
     def _finish(self) -> None:
         assert self._file is not None
         actual = self._hash.hexdigest()
         if actual != self.sha256:
-            raise BlobError(400, f"body hashes to {actual}, not {self.sha256}")
+            raise HttpRefusal(400, f"body hashes to {actual}, not {self.sha256}")
         path = self.store.path_for(self.sha256)
         file, self._file = self._file, None
         with file:

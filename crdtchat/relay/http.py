@@ -47,7 +47,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from crdtchat import schema
-from crdtchat.relay.blobs import BlobError, BlobStore, Upload, check_name
+from crdtchat.relay.blobs import BlobStore, HttpRefusal, Upload, check_name
 from crdtchat.relay.membership import (
     AccessError,
     InviteRequest,
@@ -133,14 +133,14 @@ class TransferSlots:
     @contextmanager
     def hold(self, subject: str) -> Iterator[None]:
         if self.active[subject] >= self.per_subject:
-            raise BlobError(
+            raise HttpRefusal(
                 429,
                 f"{self.per_subject} {self.kind} of {subject!r} are in progress already; "
                 "retry when one has finished",
                 retry_after=1,
             )
         if self.in_progress >= self.total:
-            raise BlobError(
+            raise HttpRefusal(
                 503,
                 f"the relay is {self.verb} {self.total} {self.kind} already; retry later",
                 retry_after=1,
@@ -253,39 +253,39 @@ class HttpEndpoints:
         """The room and blob name of `/blobs/<room>/<sha256>`."""
         parts = url.path.removeprefix("/blobs/").split("/")
         if len(parts) != 2:
-            raise BlobError(404, f"blob URLs are {BLOB_URL}")
+            raise HttpRefusal(404, f"blob URLs are {BLOB_URL}")
         room = unquote(parts[0])
         if not ROOM_NAME.fullmatch(room):
-            raise BlobError(400, "a room name is 1-128 of A-Za-z0-9._-")
+            raise HttpRefusal(400, "a room name is 1-128 of A-Za-z0-9._-")
         return room, check_name(parts[1])
 
     async def claims(self, url: SplitResult, headers: dict[str, str], room: str) -> TokenClaims:
         token = _token_from(url, headers)
         if not token:
-            raise BlobError(401, "a token is required (?token= or Authorization: Bearer)")
+            raise HttpRefusal(401, "a token is required (?token= or Authorization: Bearer)")
         try:
             claims = await verify(self.verifier, token, None)
             if not claims.identity and not claims.allows_room(room):
                 raise TokenError("wrong room")
         except TokenError as error:
             status = 403 if error.reason in FORBIDDEN_REASONS else 401
-            raise BlobError(status, f"token refused: {refusal_text(error.reason)}") from None
+            raise HttpRefusal(status, f"token refused: {refusal_text(error.reason)}") from None
         if not claims.identity:
             return claims
         # An identity token: the room's membership gives the role (design §4), as at the
         # websocket upgrade.
         if self.rooms is None:
-            raise BlobError(403, f"token refused: {claims.sub} is not a member of this room")
+            raise HttpRefusal(403, f"token refused: {claims.sub} is not a member of this room")
         try:
             loaded = await self.rooms.acquire(room)
         except RoomUnavailable as error:
-            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+            raise HttpRefusal(503, f"room unavailable: {error}", retry_after=5) from None
         try:
             role = loaded.role_for(claims.sub)
         finally:
             loaded.release()
         if role is None or role == "person":
-            raise BlobError(403, f"token refused: {claims.sub} is not a member of this room")
+            raise HttpRefusal(403, f"token refused: {claims.sub} is not a member of this room")
         return replace(claims, room=room, role=role)  # type: ignore[arg-type]
 
     async def open_for(self, room_name: str, sha256: str) -> BinaryIO | None:
@@ -301,7 +301,7 @@ class HttpEndpoints:
             try:
                 room = await self.rooms.acquire(room_name)
             except RoomUnavailable as error:
-                raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+                raise HttpRefusal(503, f"room unavailable: {error}", retry_after=5) from None
             try:
                 referenced = sha256 in await self._referenced_by(room)
             finally:
@@ -422,9 +422,9 @@ class _Exchange:
         try:
             try:
                 await self._serve()
-            except BlobError as error:
+            except HttpRefusal as error:
                 level = logging.WARNING if error.status in (408, 429, 503) else logging.INFO
-                log.log(level, "blob request refused (%d): %s", error.status, error.reason)
+                log.log(level, "HTTP request refused (%d): %s", error.status, error.reason)
                 if not self.responded:
                     await self._answer(error.status, error.reason + "\n", error.retry_after)
             self.conn.transport.close()
@@ -438,7 +438,7 @@ class _Exchange:
     async def _serve(self) -> None:
         event = await self._next_event()
         if not isinstance(event, h11.Request):
-            raise BlobError(400, "connection closed before the request head")
+            raise HttpRefusal(400, "connection closed before the request head")
         url = urlsplit(event.target.decode("ascii", "replace"))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
         if url.path.startswith("/rooms/") and event.method in (b"POST", b"DELETE"):
@@ -448,7 +448,7 @@ class _Exchange:
         elif event.method == b"GET":
             await self._get(url, headers)
         else:
-            raise BlobError(405, "blobs take GET and PUT; /rooms/<room>/... take POST and DELETE")
+            raise HttpRefusal(405, "blobs take GET and PUT; /rooms/<room>/... take POST and DELETE")
 
     # -- reading --------------------------------------------------------------------------
 
@@ -457,13 +457,13 @@ class _Exchange:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as error:
-                raise BlobError(400, f"malformed request: {error}") from None
+                raise HttpRefusal(400, f"malformed request: {error}") from None
             if event is not h11.NEED_DATA:
                 return event
             try:
                 data = await self.conn.receive_some(self.stall)
             except TimeoutError:
-                raise BlobError(408, f"no bytes for {self.stall:g} s: request cut") from None
+                raise HttpRefusal(408, f"no bytes for {self.stall:g} s: request cut") from None
             self.h11.receive_data(data)
 
     # -- writing --------------------------------------------------------------------------
@@ -527,7 +527,7 @@ class _Exchange:
         parts = url.path.removeprefix("/rooms/").split("/")
         room_name = unquote(parts[0])
         if not ROOM_NAME.fullmatch(room_name):
-            raise BlobError(400, "a room name is 1-128 of A-Za-z0-9._-")
+            raise HttpRefusal(400, "a room name is 1-128 of A-Za-z0-9._-")
         action = (method.decode(), *parts[1:])
         models: dict[tuple[str, ...], type[BaseModel] | None] = {
             ("POST", "members"): MemberChange,
@@ -539,20 +539,20 @@ class _Exchange:
         elif action in models:
             model = models[action]
         else:
-            raise BlobError(
+            raise HttpRefusal(
                 404,
                 "membership URLs are POST /rooms/<room>/members, POST /rooms/<room>/invites, "
                 "DELETE /rooms/<room>/invites/<id>, POST /rooms/<room>/join",
             )
         token = _token_from(url, headers)
         if not token:
-            raise BlobError(401, "an identity token is required: Authorization: Bearer <token>")
+            raise HttpRefusal(401, "an identity token is required: Authorization: Bearer <token>")
         try:
             claims = await verify(endpoints.verifier, token, None)
         except TokenError as error:
-            raise BlobError(401, f"token refused: {refusal_text(error.reason)}") from None
+            raise HttpRefusal(401, f"token refused: {refusal_text(error.reason)}") from None
         if not claims.identity:
-            raise BlobError(403, "membership changes need an identity token (no room or role)")
+            raise HttpRefusal(403, "membership changes need an identity token (no room or role)")
         body = await self._small_body()
         request: Any = None
         if model is not None:
@@ -562,20 +562,20 @@ class _Exchange:
                 problems = "; ".join(
                     f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()
                 )
-                raise BlobError(400, f"bad request body: {problems}") from None
+                raise HttpRefusal(400, f"bad request body: {problems}") from None
         if endpoints.rooms is None:
-            raise BlobError(503, "this relay serves no rooms")
+            raise HttpRefusal(503, "this relay serves no rooms")
         try:
             room = await endpoints.rooms.acquire(room_name)
         except RoomUnavailable as error:
-            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+            raise HttpRefusal(503, f"room unavailable: {error}", retry_after=5) from None
         try:
             await room.structure_ready.wait()
             answer = await self._change_access(room, claims.sub, action, request)
         except AccessError as error:
-            raise BlobError(error.status, error.reason) from None
+            raise HttpRefusal(error.status, error.reason) from None
         except RoomUnavailable as error:
-            raise BlobError(503, f"room unavailable: {error}", retry_after=5) from None
+            raise HttpRefusal(503, f"room unavailable: {error}", retry_after=5) from None
         finally:
             room.release()
         log.info("room %s: %s %s by %s", room_name, *action[:2], claims.sub)
@@ -619,12 +619,12 @@ class _Exchange:
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > _MAX_ACCESS_BODY:
-                    raise BlobError(413, f"request body larger than {_MAX_ACCESS_BODY} bytes")
+                    raise HttpRefusal(413, f"request body larger than {_MAX_ACCESS_BODY} bytes")
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
             else:
-                raise BlobError(400, "connection closed before the whole body")
+                raise HttpRefusal(400, "connection closed before the whole body")
 
     async def _answer_json(self, status: int, value: dict[str, Any]) -> None:
         body = json.dumps(value).encode()
@@ -639,19 +639,19 @@ class _Exchange:
         room, sha256 = endpoints.target(url)
         claims = await endpoints.claims(url, headers, room)
         if claims.role not in UPLOAD_ROLES:
-            raise BlobError(403, f"a {claims.role} token may not upload blobs")
+            raise HttpRefusal(403, f"a {claims.role} token may not upload blobs")
         if "transfer-encoding" in headers:
-            raise BlobError(411, "send the blob with a Content-Length, not chunked")
+            raise HttpRefusal(411, "send the blob with a Content-Length, not chunked")
         raw = headers.get("content-length", "")
         if not raw.isdigit():
-            raise BlobError(411, "Content-Length required")
+            raise HttpRefusal(411, "Content-Length required")
         if int(raw) > endpoints.blobs.max_size:
-            raise BlobError(413, f"blob larger than {endpoints.blobs.max_size} bytes")
+            raise HttpRefusal(413, f"blob larger than {endpoints.blobs.max_size} bytes")
         with endpoints.uploads.hold(claims.sub):
             try:
                 upload = await endpoints.blobs.begin(room, sha256)
             except OSError as error:
-                raise BlobError(507, f"the relay cannot store blobs now: {error}") from None
+                raise HttpRefusal(507, f"the relay cannot store blobs now: {error}") from None
             try:
                 if self.h11.they_are_waiting_for_100_continue:
                     continued = h11.InformationalResponse(
@@ -664,7 +664,7 @@ class _Exchange:
                 raise
             except OSError as error:  # the disk: say so, keep nothing
                 log.error("storing blob %s failed: %s", sha256, error)
-                raise BlobError(507, f"the relay could not store the blob: {error}") from None
+                raise HttpRefusal(507, f"the relay could not store the blob: {error}") from None
             finally:
                 upload.discard()  # nothing left to remove once finished
         # The same answer whether these bytes were stored already: it must not tell a writer
@@ -684,11 +684,11 @@ class _Exchange:
                         await upload.write(chunks)
                     return
                 elif isinstance(event, h11.ConnectionClosed):
-                    raise BlobError(400, "connection closed before the whole body")
+                    raise HttpRefusal(400, "connection closed before the whole body")
                 try:
                     event = self.h11.next_event()
                 except h11.RemoteProtocolError as error:
-                    raise BlobError(400, f"malformed request: {error}") from None
+                    raise HttpRefusal(400, f"malformed request: {error}") from None
                 if event is h11.NEED_DATA:
                     break
             if chunks:
@@ -705,7 +705,7 @@ class _Exchange:
     async def _send_blob(self, room: str, sha256: str) -> None:
         file = await self.endpoints.open_for(room, sha256)
         if file is None:  # missing, unreferenced or not uploaded here: one answer for all
-            raise BlobError(404, f"no such blob in room {room!r}")
+            raise HttpRefusal(404, f"no such blob in room {room!r}")
         try:
             size = os.fstat(file.fileno()).st_size
             await self._start(200, size, [("content-type", "application/octet-stream")])

@@ -27,7 +27,7 @@ MAX_ATTACHMENT = 32 * 1024 * 1024
 
 class AttachmentError(StorageError, RuntimeError):
     """The file could not be read or the relay did not store it; the text says which.
-    Not `crdtchat.relay.blobs.BlobError`, the relay's refusal of an upload."""
+    Not `crdtchat.relay.blobs.HttpRefusal`, the relay's refusal of an upload."""
 
 
 def http_base(relay_url: str) -> str:

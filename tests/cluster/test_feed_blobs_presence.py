@@ -12,7 +12,7 @@ from crdtchat.cluster.blobs import ClusterBlobStore
 from crdtchat.cluster.connection import ClusterConnection
 from crdtchat.cluster.feed import FeedChange, WaitingFeed
 from crdtchat.cluster.presence import PresenceBus
-from crdtchat.relay.blobs import BlobError
+from crdtchat.relay.blobs import HttpRefusal
 from crdtchat.wire import AwarenessEntry, decode_awareness, encode_awareness
 
 pytestmark = pytest.mark.anyio
@@ -59,11 +59,11 @@ async def test_a_blob_uploaded_through_one_connection_is_served_through_another(
 
     wrong = await uploader.begin("room-b", hashlib.sha256(b"other").hexdigest())
     await wrong.write([b"not other"])
-    with pytest.raises(BlobError) as refused:
+    with pytest.raises(HttpRefusal) as refused:
         await wrong.finish()
     assert refused.value.status == 400
     big = await uploader.begin("room-b", sha)
-    with pytest.raises(BlobError) as too_big:
+    with pytest.raises(HttpRefusal) as too_big:
         await big.write([body, body, body])
     assert too_big.value.status == 413
     big.discard()

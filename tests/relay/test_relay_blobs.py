@@ -245,7 +245,7 @@ def test_a_stalled_upload_is_cut_and_leaves_no_file(quick: RelayProcess) -> None
     assert response.startswith(b"HTTP/1.1 408"), response[:200]
     assert b"no bytes for 2 s" in response
     assert not temp_files(quick)
-    assert "blob request refused (408)" in quick.log()
+    assert "HTTP request refused (408)" in quick.log()
 
 
 def test_a_stalled_request_head_is_cut(quick: RelayProcess) -> None:

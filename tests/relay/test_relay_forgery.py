@@ -25,7 +25,7 @@ from websockets.exceptions import InvalidStatus
 from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.kvcache import CheckpointRef, CheckpointUnavailable
-from crdtchat.relay.blobs import BlobError, BlobStore
+from crdtchat.relay.blobs import BlobStore, HttpRefusal
 from crdtchat.schema import ROOM_NAME, FileRef
 from crdtchat.tokens import mint_token
 from crdtchat.wire import SyncUpdate
@@ -233,7 +233,7 @@ def test_full_matches_for_room_names_blob_hashes_and_checkpoint_refs(tmp_path: P
     store = BlobStore(tmp_path, 1000)
     assert store.path_for(digest).name == digest
     for bad in (digest + "\n", digest.upper(), digest[:-1]):
-        with pytest.raises(BlobError):
+        with pytest.raises(HttpRefusal):
             store.path_for(bad)
     # pydantic's patterns use Rust's regex, where "$" is the end of the text: checked anyway
     with pytest.raises(ValidationError):
