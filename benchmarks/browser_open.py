@@ -35,8 +35,10 @@ from playwright.sync_api import CDPSession, Page, expect, sync_playwright
 
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
+from crdtchat.stack import RelaySubprocess
+from tests.support import REPO
 from tests.support.browser import CHROMIUM, FLAGS
-from tests.support.relay import RelayProcess, token
+from tests.support.relay import SECRET, token
 
 ROOM = "bench-open"
 
@@ -132,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     state = build(args.messages)
     last = f"message {args.messages - 1}:"
-    relay = RelayProcess(Path(tempfile.mkdtemp()) / "data").start()
+    relay = RelaySubprocess(Path(tempfile.mkdtemp()) / "data", SECRET, cwd=REPO).start()
     relay_times, idb_times, anchors, heaps = [], [], [], []
     relay_cpu: list[float] = []
     idb_cpu: list[float] = []

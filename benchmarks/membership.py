@@ -28,8 +28,10 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crdtchat import membership
+from crdtchat.stack import RelaySubprocess
 from crdtchat.tokens import mint_token
-from tests.support.relay import SECRET, RelayProcess, raw_client, token
+from tests.support import REPO
+from tests.support.relay import SECRET, raw_client, token
 
 ROOM = "bench-members"
 
@@ -51,11 +53,11 @@ async def timed(action: Callable[[], Awaitable[None]], count: int) -> float:
 async def run(quick: bool) -> None:
     rounds, per_round, peers = (3, 10, 50) if quick else (7, 30, 200)
     with tempfile.TemporaryDirectory() as tmp:
-        relay = RelayProcess(Path(tmp) / "data").start()
+        relay = RelaySubprocess(Path(tmp) / "data", SECRET, cwd=REPO).start()
         try:
-            base = f"ws://{relay.host}:{relay.port}"
+            base = relay.ws_base
             owner = identity("owner")
-            async with raw_client(relay.url(ROOM, owner)):
+            async with raw_client(f"{base}/{ROOM}?token={owner}"):
                 pass  # the owner creates the room
             for k in range(100):
                 await anyio.to_thread.run_sync(
@@ -65,7 +67,7 @@ async def run(quick: bool) -> None:
             member = identity("member-7")
 
             async def join(tok: str) -> None:
-                async with raw_client(relay.url(ROOM, tok)):
+                async with raw_client(f"{base}/{ROOM}?token={tok}"):
                     pass
 
             anchor, measured = [], []
@@ -88,7 +90,7 @@ async def run(quick: bool) -> None:
             async with AsyncExitStack() as stack:
                 for k in range(peers):
                     tok = identity(f"member-{k % 100}")
-                    await stack.enter_async_context(raw_client(relay.url(ROOM, tok)))
+                    await stack.enter_async_context(raw_client(f"{base}/{ROOM}?token={tok}"))
                 crowded = await timed(change, per_round * rounds)
             print("membership change (POST /rooms/<room>/members), median:")
             print(f"  no connection in the room (anchor)  {alone:8.2f} ms  1.00")
