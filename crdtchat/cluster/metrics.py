@@ -91,16 +91,7 @@ class ClusterMetrics:
         )
         metric("compactions_total", "counter", "Room logs rolled up.", self.compactions)
         metric("presence_nodes", "gauge", "Other nodes heard in presence.", self.presence_nodes)
-        hist = self.publish_seconds
-        lines.append(
-            "# HELP crdtchat_nats_publish_seconds From publish to JetStream's acknowledgement."
+        lines += self.publish_seconds.exposition(
+            "nats_publish_seconds", "From publish to JetStream's acknowledgement."
         )
-        lines.append("# TYPE crdtchat_nats_publish_seconds histogram")
-        cumulative = 0
-        for bound, count in zip(hist.buckets, hist.counts, strict=True):
-            cumulative += count
-            lines.append(f'crdtchat_nats_publish_seconds_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f'crdtchat_nats_publish_seconds_bucket{{le="+Inf"}} {hist.count}')
-        lines.append(f"crdtchat_nats_publish_seconds_sum {hist.total}")
-        lines.append(f"crdtchat_nats_publish_seconds_count {hist.count}")
         return "\n".join(lines) + "\n"

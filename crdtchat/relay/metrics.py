@@ -28,6 +28,20 @@ class Histogram:
                 self.counts[index] += 1
                 break
 
+    def exposition(self, name: str, help_text: str) -> list[str]:
+        """Prometheus text lines for this histogram as `crdtchat_<name>` (cumulative buckets,
+        as the format wants): one writer for the relay's and the cluster's histograms."""
+        metric = f"crdtchat_{name}"
+        lines = [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            cumulative += count
+            lines.append(f'{metric}_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f'{metric}_bucket{{le="+Inf"}} {self.count}')
+        lines.append(f"{metric}_sum {self.total}")
+        lines.append(f"{metric}_count {self.count}")
+        return lines
+
 
 @dataclass
 class Metrics:
@@ -112,16 +126,7 @@ class Metrics:
         lines.append("# TYPE crdtchat_closed_connections_total counter")
         for kind, count in sorted(self.closed_connections.items()):
             lines.append(f'crdtchat_closed_connections_total{{kind="{kind}"}} {count}')
-        hist = self.store_write_seconds
-        lines.append(
-            "# HELP crdtchat_store_write_seconds Time from queueing an update to its commit."
+        lines += self.store_write_seconds.exposition(
+            "store_write_seconds", "Time from queueing an update to its commit."
         )
-        lines.append("# TYPE crdtchat_store_write_seconds histogram")
-        cumulative = 0
-        for bound, count in zip(hist.buckets, hist.counts, strict=True):
-            cumulative += count
-            lines.append(f'crdtchat_store_write_seconds_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f'crdtchat_store_write_seconds_bucket{{le="+Inf"}} {hist.count}')
-        lines.append(f"crdtchat_store_write_seconds_sum {hist.total}")
-        lines.append(f"crdtchat_store_write_seconds_count {hist.count}")
         return "\n".join(lines) + "\n"
