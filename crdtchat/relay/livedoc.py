@@ -142,6 +142,9 @@ class LiveDoc(ClosesOnExit):
         self._base = state
         self._since: list[bytes] = []
         self.since_bytes = 0
+        # The last `unstored` entries of `_since` were judged here but are not stored yet: a
+        # cluster node may have to withdraw them (`withdraw`), so rebuilds keep them apart.
+        self.unstored = 0
         self._loaded = state
         self.structure = structure
         self.structure_error: str | None = None
@@ -333,6 +336,7 @@ class LiveDoc(ClosesOnExit):
         self._deleted = None  # a change may delete items, its own update's delete set or not
         self._since.append(update)
         self.since_bytes += len(update)
+        self.unstored += 1
         return Accepted(update)
 
     def local_write(self, write: Callable[[dict[str, Array | Map]], None]) -> bytes:
@@ -354,15 +358,17 @@ class LiveDoc(ClosesOnExit):
         self._deleted = None  # a removed member or a revoked invite is a deletion
         self._since.append(update)
         self.since_bytes += len(update)
+        self.unstored += 1
         return update
 
-    def apply_stored(self, update: bytes) -> bool:
+    def apply_stored(self, update: bytes, *, unstored: bool = False) -> bool:
         """Apply an update that was judged elsewhere and is stored (a cluster node's stream
         hands back another node's write, design §3): unjudged, indexed and kept for rebuilds
         like an accepted one. Returns whether it changed the document.
 
         The message id index is read again before the next judged write: the update may carry
-        messages whose ids it must know.
+        messages whose ids it must know. `unstored`: a withdrawn write of the relay's own
+        (membership) applied again, which the store does not hold yet.
         """
         if self.closed:
             raise RuntimeError("this room document was closed")
@@ -389,6 +395,8 @@ class LiveDoc(ClosesOnExit):
         self._deleted = None
         self._since.append(update)
         self.since_bytes += len(update)
+        if unstored:
+            self.unstored += 1
         return True
 
     def _unwritable_root(self, roots: set[str], role: str) -> str | None:
@@ -442,12 +450,51 @@ class LiveDoc(ClosesOnExit):
         return None
 
     def rebuild(self) -> None:
-        """Throw the document away and rebuild it from the last good state."""
+        """Throw the document away and rebuild it from the last good state (the unstored
+        updates stay apart from the base, so that they can still be withdrawn)."""
         state = self.snapshot_source()
-        self._base = state
-        self._since = []
-        self.since_bytes = 0
+        self._fold_stored()
         self._build(state)
+
+    def _fold_stored(self) -> None:
+        """Merge the stored part of `_since` into the base; keep the unstored tail."""
+        keep = self.unstored
+        stored = self._since[: len(self._since) - keep]
+        if stored:
+            tail = self._since[len(self._since) - keep :]
+            self._base = self._merged(self._base, stored)
+            self._since = tail
+            self.since_bytes = sum(len(update) for update in tail)
+
+    @staticmethod
+    def _merged(base: bytes, updates: list[bytes]) -> bytes:
+        if not base or base == EMPTY_UPDATE:
+            return updates[0] if len(updates) == 1 else merge(*updates)
+        return merge(base, *updates)
+
+    def stored(self, count: int) -> None:
+        """The oldest `count` unstored updates are stored now: they can no longer be withdrawn."""
+        self.unstored -= min(count, self.unstored)
+
+    def withdraw(self) -> list[bytes]:
+        """Take back every unstored update (a cluster node's conditional publish was refused:
+        another node wrote first) and rebuild the document from the stored state without
+        them, as after a refusal. Returns them, oldest first, to be judged again. The
+        structure index and the message ids are read again from the rebuilt document."""
+        if not self.unstored:
+            return []
+        cut = len(self._since) - self.unstored
+        withdrawn = self._since[cut:]
+        self._since = self._since[:cut]
+        self.since_bytes = sum(len(update) for update in self._since)
+        self.unstored = 0
+        self.rebuild()
+        self.structure = None  # it indexed the withdrawn updates too: built again when needed
+        self.structure_error = None
+        self._loaded = self.snapshot_source()
+        self.ids.forget()
+        self._deleted = None
+        return withdrawn
 
     def snapshot_source(self) -> bytes:
         if not self._since:
@@ -461,7 +508,10 @@ class LiveDoc(ClosesOnExit):
     def compact(self) -> bytes:
         """The whole current state as one update; also becomes the new rebuild base."""
         state = self.doc.get_update()
-        self._base = state
-        self._since = []
-        self.since_bytes = 0
+        if self.unstored:  # the rebuild base keeps only what is stored
+            self._fold_stored()
+        else:
+            self._base = state
+            self._since = []
+            self.since_bytes = 0
         return state

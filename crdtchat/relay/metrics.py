@@ -54,6 +54,8 @@ class Metrics:
     bytes_out: int = 0
     awareness_in: int = 0
     refused_writes: int = 0
+    # judged, then taken back to be judged again: a cluster node's publish met another's write
+    updates_withdrawn: int = 0
     room_loads: int = 0
     room_unloads: int = 0
     room_evictions: int = 0  # idle rooms unloaded early at the room limit
@@ -99,6 +101,12 @@ class Metrics:
             "counter",
             "Updates refused by role permissions.",
             self.refused_writes,
+        )
+        metric(
+            "updates_withdrawn_total",
+            "counter",
+            "Accepted updates judged again after another cluster node wrote the room first.",
+            self.updates_withdrawn,
         )
         metric("room_loads_total", "counter", "Rooms loaded from the store.", self.room_loads)
         metric("room_unloads_total", "counter", "Idle rooms unloaded.", self.room_unloads)

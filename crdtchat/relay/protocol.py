@@ -249,6 +249,8 @@ Action = Send | Broadcast | Acknowledge | Close | Append | Compact | VerifyToken
 _UPDATE = 0  # an update (accepted or refused-less no-op) to count as settled
 _REPLY = 1  # a message to send
 _REFUSAL = 2  # an AuthDenied to send, counted as settled
+_WITHDRAWN = 3  # an update `withdraw` took back (payload: its old sequence), until `resubmit`
+_HELD = 2**62  # the gate of results that wait for `resubmit`: no store reaches it
 
 
 class RoomProtocol:
@@ -269,8 +271,10 @@ class RoomProtocol:
         self._members: dict[str, Member] | None = None  # see members()
         self.next_seq = 1
         self.durable_seq = 0  # the store holds every update up to here
-        # Committed updates not yet durable: (seq, sender, message to broadcast or None).
-        self._unstored: deque[tuple[int, Peer | None, bytes | None]] = deque()
+        # Committed updates not yet durable: (seq, sender, the update), broadcast once stored.
+        self._unstored: deque[tuple[int, Peer | None, bytes]] = deque()
+        # Updates `withdraw` took back, to be judged again by `resubmit` (seq, sender, update).
+        self._withdrawn: list[tuple[int, Peer | None, bytes]] = []
         self._queued: dict[Peer, None] = {}  # peers with results waiting for the store
         self._log_length = 0
         self._log_bytes = 0
@@ -456,7 +460,7 @@ class RoomProtocol:
             actions.append(CheckWaiting())
         seq = self.next_seq
         self.next_seq += 1
-        self._unstored.append((seq, sender, encode_message(SyncUpdate(delta))))
+        self._unstored.append((seq, sender, delta))
         actions.append(Append(seq, delta))
         self._log_length += 1
         self._log_bytes += len(delta)
@@ -527,6 +531,82 @@ class RoomProtocol:
             actions.append(self._compact(seq))
         return actions
 
+    def withdraw(self) -> list[Action]:
+        """Take back every update judged here and not yet stored: a cluster node's conditional
+        publish was refused because another node wrote the room first. The live document is
+        rebuilt without them (as after a refusal); their senders' results wait. The shell
+        then applies what the stream holds (`apply_stored`) and calls `resubmit`, which
+        judges them again in their original order; their Append actions are void (the shell
+        drops those writes). Returns nothing to do now (a list, for symmetry)."""
+        if self.failed or not self._unstored:
+            return []
+        withdrawn = list(self._unstored)
+        self._unstored.clear()
+        updates = self.live.withdraw()
+        assert updates == [delta for _, _, delta in withdrawn], "document and core disagree"
+        self._members = None
+        self._withdrawn.extend(withdrawn)
+        self.next_seq = self.durable_seq + 1
+        self._log_length -= len(withdrawn)
+        self._log_bytes -= sum(len(delta) for delta in updates)
+        self.metrics.updates_withdrawn += len(withdrawn)
+        durable = self.durable_seq
+        for peer in self._queued:
+            queue = peer.queue
+            if queue is None:
+                continue
+            for index, (seq, what, payload) in enumerate(queue):
+                if seq <= durable:
+                    continue
+                if what == _UPDATE and payload is None:
+                    queue[index] = (_HELD, _WITHDRAWN, seq)
+                else:  # a reply that may contain what was withdrawn: after `resubmit`
+                    queue[index] = (_HELD, what, payload)
+        return []
+
+    def resubmit(self, now: float) -> list[Action]:
+        """Judge again what `withdraw` took back, in its original order, against the document
+        as it is now (with what the stream held). A peer gone meanwhile drops its own; the
+        relay's own writes are applied again unjudged. Each sender's results stay in the
+        order of its messages; acknowledgements wait for the new writes to be stored."""
+        withdrawn, self._withdrawn = self._withdrawn, []
+        actions: list[Action] = []
+        if self.failed:
+            return actions
+        for old_seq, sender, delta in withdrawn:
+            if sender is None:
+                if self.live.apply_stored(delta, unstored=True):
+                    self._members = None
+                    actions.extend(self.enforce_access())
+                    self.commit_update(delta, None, actions)
+                continue
+            if sender not in self.peers or sender.queue is None:
+                continue  # gone, or closed: its results were dropped
+            try:
+                verdict = self.judge_update(sender, delta, now)
+            except PeerViolation as violation:
+                close = self.close_peer(sender, violation.code, violation.reason, violation.kind)
+                if close is not None:
+                    actions.append(close)
+                continue
+            if isinstance(verdict, Refused):
+                result: tuple[int, int, Any] = (0, _REFUSAL, verdict.reason)
+            elif not verdict.delta:
+                result = (self.last_seq, _UPDATE, None)
+            else:
+                result = (self.commit_update(verdict.delta, sender, actions), _UPDATE, None)
+            queue = sender.queue
+            queue[queue.index((_HELD, _WITHDRAWN, old_seq))] = result
+        for peer in list(self._queued):
+            queue = peer.queue
+            if queue is None:
+                continue
+            for index, (seq, what, payload) in enumerate(queue):
+                if seq == _HELD:
+                    queue[index] = (self.last_seq, what, payload)
+            self._release(peer, actions)
+        return actions
+
     # -- the store -----------------------------------------------------------------------
 
     def stored(self, upto_seq: int) -> list[Action]:
@@ -538,13 +618,15 @@ class RoomProtocol:
         self.durable_seq = upto_seq
         unstored = self._unstored
         metrics = self.metrics
+        count = 0
         while unstored and unstored[0][0] <= upto_seq:
-            _, sender, message = unstored.popleft()
+            _, sender, delta = unstored.popleft()
+            count += 1
             metrics.updates_stored += 1
-            if message is not None:
-                peers = self.peers
-                metrics.updates_out += len(peers) - (sender is not None and sender in peers)
-                actions.append(Broadcast(message, sender))
+            peers = self.peers
+            metrics.updates_out += len(peers) - (sender is not None and sender in peers)
+            actions.append(Broadcast(encode_message(SyncUpdate(delta)), sender))
+        self.live.stored(count)
         if self._queued:
             for peer in list(self._queued):
                 self._release(peer, actions)

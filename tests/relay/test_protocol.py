@@ -647,3 +647,49 @@ def test_a_peers_queue_holds_its_results_until_stored_for_the_shells_back_pressu
     assert writer.queued == 1
     h.room.stored(3)
     assert writer.queued == 0
+
+
+def test_withdrawn_updates_are_judged_again_after_the_stored_ones_in_their_order() -> None:
+    """A cluster node's publish met another node's write: the node withdraws what it judged,
+    applies the stored write, and judges its own again; one that became invalid (its message
+    id taken by the stored write) is refused as usual, and no acknowledgement goes out before
+    the new writes are stored."""
+    h = Harness()
+    alice, bob, watcher = h.peer("alice"), h.peer("bob"), h.peer("carol", "reader")
+    first = h.receive(alice, Client("alice").write("first", message_id="m-a"))
+    taken = h.receive(bob, Client("bob").write("clash", message_id="m-shared"))
+    second = h.receive(alice, Client("alice").write("second", message_id="m-b"))
+    assert [a.seq for a in only(first + taken + second, Append)] == [1, 2, 3]
+    assert h.room.withdraw() == []
+    assert h.room.last_seq == h.room.durable_seq == 0
+    assert "m-a" not in str(h.room.live.messages), "the document no longer holds them"
+    far = Client("dave").write("from another node", message_id="m-shared").update
+    assert only(h.room.apply_stored(far), Broadcast)
+    actions = h.room.resubmit(NOW)
+    appends = only(actions, Append)
+    assert [a.seq for a in appends] == [2, 3], "alice's two writes, after the stored one"
+    (denied,) = messages_to(actions, bob)
+    assert isinstance(denied, AuthDenied) and "m-shared" in denied.reason
+    assert Acknowledge(bob, 1) in actions, "bob's refusal is settled at once"
+    assert not [a for a in only(actions, Acknowledge) if a.peer is alice]
+    stored = h.room.stored(3)
+    assert only(stored, Acknowledge) == [Acknowledge(alice, 2)]
+    sent = [decode_frame(b.message)[0] for b in only(stored, Broadcast)]
+    assert sent == [SyncUpdate(a.update) for a in appends]
+    assert h.room.metrics.updates_withdrawn == 3
+    assert watcher in h.room.peers and not closes(actions + stored)
+    ids = [m["id"] for m in h.room.live.messages.to_py()]  # type: ignore[union-attr]
+    assert sorted(ids) == ["m-a", "m-b", "m-shared"], "each message once"
+
+
+def test_a_withdrawn_update_of_a_peer_gone_meanwhile_is_dropped() -> None:
+    h = Harness()
+    alice, bob = h.peer("alice"), h.peer("bob")
+    h.receive(alice, Client("alice").write("a"))
+    h.receive(bob, Client("bob").write("b"))
+    h.room.withdraw()
+    h.room.leave(alice)
+    actions = h.room.resubmit(NOW)
+    (append,) = only(actions, Append)
+    assert append.seq == 1
+    assert only(h.room.stored(1), Acknowledge) == [Acknowledge(bob, 1)]
