@@ -8,15 +8,16 @@ with three things swapped (docs/cluster.md):
   subject's last sequence this node knows (a per-room chain: one publish in flight per room,
   each naming the sequence the previous one got) with a unique `Nats-Msg-Id`; its future
   resolves on JetStream's acknowledgement, the durable point, which is when the protocol core
-  acknowledges the write and broadcasts it. A conflict (another node wrote first) fails the
-  room: its peers are closed (1011), reconnect and resend what was not acknowledged, and the
-  room is loaded again from the stream, so a check never races a write on another node.
+  acknowledges the write and broadcasts it. A conflict (another node wrote first) is settled
+  by the follower: the node withdraws what it judged and has not stored
+  (`RoomProtocol.withdraw`), applies the other node's write, and judges its own again
+  (`resubmit`), so a check never races a write on another node and no peer is disconnected.
   `compact` rolls the room up conditionally; a conflict just skips that compaction.
 - `ClusterRoomShell` is the relay's `Room` plus a follower of the room's subject: what other
   nodes stored is applied unjudged (`RoomProtocol.apply_stored`) and broadcast to this node's
   peers, in stream order. This node's own messages coming back are recognised by their id.
   A foreign message arriving while one of this node's publishes is still unacknowledged means
-  that publish will conflict: the room fails at once rather than acknowledge it.
+  that publish will conflict: the node withdraws, catches up and judges again at once.
 - the feed reads and writes the KV bucket, and every node tells its feed subscribers about a
   room that starts waiting anywhere; blobs live in the object store; `/healthz` says when NATS
   is away and `/metrics` adds the `crdtchat_nats_*` figures.
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,13 @@ COMPACT = (",", ":")  # JSON as y-protocols writes it
 AWARENESS_TAG = bytes([MESSAGE_AWARENESS])  # the first byte of an encoded awareness message
 # Roll-ups by other nodes a publish waits out before it counts as a conflict.
 MAX_ROLLUPS_SKIPPED = 5
+# How long a refused publish waits for the follower to hand over the write it conflicted with
+# (then the node judges again); past it, the room fails as on a store failure.
+CONFLICT_WAIT = 30.0
+
+
+class Withdrawn(StoreError):
+    """A write this node judged was taken back after a conflict, to be judged again."""
 
 
 @dataclass
@@ -71,6 +80,19 @@ class _RoomStream:
     own: set[int] = field(default_factory=set)  # protocol seqs this node published
     chain: asyncio.Lock = field(default_factory=asyncio.Lock)
     broken: str | None = None  # a publish failed: later ones must not land without it
+    # Bumped when the node withdraws its unstored writes; publishes of an older epoch are void.
+    epoch: int = 0
+    withdrawn: asyncio.Event = field(default_factory=asyncio.Event)  # set when epoch moves on
+
+    def withdraw(self) -> None:
+        """Void every unacknowledged write of this node (the core judges them again)."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(Withdrawn("withdrawn after a conflict"))
+        self.pending.clear()
+        self.epoch += 1
+        self.withdrawn.set()
+        self.withdrawn = asyncio.Event()
 
 
 class ClusterStore:
@@ -111,10 +133,11 @@ class ClusterStore:
 
     def append(self, room: str, seq: int, update: bytes) -> asyncio.Future[None]:
         stream = self.rooms[room]
-        msg_id = f"{self.node.node_id}:{stream.token}:{seq}"
+        msg_id = f"{self.node.node_id}:{stream.token}:{stream.epoch}.{seq}"
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)  # a withdrawn write's exception is nobody's error
         stream.pending[msg_id] = future
-        self.spawn(self._publish(room, stream, seq, update, msg_id, future))
+        self.spawn(self._publish(room, stream, seq, update, msg_id, future, stream.epoch))
         return future
 
     async def _publish(
@@ -125,16 +148,26 @@ class ClusterStore:
         update: bytes,
         msg_id: str,
         future: asyncio.Future[None],
+        epoch: int,
     ) -> None:
         async with stream.chain:
+            if epoch != stream.epoch:
+                return  # withdrawn while it waited for the chain: judged again, published anew
             if stream.broken is not None:
                 stream.pending.pop(msg_id, None)
                 if not future.done():
                     future.set_exception(StoreError(stream.broken))
                 return
+            withdrawn = stream.withdrawn
             try:
                 appended = await self._append_over_rollups(room, stream, update, msg_id)
             except SequenceConflict as conflict:
+                # Another node wrote first: its write reaches the follower, which withdraws
+                # this one and has it judged again. The chain waits, so that no later write
+                # judged after this one is published meanwhile.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(withdrawn.wait(), CONFLICT_WAIT)
+                    return
                 error: Exception = StoreError(f"another node wrote room {room} first: {conflict}")
             except ClusterError as exc:
                 error = StoreError(str(exc))
@@ -218,6 +251,11 @@ class ClusterStore:
 
     def forget(self, room: str) -> None:
         self.rooms.pop(room, None)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class ClusterRoomShell(Room):
@@ -306,10 +344,32 @@ class ClusterRoomShell(Room):
             if entry.snapshot and entry.covers == stream.last:
                 stream.last = entry.seq  # a roll-up of what this node holds already
                 continue
-            if stream.pending:
-                self.fail(f"another node wrote room {self.name} while this node was publishing")
-                return
-            self._apply_remote(entry, stream)
+            core = self.core
+            # Writes acknowledged a moment ago may not have reached the core yet (their
+            # callbacks run on the next turn of the loop): only what is unacknowledged is
+            # withdrawn.
+            for _ in range(100):
+                if core.last_seq - core.durable_seq <= len(stream.pending):
+                    break
+                await asyncio.sleep(0)
+            if core.last_seq > core.durable_seq:
+                self._rejudge(entry, stream)
+            else:
+                self._apply_remote(entry, stream)
+
+    def _rejudge(self, entry: LogEntry, stream: _RoomStream) -> None:
+        """Another node wrote before this node's unacknowledged writes (their conditional
+        publishes fail): withdraw them, apply that write, judge them again."""
+        log.info("room %s: another node wrote first; judging this node's writes again", self.name)
+        stream.withdraw()
+        self.perform(self.core.withdraw())
+        self._apply_remote(entry, stream)
+        self.perform(self.core.resubmit(time.time()))
+
+    def _stored(self, seq: int, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and isinstance(future.exception(), Withdrawn):
+            return  # judged again under a new sequence
+        super()._stored(seq, future)
 
     def _apply_remote(self, entry: LogEntry, stream: _RoomStream) -> None:
         stream.last = entry.seq

@@ -128,8 +128,8 @@ async def test_a_reply_streamed_through_dying_nodes_completes_once(
 async def test_two_nodes_writing_one_room_at_once_lose_nothing(
     nodes: list[RelayProcess],
 ) -> None:
-    """Concurrent writers on nodes A and B: conflicts fail the room on one node (its peers
-    reconnect and resend), and in the end every message of both is stored once."""
+    """Concurrent writers on nodes A and B: a node whose publish meets the other's write
+    judges its writes again, and in the end every message of both is stored once."""
     a, b, _ = nodes
     room = "contended"
     people = {"alice": Conversation(author="alice"), "bob": Conversation(author="bob")}

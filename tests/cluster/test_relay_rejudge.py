@@ -1,0 +1,123 @@
+"""Two relay nodes writing one room at once (issue 13, "Message path"): a node whose
+conditional publish meets the other node's write catches up and judges its writes again; no
+peer is disconnected, every acknowledged write is on both nodes, and a write that became
+invalid meanwhile (its message id taken by the other node's write) is refused as usual."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from pycrdt import Doc
+
+from crdtchat.cluster.names import Names
+from tests.support.nats import NatsCluster
+from tests.support.relay import RawClient, RelayProcess, message_map, metric, raw_client, token
+
+pytestmark = pytest.mark.anyio
+
+ROOM = "contended.rejudge"
+WRITES = 40  # per writer, sent without waiting: many publishes in flight on both nodes
+CLASHES = 4  # rounds of two writes of one message id, one on each node
+
+
+@pytest.fixture
+def nodes(cluster: NatsCluster, names: Names, tmp_path: Path) -> Iterator[list[RelayProcess]]:
+    relays = []
+    try:
+        for index in range(2):
+            relay = RelayProcess(
+                tmp_path / f"node{index}",
+                ["--nats", ",".join(cluster.urls[index:] + cluster.urls[:index])],
+                env={"CRDTCHAT_NATS_PREFIX": names.prefix},
+            )
+            relays.append(relay.start())
+        yield relays
+    finally:
+        for relay in relays:
+            relay.stop()
+
+
+def url(relay: RelayProcess, sub: str, role: str = "writer") -> str:
+    return relay.url(ROOM, token(ROOM, role, sub), ack=True)
+
+
+def ids(client: RawClient) -> list[str]:
+    return [str(message["id"]) for message in client.messages]
+
+
+async def test_concurrent_writers_on_two_nodes_are_judged_again_not_disconnected(
+    nodes: list[RelayProcess],
+) -> None:
+    a, b = nodes
+    clients: list[RawClient] = []
+    clash_results: list[tuple[list[str], list[str]]] = []
+    async with (
+        raw_client(url(a, "alice")) as alice,
+        raw_client(url(b, "bob")) as bob,
+    ):
+        clients += [alice, bob]
+
+        async def write(client: RawClient, name: str) -> None:
+            for index in range(WRITES):
+                await client.push(
+                    lambda doc, index=index: client.messages.append(
+                        message_map(f"{name}-{index}", "user", name, f"{name} {index}")
+                    )
+                )
+                if index % 8 == 0:
+                    await anyio.sleep(0)
+
+        async def clash(round_: int) -> None:
+            # Fresh documents: a refused write stays in its client's copy, and later writes of
+            # that client would build on it.
+            async with (
+                raw_client(url(a, "carol"), doc=Doc()) as carol,
+                raw_client(url(b, "dave"), doc=Doc()) as dave,
+            ):
+                clients.extend((carol, dave))
+                async with anyio.create_task_group() as group:
+                    for client, name in ((carol, "carol"), (dave, "dave")):
+                        group.start_soon(
+                            client.push,
+                            lambda doc, client=client, name=name: client.messages.append(
+                                message_map(f"dup-{round_}", "user", name, name)
+                            ),
+                        )
+                for client in (carol, dave):
+                    await client.wait_acked(timeout=60)  # its sync step 2 and its write
+                clash_results.append((carol.denied, dave.denied))
+                assert not carol.closed and not dave.closed
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write, alice, "alice")
+            group.start_soon(write, bob, "bob")
+            for round_ in range(CLASHES):
+                group.start_soon(clash, round_)
+        for client in (alice, bob):
+            await client.wait_acked(timeout=120)
+            assert client.denied == [], "a valid write judged again is accepted"
+        for client in clients:
+            assert client.close_code != 1011, f"a peer was closed: {client.close_reason}"
+        assert not alice.closed and not bob.closed
+
+    # Exactly one of each clashing pair was accepted; the other got the normal refusal.
+    for carol_denied, dave_denied in clash_results:
+        denied = carol_denied + dave_denied
+        assert len(denied) == 1 and "is taken by another message" in denied[0], denied
+
+    # Every acknowledged write is on both nodes, and both nodes hold the same document.
+    expected = {f"{n}-{i}" for n in ("alice", "bob") for i in range(WRITES)}
+    expected |= {f"dup-{r}" for r in range(CLASHES)}
+    seen = []
+    for relay in (a, b):
+        async with raw_client(url(relay, "reader", "reader")) as reader:
+            await reader.wait_for(lambda reader=reader: set(ids(reader)) >= expected, 30)
+            seen.append(sorted(ids(reader)))
+    assert seen[0] == seen[1] == sorted(expected), "each write once, the same on both nodes"
+
+    conflicts = sum(metric(r, "crdtchat_nats_publish_conflicts_total") for r in nodes)
+    withdrawn = sum(metric(r, "crdtchat_updates_withdrawn_total") for r in nodes)
+    assert conflicts >= 1 and withdrawn >= 1, (conflicts, withdrawn)
