@@ -10,12 +10,12 @@ and their total; for the cluster also the publish-to-acknowledgement latency (th
 `crdtchat_nats_publish_seconds`). Setups alternate over `--runs` passes, so the machine's load
 hits each alike; figures on a shared machine are noisy, compare within one run.
 
-Run: .venv/bin/python benchmarks/fanout_cluster.py [--quick] [--observers 500] [--runs 2]
+Run: .venv/bin/python benchmarks/fanout.py --nats [--quick] [--observers 500] [--runs 2]
+[--updates 150] (this module is the `--nats` part of benchmarks/fanout.py, not an entry point).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -202,14 +202,10 @@ def cluster_nodes(stack: ExitStack, directory: Path, nats: NatsCluster) -> list[
     return nodes
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--observers", type=int, default=500)
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--updates", type=int, default=150)
-    args = parser.parse_args(argv)
-    observers, updates = (20, 30) if args.quick else (args.observers, args.updates)
+def run_cluster(quick: bool, observers: int, runs: int, updates: int) -> int:
+    """`fanout.py --nats`: the three setups, alternated over `runs` passes; prints the table."""
+    if quick:
+        observers, updates = 20, 30
     print(f"load average {os.getloadavg()}; {os.cpu_count()} cores", flush=True)
     results: list[Result] = []
     with (
@@ -241,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 [],
             ),
         ]
-        for run in range(args.runs):
+        for run in range(runs):
             for setup in setups if run % 2 == 0 else setups[::-1]:
                 print(f"run {run + 1}: {setup.name}, {observers} observers ...", flush=True)
                 results.append(anyio.run(fanout, setup, observers, updates, 20.0, 10))
@@ -267,7 +263,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"load average after {os.getloadavg()}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,6 +19,12 @@ Before/after a relay change: `--old-src DIR` (a checkout of the earlier relay, e
 add /tmp/old REV`) runs only the fan-out, this tree's relay against that one, alternating which
 goes first, `--runs` times each with `--observers` observers, each run on a fresh relay, and
 prints every run and the medians of new/old.
+
+A cluster (issue 13): `--nats` runs only the fan-out, with `--observers` observers spread over
+two relay nodes on one NATS server, side by side with our single relay and the node server,
+alternated over `--runs` passes (default 2; `--updates`, default 150): latency, relay CPU per
+delivery summed over the nodes, NATS CPU per delivery, publish-to-acknowledgement latency
+(benchmarks/_fanout_cluster.py).
 """
 
 from __future__ import annotations
@@ -842,8 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--old-src", type=Path, help="compare with the relay of this checkout")
-    parser.add_argument("--runs", type=int, default=5, help="with --old-src: runs of each")
-    parser.add_argument("--observers", type=int, default=500, help="with --old-src")
+    parser.add_argument("--nats", action="store_true", help="two relay nodes on NATS, compared")
+    parser.add_argument("--runs", type=int, help="with --old-src (5) or --nats (2): runs of each")
+    parser.add_argument("--observers", type=int, default=500, help="with --old-src or --nats")
+    parser.add_argument("--updates", type=int, default=150, help="with --nats")
     parser.add_argument("--observe", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--last", type=int, help=argparse.SUPPRESS)
@@ -851,6 +859,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.observe:
         anyio.run(observe, args.observe, args.clients, args.last)
         return 0
+    if args.nats:
+        from benchmarks._fanout_cluster import run_cluster  # imports this module: not at the top
+
+        return run_cluster(args.quick, args.observers, args.runs or 2, args.updates)
     settings = Settings(
         observers=[100, 500],
         procs=2,
@@ -870,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {load}; {os.cpu_count()} cores", flush=True)
     if args.old_src is not None:
         trees = {"new": REPO, "old": args.old_src.resolve()}
-        compared = anyio.run(compare_relays, trees, args.observers, args.runs, settings)
+        compared = anyio.run(compare_relays, trees, args.observers, args.runs or 5, settings)
         load_after = os.getloadavg()
         print()
         print(compare_report(compared))
