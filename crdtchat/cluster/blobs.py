@@ -14,7 +14,6 @@ file: the HTTP layer streams it and closes it, and nothing holds a whole blob in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from crdtchat.cluster.connection import ClusterConnection
 from crdtchat.cluster.errors import ClusterError
 from crdtchat.cluster.feed import open_bucket
 from crdtchat.cluster.names import room_token
-from crdtchat.relay.blobs import HttpRefusal, check_name
+from crdtchat.relay.blobs import HashedUpload, check_name
 
 _STREAM_NAME_IN_USE = 10058
 
@@ -111,36 +110,21 @@ class ClusterBlobStore:
         return file  # type: ignore[return-value]
 
 
-class ClusterUpload:
-    """One upload in progress: a temporary file, the running hash and the byte count."""
+class ClusterUpload(HashedUpload):
+    """One upload in progress to the object store, through an anonymous temporary file."""
 
     def __init__(self, store: ClusterBlobStore, room: str, sha256: str) -> None:
+        file = tempfile.TemporaryFile(dir=store.temp)  # noqa: SIM115  # closed by finish/discard
+        super().__init__(room, sha256, store.max_size, file)  # type: ignore[arg-type]
         self.store = store
-        self.room = room
-        self.sha256 = sha256
-        self.size = 0
-        self._hash = hashlib.sha256()
-        # Closed by finish() or discard(), whichever ends the upload.
-        self._file: BinaryIO | None = tempfile.TemporaryFile(dir=store.temp)  # type: ignore[assignment]  # noqa: SIM115
 
     async def write(self, chunks: Sequence[bytes]) -> None:
         await anyio.to_thread.run_sync(self._write, chunks)
 
-    def _write(self, chunks: Sequence[bytes]) -> None:
-        assert self._file is not None
-        for chunk in chunks:
-            self.size += len(chunk)
-            if self.size > self.store.max_size:
-                raise HttpRefusal(413, f"blob larger than {self.store.max_size} bytes")
-            self._hash.update(chunk)
-            self._file.write(chunk)
-
     async def finish(self) -> None:
         """Verify the hash, store the bytes (once) and mark them as this room's."""
+        self._check_hash()
         assert self._file is not None
-        actual = self._hash.hexdigest()
-        if actual != self.sha256:
-            raise HttpRefusal(400, f"body hashes to {actual}, not {self.sha256}")
         file, self._file = self._file, None
         store = self.store
         try:

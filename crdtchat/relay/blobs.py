@@ -110,40 +110,54 @@ class BlobStore:
             return None
 
 
-class Upload:
-    """One upload in progress: a temporary file, the running hash and the byte count."""
+class HashedUpload:
+    """What every blob upload (this store's, the cluster's) does with the bytes as they come:
+    count them against `max_size`, hash them and write them to a temporary `file`; where they
+    go once they match `sha256` is the store's own."""
 
-    def __init__(self, store: BlobStore, room: str, sha256: str) -> None:
-        self.store = store
+    def __init__(self, room: str, sha256: str, max_size: int, file: BinaryIO) -> None:
         self.room = room
         self.sha256 = sha256
+        self.max_size = max_size
         self.size = 0
         self._hash = hashlib.sha256()
-        fd, name = tempfile.mkstemp(dir=store.temp, prefix=f"{sha256[:16]}-")
-        self.temp_path = Path(name)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb")
-
-    async def write(self, chunks: Sequence[bytes]) -> None:
-        await anyio.to_thread.run_sync(self._write, chunks, limiter=self.store.threads)
+        self._file: BinaryIO | None = file  # closed by finish() or discard(), whichever ends it
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         assert self._file is not None
         for chunk in chunks:
             self.size += len(chunk)
-            if self.size > self.store.max_size:
-                raise HttpRefusal(413, f"blob larger than {self.store.max_size} bytes")
+            if self.size > self.max_size:
+                raise HttpRefusal(413, f"blob larger than {self.max_size} bytes")
             self._hash.update(chunk)
             self._file.write(chunk)
+
+    def _check_hash(self) -> None:
+        assert self._file is not None
+        actual = self._hash.hexdigest()
+        if actual != self.sha256:
+            raise HttpRefusal(400, f"body hashes to {actual}, not {self.sha256}")
+
+
+class Upload(HashedUpload):
+    """One upload in progress to the blob directory, through a file in `tmp/`."""
+
+    def __init__(self, store: BlobStore, room: str, sha256: str) -> None:
+        fd, name = tempfile.mkstemp(dir=store.temp, prefix=f"{sha256[:16]}-")
+        super().__init__(room, sha256, store.max_size, os.fdopen(fd, "wb"))
+        self.store = store
+        self.temp_path = Path(name)
+
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        await anyio.to_thread.run_sync(self._write, chunks, limiter=self.store.threads)
 
     async def finish(self) -> None:
         """Verify the hash and move the bytes into place; HttpRefusal if they are not `sha256`."""
         await anyio.to_thread.run_sync(self._finish, limiter=self.store.threads)
 
     def _finish(self) -> None:
+        self._check_hash()
         assert self._file is not None
-        actual = self._hash.hexdigest()
-        if actual != self.sha256:
-            raise HttpRefusal(400, f"body hashes to {actual}, not {self.sha256}")
         path = self.store.path_for(self.sha256)
         file, self._file = self._file, None
         with file:
