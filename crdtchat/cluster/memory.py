@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 from crdtchat.cluster.errors import ClusterError, SequenceConflict
 from crdtchat.cluster.metrics import ClusterMetrics
-from crdtchat.cluster.roomlog import Appended, LogEntry, RoomState
-from crdtchat.merge import merge
+from crdtchat.cluster.roomlog import Appended, LogEntry, RoomState, compact_by_reading
 
 
 @dataclass
@@ -113,17 +112,7 @@ class MemoryRoomLog:
         return appended.seq
 
     async def compact_log(self, room: str, *, attempts: int = 5) -> int:
-        for _ in range(attempts):
-            state = await self.load(room)
-            if not state.entries:
-                return 0
-            try:
-                return await self.compact(
-                    room, merge(*(e.data for e in state.entries)), upto_seq=state.seq
-                )
-            except SequenceConflict:
-                continue
-        raise ClusterError(f"room {room}: still written to after {attempts} compaction attempts")
+        return await compact_by_reading(self, room, attempts)
 
     async def load(self, room: str) -> RoomState:
         self.stream.check()

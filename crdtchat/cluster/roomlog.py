@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -99,6 +99,29 @@ class RoomState:
         if not self.entries:
             return b""
         return merge(*(entry.data for entry in self.entries))
+
+
+class Compactable(Protocol):
+    """What `compact_by_reading` needs of a room log (`RoomLog`, memory.py's stand-in)."""
+
+    async def load(self, room: str) -> RoomState: ...
+    async def compact(
+        self, room: str, snapshot: bytes, *, upto_seq: int, deadline: float = ...
+    ) -> int: ...
+
+
+async def compact_by_reading(log: Compactable, room: str, attempts: int) -> int:
+    """Read the room, merge it, roll it up; again from a fresh read on a conflict. One loop for
+    the stream and its in-process stand-in, which must behave alike."""
+    for _ in range(attempts):
+        state = await log.load(room)
+        if not state.entries:
+            return 0
+        try:
+            return await log.compact(room, state.merged(), upto_seq=state.seq)
+        except SequenceConflict:
+            continue
+    raise ClusterError(f"room {room}: still written to after {attempts} compaction attempts")
 
 
 class RoomLog:
@@ -173,15 +196,7 @@ class RoomLog:
 
     async def compact_log(self, room: str, *, attempts: int = 5) -> int:
         """Read the room, merge it, roll it up; again from a fresh read on a conflict."""
-        for _ in range(attempts):
-            state = await self.load(room)
-            if not state.entries:
-                return 0
-            try:
-                return await self.compact(room, state.merged(), upto_seq=state.seq)
-            except SequenceConflict:
-                continue
-        raise ClusterError(f"room {room}: still written to after {attempts} compaction attempts")
+        return await compact_by_reading(self, room, attempts)
 
     async def _publish(
         self, room: str, data: bytes, headers: dict[str, str], expected: int, deadline: float
