@@ -197,10 +197,6 @@ class ClusterStore:
                 )
             except SequenceConflict:
                 last = await self.log.last_entry(room)
-                if last is not None and last.msg_id == msg_id:
-                    # Our own earlier attempt landed (its acknowledgement was lost when NATS
-                    # went away) and the retry met its own write: stored, not a conflict.
-                    return Appended(seq=last.seq, duplicate=True)
                 if last is None or not (last.snapshot and last.covers == expected):
                     raise
                 expected = last.seq

@@ -173,7 +173,16 @@ class RoomLog:
             Header.MSG_ID.value: msg_id,
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expected_seq),
         }
-        return await self._publish(room, update, headers, expected_seq, deadline)
+        try:
+            return await self._publish(room, update, headers, expected_seq, deadline)
+        except SequenceConflict:
+            # A retry whose earlier attempt landed after all (its acknowledgement lost when
+            # NATS went away) meets its own write: JetStream checks the expected sequence
+            # before the Msg-Id, so this is a conflict with ourselves, and the write is stored.
+            last = await self.last_entry(room)
+            if last is not None and last.msg_id == msg_id:
+                return Appended(seq=last.seq, duplicate=True)
+            raise
 
     async def compact(
         self, room: str, snapshot: bytes, *, upto_seq: int, deadline: float = 10.0

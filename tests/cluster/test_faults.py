@@ -46,6 +46,29 @@ async def test_replicas_default_to_the_jetstream_servers_there_are(
     assert "stream SINGLE_ROOMS exists with 1 replicas" in messages
 
 
+async def test_a_retry_after_a_restart_meets_its_own_write_and_is_stored_once(
+    tmp_path: Path,
+) -> None:
+    """A write whose acknowledgement was lost when NATS died is retried, same Msg-Id, same
+    condition, after the server came back: the retry is acknowledged with the first sequence,
+    not refused as a conflict (JetStream then checks the condition before the Msg-Id)."""
+    with nats_cluster(tmp_path / "single", size=1) as single:
+        conn = await connect(single.urls, names=Names("retry"))
+        try:
+            log = RoomLog(conn)
+            update = Writer(3).type("once")
+            first = await log.append("r", update, expected_seq=0, msg_id="node:r:0.1")
+            single.kill(0)
+            await anyio.to_thread.run_sync(single.restart, 0)
+            again = await log.append("r", update, expected_seq=0, msg_id="node:r:0.1")
+            assert again.seq == first.seq and again.duplicate
+            state = await log.load("r")
+            assert [entry.seq for entry in state.entries] == [first.seq]
+            assert text_of(state.merged()) == "once"
+        finally:
+            await conn.close()
+
+
 async def test_sigkill_of_the_stream_leader_loses_no_acknowledged_write(
     cluster: NatsCluster, names: Names
 ) -> None:
