@@ -17,7 +17,6 @@ Run: .venv/bin/python benchmarks/fanout.py --nats [--quick] [--observers 500] [-
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -31,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anyio
 import httpx
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from benchmarks._support import (
     REPO,
@@ -44,12 +41,10 @@ from benchmarks._support import (
     running_node_server,
     running_relay,
 )
-from benchmarks.fanout import LINE_LIMIT, peer, token, words
+from benchmarks.fanout import observe_writes, token
 from crdtchat.cluster.local import NatsCluster, nats_cluster
 from crdtchat.stack import RelaySubprocess
-from crdtchat.wire import SyncUpdate
 
-FANOUT = Path(__file__).resolve().parent / "fanout.py"
 RELAY_ARGS = ["--idle-unload", "1", "--subject-connections", "10000"]
 
 
@@ -79,10 +74,6 @@ class Result:
         return self.relay_us + self.nats_us
 
 
-async def _line(stream: BufferedByteReceiveStream) -> str:
-    return (await stream.receive_until(b"\n", LINE_LIMIT)).decode()
-
-
 async def _publish_totals(urls: Sequence[str]) -> tuple[float, float]:
     total = count = 0.0
     async with httpx.AsyncClient(timeout=10) as client:
@@ -94,87 +85,35 @@ async def _publish_totals(urls: Sequence[str]) -> tuple[float, float]:
 
 
 async def fanout(setup: Setup, observers: int, updates: int, rate: float, warmup: int) -> Result:
-    import json
-
     room = f"fanout-{observers}-{now_ns()}"
     shares = [observers // 2 + (i < observers % 2) for i in range(2)]
     bases = [setup.observer_urls[i % len(setup.observer_urls)] for i in range(2)]
-    processes: list[Process] = []
-    lines: list[BufferedByteReceiveStream] = []
-    rng = random.Random(observers)
-    try:
-        for share, base in zip(shares, bases, strict=True):
-            url = f"{base}/{room}?token={token(room, 'reader', 'observer')}"
-            process = await anyio.open_process(
-                [
-                    sys.executable,
-                    str(FANOUT),
-                    "--observe",
-                    url,
-                    "--clients",
-                    str(share),
-                    "--last",
-                    str(updates - 1),
-                ],
-                stderr=None,
-            )
-            processes.append(process)
-            assert process.stdout is not None
-            lines.append(BufferedByteReceiveStream(process.stdout))
-        with anyio.fail_after(180):
-            for stream in lines:
-                if (await _line(stream)).strip() != "ready":
-                    raise RuntimeError("an observer process did not get ready")
-        sent: dict[int, int] = {}
-        writer_url = f"{setup.writer_url}/{room}?token={token(room, 'writer', 'alice')}"
-        async with peer(writer_url, "alice", apply_remote=False) as writer:
-            publish_before = await _publish_totals(setup.metrics_urls)
-            relay_before, nats_before = setup.relay_cpu(), setup.nats_cpu()
-            start = now_ns()
-            for seq in range(updates):
-                wait = (start + seq * 1e9 / rate - now_ns()) / 1e9
-                if wait > 0:
-                    await anyio.sleep(wait)
-                text = f"fanout#{seq}# " + words(rng, rng.randint(80, 300))
-                update = writer.update_of(lambda text=text: writer.conv.append("user", text))
-                sent[seq] = now_ns()
-                await writer.send(SyncUpdate(update))
-            with anyio.move_on_after(60):
-                for stream in lines:
-                    while (await _line(stream)).strip() != "done":
-                        pass
-            relay_after, nats_after = setup.relay_cpu(), setup.nats_cpu()
-            publish_after = await _publish_totals(setup.metrics_urls)
-        latencies: list[float] = []
-        deliveries = 0
-        for process, stream in zip(processes, lines, strict=True):
-            assert process.stdin is not None
-            await process.stdin.send(b"stop\n")
-            with anyio.fail_after(60):
-                line = await _line(stream)
-                while not line.startswith("{"):
-                    line = await _line(stream)
-            receipts = json.loads(line)["receipts"]
-            for index in range(0, len(receipts), 2):
-                deliveries += 1
-                if receipts[index] >= warmup:
-                    latencies.append((receipts[index + 1] - sent[receipts[index]]) / 1e6)
-        latencies.sort()
-    finally:
-        for process in processes:
-            with anyio.move_on_after(30, shield=True):
-                if process.returncode is None:
-                    if process.stdin is not None:
-                        await process.stdin.aclose()
-                    await process.wait()
-            if process.returncode is None:
-                process.kill()
-            await process.aclose()
+    reader = token(room, "reader", "observer")
+    writer_url = f"{setup.writer_url}/{room}?token={token(room, 'writer', 'alice')}"
+
+    async def measure() -> tuple[tuple[float, float], float, float]:
+        return await _publish_totals(setup.metrics_urls), setup.relay_cpu(), setup.nats_cpu()
+
+    observed, before, after = await observe_writes(
+        [
+            (f"{base}/{room}?token={reader}", share)
+            for base, share in zip(bases, shares, strict=True)
+        ],
+        writer_url,
+        updates,
+        rate,
+        warmup,
+        observers,
+        measure,
+    )
+    publish_before, relay_before, nats_before = before
+    publish_after, relay_after, nats_after = after
+    deliveries = observed.deliveries
     published = publish_after[1] - publish_before[1]
     return Result(
         setup=setup.name,
-        p50_ms=percentile(latencies, 0.5),
-        p99_ms=percentile(latencies, 0.99),
+        p50_ms=percentile(observed.latencies_ms, 0.5),
+        p99_ms=percentile(observed.latencies_ms, 0.99),
         deliveries=deliveries,
         expected=observers * updates,
         relay_us=(relay_after - relay_before) / max(deliveries, 1) * 1e6,

@@ -37,11 +37,11 @@ import random
 import statistics
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -314,22 +314,39 @@ async def _read_line(stream: BufferedByteReceiveStream) -> str:
     return (await stream.receive_until(b"\n", LINE_LIMIT)).decode()
 
 
-async def fanout(
-    server: Server, observers: int, procs: int, updates: int, rate: float, warmup: int
-) -> FanoutResult:
-    room = f"fanout-{observers}"
-    observer_url = f"{server.url}/{room}?token={token(room, 'reader', 'observer')}"
-    writer_url = f"{server.url}/{room}?token={token(room, 'writer', 'alice')}"
-    shares = [observers // procs + (i < observers % procs) for i in range(procs)]
-    rng = random.Random(observers)
+M = TypeVar("M")  # what `observe_writes` measures around the writes
+
+
+@dataclass
+class Observed:
+    """What the observer processes saw of a writer's paced updates."""
+
+    latencies_ms: list[float]  # sorted, from the writer's send to each arrival, after warm-up
+    deliveries: int
+
+
+async def observe_writes(
+    observers: list[tuple[str, int]],
+    writer_url: str,
+    updates: int,
+    rate: float,
+    warmup: int,
+    seed: int,
+    measure: Callable[[], Awaitable[M]],
+) -> tuple[Observed, M, M]:
+    """Start one observer process per `(url, clients)`, write `updates` messages at `rate`
+    from one writer, and collect every observer's receipts: the fan-out measurement that our
+    relay, the node server and the cluster comparison (`_fanout_cluster.py`) share. `measure`
+    runs just before the first write and once every observer is done; both readings return."""
+    rng = random.Random(seed)
     processes: list[Process] = []
     lines: list[BufferedByteReceiveStream] = []
     try:
-        for share in shares:
+        for url, clients in observers:
             process = await anyio.open_process(
                 [
-                    *(sys.executable, __file__, "--observe", observer_url),
-                    *("--clients", str(share), "--last", str(updates - 1)),
+                    *(sys.executable, __file__, "--observe", url),
+                    *("--clients", str(clients), "--last", str(updates - 1)),
                 ],
                 stderr=None,
             )
@@ -342,8 +359,7 @@ async def fanout(
                     raise RuntimeError("an observer process did not get ready")
         sent: dict[int, int] = {}
         async with peer(writer_url, "alice", apply_remote=False) as writer:
-            metrics_before = await relay_metrics(server)
-            cpu_before = server.cpu()
+            before = await measure()
             start = now_ns()
             for seq in range(updates):
                 wait = (start + seq * 1e9 / rate - now_ns()) / 1e9
@@ -357,8 +373,7 @@ async def fanout(
                 for stream in lines:
                     while (await _read_line(stream)).strip() != "done":
                         pass
-            cpu_after = server.cpu()
-            metrics_after = await relay_metrics(server)
+            after = await measure()
             if writer.denied:
                 raise RuntimeError(f"writer refused: {writer.denied}")
         latencies: list[float] = []
@@ -387,6 +402,31 @@ async def fanout(
             if process.returncode is None:
                 process.kill()
             await process.aclose()
+    return Observed(latencies, deliveries), before, after
+
+
+async def fanout(
+    server: Server, observers: int, procs: int, updates: int, rate: float, warmup: int
+) -> FanoutResult:
+    room = f"fanout-{observers}"
+    observer_url = f"{server.url}/{room}?token={token(room, 'reader', 'observer')}"
+    writer_url = f"{server.url}/{room}?token={token(room, 'writer', 'alice')}"
+    shares = [observers // procs + (i < observers % procs) for i in range(procs)]
+
+    async def measure() -> tuple[dict[str, float], float]:
+        return await relay_metrics(server), server.cpu()
+
+    observed, before, after = await observe_writes(
+        [(observer_url, share) for share in shares],
+        writer_url,
+        updates,
+        rate,
+        warmup,
+        observers,
+        measure,
+    )
+    (metrics_before, cpu_before), (metrics_after, cpu_after) = before, after
+    latencies = observed.latencies_ms
     store_ms = None
     if metrics_before and metrics_after:
         count = (
@@ -402,7 +442,7 @@ async def fanout(
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
         max_ms=latencies[-1] if latencies else float("nan"),
-        deliveries=deliveries,
+        deliveries=observed.deliveries,
         expected=observers * updates,
         cpu_s=cpu_after - cpu_before,
         store_ms=store_ms,
