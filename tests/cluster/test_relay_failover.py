@@ -20,7 +20,7 @@ from crdtchat.schema import assistant_turn_id
 from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
 from crdtchat.worker.turn import Changes
-from tests.support.nats import NatsCluster
+from tests.support.nats import NatsCluster, relay_nodes
 from tests.support.relay import RelayProcess, token
 
 pytestmark = pytest.mark.anyio
@@ -31,20 +31,8 @@ ROOM = "streamed.reply"
 
 @pytest.fixture
 def nodes(cluster: NatsCluster, names: Names, tmp_path: Path) -> Iterator[list[RelayProcess]]:
-    relays = []
-    try:
-        for index in range(3):
-            servers = ",".join(cluster.urls[index:] + cluster.urls[:index])
-            relay = RelayProcess(
-                tmp_path / f"node{index}",
-                ["--nats", servers],
-                env={"CRDTCHAT_NATS_PREFIX": names.prefix},
-            )
-            relays.append(relay.start())
+    with relay_nodes(cluster, names.prefix, tmp_path, 3) as relays:
         yield relays
-    finally:
-        for relay in relays:
-            relay.stop()
 
 
 def watch(conversation: Conversation) -> Changes:

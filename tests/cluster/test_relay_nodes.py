@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 
 from crdtchat.cluster.names import Names
 from crdtchat.worker.feed import FEED_PATH, decode_room_names
-from tests.support.nats import NatsCluster, nats_cluster
+from tests.support.nats import NatsCluster, nats_cluster, relay_nodes
 from tests.support.relay import RelayProcess, message_map, metric, raw_client, token
 
 pytestmark = pytest.mark.anyio
@@ -29,24 +29,8 @@ ROOM = "chat.nodes"
 
 @pytest.fixture
 def nodes(cluster: NatsCluster, names: Names, tmp_path: Path) -> Iterator[list[RelayProcess]]:
-    relays = []
-    try:
-        for index in range(3):
-            relay = RelayProcess(
-                tmp_path / f"node{index}",
-                [
-                    "--nats",
-                    ",".join(cluster.urls[index:] + cluster.urls[:index]),
-                    "--compact-updates",
-                    "8",
-                ],
-                env={"CRDTCHAT_NATS_PREFIX": names.prefix},
-            )
-            relays.append(relay.start())
+    with relay_nodes(cluster, names.prefix, tmp_path, 3, ["--compact-updates", "8"]) as relays:
         yield relays
-    finally:
-        for relay in relays:
-            relay.stop()
 
 
 def url(relay: RelayProcess, sub: str, role: str = "writer") -> str:

@@ -13,7 +13,7 @@ import pytest
 from pycrdt import Doc
 
 from crdtchat.cluster.names import Names
-from tests.support.nats import NatsCluster
+from tests.support.nats import NatsCluster, relay_nodes
 from tests.support.relay import RawClient, RelayProcess, message_map, metric, raw_client, token
 
 pytestmark = pytest.mark.anyio
@@ -25,19 +25,8 @@ CLASHES = 4  # rounds of two writes of one message id, one on each node
 
 @pytest.fixture
 def nodes(cluster: NatsCluster, names: Names, tmp_path: Path) -> Iterator[list[RelayProcess]]:
-    relays = []
-    try:
-        for index in range(2):
-            relay = RelayProcess(
-                tmp_path / f"node{index}",
-                ["--nats", ",".join(cluster.urls[index:] + cluster.urls[:index])],
-                env={"CRDTCHAT_NATS_PREFIX": names.prefix},
-            )
-            relays.append(relay.start())
+    with relay_nodes(cluster, names.prefix, tmp_path, 2) as relays:
         yield relays
-    finally:
-        for relay in relays:
-            relay.stop()
 
 
 def url(relay: RelayProcess, sub: str, role: str = "writer") -> str:
