@@ -52,6 +52,18 @@ class MemoryStream:
     ) -> Appended:
         self.check()
         await asyncio.sleep(0)  # the network: other nodes' publishes may land first
+        appended = self.store(
+            room, data, expected=expected, msg_id=msg_id, rollup=rollup, covers=covers
+        )
+        async with self.changed:
+            self.changed.notify_all()
+        return appended
+
+    def store(
+        self, room: str, data: bytes, *, expected: int, msg_id: str, rollup: bool, covers: int = 0
+    ) -> Appended:
+        """The publish as the stream takes it, at once (a synchronous simulation's publish;
+        followers waiting in a loop are woken by `publish`)."""
         self.check()
         now = time.monotonic()
         seen = self._ids.get(msg_id)
@@ -67,8 +79,6 @@ class MemoryStream:
         else:
             self.rooms.setdefault(room, []).append(entry)
         self._ids[msg_id] = (self.seq, now)
-        async with self.changed:
-            self.changed.notify_all()
         return Appended(seq=self.seq, duplicate=False)
 
 

@@ -30,16 +30,16 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.server import broadcast
 
+from crdtchat.cluster.cursor import Consumed, RoomCursor, publish_after_rollup
 from crdtchat.cluster.errors import ClusterError, SequenceConflict
 from crdtchat.cluster.metrics import ClusterMetrics
 from crdtchat.cluster.node import ClusterNode
-from crdtchat.cluster.roomlog import Appended, Follower, LogEntry
+from crdtchat.cluster.roomlog import Appended, Follower
 from crdtchat.relay.feed import WaitingFeed
 from crdtchat.relay.metrics import Metrics
 from crdtchat.relay.protocol import Action, Broadcast
@@ -69,19 +69,13 @@ class Withdrawn(StoreError):
 
 
 @dataclass
-class _RoomStream:
-    """This node's knowledge of one loaded room's subject."""
+class _RoomStream(RoomCursor):
+    """This node's knowledge of one loaded room's subject, with the publishes in flight."""
 
-    last: int  # the subject's last sequence this node knows (applied or published)
-    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # unique per load
     # msg id -> the store future of this node's write, until it is stored
     pending: dict[str, asyncio.Future[None]] = field(default_factory=dict)
-    stream_seq: dict[int, int] = field(default_factory=dict)  # protocol seq -> stream seq
-    own: set[int] = field(default_factory=set)  # protocol seqs this node published
     chain: asyncio.Lock = field(default_factory=asyncio.Lock)
     broken: str | None = None  # a publish failed: later ones must not land without it
-    # Bumped when the node withdraws its unstored writes; publishes of an older epoch are void.
-    epoch: int = 0
     withdrawn: asyncio.Event = field(default_factory=asyncio.Event)  # set when epoch moves on
 
     def withdraw(self) -> None:
@@ -90,7 +84,7 @@ class _RoomStream:
             if not future.done():
                 future.set_exception(Withdrawn("withdrawn after a conflict"))
         self.pending.clear()
-        self.epoch += 1
+        super().withdraw()
         self.withdrawn.set()
         self.withdrawn = asyncio.Event()
 
@@ -122,7 +116,7 @@ class ClusterStore:
             state = await self.log.load(room)
         except ClusterError as error:
             raise StoreError(str(error)) from error
-        self.rooms[room] = _RoomStream(last=state.seq)
+        self.rooms[room] = _RoomStream(node_id=self.node.node_id, last=state.seq)
         updates = state.updates
         return StoredRoom(
             state=state.merged(),
@@ -133,7 +127,7 @@ class ClusterStore:
 
     def append(self, room: str, seq: int, update: bytes) -> asyncio.Future[None]:
         stream = self.rooms[room]
-        msg_id = f"{self.node.node_id}:{stream.token}:{stream.epoch}.{seq}"
+        msg_id = stream.msg_id(seq)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a withdrawn write's exception is nobody's error
         stream.pending[msg_id] = future
@@ -173,9 +167,7 @@ class ClusterStore:
                 error = StoreError(str(exc))
             else:
                 stream.pending.pop(msg_id, None)
-                stream.last = max(stream.last, appended.seq)
-                stream.stream_seq[seq] = appended.seq
-                stream.own.add(seq)
+                stream.published(seq, appended.seq)
                 if not future.done():
                     future.set_result(None)
                 return
@@ -196,10 +188,10 @@ class ClusterStore:
                     room, update, expected_seq=expected, msg_id=msg_id, deadline=30.0
                 )
             except SequenceConflict:
-                last = await self.log.last_entry(room)
-                if last is None or not (last.snapshot and last.covers == expected):
+                after = publish_after_rollup(await self.log.last_entry(room), expected)
+                if after is None:
                     raise
-                expected = last.seq
+                expected = after
         raise SequenceConflict(room, expected, None)
 
     def compact(self, room: str, upto_seq: int, snapshot: bytes) -> asyncio.Future[None]:
@@ -217,10 +209,8 @@ class ClusterStore:
         future: asyncio.Future[None],
     ) -> None:
         async with stream.chain:  # after the append of `upto_seq`
-            covers = stream.stream_seq.get(upto_seq)
-            # Only the node whose own write crossed the threshold rolls the room up: every node
-            # counts the room's log, and one roll-up is enough.
-            if covers is not None and covers == stream.last and upto_seq in stream.own:
+            covers = stream.compaction_covers(upto_seq)
+            if covers is not None:
                 try:
                     stream.last = await self.log.compact(room, snapshot, upto_seq=covers)
                 except SequenceConflict:
@@ -327,22 +317,18 @@ class ClusterRoomShell(Room):
             self.store.forget(self.name)
 
     async def _follow(self, follower: Follower, stream: _RoomStream) -> None:
-        own = f"{self.store.node.node_id}:{stream.token}:"
         async for entry in follower:
             if self.core.failed:
                 return
-            if entry.msg_id.startswith(own):  # this node's write, handed back: it is stored
-                stream.last = max(stream.last, entry.seq)
+            consumed = stream.consume(entry)
+            if consumed is Consumed.OWN:  # this node's write, handed back: it is stored
                 future = stream.pending.pop(entry.msg_id, None)
                 if future is not None and not future.done():
                     future.set_result(None)
                     # its done callback (the core's `stored`) runs before the next entry
                     await asyncio.sleep(0)
                 continue
-            if entry.seq <= stream.last:
-                continue
-            if entry.snapshot and entry.covers == stream.last:
-                stream.last = entry.seq  # a roll-up of what this node holds already
+            if consumed is Consumed.KNOWN:
                 continue
             core = self.core
             # Writes acknowledged a moment ago may not have reached the core yet (their
@@ -352,29 +338,12 @@ class ClusterRoomShell(Room):
                 if core.last_seq - core.durable_seq <= len(stream.pending):
                     break
                 await asyncio.sleep(0)
-            if core.last_seq > core.durable_seq:
-                self._rejudge(entry, stream)
-            else:
-                self._apply_remote(entry, stream)
-
-    def _rejudge(self, entry: LogEntry, stream: _RoomStream) -> None:
-        """Another node wrote before this node's unacknowledged writes (their conditional
-        publishes fail): withdraw them, apply that write, judge them again."""
-        log.info("room %s: another node wrote first; judging this node's writes again", self.name)
-        stream.withdraw()
-        self.perform(self.core.withdraw())
-        self._apply_remote(entry, stream)
-        self.perform(self.core.resubmit(time.time()))
+            self.perform(stream.apply_foreign(entry, core, time.time()))
 
     def _stored(self, seq: int, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and isinstance(future.exception(), Withdrawn):
             return  # judged again under a new sequence
         super()._stored(seq, future)
-
-    def _apply_remote(self, entry: LogEntry, stream: _RoomStream) -> None:
-        stream.last = entry.seq
-        stream.stream_seq[self.core.next_seq] = entry.seq  # the sequence it is committed as
-        self.perform(self.core.apply_stored(entry.data))
 
 
 class ClusterRelayMetrics(Metrics):
