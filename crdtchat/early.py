@@ -107,6 +107,33 @@ class EarlyUpdates:
         """The parts of updates still waiting, as updates (to pass on, or to inspect)."""
         return [held.data for held in self._held]
 
+    def missing_from(self, state: dict[int, int]) -> list[bytes]:
+        """The held parts a peer at `state` (a decoded state vector) lacks, to pass on after
+        a sync step 2, as Yjs passes on its pending structs (filtered by the peer's state
+        vector in `encodeStateAsUpdate`).
+
+        Per client, the structs that end beyond `state`; a part is passed on, with its
+        deletions, when it has such structs or deletes clocks beyond `state`. A part the peer
+        already holds is not: behind a relay, everything a client holds early came from the
+        relay and is in its state vector, so nothing is sent back for it to judge.
+        """
+        missing: list[bytes] = []
+        for held in self._held:
+            structs = {
+                client: [struct for struct in runs if struct.end > state.get(client, 0)]
+                for client, runs in held.structs.items()
+            }
+            beyond = any(structs.values()) or any(
+                clock + length > state.get(client, 0)
+                for client, ranges in held.deletes.items()
+                for clock, length in ranges
+            )
+            if not beyond:
+                continue
+            whole = all(len(structs[c]) == len(runs) for c, runs in held.structs.items())
+            missing.append(held.data if whole else encode_update(held.data, structs, held.deletes))
+        return missing
+
     def offer(
         self,
         update: bytes,

@@ -42,6 +42,7 @@ from crdtchat.wire import (
     SyncStep2,
     SyncUpdate,
     WireMessage,
+    decode_state_vector,
 )
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class _Step2:
     covers_upto: int  # the highest local id pending when it was made
 
 
+@dataclass(frozen=True)
+class _Held:
+    update: bytes  # a part of a remote update we hold early, passed on after our step 2
+
+
 SessionEvent = LocalUpdate | RemoteUpdate | Durable | Synced | Denied | PresenceChanged
 
 
@@ -141,7 +147,7 @@ class SyncSession:
         self._events: list[SessionEvent] = []
         # Messages waiting for data_to_send(): wire messages as they are, plus our SyncStep2
         # (with the highest local id it covers) and local updates, which are counted there.
-        self._outbox: list[WireMessage | _Step2 | LocalUpdate] = []
+        self._outbox: list[WireMessage | _Step2 | _Held | LocalUpdate] = []
         self._applying_remote = False
         self._remote_changed = False
         self._early = EarlyUpdates()  # remote updates waiting for what they build on
@@ -307,6 +313,8 @@ class SyncSession:
             flush()
             if isinstance(item, _Step2):
                 messages.append(self._count(SyncStep2(item.update), item.covers_upto, ()))
+            elif isinstance(item, _Held):
+                messages.append(self._count(SyncUpdate(item.update), 0, ()))
             else:
                 messages.append(item)
         flush()
@@ -362,9 +370,16 @@ class SyncSession:
     def _answer_step1(self, state_vector: bytes) -> None:
         try:
             update = self.doc.get_update(state_vector)
+            peer_state = decode_state_vector(state_vector)
         except Exception as error:  # pycrdt raises a bare ValueError/… on a bad state vector
             raise SyncProtocolError(f"undecodable state vector from the relay: {error}") from error
         self._outbox.append(_Step2(update, next(reversed(self._pending), 0)))
+        # What we hold early follows as ordinary updates (Yjs puts its pending structs in the
+        # step 2 itself, but ours is applied as complete, straight into pycrdt, which would
+        # integrate a held part behind a gap): the peer may have what it waits for, and may
+        # be the only one who still needs it (it crashed after sending it to us).
+        for part in self._early.missing_from(peer_state):
+            self._outbox.append(_Held(part))
         self._answered_step1 = True
 
     def _apply_remote(self, update: bytes, *, complete: bool = False) -> None:

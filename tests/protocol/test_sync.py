@@ -212,6 +212,49 @@ def test_a_broadcast_that_overtakes_the_step2_waits_for_it() -> None:
     assert stored == [step2, broadcast]
 
 
+def _holding_early() -> tuple[SyncSession, bytes, bytes, bytes]:
+    """A session that holds `broadcast` early (it waits for `first`), and the writer's state
+    before and after both."""
+    source: Doc = Doc()
+    append_message(source, "first")
+    before = source.get_state()
+    append_message(source, "second")
+    broadcast = source.get_update(before)
+    session = SyncSession(Doc())
+    session.connect()
+    session.receive(SyncUpdate(broadcast))
+    session.data_to_send()  # our step 1
+    return session, broadcast, b"\x00", source.get_state()
+
+
+def test_a_step2_is_followed_by_the_held_updates_the_peer_lacks_counted_as_updates() -> None:
+    """As Yjs sends its pending structs with its step 2: a peer that sent us an update and
+    lost it (a crash) gets it back in one round. They follow the step 2 as SyncUpdates, which
+    the peer holds until ready (a step 2 is applied as complete), and each is counted, so an
+    acknowledgement covers them as it covers every other update we send."""
+    session, broadcast, empty_peer, _ = _holding_early()
+    session.receive(SyncStep1(empty_peer))
+    sent = wire(session.data_to_send())
+    assert [type(m) for m in sent] == [SyncStep2, SyncUpdate]
+    assert sent[1].update == broadcast  # type: ignore[union-attr]
+    assert session.sent == 2
+    session.receive(Ack(2))  # would be a protocol error if the update were not counted
+    assert session.acked == 2 and session.durable
+    peer = SyncSession(Doc())
+    peer.connect()
+    peer.receive(sent[1])
+    assert contents(peer.doc) == []  # held there too: "first" is still missing
+
+
+def test_a_step2_is_not_followed_by_held_updates_the_peer_has() -> None:
+    """Behind a relay what a client holds early came from the relay (it broadcasts only what
+    it stored): nothing goes back for it to judge."""
+    session, _, _, writer_state = _holding_early()
+    session.receive(SyncStep1(writer_state))
+    assert [type(m) for m in wire(session.data_to_send())] == [SyncStep2]
+    assert session.sent == 1
+
+
 def test_bad_update_from_the_relay_is_a_protocol_error_and_leaves_the_doc_alone() -> None:
     doc: Doc = Doc()
     session = SyncSession(doc)

@@ -238,16 +238,11 @@ def test_crdtchat_merge_survives_the_panicking_history() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="SyncSession answers a sync step 1 without what it holds early (Yjs sends its "
-    "pending structs); found by the long run, docs/testing.md",
-)
-def test_a_sync_step_2_carries_what_its_sender_holds_early() -> None:
+def test_a_sync_step_2_is_followed_by_what_its_sender_holds_early() -> None:
     """The long run's failure, by hand: replica 1 holds replica 0's last write early; replica
-    0 crashes without it and resyncs. One round should give it back: replica 1 integrates it
-    once replica 0's step 2 brings what it waits for, but does not echo it on that link."""
+    0 crashes without it and resyncs. One round gives it back, as with Yjs: replica 1 sends
+    what it holds after its step 2 (it integrates the write once replica 0's step 2 brings
+    what it waits for, but would not echo it on that link)."""
     net = SimulatedNetwork(["alice", "alice"], clock=lambda: NOW, client_ids=[1, 2])
     net.apply(0, CreateConversation())
     net.deliver_all()
@@ -260,3 +255,4 @@ def test_a_sync_step_2_carries_what_its_sender_holds_early() -> None:
     net.crash(0)
     net.quiesce(rounds=1)
     check_converged([r.live for r in net.replicas])
+    assert [m.id for m in net.replicas[0].live.all_messages()] == ["m"]
