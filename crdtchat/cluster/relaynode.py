@@ -339,6 +339,8 @@ class ClusterRoomShell(Room):
                     break
                 await asyncio.sleep(0)
             self.perform(stream.apply_foreign(entry, core, time.time()))
+            # The relay's own writes judged again have new numbers, or a refusal.
+            self.writes_settled.notify()
 
     def _stored(self, seq: int, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and isinstance(future.exception(), Withdrawn):

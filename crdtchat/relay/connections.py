@@ -167,7 +167,7 @@ class Relay:
             if owner_of(table) is None and is_empty(room.live.doc):
                 log.info("room %s created by %s, its owner", name, claims.sub)
                 try:
-                    await room.write_access(claim_owner(claims.sub))
+                    await room.write_access(lambda _doc: claim_owner(claims.sub))
                 except RoomUnavailable as error:
                     return make_response(503, f"room unavailable: {error}\n")
                 return None

@@ -40,7 +40,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import anyio.to_thread
 import h11
-from pycrdt import Array, Map
+from pycrdt import Array, Doc, Map
 from pydantic import BaseModel, ValidationError
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
@@ -586,22 +586,35 @@ class _Exchange:
         room: Room, sub: str, action: tuple[str, ...], request: Any
     ) -> dict[str, Any]:
         """Decide and write in one step: nothing is awaited between reading the membership
-        and applying the change (`Room.write_access`)."""
-        doc = room.live.doc
+        and applying the change (`Room.write_access`). A cluster node may decide again after
+        a conflict: the answer reports the decision that was stored."""
         if action[1] == "members":
-            await room.write_access(change_member(doc, sub, request))
+            await room.write_access(lambda doc: change_member(doc, sub, request))
             if request.remove:
                 return {"room": room.name, "sub": request.sub, "removed": True}
             return {"room": room.name, "sub": request.sub, "role": request.role}
         if action[1] == "join":
-            role, write = redeem(doc, sub, request.secret)
-            await room.write_access(write)
-            return {"room": room.name, "sub": sub, "role": role}
+            granted: list[str] = []
+
+            def join(doc: Doc) -> Any:
+                role, write = redeem(doc, sub, request.secret)
+                granted[:] = [role]
+                return write
+
+            await room.write_access(join)
+            return {"room": room.name, "sub": sub, "role": granted[0]}
         if action[0] == "DELETE":
-            await room.write_access(revoke_invite(doc, sub, action[2]))
+            await room.write_access(lambda doc: revoke_invite(doc, sub, action[2]))
             return {"room": room.name, "id": action[2], "revoked": True}
-        invite_id, secret, write = create_invite(doc, sub, request)
-        await room.write_access(write)
+        made: list[tuple[str, str]] = []
+
+        def invite(doc: Doc) -> Any:
+            invite_id, secret, write = create_invite(doc, sub, request)
+            made[:] = [(invite_id, secret)]
+            return write
+
+        await room.write_access(invite)
+        invite_id, secret = made[0]
         return {
             "room": room.name,
             "id": invite_id,

@@ -35,13 +35,13 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 from pycrdt import Awareness, Doc
 
-from crdtchat.errors import RemoteProtocolError
+from crdtchat.errors import CrdtchatError, RemoteProtocolError
 from crdtchat.relay.config import RelayConfig
 from crdtchat.relay.livedoc import (
     Accepted,
@@ -109,6 +109,24 @@ class PeerViolation(RemoteProtocolError):
         self.code = code
         self.reason = reason
         self.kind = kind
+
+
+# A relay change decided from the room's document: returns the write to make (a function of the
+# roots, `LiveDoc.local_write`), or raises a CrdtchatError (e.g. membership's AccessError) to
+# refuse it.
+Decide = Callable[[Doc], Callable[[dict[str, Any]], None]]
+
+
+@dataclass(eq=False)
+class LocalWrite:
+    """A change of the relay's own (design §4, membership) until it is stored. A cluster node
+    that withdraws it after a conflict decides it again in `resubmit`, against the document
+    with the other node's write (judged again like a peer's write): `seq` then moves, or
+    `refused` says why it can no longer be made. The shell waits for `seq` to be durable."""
+
+    decide: Decide
+    seq: int
+    refused: CrdtchatError | None = field(default=None)
 
 
 class Peer:
@@ -275,6 +293,10 @@ class RoomProtocol:
         self._unstored: deque[tuple[int, Peer | None, bytes]] = deque()
         # Updates `withdraw` took back, to be judged again by `resubmit` (seq, sender, update).
         self._withdrawn: list[tuple[int, Peer | None, bytes]] = []
+        self._local_writes: dict[int, LocalWrite] = {}  # the relay's own unstored writes, by seq
+        # The unstored write that created the room and the subject charged for it (design
+        # §7.4): refunded if that write is withdrawn (charged once, when judged again).
+        self._creation: tuple[int, Subject] | None = None
         self._queued: dict[Peer, None] = {}  # peers with results waiting for the store
         self._log_length = 0
         self._log_bytes = 0
@@ -376,7 +398,9 @@ class RoomProtocol:
             except WireError as error:
                 raise PeerViolation(1008, str(error), CloseKind.MALFORMED) from None
             actions: list[Action] = []
-            reply = encode_message(SyncStep2(update))
+            # The state vector stays with the reply: a cluster node that withdraws a write
+            # the reply holds builds it again (`withdraw`).
+            reply = (encode_message(SyncStep2(update)), message.state_vector)
             self._settle_after(peer, self.last_seq, _REPLY, reply, actions)
             return actions
         if isinstance(message, AwarenessMessage):
@@ -439,7 +463,7 @@ class RoomProtocol:
         if not isinstance(outcome, Accepted):
             self.metrics.refused_writes += 1
             log.info("room %s: refused update from %r: %s", self.name, peer, outcome.reason)
-            if not subject.refusals.take(1, now):
+            if not subject.take_refusal(now):
                 raise PeerViolation(
                     1008,
                     f"too many refused writes from subject {subject.sub!r}",
@@ -447,10 +471,11 @@ class RoomProtocol:
                 )
             return outcome
         if outcome.delta:
-            subject.write_bytes.charge(len(outcome.delta), now)
+            subject.spend_bytes(len(outcome.delta), now)
             if not self._created:
                 self._created = True
-                subject.rooms.charge(1, now)
+                subject.spend_room(now)
+                self._creation = (self.next_seq, subject)  # committed next, as that seq
         return outcome
 
     def commit_update(self, delta: bytes, sender: Peer | None, actions: list[Action]) -> int:
@@ -550,6 +575,17 @@ class RoomProtocol:
         self._log_length -= len(withdrawn)
         self._log_bytes -= sum(len(delta) for delta in updates)
         self.metrics.updates_withdrawn += len(withdrawn)
+        # Quotas are charged for what is stored, once: what the withdrawn writes spent is given
+        # back, and `resubmit` charges what it accepts again (design §7.4).
+        for seq, sender, delta in withdrawn:
+            if sender is not None:
+                sender.subject.refund_bytes(len(delta))
+            elif (local := self._local_writes.get(seq)) is not None:
+                local.seq = _HELD  # not stored under that number: `resubmit` gives a new one
+        if self._creation is not None:
+            self._creation[1].refund_room()
+            self._creation = None
+            self._created = self.durable_seq > 0 or bool(self._snapshot_bytes)
         durable = self.durable_seq
         for peer in self._queued:
             queue = peer.queue
@@ -560,8 +596,17 @@ class RoomProtocol:
                     continue
                 if what == _UPDATE and payload is None:
                     queue[index] = (_HELD, _WITHDRAWN, seq)
-                else:  # a reply that may contain what was withdrawn: after `resubmit`
-                    queue[index] = (_HELD, what, payload)
+                    continue
+                if what == _REPLY:
+                    # Built from a document that held the withdrawn writes, some of which may
+                    # be refused when judged again: built again from what is stored (the live
+                    # document now), so a reply never shows a peer an unstored write.
+                    state_vector = payload[1]
+                    payload = (
+                        encode_message(SyncStep2(self.live.update_since(state_vector))),
+                        state_vector,
+                    )
+                queue[index] = (_HELD, what, payload)  # after `resubmit`
         return []
 
     def resubmit(self, now: float) -> list[Action]:
@@ -574,6 +619,9 @@ class RoomProtocol:
         if self.failed:
             return actions
         for old_seq, sender, delta in withdrawn:
+            if sender is None and (local := self._local_writes.pop(old_seq, None)) is not None:
+                self._redo_local_write(local, actions)
+                continue
             if sender is None:
                 if self.live.apply_stored(delta, unstored=True):
                     self._members = None
@@ -620,13 +668,17 @@ class RoomProtocol:
         metrics = self.metrics
         count = 0
         while unstored and unstored[0][0] <= upto_seq:
-            _, sender, delta = unstored.popleft()
+            seq, sender, delta = unstored.popleft()
+            if sender is None:
+                self._local_writes.pop(seq, None)
             count += 1
             metrics.updates_stored += 1
             peers = self.peers
             metrics.updates_out += len(peers) - (sender is not None and sender in peers)
             actions.append(Broadcast(encode_message(SyncUpdate(delta)), sender))
         self.live.stored(count)
+        if self._creation is not None and self._creation[0] <= upto_seq:
+            self._creation = None
         if self._queued:
             for peer in list(self._queued):
                 self._release(peer, actions)
@@ -641,6 +693,7 @@ class RoomProtocol:
         log.error("room %s failed: %s", self.name, reason)
         self._unstored.clear()
         self._queued.clear()
+        self._local_writes.clear()
         actions: list[Action] = []
         for peer in self.peers:
             peer.queue = None
@@ -679,7 +732,7 @@ class RoomProtocol:
         """One result, in order; the acknowledgement waits while more are queued, and comes
         before a refusal so that the client can tell which message was refused."""
         if what == _REPLY:
-            actions.append(Send(peer, payload))
+            actions.append(Send(peer, payload[0]))
         elif what == _REFUSAL:
             self._ack(peer, actions)
             actions.append(Send(peer, encode_message(AuthDenied(payload))))
@@ -786,13 +839,35 @@ class RoomProtocol:
         """A membership change of the relay's own (design §4): applied, enforced on every
         connection at once, then stored and sent to every peer. Returns its sequence number
         (the shell waits for `stored` to reach it) and the actions."""
+        local, actions = self.local_change(lambda _doc: write)
+        return local.seq, actions
+
+    def local_change(self, decide: Decide) -> tuple[LocalWrite, list[Action]]:
+        """`local_write` of what `decide` makes of the document now (it raises to refuse, and
+        nothing is applied). After a conflict, `resubmit` decides it again (`LocalWrite`)."""
         if self.failed:
             raise PeerViolation(1011, STORAGE_FAILED, CloseKind.UNAVAILABLE)
+        write = decide(self.live.doc)
         update = self.live.local_write(write)
         self._members = None
         actions = self.enforce_access()
         seq = self.commit_update(update, None, actions)
-        return seq, actions
+        local = self._local_writes[seq] = LocalWrite(decide, seq)
+        return local, actions
+
+    def _redo_local_write(self, local: LocalWrite, actions: list[Action]) -> None:
+        """Decide a withdrawn change of the relay's own again, against the document as it is
+        now: made under a new sequence number, or refused with `decide`'s reason."""
+        try:
+            write = local.decide(self.live.doc)
+        except CrdtchatError as error:
+            local.refused = error
+            return
+        update = self.live.local_write(write)
+        self._members = None
+        actions.extend(self.enforce_access())
+        local.seq = self.commit_update(update, None, actions)
+        self._local_writes[local.seq] = local
 
     # -- awareness -----------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from crdtchat.relay.protocol import (
     Close,
     CloseKind,
     Compact,
+    Decide,
     Peer,
     PeerViolation,
     RoomProtocol,
@@ -50,6 +51,7 @@ from crdtchat.relay.protocol import (
 from crdtchat.relay.ratelimit import Subject
 from crdtchat.relay.store import Store, StoreError
 from crdtchat.schema import Member
+from crdtchat.signals import Changes
 from crdtchat.tokens import TokenClaims
 from crdtchat.wire import Ack, encode_message
 
@@ -160,6 +162,8 @@ class Room:
         self.core = RoomProtocol(name, config, metrics)
         self.core.watches_feed = self.waiting is not None
         self._last_write: asyncio.Future[None] | None = None
+        self.writes_settled = Changes()  # stored, failed, or judged again (`write_access`)
+        self.failure: str | None = None  # why the store failed, once it has
         self._last_compaction: asyncio.Future[None] | None = None
         # Readers waiting for their peer's queue to shrink (back-pressure, `wait_for_queue`).
         self._backpressured: dict[Peer, asyncio.Future[None]] = {}
@@ -304,7 +308,9 @@ class Room:
         """The store lost a write: close every peer, drop the room, reload it from disk later."""
         if self.core.failed:
             return
+        self.failure = reason
         self.perform(self.core.store_failed(reason))
+        self.writes_settled.notify()
         self._wake_readers()
         self._wake.set()
 
@@ -336,12 +342,14 @@ class Room:
 
     def _stored(self, seq: int, future: asyncio.Future[None]) -> None:
         if future.cancelled():
+            self.writes_settled.notify()
             return
         error = future.exception()
         if error is not None:
             self.fail(str(error))
             return
         self.perform(self.core.stored(seq))
+        self.writes_settled.notify()
         if self._backpressured:
             self._wake_readers()
 
@@ -461,24 +469,30 @@ class Room:
     def role_for(self, sub: str) -> str | None:
         return self.core.role_for(sub)
 
-    async def write_access(self, write: Any) -> None:
-        """Make a membership change of the relay's own: applied, enforced on every connection
-        at once (before anything more is sent), stored, then sent to the room's peers.
+    async def write_access(self, decide: Decide) -> None:
+        """Make a membership change of the relay's own: `decide` reads the document and
+        returns the write (or raises, e.g. AccessError, to refuse it); the write is applied,
+        enforced on every connection at once (before anything more is sent), stored, then
+        sent to the room's peers.
 
-        Nothing is awaited before the write is applied: a caller that read the membership
-        to decide on `write` is not raced by another change.
+        Nothing is awaited between deciding and applying: a decision read from the
+        membership is not raced by another change. A cluster node that withdraws the write
+        after a conflict decides it again (`RoomProtocol.resubmit`): this waits for the new
+        write to be stored, or raises what `decide` raised then.
         """
         try:
-            _, actions = self.core.local_write(write)
+            local, actions = self.core.local_change(decide)
         except PeerViolation:
             raise RoomUnavailable("relay storage failed") from None
         self.perform(actions)
-        future = self._last_write
-        assert future is not None
-        try:
-            await asyncio.shield(future)
-        except StoreError as error:
-            raise RoomUnavailable(f"relay storage failed: {error}") from None
+        while True:
+            if local.refused is not None:
+                raise local.refused
+            if self.core.failed:
+                raise RoomUnavailable(f"relay storage failed: {self.failure}")
+            if local.seq <= self.core.durable_seq:
+                return
+            await self.writes_settled.wait()
 
 
 class RoomManager:

@@ -20,7 +20,13 @@ from pycrdt import Doc, Map
 import crdtchat.relay.protocol as protocol_module
 from crdtchat.document import Conversation
 from crdtchat.relay.config import RelayConfig
-from crdtchat.relay.membership import claim_owner, members
+from crdtchat.relay.membership import (
+    AccessError,
+    MemberChange,
+    change_member,
+    claim_owner,
+    members,
+)
 from crdtchat.relay.protocol import (
     ACCESS_REVOKED_CODE,
     TOKEN_EXPIRED_CODE,
@@ -31,12 +37,14 @@ from crdtchat.relay.protocol import (
     Close,
     CloseKind,
     Compact,
+    Decide,
     Peer,
     RoomProtocol,
     Send,
     VerifyToken,
 )
 from crdtchat.relay.ratelimit import Subjects
+from crdtchat.schema import MEMBERS
 from crdtchat.tokens import TokenClaims, TokenError
 from crdtchat.wire import (
     AuthDenied,
@@ -680,6 +688,81 @@ def test_withdrawn_updates_are_judged_again_after_the_stored_ones_in_their_order
     assert watcher in h.room.peers and not closes(actions + stored)
     ids = [m["id"] for m in h.room.live.messages.to_py()]  # type: ignore[union-attr]
     assert sorted(ids) == ["m-a", "m-b", "m-shared"], "each message once"
+
+
+def test_a_reply_held_behind_a_withdrawn_write_never_shows_it_once_it_is_refused() -> None:
+    """A sync step 1 answered while a write was unstored: its reply waits for the write. The
+    write is withdrawn and then refused (another node took its message id): the reply that
+    goes out holds only what is stored."""
+    h = Harness()
+    alice, reader = h.peer("alice"), h.peer("bob", "reader")
+    h.receive(alice, Client("alice").write("refused later", message_id="m-shared"))
+    assert messages_to(h.receive(reader, SyncStep1(Doc().get_state())), reader) == []
+    h.room.withdraw()
+    far = Client("dave").write("from another node", message_id="m-shared").update
+    sent = h.room.apply_stored(far)
+    actions = h.room.resubmit(NOW)
+    (denied,) = messages_to(actions, alice)
+    assert isinstance(denied, AuthDenied) and "m-shared" in denied.reason
+    sent += actions + h.room.stored(h.room.last_seq)
+    (reply,) = [m for m in messages_to(sent, reader) if isinstance(m, SyncStep2)]
+    broadcasts = [m for b in only(sent, Broadcast) for m in decode_frame(b.message)]
+    copy = Conversation(author="bob")
+    for message in [reply, *broadcasts]:
+        if isinstance(message, SyncStep2 | SyncUpdate):
+            copy.doc.apply_update(message.update)
+    assert [m.content for m in copy.all_messages()] == ["from another node"]
+    assert b"refused later" not in reply.update, "the refused write reached a peer"
+
+
+def test_a_write_judged_again_after_a_conflict_is_charged_once() -> None:
+    """Bytes and the room created are charged for what is stored (design §7.4): a withdrawn
+    write gives back what it was charged, and judged again is charged again; the room it
+    would have created was created by the other node's write."""
+    h = Harness()
+    alice = h.peer("alice")
+    subject = alice.subject
+    quotas = subject.quotas
+    (first,) = only(h.receive(alice, Client("alice").write("mine")), Append)
+    assert quotas.write_bytes - subject.write_bytes.tokens == len(first.update)
+    assert subject.rooms.tokens == quotas.rooms - 1, "alice's write creates the room"
+    h.room.withdraw()
+    h.room.apply_stored(Client("dave").write("from another node").update)
+    (again,) = only(h.room.resubmit(NOW), Append)
+    assert quotas.write_bytes - subject.write_bytes.tokens == len(again.update), "charged once"
+    assert subject.rooms.tokens == quotas.rooms, "the other node's write created the room"
+
+
+def test_a_withdrawn_membership_change_of_the_relay_is_decided_again() -> None:
+    """The relay's own change (an owner's HTTP call) withdrawn after a conflict is decided
+    again against the document with the other node's write: made under a new number when it
+    still may be, refused with the real reason when not."""
+    h = Harness()
+    seq, _ = h.room.local_write(claim_owner("owner@x"))
+    h.room.stored(seq)
+
+    def add(sub: str) -> Decide:
+        return lambda doc: change_member(doc, "owner@x", MemberChange(sub=sub, role="writer"))
+
+    kept, _ = h.room.local_change(add("bob@x"))
+    assert kept.seq == 2
+    h.room.withdraw()
+    h.room.apply_stored(Client("dave").write("from another node").update)  # stored as 2
+    appends = only(h.room.resubmit(NOW), Append)
+    assert [a.seq for a in appends] == [kept.seq] == [3] and kept.refused is None
+    h.room.stored(3)
+    assert h.room.role_for("bob@x") == "writer"
+
+    refused, _ = h.room.local_change(add("carol@x"))
+    h.room.withdraw()
+    far = Doc()
+    far.apply_update(h.room.live.doc.get_update())
+    before = far.get_state()
+    del far.get(MEMBERS, type=Map)["owner@x"]  # another node's owner left the room meanwhile
+    h.room.apply_stored(far.get_update(before))
+    assert only(h.room.resubmit(NOW), Append) == []
+    assert isinstance(refused.refused, AccessError) and refused.refused.status == 403
+    assert h.room.role_for("carol@x") is None
 
 
 def test_a_withdrawn_update_of_a_peer_gone_meanwhile_is_dropped() -> None:
