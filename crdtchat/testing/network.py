@@ -249,17 +249,42 @@ class RelayStore:
         return merge(*parts) if parts else b""
 
 
-class SimulatedRelay:
-    """The relay: one room's `RoomProtocol` over a `RelayStore`, and its connections."""
+@dataclass(frozen=True)
+class Outgoing:
+    """A frame the relay sends on connection `receiver` (a replica's index)."""
 
-    def __init__(self, config: RelayConfig) -> None:
-        self.config = config
+    receiver: int
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The relay closed connection `index` (its I/O shell then drops the connection)."""
+
+    index: int
+    kind: CloseKind
+    reason: str
+
+
+#: What the relay's I/O shell does with the protocol's actions, in order.
+RelayOutput = list[Outgoing | Closed]
+
+
+class SimulatedRelay:
+    """The relay: one room's `RoomProtocol` over a `RelayStore`, and its connections, each
+    numbered by the caller (a replica's index). The I/O shell without I/O: each method hands
+    the protocol an event and returns what the shell would do (`RelayOutput`: frames to send,
+    connections closed, in order); the store's writes wait in `store` until `store_writes`.
+    `SimulatedNetwork` runs it between replicas; a test can drive it alone."""
+
+    def __init__(self, config: RelayConfig | None = None) -> None:
+        self.config = config or RelayConfig(secret=SECRET)
         self.store = RelayStore()
         self.protocol: RoomProtocol | None = None
-        self.subjects = Subjects(config.subject_quotas())
-        #: the protocol's peer of each connected replica
+        self.subjects = Subjects(self.config.subject_quotas())
+        #: the protocol's peer of each connection, by its number
         self.peers: dict[int, Peer] = {}
-        #: every connection the relay closed: (replica, kind, reason)
+        #: every connection the relay closed: (connection, kind, reason)
         self.closes: list[tuple[int, CloseKind, str]] = []
         self.crashes = 0
 
@@ -273,12 +298,14 @@ class SimulatedRelay:
             raise RuntimeError("the relay is crashed")
         return self.protocol
 
-    def start(self) -> list[Action]:
+    def start(self) -> RelayOutput:
         """Load the room from what the store holds durably."""
         self.protocol = RoomProtocol(ROOM, self.config)
         store = self.store
         log_bytes = sum(len(update) for _, update in store.log)
-        return self.protocol.load(store.state(), store.durable_seq + 1, len(store.log), log_bytes)
+        return self.perform(
+            self.protocol.load(store.state(), store.durable_seq + 1, len(store.log), log_bytes)
+        )
 
     def stop(self) -> None:
         """The process dies: connections and unacknowledged writes are gone."""
@@ -290,15 +317,75 @@ class SimulatedRelay:
         self.store.lose_unacknowledged()
         self.crashes += 1
 
-    def peer(self, replica: SimulatedReplica) -> Peer:
-        """A new connection of `replica`, with the role its (real) token grants."""
-        assert replica.role is not None
-        token = mint_token(SECRET, ROOM, replica.role, replica.author, _TOKEN_TTL)
+    def peer(self, role: str, author: str) -> Peer:
+        """A new connection's peer, with the role its (real) token grants."""
+        token = mint_token(SECRET, ROOM, role, author, _TOKEN_TTL)
         claims = verify_token(SECRET, token, ROOM)
         subject = self.subjects.connect(claims.sub)
         if not isinstance(subject, Subject):
             raise AssertionError(subject)
         return Peer(claims, subject, self.config, want_ack=True)
+
+    def connect(self, index: int, role: str, author: str) -> RelayOutput:
+        """Connection `index` opens with a token for (`role`, `author`)."""
+        peer = self.peer(role, author)
+        self.peers[index] = peer
+        return self.perform(self.room.join(peer))
+
+    def disconnect(self, index: int) -> RelayOutput:
+        """Connection `index` ended (the client left, or the link broke)."""
+        peer = self.peers.pop(index, None)
+        if peer is None:
+            return []
+        self.subjects.disconnect(peer.subject)
+        return self.perform(self.room.leave(peer))
+
+    def receive(self, index: int, message: WireMessage, now: float) -> RelayOutput:
+        """A message arrived on connection `index`."""
+        return self.perform(self.room.receive(self.peers[index], message, now))
+
+    def store_writes(self, count: int | None = None) -> RelayOutput:
+        """The store makes its first `count` writes (all: None) durable and says so."""
+        store = self.store
+        before = store.durable_seq
+        durable = store.acknowledge(len(store.writes) if count is None else count)
+        if self.up and durable > before:
+            return self.perform(self.room.stored(durable))
+        return []
+
+    def perform(self, actions: list[Action]) -> RelayOutput:
+        """Carry out the protocol's actions as the I/O shell does; store writes wait in
+        `store`. VerifyToken (no refresh here) and CheckWaiting (no worker feed) do nothing."""
+        output: RelayOutput = []
+        for action in actions:
+            if isinstance(action, Send | Acknowledge):
+                index = self._index_of(action.peer)
+                if index is None or action.peer.closing:
+                    continue
+                frame = (
+                    action.message
+                    if isinstance(action, Send)
+                    else encode_message(Ack(action.count))
+                )
+                output.append(Outgoing(index, frame))
+            elif isinstance(action, Broadcast):
+                for index, peer in self.peers.items():
+                    if peer is not action.exclude and not peer.closing:
+                        output.append(Outgoing(index, action.message))
+            elif isinstance(action, Append | Compact):
+                self.store.writes.append(action)
+            elif isinstance(action, Close):
+                index = self._index_of(action.peer)
+                if index is not None:
+                    self.closes.append((index, action.kind, action.reason))
+                    output.append(Closed(index, action.kind, action.reason))
+        return output
+
+    def _index_of(self, peer: Peer) -> int | None:
+        for index, connected in self.peers.items():
+            if connected is peer:
+                return index
+        return None
 
 
 class SimulatedNetwork:
@@ -336,7 +423,7 @@ class SimulatedNetwork:
         self.used_client_ids: set[int] = set()
         self.relay: SimulatedRelay | None = None
         if relay:
-            self.relay = SimulatedRelay(relay_config or RelayConfig(secret=SECRET))
+            self.relay = SimulatedRelay(relay_config)
         size = len(authors)
         self.peer_links = (not relay) if peers is None else peers
         links: list[tuple[int, int]] = []
@@ -359,7 +446,7 @@ class SimulatedNetwork:
             )
             self.replicas.append(replica)
         if self.relay is not None:
-            self._perform(self.relay.start())
+            self._route(self.relay.start())
         for replica in self.replicas:
             self._open(replica, replica.client_id)
 
@@ -534,12 +621,7 @@ class SimulatedNetwork:
 
     def store_writes(self, count: int | None = None) -> None:
         """The relay's store makes its first `count` writes (all: None) durable."""
-        relay = self._relay()
-        store = relay.store
-        before = store.durable_seq
-        durable = store.acknowledge(len(store.writes) if count is None else count)
-        if relay.up and durable > before:
-            self._perform(relay.room.stored(durable))
+        self._route(self._relay().store_writes(count))
 
     def crash_relay(self) -> None:
         """The relay dies: every connection drops, writes not yet durable are lost."""
@@ -556,7 +638,7 @@ class SimulatedNetwork:
         relay = self._relay()
         if relay.up:
             raise RuntimeError("the relay is running")
-        self._perform(relay.start())
+        self._route(relay.start())
         for replica in self.replicas:
             if self.connected(replica.index, RELAY):
                 self._connect(replica.index, RELAY)
@@ -565,7 +647,7 @@ class SimulatedNetwork:
         """The store loses a write: the room closes every connection (`store_failed`), and
         the relay loads it again from the store, as its I/O shell does."""
         relay = self._relay()
-        self._perform(relay.room.store_failed("simulated store failure"))
+        self._route(relay.perform(relay.room.store_failed("simulated store failure")))
         self.crash_relay()
         self.restart_relay()
 
@@ -725,10 +807,9 @@ class SimulatedNetwork:
         """A connection opens between `a` and `b`: both ends start the sync."""
         for node, other in ((a, b), (b, a)):
             if node == RELAY:
-                relay = self._relay()
-                peer = relay.peer(self.replicas[other])
-                relay.peers[other] = peer
-                self._perform(relay.room.join(peer))
+                replica = self.replicas[other]
+                assert replica.role is not None
+                self._route(self._relay().connect(other, replica.role, replica.author))
             else:
                 self.replicas[node].sessions[other].connect()
         for node in (a, b):
@@ -741,11 +822,10 @@ class SimulatedNetwork:
         self.queues[(b, a)].clear()
         for node, other in ((a, b), (b, a)):
             if node == RELAY:
-                relay = self._relay()
-                peer = relay.peers.pop(other, None)
-                if peer is not None and relay_side:
-                    relay.subjects.disconnect(peer.subject)
-                    self._perform(relay.room.leave(peer))
+                if relay_side:
+                    self._route(self._relay().disconnect(other))
+                else:
+                    self._relay().peers.pop(other, None)
             elif self.up(node):
                 replica = self.replicas[node]
                 replica.sessions[other].disconnect()
@@ -772,41 +852,16 @@ class SimulatedNetwork:
     # -- internals: the relay -------------------------------------------------------------------
 
     def _relay_receive(self, sender: int, envelope: Envelope) -> None:
-        relay = self._relay()
-        peer = relay.peers[sender]
-        self._perform(relay.room.receive(peer, envelope.message(), self.clock()))
+        self._route(self._relay().receive(sender, envelope.message(), self.clock()))
 
-    def _replica_of(self, peer: Peer) -> int | None:
-        for index, connected in self._relay().peers.items():
-            if connected is peer:
-                return index
-        return None
-
-    def _perform(self, actions: list[Action]) -> None:
-        """Carry out the relay protocol's actions, as its I/O shell does."""
-        relay = self._relay()
-        for action in actions:
-            if isinstance(action, Send | Acknowledge):
-                index = self._replica_of(action.peer)
-                if index is None or action.peer.closing:
-                    continue
-                if isinstance(action, Send):
-                    self._send_frame(index, action.message)
-                else:
-                    self._send(RELAY, index, Ack(action.count))
-            elif isinstance(action, Broadcast):
-                for index, peer in list(relay.peers.items()):
-                    if peer is not action.exclude and not peer.closing:
-                        self._send_frame(index, action.message)
-            elif isinstance(action, Append | Compact):
-                relay.store.writes.append(action)
-            elif isinstance(action, Close):
-                index = self._replica_of(action.peer)
-                if index is not None:
-                    relay.closes.append((index, action.kind, action.reason))
-                    self.replicas[index].closes.append((action.kind, action.reason))
-                    self.partition(index, RELAY)
-            # VerifyToken (no refresh here) and CheckWaiting (no worker feed): nothing to do
+    def _route(self, output: RelayOutput) -> None:
+        """What the relay sends goes onto its links; a connection it closes is cut."""
+        for item in output:
+            if isinstance(item, Outgoing):
+                self._send_frame(item.receiver, item.frame)
+            else:
+                self.replicas[item.index].closes.append((item.kind, item.reason))
+                self.partition(item.index, RELAY)
 
 
 def has_gap(doc: Doc) -> bool:

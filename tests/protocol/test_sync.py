@@ -2,8 +2,8 @@
 
 Every message crosses through the real wire encoding (encode_frame/decode_frame), so these tests
 also check that what the session produces is what the wire module can carry. The relay in the
-ordering machine is the relay's own protocol core (`crdtchat.relay.protocol`) with an in-memory
-store, so the client and relay protocols run together exactly as in production, minus sockets.
+ordering machine is `crdtchat.testing.SimulatedRelay`, the relay's own protocol core with an
+in-memory store, so the client and relay protocols run together as in production, minus sockets.
 """
 
 from __future__ import annotations
@@ -24,19 +24,7 @@ from hypothesis.stateful import (
 from pycrdt import Array, Awareness, Doc, Map, Text
 
 from crdtchat.document import Conversation
-from crdtchat.merge import merge
-from crdtchat.relay.config import RelayConfig
-from crdtchat.relay.protocol import (
-    Acknowledge,
-    Action,
-    Append,
-    Broadcast,
-    Compact,
-    Peer,
-    RoomProtocol,
-    Send,
-)
-from crdtchat.relay.ratelimit import Subjects
+from crdtchat.relay.protocol import RoomProtocol
 from crdtchat.sync import (
     REMOTE_ORIGIN,
     Denied,
@@ -47,7 +35,7 @@ from crdtchat.sync import (
     SyncProtocolError,
     SyncSession,
 )
-from crdtchat.tokens import TokenClaims
+from crdtchat.testing.network import Outgoing, RelayOutput, SimulatedRelay
 from crdtchat.wire import (
     Ack,
     AuthDenied,
@@ -62,9 +50,7 @@ from crdtchat.wire import (
     encode_frame,
 )
 
-ROOM = "sync-orderings"
 NOW = 1_900_000_000.0
-EXP = int(NOW) + 3600
 
 
 def wire(messages: list[WireMessage]) -> list[WireMessage]:
@@ -505,86 +491,64 @@ def test_malformed_awareness_is_a_protocol_error() -> None:
 
 @dataclass
 class CoreConnection:
-    """One client connection to the in-memory relay; queues are ordered like TCP."""
+    """One client connection to the relay; queues are ordered like TCP."""
 
-    peer: Peer
     to_relay: deque[WireMessage] = field(default_factory=deque)
     to_client: deque[WireMessage] = field(default_factory=deque)
 
 
 class CoreRelay:
-    """The relay's own protocol core (`crdtchat.relay.protocol.RoomProtocol`) with an in-memory
-    store: what it appends is durable only once `store` runs (so acknowledgements lag), and a
-    crash loses what was appended but not stored, then loads the room again from the store.
+    """`crdtchat.testing.SimulatedRelay` (the relay's own protocol core with an in-memory
+    store: appends are durable only once `store` runs, so acknowledgements lag; a crash loses
+    what was not stored, then loads the room again from the store) and the clients' queues.
     Writes to the root "forbidden" are refused, as every root outside the schema is.
     """
 
     def __init__(self) -> None:
-        self.config = RelayConfig(secret="test")
-        self.subjects = Subjects(self.config.subject_quotas())
-        self.disk: list[bytes] = []  # durable: a snapshot or updates, merged on load
-        self.appended: list[Append] = []
+        self.relay = SimulatedRelay()
         self.connections: dict[int, CoreConnection] = {}
-        self.room = RoomProtocol(ROOM, self.config)
-        self.room.load(b"", 1, 0, 0)
+        self._route(self.relay.start())
+
+    @property
+    def room(self) -> RoomProtocol:
+        return self.relay.room
 
     @property
     def doc(self) -> Doc:
-        return self.room.live.doc
+        return self.relay.room.live.doc
 
     def durable_update(self) -> bytes:
-        return merge(*self.disk) if self.disk else b""
+        return self.relay.store.state()
 
-    def _perform(self, actions: list[Action]) -> None:
-        peers = {connection.peer: connection for connection in self.connections.values()}
-        for action in actions:
-            if isinstance(action, Send):
-                peers[action.peer].to_client.extend(decode_frame(action.message))
-            elif isinstance(action, Acknowledge):
-                peers[action.peer].to_client.append(Ack(action.count))
-            elif isinstance(action, Broadcast):
-                for peer, connection in peers.items():
-                    if peer is not action.exclude:
-                        connection.to_client.extend(decode_frame(action.message))
-            elif isinstance(action, Append):
-                self.appended.append(action)
-            elif isinstance(action, Compact):
-                self.disk = [action.snapshot]  # the store holds every update up to it
-            else:
-                raise AssertionError(f"the relay did not expect to {action}")
+    def _route(self, output: RelayOutput) -> None:
+        for item in output:
+            if not isinstance(item, Outgoing):
+                raise AssertionError(f"the relay closed a connection: {item}")
+            self.connections[item.receiver].to_client.extend(decode_frame(item.frame))
 
     def open(self, client: int) -> CoreConnection:
-        subject = self.subjects.get(f"c{client}")
-        claims = TokenClaims(f"c{client}", EXP, ROOM, "writer")
-        connection = CoreConnection(Peer(claims, subject, self.config, want_ack=True))
+        connection = CoreConnection()
         self.connections[client] = connection
-        self._perform(self.room.join(connection.peer))
+        self._route(self.relay.connect(client, "writer", f"c{client}"))
         return connection
 
     def close(self, client: int) -> None:
-        connection = self.connections.pop(client, None)
-        if connection is not None:
-            self._perform(self.room.leave(connection.peer))
+        if self.connections.pop(client, None) is not None:
+            self._route(self.relay.disconnect(client))
 
     def deliver_one(self, client: int) -> None:
         connection = self.connections[client]
         for message in wire([connection.to_relay.popleft()]):
-            self._perform(self.room.receive(connection.peer, message, NOW))
+            self._route(self.relay.receive(client, message, NOW))
 
     def store(self) -> None:
         """The store commits everything appended so far."""
-        if self.appended:
-            self.disk.extend(append.update for append in self.appended)
-            upto = self.appended[-1].seq
-            self.appended.clear()
-            self._perform(self.room.stored(upto))
+        self._route(self.relay.store_writes())
 
     def crash(self) -> None:
         self.connections.clear()
-        self.appended.clear()
-        self.room.close()
-        self.room = RoomProtocol(ROOM, self.config)
-        self.room.load(self.durable_update(), 1 + len(self.disk), 0, 0)
+        self.relay.stop()
+        self._route(self.relay.start())
 
 
 CLIENTS = 3
