@@ -1,7 +1,8 @@
-"""Full disks and broken stores: the relay's SQLite on a small tmpfs that fills up, and a
-replica's file that refuses writes. Nothing unstored is acknowledged or broadcast, nothing
-stored is damaged, edits stay pending, /healthz says so, and both recover by themselves when
-space returns."""
+"""Full disks and broken stores: the relay's SQLite on a small tmpfs that fills up, on a file
+that turns read-only under it (SQLite's real writes fail: SQLITE_IOERR_WRITE), and behind a
+read-only connection (SQLITE_READONLY); a replica's file that refuses writes. Nothing unstored
+is acknowledged or broadcast, nothing stored is damaged, edits stay pending, /healthz says so,
+and both recover by themselves when the fault goes away (design §3, "Broken stores")."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from crdtchat.document import Conversation
 from crdtchat.local_store import LocalStore
 from crdtchat.relay.store import Store, StoreError
 from crdtchat.replica import Backoff, Replica
+from crdtchat.updates import check_update
+from tests.support.faults import Immutable, immutable_stops_open_writers
 from tests.support.relay import RelayProcess, raw_client, running_relay, token
 from tests.support.replica import wait_doc
 
@@ -203,6 +206,83 @@ async def test_a_replica_whose_file_is_full_keeps_its_edits_and_writes_them_late
         saved = Conversation.from_update(state.update, author="ann")
         assert [m.id for m in saved.all_messages()] == [first.id, big.id]
         assert state.pending == ()
+
+
+def _stored_texts(path: Path) -> list[str]:
+    """Every stored row of the relay's file, each checked and applied (a damaged or partial
+    row fails here), as the message texts of the room they make up."""
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        snapshots = db.execute("SELECT data FROM snapshots WHERE room = ?", (ROOM,)).fetchall()
+        updates = db.execute(
+            "SELECT data FROM updates WHERE room = ? ORDER BY seq", (ROOM,)
+        ).fetchall()
+    doc = Doc()
+    for (data,) in [*snapshots, *updates]:
+        check_update(bytes(data))
+        doc.apply_update(bytes(data))
+    return [m.content for m in Conversation(doc, author="check").current_thread()]
+
+
+@pytest.fixture
+def relay_and_fault(tmp_path: Path) -> Iterator[tuple[RelayProcess, Immutable]]:
+    """A relay whose store file and write-ahead log the test can make immutable: every write
+    SQLite makes to them then fails for real (EPERM, reported as SQLITE_IOERR_WRITE)."""
+    data = tmp_path / "relay-data"
+    data.mkdir()
+    why_not = immutable_stops_open_writers(data)
+    if why_not is not None:
+        pytest.skip(why_not)
+    relay = RelayProcess(data).start()
+    db = data / "relay.sqlite3"
+    try:
+        with Immutable(db, db.with_name(f"{db.name}-wal")) as fault:
+            yield relay, fault
+    finally:
+        relay.stop()
+
+
+@pytest.mark.anyio
+async def test_relay_whose_store_file_turns_read_only_acknowledges_nothing_and_recovers(
+    relay_and_fault: tuple[RelayProcess, Immutable],
+) -> None:
+    relay, fault = relay_and_fault
+    url = f"ws://{relay.host}:{relay.port}"
+    pid = relay.proc.pid if relay.proc else None
+    writer = Replica(url, ROOM, token(ROOM, "writer", "ann"), backoff=FAST)
+    reader = Replica(url, ROOM, token(ROOM, "reader", "eve"), backoff=FAST)
+    async with writer, reader:
+        conversation = Conversation(writer.doc, author="ann")
+        conversation.append("user", "stored before the fault")
+        await writer.wait_until(lambda s: s.durable, timeout=30)
+        seen = Conversation(reader.doc, author="eve")
+        await wait_doc(reader.doc, lambda: len(seen) == 1)
+
+        fault.inject()
+        conversation.append("user", "written while the file refuses")
+        # The commit fails: no Ack, the room's connections are closed (1011), the edit waits.
+        await writer.wait_until(lambda s: not s.connected, timeout=60)
+        assert writer.status.pending == 1
+        status, body = await anyio.to_thread.run_sync(_health, relay)
+        assert status == 503 and "disk I/O error" in body, body
+        assert len(seen) == 1  # never broadcast
+        # The writer keeps reconnecting; each attempt reloads the room from the file (reads
+        # work), resends, and fails again. More edits pile up behind, unacknowledged.
+        conversation.append("user", "and one more meanwhile")
+        await writer.wait_until(lambda s: s.pending == 2 and not s.durable, timeout=30)
+        path = relay.data / "relay.sqlite3"
+        assert await anyio.to_thread.run_sync(_stored_texts, path) == ["stored before the fault"]
+
+        fault.clear()  # nobody restarts anything
+        await writer.wait_until(lambda s: s.durable and s.connected, timeout=60)
+        await wait_doc(reader.doc, lambda: len(seen) == 3, timeout=60)
+        assert await anyio.to_thread.run_sync(_health, relay) == (200, "ok\n")
+
+    assert relay.proc is not None and relay.proc.pid == pid and relay.proc.poll() is None
+    every = ["stored before the fault", "written while the file refuses", "and one more meanwhile"]
+    async with raw_client(relay.url(ROOM, token(ROOM, "reader", "eve"))) as fresh:
+        assert fresh.texts() == every
+    assert await anyio.to_thread.run_sync(_stored_texts, path) == every
 
 
 class ReadOnlyStore(Store):
