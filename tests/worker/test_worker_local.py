@@ -207,8 +207,11 @@ async def test_only_the_last_checkpoint_of_each_live_branch_is_kept_within_the_b
     assert store.total_bytes() <= store.max_bytes
 
 
-def test_a_full_or_read_only_checkpoint_directory_never_fails_a_turn(tmp_path: Path) -> None:
-    """A real tmpfs in a private mount namespace (root only): it fills up, then goes read-only."""
+def test_a_full_read_only_or_failing_checkpoint_directory_never_fails_a_turn(
+    tmp_path: Path,
+) -> None:
+    """A real tmpfs in a private mount namespace (root only): it fills up, goes read-only,
+    comes back, refuses to create files (EPERM), and comes back again (tests/support/kv_disk.py)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to mount a small tmpfs")
     try:
@@ -217,21 +220,21 @@ def test_a_full_or_read_only_checkpoint_directory_never_fails_a_turn(tmp_path: P
         pytest.skip(f"local model not installed: {exc}")
     directory = tmp_path / "kv"
     directory.mkdir()
-    child = REPO / "tests" / "support" / "kv_disk.py"
-    script = 'mount -t tmpfs -o size=64m tmpfs "$1" && exec "$2" "$3" "$1"'
+    script = 'mount -t tmpfs -o size=64m tmpfs "$1" && exec "$2" -m tests.support.kv_disk "$1"'
     done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script, "sh", str(directory), sys.executable, str(child)],
+        ["unshare", "-m", "sh", "-c", script, "sh", str(directory), sys.executable],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     turns = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(turns) == 4
+    assert len(turns) == 7
     for turn in turns:  # every turn answered, whatever the disk did
         assert turn["committed"] == 1 and turn["text"].strip()
         assert turn["status"] in ("complete", "incomplete")
-    first, second, third, fourth = turns
+    first, second, third, fourth, fifth, sixth, seventh = turns
     assert first["checkpoint"] and len(first["files"]) == 1
     # ENOSPC: the old checkpoint was evicted (it was superseded anyway) and the write retried.
     assert second["cached"] > 0 and second["checkpoint"]
@@ -241,6 +244,14 @@ def test_a_full_or_read_only_checkpoint_directory_never_fails_a_turn(tmp_path: P
     assert third["cached"] > 0 and not third["checkpoint"] and third["files"] == []
     # Read-only: no checkpoint to resume from, a full prefill, no checkpoint written.
     assert fourth["cached"] == 0 and not fourth["checkpoint"]
+    # Writable again: the next turn writes a checkpoint, nobody restarted anything.
+    assert fifth["checkpoint"] and len(fifth["files"]) == 1
+    # EPERM on create: the turn answers from the earlier checkpoint and writes none.
+    assert sixth["cached"] > 0 and not sixth["checkpoint"] and sixth["files"] == fifth["files"]
+    # Cleared: checkpoints again, resuming from the one of two turns before.
+    assert seventh["cached"] > 0 and seventh["checkpoint"]
+    # Every failed save is logged (turns 3, 4 and 6), not only noted in the usage entry.
+    assert done.stderr.count("KV checkpoint not saved") == 3, done.stderr[-2000:]
 
 
 async def test_a_regenerated_answer_resumes_from_the_checkpoint_of_the_first_answer(
