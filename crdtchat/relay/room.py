@@ -132,6 +132,29 @@ class RelayPeer(Peer):
         return f"<peer {self.claims.sub}/{self.claims.role} {self.ws.remote_address}>"
 
 
+class IndexOnDemand:
+    """An event whose first waiter starts what sets it: the room's structure index is built
+    only once a write needs it (`Room._start_indexing`), so a room opened to be read never
+    pays for it, and its readers get the state before the build competes for the GIL."""
+
+    def __init__(self, start: Callable[[], None]) -> None:
+        self._event = anyio.Event()
+        self._start: Callable[[], None] | None = start
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._start = None
+        self._event.set()
+
+    async def wait(self) -> None:
+        start, self._start = self._start, None
+        if start is not None:
+            start()
+        await self._event.wait()
+
+
 class RoomState(Enum):
     LOADING = "loading"
     OPEN = "open"
@@ -157,7 +180,8 @@ class Room:
         self.error: str | None = None
         self.refs = 0
         self.ready = anyio.Event()  # set when open, or when loading failed
-        self.structure_ready = anyio.Event()  # writes wait for the structure index
+        # Writes wait for the structure index; waiting is what starts building it.
+        self.structure_ready = IndexOnDemand(self._start_indexing)
         self.finished = anyio.Event()
         self.core = RoomProtocol(name, config, metrics)
         self.core.watches_feed = self.waiting is not None
@@ -171,6 +195,8 @@ class Room:
         self._evicted = False
         self.last_used = time.monotonic()  # for unloading the least recently used idle room
         self._wake = anyio.Event()
+        self._loaded_state: bytes | None = None  # what the structure index will be built from
+        self._tasks: anyio.abc.TaskGroup | None = None  # the room's own, while it is open
 
     @property
     def live(self) -> LiveDoc:
@@ -210,8 +236,9 @@ class Room:
             return
         self.metrics.room_loads += 1
         self.perform(actions)
+        self._loaded_state = stored.state
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._index_structure, stored.state)
+            self._tasks = tg
             tg.start_soon(self._tick_awareness)
             self.state = RoomState.OPEN
             self.ready.set()
@@ -219,11 +246,28 @@ class Room:
             await self._live_until_done()
             self.state = RoomState.CLOSING
             tg.cancel_scope.cancel()
+        self._tasks = None
+        self.structure_ready.set()  # no index is coming: a write still waiting goes on
         await self._flush()
         self.state = RoomState.CLOSED
 
+    def _start_indexing(self) -> None:
+        """Build the structure index now: a write is waiting for it (design §7.6).
+
+        Not at load: the index is only needed to judge a write, and building it holds the GIL
+        for about as long as loading took, which would delay the step 2 replies of the peers
+        that opened the room to read it. Once the room's task group is gone (the room is
+        closing) nothing is started and the event is set: a write that still comes is judged
+        after `LiveDoc` builds the index itself.
+        """
+        state, self._loaded_state = self._loaded_state, None
+        if state is None or self._tasks is None or self.state is not RoomState.OPEN:
+            self.structure_ready.set()
+            return
+        self._tasks.start_soon(self._index_structure, state)
+
     async def _index_structure(self, state: bytes) -> None:
-        """Index the loaded state on a thread: joins and reads need not wait for it."""
+        """Index the loaded state on a thread: the event loop keeps serving meanwhile."""
         try:
             index = await anyio.to_thread.run_sync(build_structure, state, self.config.shape_limits)
         except ValueError as error:  # a stored state we cannot decode: writes are refused

@@ -1,0 +1,123 @@
+"""Opening a long room the relay has not loaded (issue 16, design §7.6): the state comes first,
+and a write sent at once is still judged against the whole room.
+
+The relay builds a cold room's structure index only when a write needs it, so that a peer
+opening the room to read gets the state without waiting for the index; a write waits for it.
+These tests hold the second half: the first writes after a cold load are refused or stored
+exactly as they would be in a warm room, through a real relay subprocess restarted on its data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from pycrdt import Doc
+
+from crdtchat import schema
+from crdtchat.wire import SyncStep1, SyncUpdate
+from tests.support.relay import RawClient, RelayProcess, declare_roots, message_map, raw_client
+from tests.support.relay import token as mint
+
+pytestmark = pytest.mark.anyio
+
+ROOM = "long"
+COUNT = 3000  # enough that building the room's indexes takes a good fraction of a second
+
+
+def long_room() -> bytes:
+    doc: Doc = Doc()
+    messages = declare_roots(doc)[schema.MESSAGES]
+    with doc.transaction():
+        for n in range(COUNT):
+            messages.append(message_map(f"m{n}", "user", "alice", f"message {n}"))
+    return doc.get_update()
+
+
+def new_message(msg_id: str, author: str) -> bytes:
+    """An update appending one user message, made by a client that holds nothing yet: its
+    item starts its own client's clock, so it builds on nothing the room must have."""
+    doc: Doc = Doc()
+    declare_roots(doc)[schema.MESSAGES].append(
+        message_map(msg_id, "user", author, "hello", parent=f"m{COUNT - 1}")
+    )
+    return doc.get_update()
+
+
+def url(relay: RelayProcess, sub: str, role: str) -> str:
+    return relay.url(ROOM, mint(ROOM, role, sub), ack=True)
+
+
+async def open_and_write(relay: RelayProcess, sub: str, role: str, update: bytes) -> RawClient:
+    """Join, and in the same frame as sync step 1 send `update`: the write reaches the relay
+    before the room could have indexed anything for it. Returns once the state is in and the
+    write is settled (acknowledged, or refused)."""
+    async with raw_client(url(relay, sub, role), hello=False) as client:
+        await client.send(SyncStep1(b"\x00"), SyncUpdate(update))
+        await client.wait_for(lambda: client.synced and bool(client.acks), timeout=60)
+        await client.wait_for(lambda: client.acks[-1] >= 1 or bool(client.denied), timeout=60)
+        return client
+
+
+async def stored_ids(relay: RelayProcess) -> list[str]:
+    """The message ids of the room as stored, read after a restart by a fresh reader."""
+    relay.kill()
+    relay.start()
+    async with raw_client(url(relay, "viewer", "reader")) as client:
+        return [str(m["id"]) for m in client.messages]
+
+
+async def seed(relay: RelayProcess) -> None:
+    async with raw_client(url(relay, "alice", "writer")) as client:
+        await client.send(SyncUpdate(long_room()))
+        await client.wait_acked()
+    relay.kill()  # the room is cold on the next start, with what was acknowledged stored
+    relay.start()
+
+
+async def concurrently(*calls: Callable[[], object]) -> None:
+    async with anyio.create_task_group() as tg:
+        for call in calls:
+            tg.start_soon(call)  # type: ignore[arg-type]
+
+
+async def test_first_writes_after_a_cold_load_are_judged_against_the_whole_room(
+    tmp_path: Path,
+) -> None:
+    relay = RelayProcess(tmp_path / "data").start()
+    try:
+        await seed(relay)
+        clients: dict[str, RawClient] = {}
+
+        async def run(sub: str, role: str, update: bytes) -> None:
+            clients[sub] = await open_and_write(relay, sub, role, update)
+
+        await concurrently(
+            lambda: run("reader", "reader", new_message("r1", "reader")),
+            lambda: run("alice", "writer", new_message("a1", "alice")),
+            lambda: run("mallory", "writer", new_message("m0", "mallory")),  # alice's id
+        )
+        for client in clients.values():
+            assert len(client.messages) >= COUNT  # each got the whole room
+        assert clients["reader"].denied == ["a reader may not change the document"]
+        assert clients["mallory"].denied == ["message id 'm0' is taken by another message"]
+        assert clients["alice"].denied == []
+        assert clients["alice"].acks[-1] >= 1
+        ids = await stored_ids(relay)
+        # a1 was made without the room, so it lands at the start: only the set matters here
+        assert sorted(ids) == sorted([f"m{n}" for n in range(COUNT)] + ["a1"])
+    finally:
+        relay.stop()
+
+
+async def test_a_reader_gets_a_cold_room_whole(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "data").start()
+    try:
+        await seed(relay)
+        async with raw_client(url(relay, "reader", "reader")) as client:
+            assert client.texts()[-1] == f"message {COUNT - 1}"
+            assert len(client.messages) == COUNT
+    finally:
+        relay.stop()
