@@ -30,6 +30,10 @@ class ClusterMetrics:
     consumer_lag: dict[str, int] = field(default_factory=dict)  # room -> messages not delivered
     compactions: int = 0
     presence_nodes: int = 0  # other nodes whose heartbeat this node hears
+    quota_batches_sent: int = 0  # batches of subjects' spending told to the other nodes
+    quota_batches_heard: int = 0  # ... and heard from them
+    quota_bytes_heard: float = 0.0  # bytes written through other nodes, charged here
+    quota_remote_connections: int = 0  # subjects' connections on the other nodes, as told
 
     def connection_changed(self, connected: bool, error: str = "") -> None:
         if connected and not self.connected and self.disconnected_since is not None:
@@ -91,6 +95,30 @@ class ClusterMetrics:
         )
         metric("compactions_total", "counter", "Room logs rolled up.", self.compactions)
         metric("presence_nodes", "gauge", "Other nodes heard in presence.", self.presence_nodes)
+        metric(
+            "quota_batches_sent_total",
+            "counter",
+            "Batches of subjects' spending told to the other nodes.",
+            self.quota_batches_sent,
+        )
+        metric(
+            "quota_batches_heard_total",
+            "counter",
+            "Batches of subjects' spending heard from the other nodes.",
+            self.quota_batches_heard,
+        )
+        metric(
+            "quota_bytes_heard_total",
+            "counter",
+            "Bytes subjects wrote through other nodes, charged to their quotas here.",
+            self.quota_bytes_heard,
+        )
+        metric(
+            "quota_remote_connections",
+            "gauge",
+            "Subjects' open connections on the other nodes, as they last told.",
+            self.quota_remote_connections,
+        )
         lines += self.publish_seconds.exposition(
             "nats_publish_seconds", "From publish to JetStream's acknowledgement."
         )

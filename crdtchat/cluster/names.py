@@ -88,3 +88,8 @@ class Names:
     @property
     def heartbeat_subject(self) -> str:
         return f"{self.prefix}.nodes.heartbeat"
+
+    @property
+    def quota_subject(self) -> str:
+        """Where nodes tell each other what subjects spent (crdtchat/cluster/quotas.py)."""
+        return f"{self.prefix}.nodes.quotas"

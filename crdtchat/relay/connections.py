@@ -103,6 +103,7 @@ class Relay:
         feed: WaitingFeed | None = None,
         verifier: TokenVerifier | None = None,
         web: WebApp | None = None,
+        subjects: Subjects | None = None,
     ) -> None:
         self.config = config
         self.verifier = verifier or TokenVerifier(config.secret, config.issuers)
@@ -111,7 +112,7 @@ class Relay:
         self.http = http
         self.metrics = metrics
         self.feed = feed
-        self.subjects = Subjects(config.subject_quotas())
+        self.subjects = Subjects(config.subject_quotas()) if subjects is None else subjects
         self._closing: set[asyncio.Task[None]] = set()  # closes under way (_close_soon)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:

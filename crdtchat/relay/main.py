@@ -35,6 +35,7 @@ from crdtchat.relay.http import HttpEndpoints, HttpLimits, connection_class
 from crdtchat.relay.keepalive import keep_alive
 from crdtchat.relay.metrics import Metrics
 from crdtchat.relay.options import EXTRA_OPTIONS, add_extra_options
+from crdtchat.relay.ratelimit import Subjects
 from crdtchat.relay.room import RoomManager
 from crdtchat.relay.store import Store, StoreError
 from crdtchat.relay.webapp import WebApp
@@ -102,6 +103,7 @@ async def _run_cluster_node(
     from crdtchat.cluster.connection import parse_servers
     from crdtchat.cluster.names import Names
     from crdtchat.cluster.node import ClusterNode
+    from crdtchat.cluster.quotas import QuotaExchange
     from crdtchat.cluster.relaynode import (
         ClusterRelayMetrics,
         ClusterRoomShell,
@@ -120,6 +122,14 @@ async def _run_cluster_node(
         names=Names(os.environ.get("CRDTCHAT_NATS_PREFIX", "crdtchat")),
     )
     metrics.cluster = node.metrics
+    # Quotas per subject count every node's spending (design §7.4, docs/cluster.md).
+    subjects = Subjects(config.subject_quotas(), shared=True)
+    quotas = QuotaExchange(node.connection, node.node_id, subjects, node.presence)
+    try:
+        await quotas.start()
+    except BaseException:
+        await node.stop()
+        raise
     store: Any = ClusterStore(node)  # the Store interface, on JetStream
     feed = WaitingFeed(store)
     rooms = RoomManager(store, metrics, config, feed, room_class=ClusterRoomShell)
@@ -137,9 +147,21 @@ async def _run_cluster_node(
             tg.start_soon(watch_feed_and_presence)
             blobs: Any = node.blobs  # BlobStore's interface, in the object store
             # /healthz answers 503 while NATS is away (writes are not acknowledged then)
-            await _serve(config, stop, on_listening, tg, rooms, blobs, metrics, feed, store.health)
+            await _serve(
+                config,
+                stop,
+                on_listening,
+                tg,
+                rooms,
+                blobs,
+                metrics,
+                feed,
+                store.health,
+                subjects,
+            )
             watching.cancel()
     finally:
+        await quotas.close()
         await node.stop()
 
 
@@ -153,8 +175,10 @@ async def _serve(
     metrics: Metrics,
     feed: WaitingFeed,
     health: Callable[[], str | None],
+    subjects: Subjects | None = None,
 ) -> None:
-    """Accept connections until `stop`, then close them; the rooms flush after `rooms.close`."""
+    """Accept connections until `stop`, then close them; the rooms flush after `rooms.close`.
+    `subjects`: the per-subject quotas (a cluster node's are shared with the other nodes)."""
     limits = HttpLimits(
         uploads_per_subject=config.blob_uploads_per_subject,
         uploads_total=config.blob_uploads_total,
@@ -167,7 +191,7 @@ async def _serve(
     endpoints = HttpEndpoints(verifier, blobs, metrics, rooms, limits, health)
     tls = tls_context(config)
     web = WebApp(verifier, secure=tls is not None)
-    relay = Relay(config, rooms, endpoints, metrics, feed, verifier, web)
+    relay = Relay(config, rooms, endpoints, metrics, feed, verifier, web, subjects)
     try:
         async with serve(
             relay.handle,

@@ -1,0 +1,192 @@
+"""Per-subject quotas counted across relay nodes (design §7.4; docs/cluster.md, "Quotas").
+
+A subject connected to three nodes must not get three times its quota, so every node tells the
+others what each subject spent on it, and charges what they tell to its own buckets: each node
+judges against the sum of all nodes' spending. What is told travels on one plain NATS subject
+(`<prefix>.nodes.quotas`, core NATS: at most once, never stored in the stream), like presence:
+
+- spending (bytes written, rooms created, refused writes; net of the refunds of withdrawn
+  writes) is batched per subject and published every `interval` (250 ms), or at once when one
+  subject's untold spending passes 1/16 of its byte or room quota. So another node learns of a
+  spend at most one interval (plus a network hop) after it: the cluster may let a subject
+  overshoot a quota by what it spends on each of the other nodes within one interval, and by at
+  most 1/16 of the quota per node for large spends;
+- connection counts are told as absolute numbers per subject: those that changed, in the next
+  batch; every node's whole table to a node that says hello (it just started), and again every
+  `full_every` seconds, so a batch lost in a reconnect heals. A node whose heartbeat stopped
+  (presence, `PresenceBus.nodes`) and that told nothing for as long is forgotten, and its
+  connections no longer count.
+
+The sums themselves live in `crdtchat.relay.ratelimit.Subjects` (shared mode), which stays
+without I/O; this module only moves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from crdtchat.cluster.connection import ClusterConnection
+from crdtchat.cluster.presence import PresenceBus
+from crdtchat.relay.ratelimit import Spend, Subjects
+
+log = logging.getLogger("crdtchat.cluster.quotas")
+
+QUOTA_INTERVAL = 0.25  # seconds between batches of spending
+FULL_TABLE_EVERY = 10.0  # seconds between whole connection tables
+IDLE_SWEEP_EVERY = 30.0  # seconds between dropping subjects with nothing left to refill
+SUBJECTS_PER_MESSAGE = 2000  # keeps a batch well under NATS's 1 MiB max_payload
+
+
+class QuotaExchange:
+    """One node's side of the shared quotas: publishes its batches, applies the others'."""
+
+    def __init__(
+        self,
+        connection: ClusterConnection,
+        node_id: str,
+        subjects: Subjects,
+        presence: PresenceBus,
+        *,
+        interval: float = QUOTA_INTERVAL,
+        full_every: float = FULL_TABLE_EVERY,
+    ) -> None:
+        if not subjects.shared:
+            raise ValueError("a QuotaExchange needs Subjects(..., shared=True)")
+        self.connection = connection
+        self.subject = connection.names.quota_subject
+        self.node_id = node_id
+        self.subjects = subjects
+        self.presence = presence
+        self.interval = interval
+        self.full_every = full_every
+        self.metrics = connection.metrics
+        self._heard: dict[str, float] = {}  # node -> time.monotonic() of its last message
+        self._urgent = asyncio.Event()
+        self._send_full = asyncio.Event()
+        self._subscription: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        nc = self.connection.nc
+        self._subscription = await nc.subscribe(self.subject, cb=self._on_message)
+        await nc.flush()
+        self.subjects.urgent = self._urgent.set
+        self._task = asyncio.create_task(self._run(), name=f"quota exchange {self.node_id}")
+        await self._publish({"node": self.node_id, "hello": True})
+
+    async def close(self) -> None:
+        """Tell what is left, then stop (the other nodes forget this node's connections when
+        its heartbeat stops)."""
+        self.subjects.urgent = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(nats.errors.Error):
+            await self._send_batch()
+            await self.connection.nc.flush(timeout=2)
+        if self._subscription is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
+    # Sending
+
+    async def _run(self) -> None:
+        next_full = time.monotonic() + self.full_every
+        next_sweep = time.monotonic() + IDLE_SWEEP_EVERY
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), self.interval)
+            self._urgent.clear()
+            now = time.monotonic()
+            try:
+                if self._send_full.is_set() or now >= next_full:
+                    self._send_full.clear()
+                    next_full = now + self.full_every
+                    self.subjects.take_connection_changes()  # the full table has them
+                    await self._send_table()
+                await self._send_batch()
+            except nats.errors.Error as error:  # at most once, like presence
+                log.warning("quota batch not sent: %s", error)
+            self._forget_silent_nodes(now)
+            if now >= next_sweep:
+                next_sweep = now + IDLE_SWEEP_EVERY
+                self.subjects.forget_idle()
+
+    async def _send_batch(self) -> None:
+        spends = self.subjects.take_spends()
+        connections = self.subjects.take_connection_changes()
+        if not spends and not connections:
+            return
+        spent = [[sub, s.write_bytes, s.rooms, s.refusals] for sub, s in spends.items()]
+        for part in _chunks(spent):
+            await self._publish({"node": self.node_id, "spends": part})
+        for part in _chunks(list(connections.items())):
+            await self._publish({"node": self.node_id, "connections": dict(part)})
+        self.metrics.quota_batches_sent += 1
+
+    async def _send_table(self) -> None:
+        """Every connection count of this node: the first message replaces what the other
+        nodes hold for it, the rest add to it."""
+        table = list(self.subjects.connection_table().items())
+        for index, part in enumerate(_chunks(table) or [[]]):
+            await self._publish(
+                {"node": self.node_id, "connections": dict(part), "full": index == 0}
+            )
+
+    async def _publish(self, body: dict[str, Any]) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        await self.connection.nc.publish(self.subject, data)
+
+    # Receiving
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            node = str(body["node"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if node == self.node_id:
+            return
+        self._heard[node] = time.monotonic()
+        if body.get("hello"):
+            self._send_full.set()  # a node that has just started: tell it every count
+            self._urgent.set()
+            return
+        try:
+            for sub, write_bytes, rooms, refusals in body.get("spends", ()):
+                spend = Spend(float(write_bytes), float(rooms), float(refusals))
+                self.subjects.charge_remote(str(sub), spend)
+                self.metrics.quota_bytes_heard += max(0.0, spend.write_bytes)
+            counts = {str(sub): int(count) for sub, count in body.get("connections", {}).items()}
+        except (ValueError, TypeError, AttributeError):
+            log.warning("node %s sent a malformed quota batch", node)
+            return
+        if counts or body.get("full"):
+            self.subjects.set_remote_connections(node, counts, full=bool(body.get("full")))
+        self.metrics.quota_batches_heard += 1
+        self.metrics.quota_remote_connections = self.subjects.remote_connections()
+
+    def _forget_silent_nodes(self, now: float) -> None:
+        alive = self.presence.nodes()
+        for node, heard in list(self._heard.items()):
+            if node not in alive and now - heard > self.presence.timeout:
+                del self._heard[node]
+                self.subjects.forget_node(node)
+                self.metrics.quota_remote_connections = self.subjects.remote_connections()
+                log.info("node %s silent: its subjects' connections no longer count", node)
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    return [items[i : i + SUBJECTS_PER_MESSAGE] for i in range(0, len(items), SUBJECTS_PER_MESSAGE)]
