@@ -5,16 +5,32 @@ invalid meanwhile (its message id taken by the other node's write) is refused as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from pycrdt import Doc
+from pycrdt import Doc, Map
 
+from crdtchat.cluster.connection import ClusterConnection
 from crdtchat.cluster.names import Names
+from crdtchat.cluster.node import ClusterNode
+from crdtchat.cluster.relaynode import ClusterRelayMetrics, ClusterRoomShell, ClusterStore
+from crdtchat.cluster.roomlog import RoomLog
+from crdtchat.relay.config import RelayConfig
+from crdtchat.relay.membership import AccessError, MemberChange, change_member, claim_owner
+from crdtchat.relay.room import RoomManager
+from crdtchat.schema import MEMBERS, MESSAGES
 from tests.support.nats import NatsCluster, relay_nodes
-from tests.support.relay import RawClient, RelayProcess, message_map, metric, raw_client, token
+from tests.support.relay import (
+    RawClient,
+    RelayProcess,
+    declare_roots,
+    message_map,
+    metric,
+    raw_client,
+    token,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -110,3 +126,82 @@ async def test_concurrent_writers_on_two_nodes_are_judged_again_not_disconnected
     conflicts = sum(metric(r, "crdtchat_nats_publish_conflicts_total") for r in nodes)
     withdrawn = sum(metric(r, "crdtchat_updates_withdrawn_total") for r in nodes)
     assert conflicts >= 1 and withdrawn >= 1, (conflicts, withdrawn)
+
+
+# -- the relay's own membership write, judged again (in-process, on the real NATS cluster) ---
+
+
+@pytest.fixture
+async def node_rooms(
+    cluster: NatsCluster, names: Names, tmp_path: Path
+) -> AsyncIterator[tuple[RoomManager, ClusterStore]]:
+    """One relay node's rooms in this process: the shell and store `crdtchat serve --nats`
+    runs, without the websocket server."""
+    node = await ClusterNode.start(cluster.urls, data=tmp_path, max_blob_size=1 << 20, names=names)
+    store = ClusterStore(node)
+    config = RelayConfig(secret="s" * 32, data=tmp_path)
+    rooms = RoomManager(store, ClusterRelayMetrics(), config, room_class=ClusterRoomShell)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(rooms.run)
+            yield rooms, store
+            rooms.close()
+    finally:
+        await node.stop()
+
+
+async def test_a_membership_change_withdrawn_after_a_conflict_is_decided_again(
+    node_rooms: tuple[RoomManager, ClusterStore], second: ClusterConnection
+) -> None:
+    """An owner's change (POST /rooms/<room>/members) meets another node's write: its publish
+    is withdrawn, and the change is decided again against the room with that write: stored
+    when it still may be made, refused with the real reason when not (never "relay storage
+    failed")."""
+    rooms, store = node_rooms
+    room_name = "rejudge.members"
+    room = await rooms.acquire(room_name)
+    try:
+        await room.structure_ready.wait()
+        await room.write_access(lambda _doc: claim_owner("owner@x"))
+        other_node = RoomLog(second)
+
+        async def change_meeting_a_foreign_write(sub: str, foreign: bytes) -> AccessError | None:
+            """Make the owner's change while another node writes `foreign` first; what the
+            HTTP caller would get: None (stored) or the refusal."""
+            refusal: list[AccessError] = []
+
+            def add(doc: Doc) -> object:
+                return change_member(doc, "owner@x", MemberChange(sub=sub, role="writer"))
+
+            async def change() -> None:
+                try:
+                    await room.write_access(add)
+                except AccessError as error:
+                    refusal.append(error)
+
+            withdrawn = room.metrics.updates_withdrawn
+            stream = store.rooms[room_name]
+            async with anyio.create_task_group() as group, stream.chain:
+                # this node's publish waits for the chain: the other node's write lands first
+                group.start_soon(change)
+                last = await other_node.last_seq(room_name)
+                await other_node.append(room_name, foreign, expected_seq=last, msg_id=sub)
+                with anyio.fail_after(15):
+                    while room.metrics.updates_withdrawn == withdrawn:
+                        await room.writes_settled.wait()
+            return refusal[0] if refusal else None
+
+        elsewhere = Doc()
+        declare_roots(elsewhere)[MESSAGES].append(message_map("m-1", "user", "carol", "hi"))
+        assert await change_meeting_a_foreign_write("bob@x", elsewhere.get_update()) is None
+        assert room.role_for("bob@x") == "writer", "decided again and stored"
+
+        far = Doc()
+        far.apply_update(room.live.doc.get_update())
+        before = far.get_state()
+        del far.get(MEMBERS, type=Map)["owner@x"]  # the other node's owner left the room
+        refused = await change_meeting_a_foreign_write("dave@x", far.get_update(before))
+        assert refused is not None and refused.status == 403 and "owner" in refused.reason
+        assert room.role_for("dave@x") is None
+    finally:
+        room.release()
