@@ -193,6 +193,7 @@ class Subjects:
         self._changed_connections: set[str] = set()
         self._remote: dict[str, dict[str, int]] = {}  # node -> sub -> its connections there
         self._remote_total: dict[str, int] = {}  # sub -> connections on all other nodes
+        self._remote_sum = 0  # every subject's connections on the other nodes
 
     def get(self, sub: str) -> Subject:
         subject = self._subjects.get(sub)
@@ -296,7 +297,8 @@ class Subjects:
             self._set_remote(table, sub, 0)
 
     def remote_connections(self) -> int:
-        return sum(self._remote_total.values())
+        """Connections on the other nodes, all subjects together (a gauge)."""
+        return self._remote_sum
 
     def _set_remote(self, table: dict[str, int], sub: str, count: int) -> None:
         delta = count - table.get(sub, 0)
@@ -304,6 +306,7 @@ class Subjects:
             table[sub] = count
         else:
             table.pop(sub, None)
+        self._remote_sum += delta
         total = self._remote_total.get(sub, 0) + delta
         if total > 0:
             self._remote_total[sub] = total

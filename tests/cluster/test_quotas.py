@@ -77,3 +77,19 @@ async def test_a_node_that_starts_later_learns_the_connection_counts(
     assert "too many connections" in str(later.connect("octopus"))
     await until(lambda: here.connections("octopus") == 4)
     assert "too many connections" in str(here.connect("octopus"))
+
+
+def test_connection_counts_of_other_nodes_add_up_replace_and_are_forgotten() -> None:
+    """The sums `Subjects` keeps (no I/O): changed counts replace a node's earlier ones, a
+    whole table drops what it no longer lists, and a forgotten node counts no more."""
+    subjects = Subjects(QUOTAS, shared=True)
+    subjects.set_remote_connections("b", {"octopus": 2, "eel": 1}, full=False)
+    subjects.set_remote_connections("c", {"octopus": 1}, full=False)
+    assert subjects.connections("octopus") == 3 and subjects.remote_connections() == 4
+    assert not isinstance(subjects.connect("octopus"), str), "the fourth, here"
+    assert isinstance(subjects.connect("octopus"), str), "a fifth anywhere is over the limit"
+    subjects.set_remote_connections("b", {"octopus": 1}, full=True)  # eel left node b
+    assert subjects.connections("eel") == 0 and subjects.remote_connections() == 2
+    subjects.forget_node("c")
+    assert subjects.connections("octopus") == 2 and subjects.remote_connections() == 1
+    assert subjects.take_connection_changes() == {"octopus": 1}, "this node's own, to tell"
