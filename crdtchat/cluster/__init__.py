@@ -5,8 +5,8 @@ One job per module: `names` (subjects, streams, buckets; room names as subject t
 appends, snapshot plus tail, live follow, roll-ups), `room` (a room on a node: a copy fed by
 the stream, writes judged against it once caught up), `feed` (rooms waiting for a reply, in a KV
 bucket), `blobs` (the object store), `presence` (awareness across nodes, node heartbeats),
-`quotas` (per-subject quotas counted across nodes) and `metrics` (what `/healthz` and `/metrics` show), `node` (all of it for one relay node, started
-and stopped as one), `memory` (an in-process stand-in for the stream, for state machines);
-`local` runs nats-server processes on loopback
-for the tests and benchmarks. Needs the `cluster` extra (nats-py).
+`quotas` (per-subject quotas counted across nodes) and `metrics` (what `/healthz` and
+`/metrics` show), `node` (all of it for one relay node, started and stopped as one), `memory`
+(an in-process stand-in for the stream, for state machines); `local` runs nats-server
+processes on loopback for the tests and benchmarks. Needs the `cluster` extra (nats-py).
 """
