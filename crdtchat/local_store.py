@@ -111,11 +111,10 @@ class LocalStore(ClosesOnExit):
             raise ValueError("compact_every must be at least 2")
         self.path = Path(path)
         self.compact_every = compact_every
+        self._max_pages: int | None = None  # set_size_limit's cap, kept across a reopen
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._set_up(self._db)
             with self._transaction():
                 # Not executescript(): it would commit the surrounding transaction.
                 for statement in _SCHEMA.strip().split(";"):
@@ -140,6 +139,30 @@ class LocalStore(ClosesOnExit):
         self._log_rows = self._count_rows()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _set_up(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        if self._max_pages is not None:
+            db.execute(f"PRAGMA max_page_count = {int(self._max_pages)}")
+
+    def _reopen(self) -> None:
+        """Open the file again. SQLite opens a file it cannot write read-only without a word,
+        and that connection refuses every write (SQLITE_READONLY) even once the file is
+        writable: only a new one finds out."""
+        try:
+            fresh = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                self._set_up(fresh)
+            except BaseException:
+                fresh.close()
+                raise
+        except sqlite3.Error as error:
+            log.warning("%s: cannot open it again: %s", self.path, error)
+            return
+        self._db.close()
+        self._db = fresh
 
     def _transaction(self) -> _Tx:
         return _Tx(self._db)
@@ -180,8 +203,11 @@ class LocalStore(ClosesOnExit):
                     "nothing was loaded and the file is left as it is"
                 ) from None
         if record:
-            with self._transaction():
-                self._set_meta("checked_through", max(through, unchecked[-1][0]))
+            try:
+                with self._transaction():
+                    self._set_meta("checked_through", max(through, unchecked[-1][0]))
+            except sqlite3.Error as error:  # a file that refuses writes: check again next time
+                log.warning("%s: could not record that rows are checked: %s", self.path, error)
 
     def _count_rows(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM updates").fetchone()[0])
@@ -212,6 +238,23 @@ class LocalStore(ClosesOnExit):
         """Apply `ops` in order, in one transaction; compact afterwards if the log is long."""
         if not ops:
             return
+        try:
+            added = self._write(ops)
+        except sqlite3.Error as error:
+            if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY:  # _reopen
+                self._reopen()
+            raise
+        self._log_rows += added
+        if self._log_rows >= self.compact_every:
+            try:
+                self.compact()
+            except (sqlite3.Error, UnsafeStoreError) as error:
+                # The batch is committed; a compaction that does not fit (a full disk) is
+                # retried after a later write, and the log it would have replaced stays.
+                log.warning("%s: compaction failed, the log is kept: %s", self.path, error)
+
+    def _write(self, ops: Sequence[StoreOp]) -> int:
+        """`write`'s transaction; returns the rows it added to the log."""
         added = 0
         with self._transaction():
             # What this version appends came through checked paths; it stays known-checked
@@ -253,14 +296,7 @@ class LocalStore(ClosesOnExit):
             self._set_meta("next_local_id", next_local_id)
             if trusted:
                 self._set_meta("checked_through", self._max_id())
-        self._log_rows += added
-        if self._log_rows >= self.compact_every:
-            try:
-                self.compact()
-            except (sqlite3.Error, UnsafeStoreError) as error:
-                # The batch is committed; a compaction that does not fit (a full disk) is
-                # retried after a later write, and the log it would have replaced stays.
-                log.warning("%s: compaction failed, the log is kept: %s", self.path, error)
+        return added
 
     def load_view(self) -> bytes | None:
         """The stored view snapshot's bytes, unchecked (decode them with ViewSnapshot)."""
@@ -273,6 +309,7 @@ class LocalStore(ClosesOnExit):
         page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         pages = 0xFFFFFFFE if max_bytes is None else max(1, max_bytes // page_size)
         self._db.execute(f"PRAGMA max_page_count = {int(pages)}")
+        self._max_pages = None if max_bytes is None else pages
 
     def compact(self) -> None:
         """Replace the log by one snapshot of the document (deleted content garbage-collected).

@@ -15,6 +15,11 @@ being stored behind a gap (an update whose predecessor is missing would corrupt 
 the next load), until the room is loaded again. `health()` says what went wrong until a commit
 succeeds; while it reports a problem, the idle store thread probes with a small write every
 `probe_interval` seconds, so the relay notices by itself when space returns.
+
+SQLite opens a file it cannot write read-only without a word, and such a connection refuses
+every write (SQLITE_READONLY) even after the file becomes writable. So the store probes once
+right after opening (a relay that cannot write says so from the start), and a probe after a
+plain SQLITE_READONLY opens the file again first.
 """
 
 from __future__ import annotations
@@ -115,6 +120,8 @@ class Store:
         self.probe_interval = probe_interval
         self._write_error: str | None = None
         self._failed_rooms: set[str] = set()  # owned by the store thread
+        self._db: sqlite3.Connection  # owned by the store thread, from _run on
+        self._read_only_connection = False  # the last write failed with plain SQLITE_READONLY
         self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -214,25 +221,36 @@ class Store:
         except RuntimeError:  # the loop is gone: nobody is waiting any more
             log.warning("store results dropped: event loop closed")
 
-    def _run(self, ready: asyncio.Future[None]) -> None:
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=10000")
             db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            self._db = self._connect()
         except sqlite3.Error as error:
             self._post([(ready, None, StoreError(f"cannot open {self.path}: {error}"))])
             self._post([(self._stopped, None, None)])  # type: ignore[list-item]
             return
+        self._probe(self._db)
+        if self._write_error is not None:
+            log.error("%s cannot be written (%s); serving reads", self.path, self._write_error)
         self._post([(ready, None, None)])
         try:
-            self._serve(db)
+            self._serve()
         finally:
-            db.close()
+            self._db.close()
             self._post([(self._stopped, None, None)])  # type: ignore[list-item]
 
-    def _serve(self, db: sqlite3.Connection) -> None:
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             batch: list[_Op] = []
@@ -242,8 +260,12 @@ class Store:
                 try:
                     item = self._queue.get(timeout=self.probe_interval)
                 except queue.Empty:
-                    self._probe(db)
+                    if self._read_only_connection:
+                        self._reopen()
+                    self._probe(self._db)
                     continue
+            if self._read_only_connection:  # busy rooms' retries may leave no idle probe
+                self._reopen()
             while True:
                 if item is _STOP:
                     stopping = True
@@ -254,7 +276,18 @@ class Store:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._process(db, batch)
+            self._process(self._db, batch)
+
+    def _reopen(self) -> None:
+        """Open the file again: the connection SQLite opened read-only stays read-only."""
+        try:
+            fresh = self._connect()
+        except sqlite3.Error as exc:
+            log.warning("cannot open %s again: %s", self.path, exc)
+            return
+        self._db.close()
+        self._db = fresh
+        self._read_only_connection = False
 
     def _process(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         writes: list[_Op] = []
@@ -282,8 +315,10 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             self._write_error = f"store write failed: {exc}"
+            self._read_only_connection = _read_only(exc)
             return
-        log.info("store writes again")
+        if self._write_error is not None:
+            log.info("store writes again")
         self._write_error = None
 
     def _commit(self, db: sqlite3.Connection, writes: list[_Op]) -> None:
@@ -326,6 +361,7 @@ class Store:
                     db.execute("ROLLBACK")
             error = StoreError(f"store write failed: {exc}")
             self._write_error = str(error)
+            self._read_only_connection = _read_only(exc)
             self._failed_rooms.update(op.room for op in writes if op.kind == "append")
         else:
             self._write_error = None
@@ -431,6 +467,13 @@ class Store:
             log_length=int(count),
             log_bytes=int(total),
         )
+
+
+def _read_only(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused the write because the connection is read-only (plain
+    SQLITE_READONLY; not e.g. SQLITE_READONLY_DBMOVED, a file replaced under the relay, whose
+    replacement must not be written as if it were the same)."""
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
 
 
 def _observe_all(callback: Callable[[float], None], values: list[float]) -> None:

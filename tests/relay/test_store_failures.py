@@ -285,6 +285,50 @@ async def test_relay_whose_store_file_turns_read_only_acknowledges_nothing_and_r
     assert await anyio.to_thread.run_sync(_stored_texts, path) == every
 
 
+@pytest.mark.anyio
+async def test_relay_started_on_a_read_only_database_says_so_and_writes_once_it_can(
+    tmp_path: Path,
+) -> None:
+    """SQLite opens a file it cannot write read-only, without a word: the relay must say so
+    from the start, serve what is stored, and open it again once it is writable."""
+    data = tmp_path / "relay-data"
+    data.mkdir()
+    why_not = immutable_stops_open_writers(data)
+    if why_not is not None:
+        pytest.skip(why_not)
+    with running_relay(data) as relay:
+        async with Replica(
+            f"ws://{relay.host}:{relay.port}", ROOM, token(ROOM, "writer", "ann"), backoff=FAST
+        ) as writer:
+            Conversation(writer.doc, author="ann").append("user", "stored before")
+            await writer.wait_until(lambda s: s.durable, timeout=30)
+    path = data / "relay.sqlite3"
+    with Immutable(path) as fault:
+        fault.inject()
+        with running_relay(data) as relay:
+            pid = relay.proc.pid if relay.proc else None
+            status, body = await anyio.to_thread.run_sync(_health, relay)
+            assert status == 503 and "readonly" in body, body
+            async with raw_client(
+                relay.url(ROOM, token(ROOM, "reader", "eve"))
+            ) as fresh:  # reads are served
+                assert fresh.texts() == ["stored before"]
+            url = f"ws://{relay.host}:{relay.port}"
+            async with Replica(url, ROOM, token(ROOM, "writer", "ann"), backoff=FAST) as writer:
+                await writer.wait_until(lambda s: s.synced, timeout=30)
+                Conversation(writer.doc, author="ann").append("user", "written after")
+                await writer.wait_until(lambda s: not s.connected, timeout=30)
+                assert writer.status.pending == 1
+
+                fault.clear()  # no restart: the relay opens the file again by itself
+                await writer.wait_until(lambda s: s.durable and s.connected, timeout=60)
+                assert await anyio.to_thread.run_sync(_health, relay) == (200, "ok\n")
+            async with raw_client(relay.url(ROOM, token(ROOM, "reader", "eve"))) as fresh:
+                assert fresh.texts() == ["stored before", "written after"]
+            assert relay.proc is not None and relay.proc.pid == pid
+    assert await anyio.to_thread.run_sync(_stored_texts, path) == ["stored before", "written after"]
+
+
 class ReadOnlyStore(Store):
     """The relay's store, whose SQLite connection is made read-only while `read_only` is set
     (PRAGMA query_only: SQLite then fails writes with SQLITE_READONLY, as for a read-only

@@ -13,7 +13,7 @@ import pytest
 from pycrdt import Doc
 
 from crdtchat.document import Conversation
-from crdtchat.local_store import LocalStore
+from crdtchat.local_store import AppendRemote, LocalStore
 from crdtchat.replica import Backoff, Replica
 from crdtchat.updates import check_update
 from tests.support.faults import Immutable, immutable_stops_open_writers
@@ -82,3 +82,39 @@ async def test_a_replica_whose_file_turns_read_only_keeps_working_and_saves_ever
         assert sorted(_saved_ids(path)) == sorted([first.id, mine.id, theirs.id])
         with LocalStore(path) as reopened:
             assert reopened.load().pending == ()
+
+
+@pytest.mark.anyio
+async def test_a_replica_opened_on_a_read_only_file_saves_once_it_is_writable(
+    tmp_path: Path,
+) -> None:
+    """SQLite opens a file it cannot write read-only, without a word, and such a connection
+    never writes again: the store must open the file again to find out it can."""
+    why_not = immutable_stops_open_writers(tmp_path)
+    if why_not is not None:
+        pytest.skip(why_not)
+    path = tmp_path / "ann.db"
+    conversation = Conversation(author="ann", role="writer")
+    first = conversation.append("user", "saved before")
+    with LocalStore(path) as store:
+        store.write([AppendRemote(conversation.doc.get_update())])
+    fault = Immutable(path)
+    with running_relay(tmp_path / "relay-data") as relay, fault:
+        fault.inject()
+        ann = Replica(
+            f"ws://{relay.host}:{relay.port}",
+            ROOM,
+            token(ROOM, "writer", "ann"),
+            store_path=path,
+            backoff=FAST,
+            store_retry=Backoff(initial=0.05, maximum=0.2),
+        )
+        async with ann:
+            mine = Conversation(ann.doc, author="ann").append("user", "written after")
+            status = await ann.wait_until(lambda s: s.store_error is not None, timeout=30)
+            assert "readonly" in (status.store_error or "")
+            await ann.wait_until(lambda s: s.durable, timeout=30)  # the relay has it
+
+            fault.clear()
+            await ann.wait_until(lambda s: s.store_error is None and s.unsaved == 0, timeout=30)
+    assert sorted(_saved_ids(path)) == sorted([first.id, mine.id])
