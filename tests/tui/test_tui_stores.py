@@ -1,5 +1,6 @@
 """The terminal client and the replica's stores: the saved screen shown before the document
-has loaded, and /recover after the relay refused a write (through a real relay)."""
+has loaded, /recover after the relay refused a write, and the status line while the local
+file refuses writes (through a real relay)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from crdtchat.replica import Backoff, Replica
 from crdtchat.tui.app import ChatApp
 from crdtchat.tui.link import DetachedLink, ReplicaLink
 from crdtchat.tui.main import saved_screen
+from tests.support.faults import Immutable, immutable_stops_open_writers
 from tests.support.relay import RelayProcess, running_relay, token
 from tests.support.tui import line, submit, thread_texts, until
 
@@ -95,3 +97,38 @@ async def test_recover_after_a_refused_write_reloads_and_offers_the_text_again(
             assert not status.blocked and status.denied is None
             await until(app, lambda: len(thread_texts(app)) == 2)
             assert "/recover" not in line(app, "status")
+
+
+async def test_the_status_line_says_when_the_local_file_refuses_writes(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    why_not = immutable_stops_open_writers(tmp_path)
+    if why_not is not None:
+        pytest.skip(why_not)
+    room = "tui-store-fault"
+    path = tmp_path / "alice.db"
+    conversation = Conversation(author="alice", role="writer")
+    async with Replica(
+        f"ws://{relay.host}:{relay.port}",
+        room,
+        token(room, "writer", "alice"),
+        doc=conversation.doc,
+        store_path=path,
+        view=conversation.view,
+        backoff=Backoff(initial=0.05, maximum=0.2),
+        store_retry=Backoff(initial=0.05, maximum=0.2),
+    ) as replica:
+        app = ChatApp(conversation, ReplicaLink(replica), room=room, device="laptop")
+        with Immutable(path, path.with_name(f"{path.name}-wal")) as fault:
+            async with app.run_test() as pilot:
+                await submit(pilot, "first")
+                await replica.wait_until(lambda s: s.durable and s.unsaved == 0, timeout=30)
+                fault.inject()
+                await submit(pilot, "while the disk fails")
+                await until(app, lambda: "local file not written" in line(app, "status"))
+                assert "disk I/O error" in line(app, "status")
+                await replica.wait_until(lambda s: s.durable, timeout=30)  # the relay has it
+
+                fault.clear()
+                await replica.wait_until(lambda s: s.store_error is None, timeout=30)
+                await until(app, lambda: "local file" not in line(app, "status"))
