@@ -36,8 +36,8 @@ async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
             await anyio.sleep(0.05)
 
 
-def write(client: RawClient, msg_id: str) -> Callable[[object], None]:
-    return lambda _doc: client.messages.append(message_map(msg_id, "user", "alice", TEXT))
+def write(client: RawClient, msg_id: str, text: str = TEXT) -> Callable[[object], None]:
+    return lambda _doc: client.messages.append(message_map(msg_id, "user", "alice", text))
 
 
 async def test_bytes_written_through_one_node_count_on_another(
@@ -52,7 +52,7 @@ async def test_bytes_written_through_one_node_count_on_another(
     assert written < QUOTA_BYTES, "node A alone lets alice write all of this"
     await until(lambda: metric(b, "crdtchat_nats_quota_bytes_heard_total") >= written)
     async with raw_client(b.url("quota.b", token("quota.b"), ack=True)) as on_b:
-        await on_b.push(write(on_b, "b-0"))
+        await on_b.push(write(on_b, "b-0", "x" * 3000))  # alone, well within the quota
         code, reason = await on_b.wait_closed(timeout=30)
     assert code == 1013, (code, reason)
     assert f"quota: subject 'alice' wrote {QUOTA_BYTES}" in (reason or "")
