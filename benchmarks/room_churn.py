@@ -183,7 +183,7 @@ class LoadedRoom:
         parts, name = self.parts, self.name
         state = b""
         stored = await store.load(name)
-        state, self.seq = stored.state, stored.next_seq
+        state, self.seq = stored.whole, stored.next_seq
         live = self.live = LiveDoc(state) if "doc" in parts else None
         watch = self.watch = WaitingWatch(name, feed) if "watch" in parts else None
         if "awareness" in parts:

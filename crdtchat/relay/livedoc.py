@@ -30,7 +30,7 @@ not changed by the update.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -105,21 +105,31 @@ MESSAGE_WRITERS = frozenset(role for role, rules in RULES.items() if schema.MESS
 ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema.ALL_ROOTS}
 
 
-def build_structure(state: bytes, limits: ShapeLimits = DEFAULT_LIMITS) -> StructureIndex:
-    """The structure index of a stored room state (trusted: it was checked on the way in).
+def build_structure(
+    state: bytes, limits: ShapeLimits = DEFAULT_LIMITS, log: Sequence[bytes] = ()
+) -> StructureIndex:
+    """The structure index of a stored room state and the log of updates stored after it, in
+    order (trusted: they were checked on the way in).
 
     A 10,000-message room decodes into ~80,000 small tuples; the cyclic garbage collector,
-    paused meanwhile, would otherwise scan them over and over (a third of the time).
+    paused meanwhile, would otherwise scan them over and over (a third of the time). Each
+    logged update was judged against the index of what came before it, so it is indexed the
+    same way; one that cannot be (a log written by other means) has the whole indexed merged.
     """
     index = StructureIndex(ROOT_TYPES, limits)
-    if state and state != EMPTY_UPDATE:
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        if state and state != EMPTY_UPDATE:
             index.add(decode_update(state), judge=False)
-        finally:
-            if paused:
-                gc.enable()
+        for update in log:
+            try:
+                index.add(decode_update(update), judge=False)
+            except MissingDependency:
+                return build_structure(merge(state, *log) if state else merge(*log), limits)
+    finally:
+        if paused:
+            gc.enable()
     return index
 
 
@@ -135,29 +145,33 @@ class LiveDoc(ClosesOnExit):
         state: bytes = b"",
         structure: StructureIndex | None = None,
         limits: ShapeLimits = DEFAULT_LIMITS,
+        log: Sequence[bytes] = (),
     ) -> None:
+        """`state`, then the stored updates of `log` in order: what the store holds, applied
+        as it is (merging them into one update first would encode the whole room again)."""
         self.limits = limits
         self._subscriptions: list[Any] = []
         self.closed = False
         self._base = state
-        self._since: list[bytes] = []
-        self.since_bytes = 0
+        self._since: list[bytes] = list(log)  # stored: a rebuild folds them into the base
+        self.since_bytes = sum(len(update) for update in log)
         # The last `unstored` entries of `_since` were judged here but are not stored yet: a
         # cluster node may have to withdraw them (`withdraw`), so rebuilds keep them apart.
         self.unstored = 0
-        self._loaded = state
+        self._loaded: tuple[bytes, Sequence[bytes]] = (state, log)
         self.structure = structure
         self.structure_error: str | None = None
         self.ids = MessageIds()  # the state never changes on a rebuild, so neither do they
-        self._build(state)
+        self._build(state, log)
 
     def _ensure_structure(self) -> StructureIndex | None:
         if self.structure is None and self.structure_error is None:
+            state, log = self._loaded
             try:  # nobody built it off the loop: build it now
-                self.structure = build_structure(self._loaded, self.limits)
+                self.structure = build_structure(state, self.limits, log)
             except ValueError as error:
                 self.structure_error = str(error)
-            self._loaded = b""
+            self._loaded = (b"", ())
         return self.structure
 
     def shape_checked(self) -> bool:
@@ -175,7 +189,7 @@ class LiveDoc(ClosesOnExit):
         """Take the index `build_structure` made of the state this document was loaded from."""
         if self.structure is None:
             self.structure = structure
-        self._loaded = b""
+        self._loaded = (b"", ())
 
     def close(self) -> None:
         """Drop the observers; the document is not used again (idempotent)."""
@@ -187,14 +201,17 @@ class LiveDoc(ClosesOnExit):
         for subscription in subscriptions:
             subscription.drop()
 
-    def _build(self, state: bytes) -> None:
+    def _build(self, state: bytes, log: Sequence[bytes] = ()) -> None:
         self._drop_subscriptions()  # the old document's, on a rebuild
         doc: Doc = Doc()
         roots: dict[str, Array | Map] = {}
         for name in schema.ALL_ROOTS:
             roots[name] = doc.get(name, type=Array if name == schema.MESSAGES else Map)
-        if state and state != EMPTY_UPDATE:
-            doc.apply_update(state)
+        with doc.transaction():
+            if state and state != EMPTY_UPDATE:
+                doc.apply_update(state)
+            for update in log:
+                doc.apply_update(update)
         self._changes: list[tuple[str, Change | None]] = []
         self._rules: dict[str, Access] = {}
         self._record_error: str | None = None
@@ -491,7 +508,7 @@ class LiveDoc(ClosesOnExit):
         self.rebuild()
         self.structure = None  # it indexed the withdrawn updates too: built again when needed
         self.structure_error = None
-        self._loaded = self.snapshot_source()
+        self._loaded = (self.snapshot_source(), ())
         self.ids.forget()
         self._deleted = None
         return withdrawn

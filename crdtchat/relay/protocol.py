@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -307,11 +307,19 @@ class RoomProtocol:
 
     # -- lifetime ------------------------------------------------------------------------
 
-    def load(self, state: bytes, next_seq: int, log_length: int, log_bytes: int) -> list[Action]:
-        """The room as stored: its state (snapshot plus log), the next sequence number and the
-        size of its log. May ask for a compaction at once."""
+    def load(
+        self,
+        state: bytes,
+        next_seq: int,
+        log_length: int,
+        log_bytes: int,
+        log: Sequence[bytes] = (),
+    ) -> list[Action]:
+        """The room as stored: its state, then the updates of `log` stored after it (or none:
+        the whole room in `state`), the next sequence number and the size of the store's log.
+        May ask for a compaction at once."""
         self.live.close()
-        self.live = LiveDoc(state, limits=self.config.shape_limits)
+        self.live = LiveDoc(state, limits=self.config.shape_limits, log=log)
         self._members = None
         self.next_seq = next_seq
         self.durable_seq = next_seq - 1

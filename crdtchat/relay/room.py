@@ -195,7 +195,8 @@ class Room:
         self._evicted = False
         self.last_used = time.monotonic()  # for unloading the least recently used idle room
         self._wake = anyio.Event()
-        self._loaded_state: bytes | None = None  # what the structure index will be built from
+        # What the structure index will be built from: the stored state and log.
+        self._loaded_state: tuple[bytes, tuple[bytes, ...]] | None = None
         self._tasks: anyio.abc.TaskGroup | None = None  # the room's own, while it is open
 
     @property
@@ -225,7 +226,7 @@ class Room:
         try:
             stored = await self.store.load(self.name)
             actions = self.core.load(
-                stored.state, stored.next_seq, stored.log_length, stored.log_bytes
+                stored.state, stored.next_seq, stored.log_length, stored.log_bytes, stored.log
             )
         except (StoreError, ValueError) as error:
             self.error = f"room {self.name!r} could not be loaded: {error}"
@@ -236,7 +237,7 @@ class Room:
             return
         self.metrics.room_loads += 1
         self.perform(actions)
-        self._loaded_state = stored.state
+        self._loaded_state = (stored.state, stored.log)
         async with anyio.create_task_group() as tg:
             self._tasks = tg
             tg.start_soon(self._tick_awareness)
@@ -260,16 +261,18 @@ class Room:
         closing) nothing is started and the event is set: a write that still comes is judged
         after `LiveDoc` builds the index itself.
         """
-        state, self._loaded_state = self._loaded_state, None
-        if state is None or self._tasks is None or self.state is not RoomState.OPEN:
+        loaded, self._loaded_state = self._loaded_state, None
+        if loaded is None or self._tasks is None or self.state is not RoomState.OPEN:
             self.structure_ready.set()
             return
-        self._tasks.start_soon(self._index_structure, state)
+        self._tasks.start_soon(self._index_structure, *loaded)
 
-    async def _index_structure(self, state: bytes) -> None:
+    async def _index_structure(self, state: bytes, log: tuple[bytes, ...]) -> None:
         """Index the loaded state on a thread: the event loop keeps serving meanwhile."""
         try:
-            index = await anyio.to_thread.run_sync(build_structure, state, self.config.shape_limits)
+            index = await anyio.to_thread.run_sync(
+                build_structure, state, self.config.shape_limits, log
+            )
         except ValueError as error:  # a stored state we cannot decode: writes are refused
             log.error("room %s: structure index failed: %s", self.name, error)
             self.live.structure_error = str(error)

@@ -78,12 +78,27 @@ class StoreError(StorageError, RuntimeError):
 
 @dataclass(frozen=True)
 class StoredRoom:
-    """What the store holds for a room, merged into one update for loading."""
+    """What the store holds for a room: `state`, then the updates of `log` in order.
 
-    state: bytes  # merge of the snapshot and every logged update; b"" for a new room
-    log_length: int  # updates in the log after the snapshot
+    The SQLite store hands over its snapshot as `state` and the updates logged since as `log`,
+    unmerged: the room applies them to its document one after the other, which costs a
+    fraction of merging (that encodes the whole room again, ~70 ms at 10,000 messages). A
+    store that keeps one update per room hands it as `state` with `log` empty.
+    """
+
+    state: bytes  # b"" for a new room
+    log_length: int  # updates in the store's log after its snapshot
     log_bytes: int
     next_seq: int
+    log: tuple[bytes, ...] = ()
+
+    @property
+    def whole(self) -> bytes:
+        """Everything as one update (merged here, when asked: loading a room does not)."""
+        if not self.log:
+            return self.state
+        parts = [self.state, *self.log] if self.state else list(self.log)
+        return parts[0] if len(parts) == 1 else merge(*parts)
 
 
 @dataclass(frozen=True)
@@ -399,21 +414,15 @@ class Store:
             "SELECT seq, data FROM updates WHERE room = ? AND seq > ? ORDER BY seq",
             (room, upto),
         ).fetchall()
-        updates = [bytes(data) for _, data in rows]
+        updates = tuple(bytes(data) for _, data in rows)
         last = max([upto, *(int(seq) for seq, _ in rows)])
-        parts = ([snapshot] if snapshot is not None else []) + updates
         self._check_parts(db, room, upto, snapshot, rows, last)
-        if not parts:
-            state = b""
-        elif len(parts) == 1:
-            state = parts[0]
-        else:
-            state = merge(*parts)
         return StoredRoom(
-            state=state,
+            state=snapshot or b"",
             log_length=len(updates),
             log_bytes=sum(len(u) for u in updates),
             next_seq=last + 1,
+            log=updates,
         )
 
     def _check_parts(

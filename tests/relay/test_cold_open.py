@@ -69,12 +69,34 @@ async def stored_ids(relay: RelayProcess) -> list[str]:
         return [str(m["id"]) for m in client.messages]
 
 
-async def seed(relay: RelayProcess) -> None:
+async def seed(relay: RelayProcess) -> Doc:
+    """Store the long room (compacted into a snapshot at once, it is that big) and one more
+    message, "t1", which stays in the log after it; return a copy of what is stored."""
     async with raw_client(url(relay, "alice", "writer")) as client:
-        await client.send(SyncUpdate(long_room()))
+        room = long_room()
+        client.doc.apply_update(room)  # so that t1 goes after the last message
+        await client.send(SyncUpdate(room))
         await client.wait_acked()
-    relay.kill()  # the room is cold on the next start, with what was acknowledged stored
+        await client.push(
+            lambda _: client.messages.append(
+                message_map("t1", "user", "alice", "tail", parent=f"m{COUNT - 1}")
+            )
+        )
+        await client.wait_acked()
+        stored: Doc = Doc()
+        stored.apply_update(client.doc.get_update())
+    relay.kill()  # the room is cold on the next start: snapshot plus log, as stored
     relay.start()
+    return stored
+
+
+def reply_to_tail(stored: Doc) -> bytes:
+    """bob's message inserted right after "t1": its item names t1's as its origin, so it can
+    only be judged by an index that holds what the log added after the snapshot."""
+    before = stored.get_state()
+    messages = declare_roots(stored)[schema.MESSAGES]
+    messages.append(message_map("b1", "user", "bob", "after the tail", parent="t1"))
+    return stored.get_update(before)
 
 
 async def concurrently(*calls: Callable[[], object]) -> None:
@@ -88,7 +110,7 @@ async def test_first_writes_after_a_cold_load_are_judged_against_the_whole_room(
 ) -> None:
     relay = RelayProcess(tmp_path / "data").start()
     try:
-        await seed(relay)
+        stored = await seed(relay)
         clients: dict[str, RawClient] = {}
 
         async def run(sub: str, role: str, update: bytes) -> None:
@@ -97,17 +119,22 @@ async def test_first_writes_after_a_cold_load_are_judged_against_the_whole_room(
         await concurrently(
             lambda: run("reader", "reader", new_message("r1", "reader")),
             lambda: run("alice", "writer", new_message("a1", "alice")),
-            lambda: run("mallory", "writer", new_message("m0", "mallory")),  # alice's id
+            lambda: run("mallory", "writer", new_message("m0", "mallory")),  # in the snapshot
+            lambda: run("carol", "writer", new_message("t1", "carol")),  # in the log
+            lambda: run("bob", "writer", reply_to_tail(stored)),
         )
         for client in clients.values():
-            assert len(client.messages) >= COUNT  # each got the whole room
+            assert len(client.messages) >= COUNT + 1  # each got the whole room
         assert clients["reader"].denied == ["a reader may not change the document"]
         assert clients["mallory"].denied == ["message id 'm0' is taken by another message"]
-        assert clients["alice"].denied == []
-        assert clients["alice"].acks[-1] >= 1
+        assert clients["carol"].denied == ["message id 't1' is taken by another message"]
+        for writer in ("alice", "bob"):
+            assert clients[writer].denied == []
+            assert clients[writer].acks[-1] >= 1
         ids = await stored_ids(relay)
         # a1 was made without the room, so it lands at the start: only the set matters here
-        assert sorted(ids) == sorted([f"m{n}" for n in range(COUNT)] + ["a1"])
+        assert sorted(ids) == sorted([f"m{n}" for n in range(COUNT)] + ["t1", "a1", "b1"])
+        assert ids.index("b1") == ids.index("t1") + 1
     finally:
         relay.stop()
 
@@ -117,7 +144,7 @@ async def test_a_reader_gets_a_cold_room_whole(tmp_path: Path) -> None:
     try:
         await seed(relay)
         async with raw_client(url(relay, "reader", "reader")) as client:
-            assert client.texts()[-1] == f"message {COUNT - 1}"
-            assert len(client.messages) == COUNT
+            assert client.texts()[-2:] == [f"message {COUNT - 1}", "tail"]
+            assert len(client.messages) == COUNT + 1
     finally:
         relay.stop()

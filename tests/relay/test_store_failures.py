@@ -375,7 +375,7 @@ async def test_relay_store_refuses_writes_behind_a_failed_one_until_the_room_rel
         loaded = await store.load("a")  # what a reloaded room starts from: no gap
         assert loaded.next_seq == 2
         reopened = Doc()
-        reopened.apply_update(loaded.state)
+        reopened.apply_update(loaded.whole)
         assert list(reopened.get("canonical.messages", type=Array)) == ["a1"]
         await store.append("a", 2, _update("again", reopened))  # after a reload: accepted
 
