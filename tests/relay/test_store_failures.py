@@ -26,7 +26,7 @@ from crdtchat.relay.store import Store, StoreError
 from crdtchat.replica import Backoff, Replica
 from crdtchat.updates import check_update
 from tests.support.faults import Immutable, immutable_stops_open_writers
-from tests.support.relay import RelayProcess, raw_client, running_relay, token
+from tests.support.relay import SECRET, RelayProcess, raw_client, running_relay, token
 from tests.support.replica import wait_doc
 
 ROOM = "disk-1"
@@ -327,6 +327,30 @@ async def test_relay_started_on_a_read_only_database_says_so_and_writes_once_it_
                 assert fresh.texts() == ["stored before", "written after"]
             assert relay.proc is not None and relay.proc.pid == pid
     assert await anyio.to_thread.run_sync(_stored_texts, path) == ["stored before", "written after"]
+
+
+def test_relay_does_not_start_on_a_data_directory_it_cannot_write(tmp_path: Path) -> None:
+    """Without its write-ahead log files SQLite cannot open the database at all: the relay
+    exits at once and says why, rather than serve nothing."""
+    data = tmp_path / "relay-data"
+    data.mkdir()
+    why_not = immutable_stops_open_writers(data)
+    if why_not is not None:
+        pytest.skip(why_not)
+    with running_relay(data):
+        pass  # a database and nothing else (a clean close removes the WAL files)
+    command = [sys.executable, "-m", "crdtchat.relay.main", "--data", str(data), "--port", "0"]
+    with Immutable(data) as fault:
+        fault.inject()
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "CRDTCHAT_SECRET": SECRET},
+        )
+    assert done.returncode == 1
+    assert f"cannot open {data / 'relay.sqlite3'}: unable to open" in done.stderr
 
 
 class ReadOnlyStore(Store):
