@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS probe (
     data BLOB NOT NULL
 );
 """
+# Records that a room's stored bytes up to a sequence number were checked (`_check_parts`).
+_MARK_CHECKED = (
+    "INSERT INTO checked (room, upto) VALUES (?, ?) "
+    "ON CONFLICT(room) DO UPDATE SET upto = max(upto, excluded.upto)"
+)
 # The probe writes this much, so that it needs fresh pages as a real update does.
 _PROBE_BYTES = 64 * 1024
 
@@ -368,6 +373,8 @@ class Store:
                         "INSERT OR REPLACE INTO snapshots (room, upto, data) VALUES (?, ?, ?)",
                         (op.room, op.seq, op.data),
                     )
+                    # made from the room's live document: checked bytes (see _check_parts)
+                    db.execute(_MARK_CHECKED, (op.room, op.seq))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("store commit of %d writes failed: %s", len(writes), exc)
@@ -440,8 +447,10 @@ class Store:
         crash yrs (design §7.1): such a room is not loaded and stays in the store as it is.
         `checked` records how far a room's log was checked, so a room pays once: what this
         relay appends was decoded (and capped) on the way in, and a snapshot covering only
-        checked seqs is made from checked parts. What an older relay writes later lies past
-        the mark and is checked on the next load.
+        checked seqs is made from checked parts. A compaction marks its snapshot checked: it
+        is the live document, made of what a load checked and what the relay decoded on the
+        way in, so a room this relay wrote is never checked again. What an older relay writes
+        later lies past the mark and is checked on the next load.
         """
         row = db.execute("SELECT upto FROM checked WHERE room = ?", (room,)).fetchone()
         checked = -1 if row is None else int(row[0])  # -1: nothing of the room is checked
@@ -457,11 +466,7 @@ class Store:
             except UpdateFormatError as error:
                 raise ValueError(f"stored {label} cannot be loaded safely: {error}") from None
         try:
-            db.execute(
-                "INSERT INTO checked (room, upto) VALUES (?, ?) "
-                "ON CONFLICT(room) DO UPDATE SET upto = max(upto, excluded.upto)",
-                (room, last),
-            )
+            db.execute(_MARK_CHECKED, (room, last))
         except sqlite3.Error as error:  # a store that cannot write: check again next time
             log.warning("room %s: could not record that it was checked: %s", room, error)
 

@@ -9,6 +9,7 @@ exactly as they would be in a warm room, through a real relay subprocess restart
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from pycrdt import Doc
 
 from crdtchat import schema
+from crdtchat.relay.store import DB_NAME, Store
 from crdtchat.wire import SyncStep1, SyncUpdate
 from tests.support.relay import RawClient, RelayProcess, declare_roots, message_map, raw_client
 from tests.support.relay import token as mint
@@ -148,3 +150,15 @@ async def test_a_reader_gets_a_cold_room_whole(tmp_path: Path) -> None:
             assert len(client.messages) == COUNT + 1
     finally:
         relay.stop()
+
+
+async def test_a_compacted_room_is_not_checked_again_at_its_next_load(tmp_path: Path) -> None:
+    """A compaction's snapshot is the live document, made of checked bytes: the store marks it
+    checked, so loading the room next time does not walk its bytes again (design §7.6)."""
+    update = long_room()
+    async with Store(tmp_path) as store:
+        await store.append(ROOM, 1, update)
+        await store.compact(ROOM, 1, update)
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        marks = db.execute("SELECT room, upto FROM checked").fetchall()
+    assert marks == [(ROOM, 1)]
