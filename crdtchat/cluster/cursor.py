@@ -25,10 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 
-from crdtchat.cluster.roomlog import LogEntry
+from crdtchat.cluster.entries import LogEntry
 from crdtchat.relay.protocol import Action, RoomProtocol
 
 log = logging.getLogger("crdtchat.cluster.relay")
+# Roll-ups by other nodes a publish waits out before it counts as a conflict.
+MAX_ROLLUPS_SKIPPED = 5
 
 
 class Consumed(Enum):

@@ -19,9 +19,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from crdtchat.cluster.entries import Appended, LogEntry, RoomState, compact_by_reading
 from crdtchat.cluster.errors import ClusterError, SequenceConflict
 from crdtchat.cluster.metrics import ClusterMetrics
-from crdtchat.cluster.roomlog import Appended, LogEntry, RoomState, compact_by_reading
 
 
 @dataclass

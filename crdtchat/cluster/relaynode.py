@@ -35,7 +35,12 @@ from typing import Any
 
 from websockets.asyncio.server import broadcast
 
-from crdtchat.cluster.cursor import Consumed, RoomCursor, publish_after_rollup
+from crdtchat.cluster.cursor import (
+    MAX_ROLLUPS_SKIPPED,
+    Consumed,
+    RoomCursor,
+    publish_after_rollup,
+)
 from crdtchat.cluster.errors import ClusterError, SequenceConflict
 from crdtchat.cluster.metrics import ClusterMetrics
 from crdtchat.cluster.node import ClusterNode
@@ -57,8 +62,6 @@ from crdtchat.worker.feed import encode_room_waiting
 log = logging.getLogger("crdtchat.cluster.relay")
 COMPACT = (",", ":")  # JSON as y-protocols writes it
 AWARENESS_TAG = bytes([MESSAGE_AWARENESS])  # the first byte of an encoded awareness message
-# Roll-ups by other nodes a publish waits out before it counts as a conflict.
-MAX_ROLLUPS_SKIPPED = 5
 # How long a refused publish waits for the follower to hand over the write it conflicted with
 # (then the node judges again); past it, the room fails as on a store failure.
 CONFLICT_WAIT = 30.0
