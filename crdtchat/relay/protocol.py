@@ -84,6 +84,9 @@ TOKEN_EXPIRED = "token expired"
 # A connection whose membership ended (design §4): the same path as an expiry, its own reason.
 ACCESS_REVOKED_CODE = 4403
 STORAGE_FAILED = "relay storage failed"
+# A connection whose acknowledgement or reply rested on a write that, judged again after a
+# cluster conflict, was not stored (refused, or its sender gone): it syncs again.
+REJUDGED = "a write was judged again and not stored; sync again"
 
 
 class CloseKind(StrEnum):
@@ -621,11 +624,18 @@ class RoomProtocol:
         """Judge again what `withdraw` took back, in its original order, against the document
         as it is now (with what the stream held). A peer gone meanwhile drops its own; the
         relay's own writes are applied again unjudged. Each sender's results stay in the
-        order of its messages; acknowledgements wait for the new writes to be stored."""
+        order of its messages; acknowledgements wait for the new writes to be stored.
+
+        A no-op result held by `withdraw` rested on the withdrawn writes (a peer that
+        reconnected found its update already in the document). If one of them is not stored
+        again (refused, or its sender gone), acknowledging that result would promise a write
+        nobody stores: those peers are closed instead, and sync again. (Held replies were
+        rebuilt from what is stored by `withdraw`.)"""
         withdrawn, self._withdrawn = self._withdrawn, []
         actions: list[Action] = []
         if self.failed:
             return actions
+        lost = False  # some withdrawn write is not committed again
         for old_seq, sender, delta in withdrawn:
             if sender is None and (local := self._local_writes.pop(old_seq, None)) is not None:
                 self._redo_local_write(local, actions)
@@ -637,6 +647,7 @@ class RoomProtocol:
                     self.commit_update(delta, None, actions)
                 continue
             if sender not in self.peers or sender.queue is None:
+                lost = True
                 continue  # gone, or closed: its results were dropped
             try:
                 verdict = self.judge_update(sender, delta, now)
@@ -644,8 +655,10 @@ class RoomProtocol:
                 close = self.close_peer(sender, violation.code, violation.reason, violation.kind)
                 if close is not None:
                     actions.append(close)
+                lost = True
                 continue
             if isinstance(verdict, Refused):
+                lost = True
                 result: tuple[int, int, Any] = (0, _REFUSAL, verdict.reason)
             elif not verdict.delta:
                 result = (self.last_seq, _UPDATE, None)
@@ -656,6 +669,13 @@ class RoomProtocol:
         for peer in list(self._queued):
             queue = peer.queue
             if queue is None:
+                continue
+            if lost and any(seq == _HELD and what == _WITHDRAWN for seq, what, _ in queue):
+                self._queued.pop(peer, None)
+                peer.queue = None
+                close = self.close_peer(peer, 1011, REJUDGED, CloseKind.UNAVAILABLE)
+                if close is not None:
+                    actions.append(close)
                 continue
             for index, (seq, what, payload) in enumerate(queue):
                 if seq == _HELD:

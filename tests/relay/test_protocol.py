@@ -765,6 +765,29 @@ def test_a_withdrawn_membership_change_of_the_relay_is_decided_again() -> None:
     assert h.room.role_for("carol@x") is None
 
 
+def test_a_reconnected_peer_is_closed_not_acknowledged_when_its_withdrawn_write_is_lost() -> None:
+    """A peer's write waits for the store; its connection drops and comes back, and the new
+    connection's update adds nothing (the document holds it). The write is withdrawn after a
+    conflict and dropped (its sender is gone): acknowledging the new connection's no-op would
+    promise a write nobody stores, so that connection is closed and syncs again (found by
+    tests/testing/test_cluster_machine.py)."""
+    h = Harness()
+    client = Client("alice")
+    first = h.peer("alice")
+    write = client.write("kept?", message_id="m-1")
+    assert only(h.receive(first, write), Append), "accepted; it waits for the store"
+    h.room.leave(first)
+    again = h.peer("alice")
+    assert not only(h.receive(again, write), Append), "nothing new: it waits for the store"
+    h.room.withdraw()
+    h.room.apply_stored(Client("carol").write("far", message_id="m-far").update)
+    actions = h.room.resubmit(NOW)
+    assert not only(actions, Append), "the withdrawn write's sender is gone"
+    (close,) = closes(actions)
+    assert close.peer is again and close.kind is CloseKind.UNAVAILABLE
+    assert not [a for a in only(actions, Acknowledge) if a.peer is again]
+
+
 def test_a_withdrawn_update_of_a_peer_gone_meanwhile_is_dropped() -> None:
     h = Harness()
     alice, bob = h.peer("alice"), h.peer("bob")
