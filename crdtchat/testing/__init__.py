@@ -4,7 +4,9 @@
 - `crdtchat.testing.strategies`: hypothesis strategies that draw them for a replica's state;
 - `crdtchat.testing.network`: a deterministic network of replicas running the real client
   protocol, linked directly or through the real relay protocol (loss, reordering,
-  duplication, partitions, crashes with a local store, relay crashes, refusals);
+  duplication, partitions, crashes with a local store, relay crashes, refusals), or through
+  a cluster of relay nodes over an in-process stream (`nodes=N`: conflicts, lagging nodes,
+  node kills);
 - `crdtchat.testing.invariants`: what must hold at quiescence;
 - `crdtchat.testing.machine`: `ConversationMachine`, the state machine to subclass.
 
@@ -33,6 +35,7 @@ from crdtchat.testing.network import (
     LocalStore,
     RelayStore,
     SimulatedNetwork,
+    SimulatedNode,
     SimulatedRelay,
     SimulatedReplica,
     has_gap,
@@ -72,6 +75,7 @@ __all__ = [
     "RelayStore",
     "ReplicaState",
     "SimulatedNetwork",
+    "SimulatedNode",
     "SimulatedRelay",
     "SimulatedReplica",
     "append_messages",

@@ -41,6 +41,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from pycrdt import get_state
 
 from crdtchat import schema
 from crdtchat.document import Conversation
@@ -57,7 +58,15 @@ from crdtchat.testing.invariants import (
     raw_message_ids,
     read_replica,
 )
-from crdtchat.testing.network import RELAY, SECRET, Envelope, SimulatedNetwork, SimulatedReplica
+from crdtchat.testing.network import (
+    RELAY,
+    ROOM,
+    SECRET,
+    Envelope,
+    SimulatedNetwork,
+    SimulatedNode,
+    SimulatedReplica,
+)
 from crdtchat.testing.operations import (
     ForeignDeleteMessage,
     Operation,
@@ -108,9 +117,15 @@ class ConversationMachine(RuleBasedStateMachine):
     #: wait, even with none yet (False: ignore such requests, for code that does)
     regenerate_unanswered: ClassVar[bool] = True
 
-    #: topologies a run is drawn from: "peers" (direct links, every fault) and "relay"
-    #: (each replica connected to the relay protocol, with a role)
+    #: topologies a run is drawn from: "peers" (direct links, every fault), "relay" (each
+    #: replica connected to the relay protocol, with a role) and "nodes" (the relay is a
+    #: cluster of `node_counts` nodes over one stream: publishes, acknowledgements, lagging
+    #: followers, conflicts, node kills and restarts are rules)
     topologies: ClassVar[tuple[str, ...]] = ("peers", "relay")
+    #: how many relay nodes a "nodes" run has
+    node_counts: ClassVar[st.SearchStrategy[int]] = st.integers(2, 3)
+    #: node kills per run (each node restarts from the stream)
+    max_node_kills: ClassVar[int] = 3
     #: roles a person's replica may get behind the relay (a worker author's is "worker";
     #: replica 0 is a writer, so that the conversation can be created)
     roles: ClassVar[tuple[str, ...]] = ("writer", "writer", "reader")
@@ -141,7 +156,8 @@ class ConversationMachine(RuleBasedStateMachine):
         self.quiescences = 0
         self.misfits = 0  # foreign writes made behind the relay
         self.relay_failures = 0
-        self._durable_seq = 0  # how far the relay's store was read into durable_ids
+        self.node_kills = 0
+        self._durable_mark = 0  # how far the relay's store was read into durable_ids
 
     # -- helpers for subclasses ---------------------------------------------------------------
 
@@ -206,7 +222,8 @@ class ConversationMachine(RuleBasedStateMachine):
         # Concurrent inserts are ordered by client id: drawing the order explores both sides.
         client_ids = data.draw(st.permutations(range(1, count + 1)), label="client ids")
         topology = data.draw(st.sampled_from(self.topologies), label="topology")
-        relay = topology == "relay"
+        relay = topology in ("relay", "nodes")
+        nodes = data.draw(self.node_counts, label="nodes") if topology == "nodes" else 0
         roles = None
         config = None
         if relay:
@@ -232,6 +249,7 @@ class ConversationMachine(RuleBasedStateMachine):
             relay=relay,
             roles=roles,
             relay_config=config,
+            nodes=nodes,
         )
         self.network = network
         concurrent = data.draw(st.booleans(), label="concurrent creation")
@@ -296,12 +314,12 @@ class ConversationMachine(RuleBasedStateMachine):
         `relay_misfits` per run, and none while a replica is blocked (its later writes would
         all be refused too: steps spent on nothing)."""
         net = self.network
-        if net is None or net.relay is None:
+        if net is None or not net.relayed:
             return True
         return self.misfits < self.relay_misfits and not net.blocked_replicas()
 
     def foreign_with(self, data: st.DataObject, factory: StrategyFactory) -> None:
-        if self.network is not None and self.network.relay is not None:
+        if self.network is not None and self.network.relayed:
             self.misfits += 1
         self.write_with(data, factory)
 
@@ -443,6 +461,119 @@ class ConversationMachine(RuleBasedStateMachine):
         self.relay_failures += 1
         self.net.fail_store()
 
+    # -- the relay's nodes ------------------------------------------------------------------------
+
+    def _nodes_where(self, ready: Callable[[SimulatedNode], bool]) -> list[int]:
+        if self.network is None:
+            return []
+        return [node.index for node in self.network.nodes if ready(node)]
+
+    @precondition(lambda self: bool(self._nodes_where(SimulatedNode.can_publish)))
+    @rule(data=st.data())
+    def publish(self, data: st.DataObject) -> None:
+        """A node publishes the head of its chain, conditionally on the last sequence it
+        knows (refused if another node wrote first: a conflict)."""
+        ready = self._nodes_where(SimulatedNode.can_publish)
+        node = data.draw(st.sampled_from(ready), label="node")
+        conflicts = self.net.nodes[node].conflicts
+        self.net.publish(node)
+        if self.net.nodes[node].conflicts > conflicts:
+            event("node: publish conflict")
+        self.note_relay_durable()
+
+    @precondition(lambda self: bool(self._nodes_where(SimulatedNode.can_acknowledge)))
+    @rule(data=st.data())
+    def acknowledge(self, data: st.DataObject) -> None:
+        """The stream's acknowledgement reaches a node: its write is stored and acknowledged."""
+        ready = self._nodes_where(SimulatedNode.can_acknowledge)
+        self.net.acknowledge(data.draw(st.sampled_from(ready), label="node"))
+
+    @precondition(lambda self: bool(self._nodes_where(lambda node: node.up and node.lag() > 0)))
+    @rule(data=st.data(), count=st.integers(1, 3))
+    def consume(self, data: st.DataObject, count: int) -> None:
+        """A node's follower hands over what the stream holds (until then, the node lags)."""
+        lagging = self._nodes_where(lambda node: node.up and node.lag() > 0)
+        node = data.draw(st.sampled_from(lagging), label="node")
+        epoch = self.net.nodes[node].position.epoch
+        self.net.consume(node, count)
+        if self.net.nodes[node].up and self.net.nodes[node].position.epoch > epoch:
+            event("node: writes judged again after a conflict")
+
+    def _writers_by_node(self) -> dict[int, list[int]]:
+        """Replicas connected to a node that may write, by the node they reach."""
+        net = self.net
+        by_node: dict[int, list[int]] = {}
+        for replica in net.live_replicas():
+            if replica.role == "reader" or replica.blocked:
+                continue
+            if net.connected(replica.index, RELAY):
+                by_node.setdefault(net.attached[replica.index], []).append(replica.index)
+        return by_node
+
+    @precondition(
+        lambda self: (
+            self.network is not None
+            and bool(self.network.nodes)
+            and len(self._writers_by_node()) > 1
+        )
+    )
+    @rule(data=st.data())
+    def concurrent_writes(self, data: st.DataObject) -> None:
+        """Replicas on two nodes write at once: both nodes judge against the same state and
+        publish on the same sequence, so one is refused; its follower withdraws and judges
+        it again when it hands over the other's write."""
+        by_node = self._writers_by_node()
+        nodes = data.draw(
+            st.lists(st.sampled_from(sorted(by_node)), min_size=2, max_size=2, unique=True),
+            label="nodes",
+        )
+        for node in nodes:
+            index = data.draw(st.sampled_from(by_node[node]), label="replica")
+            self.apply(index, data.draw(strategies.append_messages(self.net.replicas[index].live)))
+            while self.net.queues[(index, RELAY)] and self.net.connected(index, RELAY):
+                self.net.deliver(index, RELAY)
+        for node in nodes:
+            target = self.net.nodes[node]
+            while target.can_acknowledge():
+                self.net.acknowledge(node)
+            if target.can_publish():
+                conflicts = target.conflicts
+                self.net.publish(node)
+                if target.conflicts > conflicts:
+                    event("node: publish conflict")
+        self.note_relay_durable()
+
+    @precondition(
+        lambda self: (
+            self.network is not None
+            and self.node_kills < self.max_node_kills
+            and bool(self._nodes_where(lambda node: node.up))
+        )
+    )
+    @rule(data=st.data())
+    def kill_node(self, data: st.DataObject) -> None:
+        """A node dies (SIGKILL): its replicas reconnect to another node and resend what was
+        not acknowledged."""
+        event("node killed")
+        self.node_kills += 1
+        up = self._nodes_where(lambda node: node.up)
+        self.net.kill_node(data.draw(st.sampled_from(up), label="node"))
+
+    @precondition(lambda self: bool(self._nodes_where(lambda node: not node.up)))
+    @rule(data=st.data())
+    def restart_node(self, data: st.DataObject) -> None:
+        """A node starts again from the stream."""
+        down = self._nodes_where(lambda node: not node.up)
+        self.net.restart_node(data.draw(st.sampled_from(down), label="node"))
+
+    @precondition(lambda self: len(self._nodes_where(lambda node: node.up)) > 1)
+    @rule(data=st.data())
+    def move_replica(self, data: st.DataObject) -> None:
+        """A replica reconnects through another node (writers spread over the nodes)."""
+        index = self.draw_replica(data)
+        up = self._nodes_where(lambda node: node.up)
+        self.net.move(index, data.draw(st.sampled_from(up), label="node"))
+
     @precondition(lambda self: self.network is not None and bool(self.network.blocked_replicas()))
     @rule(data=st.data())
     def recover(self, data: st.DataObject) -> None:
@@ -501,9 +632,34 @@ class ConversationMachine(RuleBasedStateMachine):
     @invariant()
     def relay_reads_every_frame(self) -> None:
         """A client protocol never sends what the relay protocol cannot decode."""
-        if self.network is not None and self.network.relay is not None:
-            malformed = [c for c in self.network.relay.closes if c[1] is CloseKind.MALFORMED]
-            assert not malformed, f"the relay found frames malformed: {malformed}"
+        if self.network is not None:
+            for relay in self.network.shells():
+                malformed = [c for c in relay.closes if c[1] is CloseKind.MALFORMED]
+                assert not malformed, f"{relay!r} found frames malformed: {malformed}"
+
+    @invariant()
+    def acknowledged_writes_are_durable(self) -> None:
+        """A replica whose relay acknowledged all its writes finds them in what the relay
+        keeps durably (its store, or the cluster's stream), even if the node that acknowledged
+        them died since."""
+        net = self.network
+        if net is None or not net.relayed:
+            return
+        durable: dict[int, int] | None = None
+        for replica in net.live_replicas():
+            session = replica.sessions.get(RELAY)
+            if session is None or not session.durable or replica.blocked:
+                continue
+            own = decode_state_vector(replica.live.state_vector()).get(replica.client_id, 0)
+            if not own:
+                continue
+            if durable is None:
+                state = net.durable_state()
+                durable = decode_state_vector(get_state(state)) if state else {}
+            assert durable.get(replica.client_id, 0) >= own, (
+                f"replica {replica.index}: writes acknowledged but not durable "
+                f"({durable.get(replica.client_id, 0)} < {own} for client {replica.client_id})"
+            )
 
     # -- invariants --------------------------------------------------------------------------
 
@@ -512,18 +668,19 @@ class ConversationMachine(RuleBasedStateMachine):
         the promise is the relay's store: a replica's refused writes, saved or not, are
         dropped by its recovery; `note_relay_durable`.)"""
         self.net.save(index, compact=compact)
-        if self.net.relay is None:
+        if not self.net.relayed:
             conversation = self.net.replicas[index].live
             self.durable_ids |= raw_message_ids(conversation)
             self.durable_accepted |= {m.id for m in conversation.all_messages()}
 
     def note_relay_durable(self) -> None:
-        """Remember the messages the relay's store holds durably: they must never be lost."""
-        store = self.net.relay_store
-        if store.durable_seq == self._durable_seq:
+        """Remember the messages the relay's store (or the stream) holds durably: they must
+        never be lost."""
+        mark = self.net.durable_mark()
+        if mark == self._durable_mark:
             return
-        self._durable_seq = store.durable_seq
-        conversation = open_update(store.state() or None)
+        self._durable_mark = mark
+        conversation = open_update(self.net.durable_state() or None)
         self.durable_ids |= raw_message_ids(conversation)
         self.durable_accepted |= {m.id for m in conversation.all_messages()}
 
@@ -532,7 +689,7 @@ class ConversationMachine(RuleBasedStateMachine):
         the blocked ones, and quiesce again until none is blocked."""
         net = self.net
         net.quiesce(rounds=self.resync_rounds)
-        if net.relay is None:
+        if not net.relayed:
             return
         for _ in range(len(net.replicas) + 1):
             self.check_refusals()
@@ -565,11 +722,21 @@ class ConversationMachine(RuleBasedStateMachine):
         replicas = self.net.replicas
         states = check_quiescent(replicas, regenerate_unanswered=self.regenerate_unanswered)
         relay = self.net.relay
-        if relay is not None:
-            stored = read_replica(open_update(relay.store.state() or None))
+        if self.net.relayed:
+            stored = read_replica(open_update(self.net.durable_state() or None))
             assert_same_state(states[0], stored, "the relay's store differs from replica 0")
-            event(f"quiescence: relay closed connections {min(len(relay.closes), 1)}+")
+            closes = sum(len(shell.closes) for shell in self.net.shells())
+            event(f"quiescence: relay closed connections {min(closes, 1)}+")
+        if relay is not None:
             event(f"quiescence: relay compacted {bool(relay.store.snapshot)}")
+        for node in self.net.nodes:
+            copy = read_replica(open_update(node.state() or None))
+            assert_same_state(states[0], copy, f"node {node.index}'s copy differs from replica 0")
+        if self.net.nodes:
+            entries = self.net.stream.rooms.get(ROOM, [])
+            event(f"quiescence: stream rolled up {bool(entries and entries[0].snapshot)}")
+            conflicts = sum(node.conflicts for node in self.net.nodes)
+            event(f"quiescence: publish conflicts {min(conflicts, 2)}+")
         conversations = [r.live for r in replicas]
         present = self.durable_ids - self.deleted_ids
         # Deleting an item can orphan its descendants, so acceptance is only promised when

@@ -36,6 +36,7 @@ a replica passes what it receives on one link to its others, as y-webrtc does).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,15 @@ from typing import Final
 
 from pycrdt import Doc, Subscription, get_update
 
+from crdtchat.cluster.cursor import (
+    MAX_ROLLUPS_SKIPPED,
+    Consumed,
+    RoomCursor,
+    publish_after_rollup,
+)
+from crdtchat.cluster.entries import Appended, RoomState
+from crdtchat.cluster.errors import SequenceConflict
+from crdtchat.cluster.memory import MemoryStream
 from crdtchat.document import Conversation
 from crdtchat.merge import merge
 from crdtchat.relay.config import RelayConfig
@@ -270,16 +280,15 @@ class Closed:
 RelayOutput = list[Outgoing | Closed]
 
 
-class SimulatedRelay:
-    """The relay: one room's `RoomProtocol` over a `RelayStore`, and its connections, each
-    numbered by the caller (a replica's index). The I/O shell without I/O: each method hands
-    the protocol an event and returns what the shell would do (`RelayOutput`: frames to send,
-    connections closed, in order); the store's writes wait in `store` until `store_writes`.
-    `SimulatedNetwork` runs it between replicas; a test can drive it alone."""
+class RelayShell:
+    """A relay's I/O shell without I/O: one room's `RoomProtocol` and its connections, each
+    numbered by the caller (a replica's index). Each method hands the protocol an event and
+    returns what the shell would do (`RelayOutput`: frames to send, connections closed, in
+    order). The single relay (`SimulatedRelay`) and a cluster's node (`SimulatedNode`) differ
+    in where the protocol's writes go (`write`) and how the room loads (`start`)."""
 
     def __init__(self, config: RelayConfig | None = None) -> None:
         self.config = config or RelayConfig(secret=SECRET)
-        self.store = RelayStore()
         self.protocol: RoomProtocol | None = None
         self.subjects = Subjects(self.config.subject_quotas())
         #: the protocol's peer of each connection, by its number
@@ -295,26 +304,24 @@ class SimulatedRelay:
     @property
     def room(self) -> RoomProtocol:
         if self.protocol is None:
-            raise RuntimeError("the relay is crashed")
+            raise RuntimeError(f"{self!r} is crashed")
         return self.protocol
 
     def start(self) -> RelayOutput:
-        """Load the room from what the store holds durably."""
-        self.protocol = RoomProtocol(ROOM, self.config)
-        store = self.store
-        log_bytes = sum(len(update) for _, update in store.log)
-        return self.perform(
-            self.protocol.load(store.state(), store.durable_seq + 1, len(store.log), log_bytes)
-        )
+        """Load the room from what is durable."""
+        raise NotImplementedError
+
+    def write(self, action: Append | Compact) -> None:
+        """Take a write the protocol asked for."""
+        raise NotImplementedError
 
     def stop(self) -> None:
-        """The process dies: connections and unacknowledged writes are gone."""
+        """The process dies: its connections are gone."""
         if self.protocol is not None:
             self.protocol.close()
         self.protocol = None
         self.peers.clear()
         self.subjects = Subjects(self.config.subject_quotas())
-        self.store.lose_unacknowledged()
         self.crashes += 1
 
     def peer(self, role: str, author: str) -> Peer:
@@ -344,18 +351,9 @@ class SimulatedRelay:
         """A message arrived on connection `index`."""
         return self.perform(self.room.receive(self.peers[index], message, now))
 
-    def store_writes(self, count: int | None = None) -> RelayOutput:
-        """The store makes its first `count` writes (all: None) durable and says so."""
-        store = self.store
-        before = store.durable_seq
-        durable = store.acknowledge(len(store.writes) if count is None else count)
-        if self.up and durable > before:
-            return self.perform(self.room.stored(durable))
-        return []
-
     def perform(self, actions: list[Action]) -> RelayOutput:
-        """Carry out the protocol's actions as the I/O shell does; store writes wait in
-        `store`. VerifyToken (no refresh here) and CheckWaiting (no worker feed) do nothing."""
+        """Carry out the protocol's actions as the I/O shell does; writes go to `write`.
+        VerifyToken (no refresh here) and CheckWaiting (no worker feed) do nothing."""
         output: RelayOutput = []
         for action in actions:
             if isinstance(action, Send | Acknowledge):
@@ -373,7 +371,7 @@ class SimulatedRelay:
                     if peer is not action.exclude and not peer.closing:
                         output.append(Outgoing(index, action.message))
             elif isinstance(action, Append | Compact):
-                self.store.writes.append(action)
+                self.write(action)
             elif isinstance(action, Close):
                 index = self._index_of(action.peer)
                 if index is not None:
@@ -386,6 +384,221 @@ class SimulatedRelay:
             if connected is peer:
                 return index
         return None
+
+
+class SimulatedRelay(RelayShell):
+    """The relay: one room's `RoomProtocol` over a `RelayStore`, and its connections; the
+    store's writes wait in `store` until `store_writes`. `SimulatedNetwork` runs it between
+    replicas; a test can drive it alone."""
+
+    def __init__(self, config: RelayConfig | None = None) -> None:
+        super().__init__(config)
+        self.store = RelayStore()
+
+    def __repr__(self) -> str:
+        return "<relay>"
+
+    def start(self) -> RelayOutput:
+        """Load the room from what the store holds durably."""
+        self.protocol = RoomProtocol(ROOM, self.config)
+        store = self.store
+        log_bytes = sum(len(update) for _, update in store.log)
+        return self.perform(
+            self.protocol.load(store.state(), store.durable_seq + 1, len(store.log), log_bytes)
+        )
+
+    def stop(self) -> None:
+        """The process dies: connections and unacknowledged writes are gone."""
+        super().stop()
+        self.store.lose_unacknowledged()
+
+    def write(self, action: Append | Compact) -> None:
+        self.store.writes.append(action)
+
+    def store_writes(self, count: int | None = None) -> RelayOutput:
+        """The store makes its first `count` writes (all: None) durable and says so."""
+        store = self.store
+        before = store.durable_seq
+        durable = store.acknowledge(len(store.writes) if count is None else count)
+        if self.up and durable > before:
+            return self.perform(self.room.stored(durable))
+        return []
+
+
+@dataclass
+class Publish:
+    """An accepted update in a node's chain: published on the room subject's last sequence the
+    node knows, one at a time, in the order the protocol committed them (relaynode.py's
+    per-room chain); `landed` once the stream took it, until its acknowledgement arrives."""
+
+    seq: int  # the protocol's sequence number
+    update: bytes
+    msg_id: str
+    epoch: int  # the cursor's epoch when it was committed: a withdrawal voids it
+    landed: Appended | None = None
+
+
+class NodeCursor(RoomCursor):
+    """The node's `RoomCursor` and its writes not yet stored (relaynode.py's futures)."""
+
+    def __init__(self, node_id: str, last: int, token: str) -> None:
+        super().__init__(node_id=node_id, last=last, token=token)
+        self.pending: dict[str, int] = {}  # msg id -> the protocol's sequence number
+
+    def withdraw(self) -> None:
+        self.pending.clear()
+        super().withdraw()
+
+
+class SimulatedNode(RelayShell):
+    """One relay node of a cluster: the room's `RoomProtocol` driven as `crdtchat serve --nats`
+    drives it (crdtchat/cluster/relaynode.py), over the in-process stand-in for the stream
+    (`crdtchat.cluster.memory.MemoryStream`), its position kept by the same `RoomCursor`.
+
+    Each of its steps is the caller's choice: `publish` (the chain's head goes to the stream,
+    conditional on the last sequence the node knows), `acknowledge` (the stream's
+    acknowledgement reaches the node: the protocol's `stored`, which broadcasts and acks),
+    `consume` (its follower hands over the next entry: its own write, or another node's,
+    applied unjudged, or judged again after a withdrawal). Not consuming is lag."""
+
+    def __init__(self, index: int, config: RelayConfig, stream: MemoryStream) -> None:
+        super().__init__(config)
+        self.index = index
+        self.stream = stream
+        self.cursor: NodeCursor | None = None
+        self.consumed = 0  # the last stream sequence its follower handed over
+        self.chain: list[Publish | Compact] = []
+        self.loads = 0
+        self.conflicts = 0  # publishes the stream refused: another node wrote first
+
+    def __repr__(self) -> str:
+        return f"<node {self.index} {'up' if self.up else 'down'}>"
+
+    @property
+    def position(self) -> NodeCursor:
+        if self.cursor is None:
+            raise RuntimeError(f"{self!r} is crashed")
+        return self.cursor
+
+    def start(self) -> RelayOutput:
+        """Load the room from the stream (snapshot and tail), as `ClusterStore.load` does."""
+        entries = list(self.stream.rooms.get(ROOM, []))
+        state = RoomState(ROOM, entries[-1].seq if entries else 0, entries)
+        self.loads += 1
+        self.cursor = NodeCursor(f"node{self.index}", state.seq, f"load{self.loads}")
+        self.consumed = state.seq
+        self.protocol = RoomProtocol(ROOM, self.config)
+        updates = state.updates
+        log_bytes = sum(len(entry.data) for entry in updates)
+        return self.perform(self.protocol.load(state.merged(), 1, len(updates), log_bytes))
+
+    def stop(self) -> None:
+        """The node dies: connections, the chain and acknowledgements in flight are gone;
+        what the stream took stays."""
+        super().stop()
+        self.cursor = None
+        self.chain.clear()
+
+    def write(self, action: Append | Compact) -> None:
+        if isinstance(action, Append):
+            cursor = self.position
+            msg_id = cursor.msg_id(action.seq)
+            cursor.pending[msg_id] = action.seq
+            self.chain.append(Publish(action.seq, action.update, msg_id, cursor.epoch))
+        else:
+            self.chain.append(action)
+
+    # -- what the node may do next -------------------------------------------------------
+
+    def _head(self) -> Publish | Compact | None:
+        """The chain's first write that is not void (withdrawn before it was published)."""
+        epoch = self.position.epoch
+        while self.chain:
+            head = self.chain[0]
+            if isinstance(head, Compact) or head.landed is not None or head.epoch == epoch:
+                return head
+            self.chain.pop(0)
+        return None
+
+    def can_publish(self) -> bool:
+        head = self._head() if self.up else None
+        return head is not None and not (isinstance(head, Publish) and head.landed is not None)
+
+    def can_acknowledge(self) -> bool:
+        head = self.chain[0] if self.up and self.chain else None
+        return isinstance(head, Publish) and head.landed is not None
+
+    def lag(self) -> int:
+        """Entries of the room's subject its follower has not handed over yet."""
+        return sum(1 for entry in self.stream.rooms.get(ROOM, []) if entry.seq > self.consumed)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def publish(self) -> RelayOutput:
+        """The chain's head goes to the stream: an update conditionally on the last sequence
+        the node knows (after a roll-up of exactly that state, on the roll-up), a compaction
+        as a conditional roll-up by the node whose write crossed the threshold. A refused
+        update stays at the head: the follower's next foreign entry withdraws it."""
+        head = self._head()
+        cursor = self.position
+        if isinstance(head, Compact):
+            self.chain.pop(0)
+            covers = cursor.compaction_covers(head.upto_seq)
+            if covers is not None:
+                with contextlib.suppress(SequenceConflict):  # written meanwhile: skipped
+                    cursor.last = self.stream.store(
+                        ROOM,
+                        head.snapshot,
+                        expected=covers,
+                        msg_id=f"{ROOM}:snapshot:{covers}",  # as MemoryRoomLog.compact names it
+                        rollup=True,
+                        covers=covers,
+                    ).seq
+            return []
+        if head is None or head.landed is not None:
+            raise RuntimeError(f"{self!r} has nothing to publish")
+        expected = cursor.last
+        for _ in range(MAX_ROLLUPS_SKIPPED):
+            try:
+                head.landed = self.stream.store(
+                    ROOM, head.update, expected=expected, msg_id=head.msg_id, rollup=False
+                )
+                return []
+            except SequenceConflict:
+                entries = self.stream.rooms.get(ROOM)
+                after = publish_after_rollup(entries[-1] if entries else None, expected)
+                if after is None:
+                    break
+                expected = after
+        self.conflicts += 1
+        return []
+
+    def acknowledge(self) -> RelayOutput:
+        """The stream's acknowledgement of the head's publish: the write is stored."""
+        head = self.chain.pop(0)
+        assert isinstance(head, Publish) and head.landed is not None
+        cursor = self.position
+        cursor.published(head.seq, head.landed.seq)
+        seq = cursor.pending.pop(head.msg_id, None)
+        return [] if seq is None else self.perform(self.room.stored(seq))
+
+    def consume(self, now: float) -> RelayOutput:
+        """The follower hands over the subject's next entry (a lagging follower after a
+        roll-up gets the roll-up)."""
+        entry = next(e for e in self.stream.rooms.get(ROOM, []) if e.seq > self.consumed)
+        self.consumed = entry.seq
+        cursor = self.position
+        consumed = cursor.consume(entry)
+        if self.room.failed or consumed is Consumed.KNOWN:
+            return []
+        if consumed is Consumed.OWN:  # its own write, handed back: it is stored
+            seq = cursor.pending.pop(entry.msg_id, None)
+            return [] if seq is None else self.perform(self.room.stored(seq))
+        return self.perform(cursor.apply_foreign(entry, self.room, now))
+
+    def state(self) -> bytes:
+        """The node's copy of the room, as one update."""
+        return self.room.live.doc.get_update()
 
 
 class SimulatedNetwork:
@@ -403,12 +616,14 @@ class SimulatedNetwork:
         roles: Sequence[str] | None = None,
         peers: bool | None = None,
         relay_config: RelayConfig | None = None,
+        nodes: int = 0,
     ) -> None:
         """Start every replica empty; if `connected`, every link connects (and syncs).
 
         With `relay`, each replica connects to a relay with the role `roles[i]` ("writer"
         by default; its author is the token's subject). `peers` links every pair directly
-        (default: when there is no relay).
+        (default: when there is no relay). With `nodes` > 0 the relay is a cluster of that
+        many `SimulatedNode`s over one stream, replica i attached to node i % nodes.
 
         With `hold_early_updates`, the network keeps an update back before the replica sees
         it, until all of it can be integrated; by default the replica's `SyncSession` does
@@ -421,9 +636,19 @@ class SimulatedNetwork:
         self.clock = clock
         self.hold_early_updates = hold_early_updates
         self.used_client_ids: set[int] = set()
+        #: whether replicas connect to a relay (the single one, or a cluster's nodes)
+        self.relayed = relay
         self.relay: SimulatedRelay | None = None
-        if relay:
-            self.relay = SimulatedRelay(relay_config)
+        #: the cluster: its stream and its nodes (none without one)
+        self.stream = MemoryStream()
+        self.nodes: list[SimulatedNode] = []
+        config = relay_config or RelayConfig(secret=SECRET)
+        if relay and nodes:
+            self.nodes = [SimulatedNode(n, config, self.stream) for n in range(nodes)]
+        elif relay:
+            self.relay = SimulatedRelay(config)
+        #: the node each replica's relay connection goes to (a cluster's)
+        self.attached: list[int] = [i % nodes if nodes else 0 for i in range(len(authors))]
         size = len(authors)
         self.peer_links = (not relay) if peers is None else peers
         links: list[tuple[int, int]] = []
@@ -438,6 +663,8 @@ class SimulatedNetwork:
         #: every refusal the relay sent: (replica, reason)
         self.refusals: list[tuple[int, str]] = []
         self._serials = itertools.count(1)
+        #: replicas whose relay connection closed for a passing reason (`settle` reconnects)
+        self._closed_transiently: list[int] = []
         self.replicas: list[SimulatedReplica] = []
         for index, (author, client_id) in enumerate(zip(authors, client_ids, strict=True)):
             role = None if not relay else (roles[index] if roles is not None else "writer")
@@ -445,8 +672,8 @@ class SimulatedNetwork:
                 index=index, author=author, client_id=client_id, conversation=None, role=role
             )
             self.replicas.append(replica)
-        if self.relay is not None:
-            self._route(self.relay.start())
+        for shell in self.shells():
+            self._route(shell.start())
         for replica in self.replicas:
             self._open(replica, replica.client_id)
 
@@ -458,8 +685,28 @@ class SimulatedNetwork:
 
     def up(self, node: int) -> bool:
         if node == RELAY:
-            return self.relay is not None and self.relay.up
+            return any(shell.up for shell in self.shells())
         return self.replicas[node].alive
+
+    def shells(self) -> list[RelayShell]:
+        """The relay, or the cluster's nodes."""
+        return [self.relay] if self.relay is not None else list(self.nodes)
+
+    def shell(self, index: int) -> RelayShell:
+        """What replica `index`'s relay connection reaches: the relay, or its node; when that
+        node is down, the next one up in order (a client tries its relays in turn)."""
+        if self.relay is not None:
+            return self.relay
+        if not self.nodes:
+            raise RuntimeError("this network has no relay")
+        count = len(self.nodes)
+        first = self.attached[index]
+        for step in range(count):
+            node = self.nodes[(first + step) % count]
+            if node.up:
+                self.attached[index] = node.index
+                return node
+        return self.nodes[first]
 
     def connected(self, a: int, b: int) -> bool:
         return self.linked(a, b) and self.up(a) and self.up(b) and frozenset((a, b)) not in self.cut
@@ -651,6 +898,112 @@ class SimulatedNetwork:
         self.crash_relay()
         self.restart_relay()
 
+    # -- the cluster ----------------------------------------------------------------------------
+
+    def stream_state(self) -> bytes:
+        """Everything the cluster's stream holds for the room, as one update."""
+        entries = list(self.stream.rooms.get(ROOM, []))
+        return RoomState(ROOM, entries[-1].seq if entries else 0, entries).merged()
+
+    def durable_state(self) -> bytes:
+        """What the relay promised to keep: its store's durable state, or the stream's."""
+        if self.relay is not None:
+            return self.relay.store.state()
+        return self.stream_state()
+
+    def durable_mark(self) -> int:
+        """Moves whenever `durable_state` may have changed."""
+        return self.relay.store.durable_seq if self.relay is not None else self.stream.seq
+
+    def _node(self, node: int) -> SimulatedNode:
+        if not self.nodes:
+            raise RuntimeError("this network has no cluster")
+        return self.nodes[node]
+
+    def publish(self, node: int) -> None:
+        """Node `node` publishes the head of its chain to the stream (`SimulatedNode.publish`)."""
+        target = self._node(node)
+        self._route(target.publish())
+
+    def acknowledge(self, node: int) -> None:
+        """The stream's acknowledgement of its publish reaches node `node`: stored, so it is
+        broadcast to the node's peers and acknowledged to its sender."""
+        target = self._node(node)
+        self._route(target.acknowledge())
+
+    def consume(self, node: int, count: int = 1) -> None:
+        """Node `node`'s follower hands over the stream's next `count` entries (fewer if it
+        catches up first)."""
+        target = self._node(node)
+        for _ in range(count):
+            if not target.up or not target.lag():
+                return
+            self._route(target.consume(self.clock()))
+
+    def run_nodes(self) -> bool:
+        """Every node up catches up, publishes and takes its acknowledgements, until none
+        has anything to do; whether anything happened."""
+        progressed = False
+        busy = True
+        while busy:
+            busy = False
+            for node in self.nodes:
+                if not node.up:
+                    continue
+                if node.lag():
+                    self.consume(node.index, node.lag())
+                    busy = True
+                while node.up and (node.can_publish() or node.can_acknowledge()):
+                    if node.can_acknowledge():
+                        self.acknowledge(node.index)
+                    else:
+                        conflicts = node.conflicts
+                        self.publish(node.index)
+                        if node.conflicts > conflicts:
+                            break  # its follower must hand over the other node's write first
+                    busy = True
+            progressed |= busy
+        return progressed
+
+    def kill_node(self, node: int) -> None:
+        """Node `node` dies: its chain and acknowledgements in flight are lost (what the stream
+        took stays); its replicas' connections drop and they reconnect to the next node up,
+        resending what was not acknowledged."""
+        target = self._node(node)
+        if not target.up:
+            raise RuntimeError(f"{target!r} is not running")
+        moved = [i for i, n in enumerate(self.attached) if n == node and self.connected(i, RELAY)]
+        for index in moved:
+            self._disconnect(index, RELAY, relay_side=False)
+        target.stop()
+        for index in moved:
+            if self.connected(index, RELAY):
+                self._connect(index, RELAY)
+
+    def restart_node(self, node: int) -> None:
+        """Node `node` starts again, loading the room from the stream; replicas with no node
+        to connect to (their link not cut) connect to it."""
+        target = self._node(node)
+        if target.up:
+            raise RuntimeError(f"{target!r} is running")
+        stranded = [i for i in range(len(self.replicas)) if not self.connected(i, RELAY)]
+        self._route(target.start())
+        for index in stranded:
+            if self.connected(index, RELAY):
+                self.attached[index] = node
+                self._connect(index, RELAY)
+
+    def move(self, index: int, node: int) -> None:
+        """Replica `index` reconnects through node `node` (a load balancer's choice)."""
+        if not self._node(node).up:
+            raise RuntimeError(f"node {node} is not running")
+        if self.connected(index, RELAY):
+            self._disconnect(index, RELAY)
+            self.attached[index] = node
+            self._connect(index, RELAY)
+        else:
+            self.attached[index] = node
+
     # -- quiescence -------------------------------------------------------------------------
 
     def quiesce(self, *, rounds: int = 1, max_deliveries: int = 100_000) -> int:
@@ -666,6 +1019,9 @@ class SimulatedNetwork:
         self.cut.clear()
         if self.relay is not None and not self.relay.up:
             self.restart_relay()
+        for node in self.nodes:
+            if not node.up:
+                self.restart_node(node.index)
         for replica in self.replicas:
             if not replica.alive:
                 self.restart(replica.index, self.fresh_client_id())
@@ -680,12 +1036,24 @@ class SimulatedNetwork:
         return rounds
 
     def settle(self, *, max_deliveries: int = 100_000) -> None:
-        """Deliver everything in flight and make every relay write durable, until done."""
+        """Deliver everything in flight and make every relay write durable, until done. A
+        connection the relay closes meanwhile for a passing reason (not one of `STUCK`)
+        reconnects, as a client does."""
+        self._closed_transiently.clear()
         for _ in range(max_deliveries):
             self.deliver_all(max_deliveries=max_deliveries)
-            if self.relay is None or not self.relay.store.writes:
+            if self._closed_transiently:
+                for index in self._closed_transiently:
+                    self.heal(index, RELAY)
+                self._closed_transiently.clear()
+                continue
+            if self.nodes:
+                if not self.run_nodes():
+                    return
+            elif self.relay is None or not self.relay.store.writes:
                 return
-            self.store_writes()
+            else:
+                self.store_writes()
         raise AssertionError(f"the network did not settle in {max_deliveries} rounds")
 
     def deliver_all(self, *, max_deliveries: int = 100_000) -> None:
@@ -809,7 +1177,7 @@ class SimulatedNetwork:
             if node == RELAY:
                 replica = self.replicas[other]
                 assert replica.role is not None
-                self._route(self._relay().connect(other, replica.role, replica.author))
+                self._route(self.shell(other).connect(other, replica.role, replica.author))
             else:
                 self.replicas[node].sessions[other].connect()
         for node in (a, b):
@@ -823,9 +1191,9 @@ class SimulatedNetwork:
         for node, other in ((a, b), (b, a)):
             if node == RELAY:
                 if relay_side:
-                    self._route(self._relay().disconnect(other))
+                    self._route(self.shell(other).disconnect(other))
                 else:
-                    self._relay().peers.pop(other, None)
+                    self.shell(other).peers.pop(other, None)
             elif self.up(node):
                 replica = self.replicas[node]
                 replica.sessions[other].disconnect()
@@ -852,7 +1220,7 @@ class SimulatedNetwork:
     # -- internals: the relay -------------------------------------------------------------------
 
     def _relay_receive(self, sender: int, envelope: Envelope) -> None:
-        self._route(self._relay().receive(sender, envelope.message(), self.clock()))
+        self._route(self.shell(sender).receive(sender, envelope.message(), self.clock()))
 
     def _route(self, output: RelayOutput) -> None:
         """What the relay sends goes onto its links; a connection it closes is cut."""
@@ -862,6 +1230,8 @@ class SimulatedNetwork:
             else:
                 self.replicas[item.index].closes.append((item.kind, item.reason))
                 self.partition(item.index, RELAY)
+                if item.kind not in STUCK:
+                    self._closed_transiently.append(item.index)
 
 
 def has_gap(doc: Doc) -> bool:
