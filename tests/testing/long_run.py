@@ -9,6 +9,9 @@ the load, until `--steps` steps have run or `--until` (Unix time) has passed. A 
 shrunk as under `long`, printed, kept in the example database, and ends the process with 1.
 
     nice -n 5 .venv/bin/python -m tests.testing.long_run --seed 1 --steps 35000 > long-1.log
+
+`--topology nodes` runs the relay as a cluster of nodes only
+(tests/testing/test_cluster_machine.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=100, help="examples per chunk")
     parser.add_argument("--steps", type=int, default=35_000, help="stop after this many steps")
     parser.add_argument("--until", type=float, default=float("inf"), help="stop after (Unix)")
+    parser.add_argument(
+        "--topology", choices=("all", "nodes"), default="all", help="nodes: relay nodes only"
+    )
     args = parser.parse_args(argv)
+    machine: type[ConversationMachine] = ConversationMachine
+    if args.topology == "nodes":
+        machine = type("ClusterNodesMachine", (ConversationMachine,), {"topologies": ("nodes",)})
     register_profiles(REPO / ".hypothesis" / "examples")
     chunk_settings = settings(settings.get_profile("long"), max_examples=args.chunk)
     started = time.monotonic()
@@ -44,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk += 1
         hypothesis.core.global_force_seed = args.seed * 1000 + chunk
         try:
-            run_state_machine_as_test(ConversationMachine, settings=chunk_settings)
+            run_state_machine_as_test(machine, settings=chunk_settings)
         except BaseException:
             traceback.print_exc()
             print(f"FAILED in chunk {chunk}", flush=True)
