@@ -336,6 +336,19 @@ class SyncSession:
             self._outbox.append(local)
         return local
 
+    def sent_as_is(self, messages: Iterable[WireMessage]) -> None:
+        """The I/O layer is about to send `messages`, which this session did not produce (a
+        test's hostile peer, a forwarder), on the current connection. The SyncStep2 and
+        SyncUpdate among them are counted as every update sent is, carrying no local update,
+        so that the relay's acknowledgements stay in step. Call it right before sending them,
+        in the order they go out with what `data_to_send` returns."""
+        self._check_open()
+        if not self._connected:
+            raise RuntimeError("sent_as_is() called while not connected")
+        for message in messages:
+            if isinstance(message, SyncStep2 | SyncUpdate):
+                self._count(message, 0, ())
+
     def receive(self, message: WireMessage) -> None:
         """Handle one decoded message from the relay."""
         self._check_open()

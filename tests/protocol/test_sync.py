@@ -306,6 +306,24 @@ def test_acks_make_pending_updates_durable_in_order() -> None:
     assert session.durable and session.acked == 4
 
 
+def test_messages_sent_as_they_are_are_counted_so_acks_stay_in_step() -> None:
+    """A test's hostile client (tests.support.relay.RawClient) sends updates its document did
+    not write, through the same session: the relay acknowledges them like any update."""
+    doc: Doc = Doc()
+    session = connected(doc)
+    wire(session.data_to_send())  # step 1 and the step 2: 1 counted
+    other: Doc = Doc()
+    append_message(other, "not ours")
+    session.sent_as_is([SyncUpdate(other.get_update()), QueryAwareness(), SyncStep1(b"\x00")])
+    append_message(doc, "ours")
+    assert [type(m) for m in wire(session.data_to_send())] == [SyncUpdate]
+    assert session.sent == 3
+    session.receive(Ack(2))
+    assert session.pending_ids == (1,)  # the as-is update carried none of ours
+    session.receive(Ack(3))
+    assert session.durable
+
+
 def test_has_data_to_send_is_true_for_an_edit_and_false_after_an_ack() -> None:
     # The replica wakes its sender only when this is true: an ack must not wake it.
     doc: Doc = Doc()

@@ -138,11 +138,16 @@ async def test_several_messages_per_frame_and_acks(relay: RelayProcess) -> None:
     ):
         await a.wait_acked()  # its sync step 2
         base = a.sent_updates
+        # Written on a copy: what `a.doc` writes, its session sends on its own.
+        writer: Doc = Doc()
+        writer.apply_update(a.doc.get_update())
         updates = []
         for k in range(3):
-            before = a.doc.get_state()
-            a.messages.append(message_map(f"f{k}", "user", "alice", str(k)))
-            updates.append(a.doc.get_update(before))
+            before = writer.get_state()
+            declare_roots(writer)[schema.MESSAGES].append(
+                message_map(f"f{k}", "user", "alice", str(k))
+            )
+            updates.append(writer.get_update(before))
         bad_doc: Doc = Doc()
         declare_roots(bad_doc)[schema.DERIVED]["x"] = {"kind": "usage"}  # not for writers
         refused = bad_doc.get_update()
@@ -153,8 +158,6 @@ async def test_several_messages_per_frame_and_acks(relay: RelayProcess) -> None:
             QueryAwareness(),
             SyncUpdate(updates[2]),
         ]
-        a.sent_log.extend(m.update for m in frame if isinstance(m, SyncUpdate))
-        a.sent_updates = len(a.sent_log)
         await a.send_raw(encode_frame(frame))
         await a.wait_acked(base + 4)
         await b.wait_for(lambda: len(b.messages) == 3)

@@ -3,9 +3,9 @@
 `RelayProcess` is the one relay launcher (`crdtchat.stack.RelaySubprocess`) with the tests'
 secret: `python -m crdtchat.relay.main` (or the real `crdtchat serve`) on a free port in a
 temporary data directory, SIGKILLed, SIGTERMed and restarted on the same port and data.
-`RawClient` speaks the y-websocket protocol with crdtchat.wire over a real websocket and keeps a
-pycrdt Doc in sync, recording every AuthDenied, Ack and awareness message, so tests can wait for
-conditions instead of sleeping.
+`RawClient` is a websocket shell over the real client core (`crdtchat.sync.SyncSession`) that can
+also send any messages or bytes as they are, recording every AuthDenied, Ack and awareness
+message, so tests can wait for conditions instead of sleeping.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtchat import schema
 from crdtchat.stack import RelaySubprocess
+from crdtchat.sync import Denied, SyncSession
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
     Ack,
-    AuthDenied,
     AwarenessEntry,
     AwarenessMessage,
     SyncStep1,
     SyncStep2,
     SyncUpdate,
+    WireError,
     WireMessage,
     decode_awareness,
     decode_frame,
@@ -139,20 +140,27 @@ def freezing_message_update(msg_id: str, author: str) -> bytes:
 
 
 class RawClient:
-    """A y-websocket client built from crdtchat.wire and a pycrdt Doc, for protocol tests."""
+    """A y-websocket client for protocol tests: a websocket shell over the real client core.
+
+    Everything protocol-like is `crdtchat.sync.SyncSession`'s: answering the relay's step 1,
+    applying its updates (early ones held), counting what we send against its Acks. Changes
+    made to `doc` (`push`, or directly) go out as a real client sends them. For hostile tests,
+    `send` and `send_raw` put any messages or bytes on the wire as they are; the session
+    counts the updates among them (`SyncSession.sent_as_is`), so Acks stay in step. Records
+    every message received, Ack, refusal and awareness state, so tests wait for conditions.
+    """
 
     def __init__(self, ws: ClientConnection, doc: Doc | None = None) -> None:
         self.ws = ws
         self.doc: Doc = Doc() if doc is None else doc
         self.roots = declare_roots(self.doc)
+        self.session = SyncSession(self.doc)
         self.multi_message_frames = 0  # frames from the relay holding more than one message
         self.sent_log: list[bytes] = []  # payloads of our SyncStep2/SyncUpdate, in order
         self.received: list[WireMessage] = []
         self.denied: list[str] = []
         self.acks: list[int] = []
         self.awareness: dict[int, tuple[int, str]] = {}  # client id -> (clock, state JSON)
-        self.synced = False  # got the relay's sync step 2
-        self.sent_updates = 0  # SyncStep2/SyncUpdate messages sent
         self.closed = False
         self.close_code: int | None = None
         self.close_reason: str | None = None
@@ -161,6 +169,16 @@ class RawClient:
     @property
     def messages(self) -> Array:
         return self.roots[schema.MESSAGES]  # type: ignore[return-value]
+
+    @property
+    def synced(self) -> bool:
+        """Got the relay's sync step 2."""
+        return self.session.synced
+
+    @property
+    def sent_updates(self) -> int:
+        """SyncStep2/SyncUpdate messages sent, ours and as-is ones."""
+        return self.session.sent
 
     def _notify(self) -> None:
         self._changed.set()
@@ -175,6 +193,13 @@ class RawClient:
                     )
                 await self._changed.wait()
 
+    def _start(self, *, hello: bool) -> None:
+        """The connection is open: the session starts. Without `hello` its step 1 is not
+        sent (a client that has said nothing yet; `hello` or `send` says it later)."""
+        self.session.connect()
+        if not hello:
+            self.session.data_to_send()
+
     async def _receive(self) -> None:
         try:
             async for frame in self.ws:
@@ -183,7 +208,10 @@ class RawClient:
                 self.multi_message_frames += len(decoded) > 1
                 for message in decoded:
                     self.received.append(message)
-                    await self._on_message(message)
+                    self._record(message)
+                    self.session.receive(message)
+                self.denied += [e.reason for e in self.session.events() if isinstance(e, Denied)]
+                await self.flush()
                 self._notify()
         except ConnectionClosed:
             pass
@@ -192,33 +220,40 @@ class RawClient:
         self.close_reason = self.ws.close_reason
         self._notify()
 
-    async def _on_message(self, message: WireMessage) -> None:
-        if isinstance(message, SyncStep1):
-            update = self.doc.get_update(message.state_vector)
-            await self.send(SyncStep2(update))
-        elif isinstance(message, SyncStep2):
-            self.doc.apply_update(message.update)
-            self.synced = True
-        elif isinstance(message, SyncUpdate):
-            self.doc.apply_update(message.update)
-        elif isinstance(message, AuthDenied):
-            self.denied.append(message.reason)
-        elif isinstance(message, Ack):
+    def _record(self, message: WireMessage) -> None:
+        if isinstance(message, Ack):
             self.acks.append(message.seq)
         elif isinstance(message, AwarenessMessage):
             for entry in decode_awareness(message.payload):
-                known = self.awareness.get(entry.client_id)
-                if known is None or known[0] <= entry.clock:
-                    self.awareness[entry.client_id] = (entry.clock, entry.state)
+                self.awareness[entry.client_id] = (entry.clock, entry.state)
+
+    def _log_sent(self, messages: Sequence[WireMessage]) -> None:
+        self.sent_log += [m.update for m in messages if isinstance(m, SyncStep2 | SyncUpdate)]
+
+    async def flush(self) -> None:
+        """Send what the session has to send (our step 2, local changes)."""
+        if self.closed:
+            return
+        messages = self.session.data_to_send()
+        if messages:
+            self._log_sent(messages)
+            await self.ws.send(encode_frame(messages))
 
     async def send(self, *messages: WireMessage) -> None:
-        for m in messages:
-            if isinstance(m, SyncStep2 | SyncUpdate):
-                self.sent_log.append(m.update)
-        self.sent_updates = len(self.sent_log)
+        """Send `messages` as they are, in one frame."""
+        self.session.sent_as_is(messages)
+        self._log_sent(messages)
         await self.ws.send(encode_frame(messages))
 
     async def send_raw(self, frame: bytes | str) -> None:
+        """Send `frame` as it is; the updates in it, if it decodes, are counted."""
+        if isinstance(frame, bytes):
+            try:
+                messages = decode_frame(frame)
+            except WireError:
+                messages = []
+            self.session.sent_as_is(messages)
+            self._log_sent(messages)
         await self.ws.send(frame)
 
     async def hello(self) -> None:
@@ -227,13 +262,12 @@ class RawClient:
         await self.wait_for(lambda: self.synced)
 
     async def push(self, change: Callable[[Doc], None]) -> bytes:
-        """Make a local change and send it as one update; returns the update."""
+        """Make a local change and send it (one update, once synced); returns the update."""
         before = self.doc.get_state()
         with self.doc.transaction():
             change(self.doc)
-        update = self.doc.get_update(before)
-        await self.send(SyncUpdate(update))
-        return update
+        await self.flush()
+        return self.doc.get_update(before)
 
     async def set_presence(self, client_id: int, clock: int, state: Any) -> None:
         entry = AwarenessEntry(client_id, clock, json.dumps(state))
@@ -259,15 +293,20 @@ async def raw_client(
 ) -> AsyncIterator[RawClient]:
     async with connect(url, max_size=None, compression=None) as ws:
         client = RawClient(ws, doc)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(client._receive)
-            if hello:
-                await client.hello()
-            try:
-                yield client
-            finally:
-                await ws.close()
-                tg.cancel_scope.cancel()
+        client._start(hello=hello)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client._receive)
+                if hello:
+                    await client.flush()
+                    await client.wait_for(lambda: client.synced)
+                try:
+                    yield client
+                finally:
+                    await ws.close()
+                    tg.cancel_scope.cancel()
+        finally:
+            client.session.close()
 
 
 def sync_step1_frame(doc: Doc) -> bytes:
