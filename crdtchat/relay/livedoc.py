@@ -30,7 +30,7 @@ not changed by the update.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -44,8 +44,9 @@ from crdtchat.lifetime import ClosesOnExit, weak_method
 from crdtchat.merge import merge
 from crdtchat.pycrdt_internals import is_panic, raw_event_kind, root_count, wrap
 from crdtchat.relay.message_ids import MessageIds
-from crdtchat.relay.permissions import RULES, Access, Change, check_changes
+from crdtchat.relay.permissions import Change, check_changes
 from crdtchat.relay.prejudge import refuse_before_applying, refuse_deletions_before_applying
+from crdtchat.rights import RIGHTS, Access, Rights
 from crdtchat.shape import MAX_READ_DEPTH
 from crdtchat.structure import (
     MissingDependency,
@@ -100,7 +101,10 @@ def _change(event: Any, doc: Doc) -> Change:
     return change
 
 
-MESSAGE_WRITERS = frozenset(role for role, rules in RULES.items() if schema.MESSAGES in rules)
+MESSAGE_WRITERS = frozenset(
+    role for role, rights in RIGHTS.items() if schema.MESSAGES in rights.roots
+)
+_NO_RIGHTS = Rights({})
 
 ROOT_TYPES = {name: ARRAY if name == schema.MESSAGES else MAP for name in schema.ALL_ROOTS}
 
@@ -213,7 +217,7 @@ class LiveDoc(ClosesOnExit):
             for update in log:
                 doc.apply_update(update)
         self._changes: list[tuple[str, Change | None]] = []
-        self._rules: dict[str, Access] = {}
+        self._rules: Mapping[str, Access] = {}
         self._record_error: str | None = None
         # Raw (unwrapped) deep observers: wrapping an event in pycrdt's Python classes costs
         # more than applying the update, and is only needed where the role's rights on that
@@ -286,7 +290,7 @@ class LiveDoc(ClosesOnExit):
             raise RuntimeError("this room document was closed")
         self._changes.clear()
         self._record_error = None
-        self._rules = RULES.get(role, {})
+        self._rules = RIGHTS.get(role, _NO_RIGHTS).roots
         structure = self._ensure_structure()
         if structure is None:
             return Refused(f"the relay cannot check writes to this room: {self.structure_error}")
@@ -333,8 +337,8 @@ class LiveDoc(ClosesOnExit):
                 after != before and decode_state_vector(after) != decode_state_vector(before)
             )
             if reason is None and changed:
-                if role == "reader":
-                    reason = "a reader may not change the document"
+                if not self._rules:  # a role given no root (a reader) writes nothing
+                    reason = f"a {role} may not change the document"
                 elif self._count_roots() != self._root_count:
                     reason = "update writes a root that is not part of the schema"
                 else:
@@ -429,8 +433,8 @@ class LiveDoc(ClosesOnExit):
                 continue  # a root outside the schema: refused after applying, as such
             access = self._rules.get(root)
             if access is None or access is Access.DELETE_ONLY:
-                if role == "reader":
-                    return "a reader may not change the document"
+                if not self._rules:
+                    return f"a {role} may not change the document"
                 if access is None:
                     return f"a {role} may not write {root}"
                 return f"a {role} may only delete entries of {root}"

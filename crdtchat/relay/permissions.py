@@ -45,10 +45,6 @@ from crdtchat.rights import FIXED_MESSAGE_KEYS, RIGHTS, Access
 from crdtchat.schema import Message
 from crdtchat.shape import TooDeep, holds_types, read_json
 
-# role -> root -> Access: the roots column of `crdtchat.rights.RIGHTS`, as the live document
-# (`crdtchat.relay.livedoc`) reads it for every update
-RULES: dict[str, dict[str, Access]] = {role: dict(rights.roots) for role, rights in RIGHTS.items()}
-
 
 @dataclass(slots=True)
 class Change:
