@@ -318,8 +318,9 @@ class LiveDoc(ClosesOnExit):
         if gate is not None and plan.runs:
             gate(len(update))
         self.ids.discard()
-        if not self.ids.loaded and role in MESSAGE_WRITERS:
-            # once per load, before this update's messages land
+        if not self.ids.loaded and role in MESSAGE_WRITERS and schema.MESSAGES in plan.roots:
+            # once per load, before the first update that lands items in the messages (a
+            # client's empty sync step 2, a draft, a read mark do not: no need to read them all)
             self.ids.load(self.messages, self.shape_checked())
         try:
             with self.doc.transaction():  # events fire when this transaction commits

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from pycrdt import Doc
+from pycrdt import Doc, Map, Text
 
 from crdtchat import schema
 from crdtchat.relay.store import DB_NAME, Store
@@ -137,6 +137,28 @@ async def test_first_writes_after_a_cold_load_are_judged_against_the_whole_room(
         # a1 was made without the room, so it lands at the start: only the set matters here
         assert sorted(ids) == sorted([f"m{n}" for n in range(COUNT)] + ["t1", "a1", "b1"])
         assert ids.index("b1") == ids.index("t1") + 1
+    finally:
+        relay.stop()
+
+
+async def test_a_message_after_a_first_write_elsewhere_is_judged_by_its_id(
+    tmp_path: Path,
+) -> None:
+    """The first write of a cold room touches only a draft: the message ids are not read for
+    it, and the next write, a message reusing an id of the snapshot, is still refused."""
+    relay = RelayProcess(tmp_path / "data").start()
+    try:
+        await seed(relay)
+        async with raw_client(url(relay, "dave", "writer"), hello=False) as client:
+            draft: Doc = Doc()
+            draft.get(schema.DRAFTS, type=Map)["dave"] = Text("typing")
+            await client.send(SyncStep1(b"\x00"), SyncUpdate(draft.get_update()))
+            await client.wait_for(
+                lambda: client.synced and bool(client.acks) and client.acks[-1] >= 1
+            )
+            await client.send(SyncUpdate(new_message("m5", "dave")))
+            await client.wait_for(lambda: bool(client.denied))
+            assert client.denied == ["message id 'm5' is taken by another message"]
     finally:
         relay.stop()
 
