@@ -8,7 +8,10 @@ the browser figures are reported as ratios to it. Three figures per open: the wa
 of the page's main thread meanwhile (Chromium's `ThreadTime` metric, which a loaded machine
 hardly changes, unlike the wall time); and the page's own `crdtchat:latest-drawn` mark (time
 since navigation start at which the latest message was laid out). From the relay, the page's
-marks split it into: connecting, the relay's state received, applied, drawn.
+marks split it into: connecting, the relay's state received, applied, drawn. The relay is
+restarted before each open from it, so that each finds the room unloaded: what a person
+opening a conversation nobody had open meets (`benchmarks/relay_cold_open.py` times the
+relay's part alone).
 
 Scrolling back: the thread is a virtual list; the page is scrolled up one screen at a time
 from the end to the first message, and each draw (DOM and layout) is timed; the number of
@@ -143,6 +146,8 @@ def main() -> None:
     dom_nodes: list[int] = []
     try:
         anyio.run(upload, f"ws://127.0.0.1:{relay.port}", state)
+        relay.kill()  # every open from the relay is a cold one: the room is loaded for it
+        relay.start()
         link = f"http://127.0.0.1:{relay.port}/c/{ROOM}#token={token(ROOM, 'writer', 'alice')}"
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
