@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,9 @@ def serve_loopback(rate: float) -> None:
 # ---------------------------------------------------------------- the floor: a stateless proxy
 
 
-def serve_proxy(upstream: str) -> None:
-    """`--serve-proxy URL`: the stateless chat proxy (the floor). Prints its ws:// URL."""
+def serve_proxy(upstream: str, loop: str) -> None:
+    """`--serve-proxy URL --floor-loop LOOP`: the stateless chat proxy (the floor), on the
+    event loop named (uvloop by default, as `crdtchat worker` runs). Prints its ws:// URL."""
     import httpx
     from websockets.asyncio.server import ServerConnection, serve
 
@@ -150,7 +152,12 @@ def serve_proxy(upstream: str) -> None:
                 await asyncio.Future()
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        if loop == "uvloop":
+            import uvloop
+
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -232,6 +239,7 @@ class Phase:
     latencies_ms: list[float]
     # (seconds from the questions going out to the token's send stamp, latency ms)
     timeline: list[tuple[float, float]] = field(default_factory=list)
+    store_wait: str = ""  # crdtchat: the relay's queue-to-commit time of its writes
 
     def over_time(self, bucket: float = 0.5) -> str:
         """p50/p99/max of the tokens sent in each `bucket` seconds: where the tail comes from."""
@@ -276,6 +284,7 @@ async def crdtchat_phase(
     timeout: float,
     profile: Path | None = None,
     worker_count: int = 1,
+    profile_relay: Path | None = None,
 ) -> Phase:
     """N rooms on a fresh relay, one worker process, N writers and N observers here."""
     data = work / f"relay-{n}-{time.monotonic_ns()}"
@@ -326,17 +335,21 @@ async def crdtchat_phase(
                 )
                 for i in range(worker_count)
             ]
-            spy = None
-            if profile is not None:  # py-spy must be installed (pip install py-spy)
-                spy = subprocess.Popen(
+            # py-spy must be installed (pip install py-spy); the relay's profile includes
+            # its store thread, where SQLite commits run.
+            spies = [
+                subprocess.Popen(
                     [
-                        *("py-spy", "record", "--pid", str(workers[0].pid)),
-                        *("--output", str(profile), "--format", "raw", "--rate", "250"),
+                        *("py-spy", "record", "--pid", str(pid), "--threads"),
+                        *("--output", str(output), "--format", "raw", "--rate", "250"),
                         "--nonblocking",
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
+                for pid, output in ((workers[0].pid, profile), (relay.pid, profile_relay))
+                if output is not None
+            ]
 
             def worker_cpu() -> float:
                 return sum(cpu_seconds(w.pid) for w in workers)
@@ -357,8 +370,9 @@ async def crdtchat_phase(
                     "worker": worker_cpu() - before["worker"],
                     "relay": relay.cpu() - before["relay"],
                 }
+                store_wait = read_store_wait(relay.url)
             finally:
-                if spy is not None:
+                for spy in spies:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
                 for worker in workers:
@@ -372,7 +386,36 @@ async def crdtchat_phase(
         finally:
             for client in clients:
                 client.close()
-    return collect("crdtchat", n, tokens, observed, cpu, seconds, started)
+    phase = collect("crdtchat", n, tokens, observed, cpu, seconds, started)
+    phase.store_wait = store_wait
+    return phase
+
+
+def read_store_wait(ws_url: str) -> str:
+    """The relay's `crdtchat_store_write_seconds` histogram (`/metrics`) as mean and the
+    bucket bound under which 99% of writes were committed: the durable commit's share of
+    the latency (a write is broadcast only after it)."""
+    url = ws_url.replace("ws://", "http://", 1).rstrip("/") + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    buckets: list[tuple[float, int]] = []
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith('crdtchat_store_write_seconds_bucket{le="'):
+            bound = line.split('"')[1]
+            buckets.append(
+                (float("inf") if bound == "+Inf" else float(bound), int(line.split()[-1]))
+            )
+        elif line.startswith("crdtchat_store_write_seconds_sum "):
+            total = float(line.split()[-1])
+        elif line.startswith("crdtchat_store_write_seconds_count "):
+            count = float(line.split()[-1])
+    if not count:
+        return "store wait: no writes"
+    p99 = next(bound for bound, cumulative in buckets if cumulative >= 0.99 * count)
+    return (
+        f"store wait mean {total / count * 1e3:.2f} ms, p99 <= {p99 * 1e3:g} ms, {count:.0f} writes"
+    )
 
 
 def open_log(work: Path) -> Any:
@@ -451,7 +494,7 @@ def report(pairs: list[tuple[Phase, Phase]]) -> None:
                 f"{phase.name:<9} {phase.conversations:>5} {phase.tokens:>7} "
                 f"{phase.seconds:>6.1f} {phase.p50:>7.1f} {phase.p99:>7.1f} "
                 f"{phase.latencies_ms[-1] if phase.latencies_ms else float('nan'):>7.1f} | "
-                f"{parts}"
+                f"{parts}" + (f"; {phase.store_wait}" if phase.store_wait else "")
             )
     print()
     for ours, floor in pairs:
@@ -482,7 +525,14 @@ async def run(args: argparse.Namespace) -> None:
             if args.limit:
                 for n in args.limit:
                     phase = await crdtchat_phase(
-                        n, args.tokens, openai_url, work, args.timeout, args.profile, args.workers
+                        n,
+                        args.tokens,
+                        openai_url,
+                        work,
+                        args.timeout,
+                        args.profile,
+                        args.workers,
+                        args.profile_relay,
                     )
                     verdict = "over" if phase.p99 > P99_LIMIT_MS else "within"
                     print(
@@ -491,14 +541,21 @@ async def run(args: argparse.Namespace) -> None:
                         f"{phase.p99:.1f} ms ({verdict} {P99_LIMIT_MS:.0f} ms), worker "
                         f"{phase.cpu_us_per_token('worker'):.1f} µs/token, relay "
                         f"{phase.cpu_us_per_token('relay'):.1f} µs/token, {phase.seconds:.1f} s; "
-                        f"load {load()}",
+                        f"{phase.store_wait}; load {load()}",
                         flush=True,
                     )
                     if args.over_time:
                         print(phase.over_time(), flush=True)
                 return
             with child(
-                [sys.executable, here, "--serve-proxy", openai_url],
+                [
+                    sys.executable,
+                    here,
+                    "--serve-proxy",
+                    openai_url,
+                    "--floor-loop",
+                    args.floor_loop,
+                ],
                 env,
                 work / "proxy.log",
                 "proxy listening on ",
@@ -539,7 +596,8 @@ def cli() -> None:
         serve_loopback(rate)
         return
     if "--serve-proxy" in sys.argv:
-        serve_proxy(sys.argv[sys.argv.index("--serve-proxy") + 1])
+        loop = sys.argv[sys.argv.index("--floor-loop") + 1]
+        serve_proxy(sys.argv[sys.argv.index("--serve-proxy") + 1], loop)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=200)
@@ -548,7 +606,14 @@ def cli() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="crdtchat worker processes")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--floor-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the floor proxy's event loop (the worker and the relay run on uvloop)",
+    )
     parser.add_argument("--profile", type=Path, help="--limit runs: py-spy the worker to FILE")
+    parser.add_argument("--profile-relay", type=Path, help="--limit runs: py-spy the relay to FILE")
     parser.add_argument(
         "--over-time", action="store_true", help="latency by send time, per phase: the tail's when"
     )
