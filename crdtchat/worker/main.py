@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
+import importlib.util
 import logging
 import os
 import socket
@@ -18,6 +20,8 @@ from crdtchat.worker.feed import FeedRefused
 from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
 from crdtchat.worker.turn import TurnSettings
+
+log = logging.getLogger("crdtchat.worker")
 
 TOKEN_VARIABLE = "CRDTCHAT_TOKEN"
 # Allocations between young-generation collections: ten times CPython's default (see tune_gc).
@@ -71,6 +75,24 @@ def tune_gc() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
+def loop_options() -> dict[str, bool]:
+    """uvloop when it is installed, as the relay does (crdtchat/relay/main.py).
+
+    The worker is mostly event loop: per streamed reply it reads the provider's SSE stream and
+    writes websocket frames, and per flush wakes a few tasks. With 200 replies at once the
+    standard loop's transports, handles and selector were a fifth of its CPU
+    (benchmarks/concurrent_replies.py, docs/performance.md); libuv's do the same in C.
+    """
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
+async def serve(config: WorkerConfig, providers: ProviderPool) -> None:
+    """`run_worker`, after saying which event loop runs it."""
+    loop = type(asyncio.get_running_loop())
+    log.info("worker %s: event loop %s.%s", config.identity, loop.__module__, loop.__qualname__)
+    await run_worker(config, providers)
+
+
 def worker_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.lease_ttl <= 0 or args.idle_after <= 0:
@@ -88,7 +110,7 @@ def worker_command(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from error
     tune_gc()
     try:
-        anyio.run(run_worker, config, providers)
+        anyio.run(serve, config, providers, backend_options=loop_options())
     except FeedRefused as error:
         raise CommandError(str(error)) from error
     return 0
