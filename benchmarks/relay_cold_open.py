@@ -35,7 +35,7 @@ import anyio
 from pycrdt import Doc, Map, Text
 from websockets.asyncio.client import connect
 
-from benchmarks._support import REPO, SECRET
+from benchmarks._support import REPO, SECRET, cpu_seconds
 from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
@@ -73,11 +73,14 @@ def a_write() -> bytes:
     return doc.get_update()
 
 
-async def cold_open(port: int) -> tuple[float, float]:
-    """Seconds from the handshake to the relay's step 2, and to the ack of a first write."""
+async def cold_open(port: int, pid: int) -> tuple[float, float, float]:
+    """Seconds from the handshake to the relay's step 2, and to the ack of a first write; and
+    the relay's CPU seconds (all its threads) until the step 2 arrived, which a loaded machine
+    changes much less than the wall times."""
     url = f"ws://127.0.0.1:{port}/{ROOM}?token={token()}&ext=ack"
+    cpu_before = cpu_seconds(pid)
     start = time.perf_counter()
-    state_at = acked_at = 0.0
+    state_at = acked_at = cpu = 0.0
     async with connect(url, max_size=None, compression=None) as ws:
         await ws.send(encode_frame([SyncStep1(b"\x00"), SyncUpdate(a_write())]))
         while not (state_at and acked_at):
@@ -86,10 +89,11 @@ async def cold_open(port: int) -> tuple[float, float]:
             for message in decode_frame(frame):
                 if isinstance(message, SyncStep2) and not state_at:
                     state_at = time.perf_counter() - start
+                    cpu = cpu_seconds(pid) - cpu_before
                     assert len(message.update) > 1_000_000, len(message.update)
                 elif isinstance(message, Ack) and message.seq >= 1:
                     acked_at = time.perf_counter() - start
-    return state_at, acked_at
+    return state_at, acked_at, cpu
 
 
 def relay_for(code: Path, data: Path) -> RelaySubprocess:
@@ -118,20 +122,20 @@ def main() -> None:
     trees = {"new": REPO}
     if args.compare is not None:
         trees["old"] = args.compare.resolve()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
     relays = {}
     for name, code in trees.items():
         data = base / name
         shutil.copytree(base / "seed", data)
         relays[name] = relay_for(code, data)
         relays[name].start()
-        anyio.run(cold_open, relays[name].port)  # the first load checks the stored bytes
+        anyio.run(cold_open, relays[name].port, relays[name].pid)  # the first load checks
         relays[name].kill()
     try:
         for _ in range(args.repeats):
             for name, relay in relays.items():
                 relay.start()
-                results[name].append(anyio.run(cold_open, relay.port))
+                results[name].append(anyio.run(cold_open, relay.port, relay.pid))
                 relay.kill()
     finally:
         for relay in relays.values():
@@ -142,20 +146,23 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"load average {load:.2f}; anchor Conversation.from_update {a * 1e3:.0f} ms")
     for name, samples in results.items():
-        state_ms = [s * 1e3 for s, _ in samples]
-        write_ms = [w * 1e3 for _, w in samples]
+        state_ms = [s * 1e3 for s, _, _ in samples]
+        write_ms = [w * 1e3 for _, w, _ in samples]
+        cpu_ms = [c * 1e3 for _, _, c in samples]
         print(
             f"{name}: state received {statistics.median(state_ms):.0f} ms "
-            f"({statistics.median(state_ms) / (a * 1e3):.2f}x anchor), first write acked "
+            f"({statistics.median(state_ms) / (a * 1e3):.2f}x anchor), relay CPU until then "
+            f"{statistics.median(cpu_ms):.0f} ms, first write acked "
             f"{statistics.median(write_ms):.0f} ms; samples "
             + " ".join(f"{s:.0f}/{w:.0f}" for s, w in zip(state_ms, write_ms, strict=True))
         )
     if "old" in results:
-        pairs = zip(results["new"], results["old"], strict=True)
-        ratios = [(n[0] / o[0], n[1] / o[1]) for n, o in pairs]
+        pairs = list(zip(results["new"], results["old"], strict=True))
+        ratios = [[n[k] / o[k] for k in range(3)] for n, o in pairs]
         print(
             "new/old per pair, medians: state "
-            f"{statistics.median(r[0] for r in ratios):.2f}, first write "
+            f"{statistics.median(r[0] for r in ratios):.2f}, relay CPU until the state "
+            f"{statistics.median(r[2] for r in ratios):.2f}, first write "
             f"{statistics.median(r[1] for r in ratios):.2f}"
         )
 
