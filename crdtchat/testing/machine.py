@@ -638,6 +638,14 @@ class ConversationMachine(RuleBasedStateMachine):
                 assert not malformed, f"{relay!r} found frames malformed: {malformed}"
 
     @invariant()
+    def conflicts_never_fail_a_node(self) -> None:
+        """A node whose publish met another node's write judges its writes again: its room
+        never fails (the single relay's `fail_store` is the only simulated store failure)."""
+        if self.network is not None:
+            for node in self.network.nodes:
+                assert not (node.up and node.room.failed), f"{node!r}'s room failed"
+
+    @invariant()
     def acknowledged_writes_are_durable(self) -> None:
         """A replica whose relay acknowledged all its writes finds them in what the relay
         keeps durably (its store, or the cluster's stream), even if the node that acknowledged
