@@ -267,11 +267,11 @@ class Room:
             return
         self._tasks.start_soon(self._index_structure, *loaded)
 
-    async def _index_structure(self, state: bytes, log: tuple[bytes, ...]) -> None:
-        """Index the loaded state on a thread: the event loop keeps serving meanwhile."""
+    async def _index_structure(self, state: bytes, updates: tuple[bytes, ...]) -> None:
+        """Index the loaded state and log on a thread: the event loop keeps serving meanwhile."""
         try:
             index = await anyio.to_thread.run_sync(
-                build_structure, state, self.config.shape_limits, log
+                build_structure, state, self.config.shape_limits, updates
             )
         except ValueError as error:  # a stored state we cannot decode: writes are refused
             log.error("room %s: structure index failed: %s", self.name, error)
