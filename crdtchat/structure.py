@@ -268,6 +268,11 @@ class _Checker:
             known = known_end.get(client, 0)
             last: _Where | None = None
             last_end = -1
+            if known:
+                # A struct continuing the client's last known item (the next flush of a
+                # stream, the next keystroke) takes that item's parent, as `_try` would find
+                # through its origin: the fast path below, across updates.
+                last, last_end = self.index._where[client][-1], known
             for struct in fresh:
                 kind, clock, parent = struct.kind, struct.clock, struct.parent
                 # Fast paths for the common shapes: an entry of a root or of a known type, and an
