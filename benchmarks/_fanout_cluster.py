@@ -124,14 +124,25 @@ async def fanout(setup: Setup, observers: int, updates: int, rate: float, warmup
     )
 
 
-def cluster_nodes(stack: ExitStack, directory: Path, nats: NatsCluster) -> list[RelaySubprocess]:
+def cluster_nodes(
+    stack: ExitStack,
+    directory: Path,
+    nats: NatsCluster,
+    count: int = 2,
+    args: Sequence[str] = RELAY_ARGS,
+    prefix: str = "fanout",
+) -> list[RelaySubprocess]:
+    """`count` relay nodes on `nats`, node i listing the servers from the i-th on (so their
+    connections spread over the servers); `stack` stops them. benchmarks/connections.py too."""
     nodes = []
-    for index in range(2):
+    for index in range(count):
+        first = index % len(nats.urls)
+        servers = ",".join(nats.urls[first:] + nats.urls[:first])
         node = RelaySubprocess(
             directory / f"node{index}",
             SECRET,
-            [*RELAY_ARGS, "--nats", nats.url],
-            env={"PYTHONPATH": str(REPO), "CRDTCHAT_NATS_PREFIX": "fanout"},
+            [*args, "--nats", servers],
+            env={"PYTHONPATH": str(REPO), "CRDTCHAT_NATS_PREFIX": prefix},
             cwd=REPO,
             log_path=directory / f"node{index}.log",
         )

@@ -18,6 +18,13 @@ with the same load generator (the file-descriptor limit of 20,000 would not hold
     .venv/bin/python benchmarks/connections.py                       # small: checks the script
     .venv/bin/python benchmarks/connections.py --connections 2000 --rooms 200
     .venv/bin/python benchmarks/connections.py --connections 10000 --rooms 2000 --procs 4
+
+`--nats` measures relay nodes on a NATS cluster the same way, our single relay first as the
+anchor (benchmarks/_connections_cluster.py says what and how):
+
+    .venv/bin/python benchmarks/connections.py --nats --consumers 200   # small: checks it
+    .venv/bin/python benchmarks/connections.py --nats --connections 10000 --rooms 2000 \
+        --procs 4 --consumers 20000
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +48,6 @@ from benchmarks._support import (
     SECRET,
     LightClient,
     Server,
-    cpu_seconds,
     open_light_client,
     rss_kib,
     running_node_server,
@@ -49,11 +55,20 @@ from benchmarks._support import (
 )
 from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
-from crdtchat.wire import SyncStep1, SyncStep2, SyncUpdate, encode_message
+from crdtchat.wire import (
+    MESSAGE_ACK,
+    Ack,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    decode_frame,
+    encode_message,
+)
 
 STEP1_EMPTY = encode_message(SyncStep1(b"\x00"))
 STEP2_EMPTY = encode_message(SyncStep2(b"\x00\x00"))
 MARKER = b"conn#"
+ACK_TYPE = bytes([MESSAGE_ACK])
 
 
 def room_url(base: str, kind: str, room: str, role: str, sub: str = "bench") -> str:
@@ -80,8 +95,12 @@ def message_update(text: str, author: str) -> bytes:
 async def generate(kind: str, base: str, mode: str, first: int, count: int, rooms: int) -> None:
     """Child process. mode "seed": rooms first..first+count-1 each get a message, then the
     connection leaves. mode "idle": connections first..first+count-1 join room i % rooms,
-    sync and stay; prints "ready" once all are synced and holds them until stdin closes."""
+    sync and stay; prints "ready" once all are synced and holds them until stdin closes.
+
+    `base` may list several servers, comma-separated (relay nodes of one cluster): connection
+    i goes to server (i // rooms) % servers, so every room has connections on every server."""
     loop = asyncio.get_running_loop()
+    bases = base.split(",")
     synced: dict[LightClient, asyncio.Future[None]] = {}
 
     def on_frame(client: LightClient, data: bytes, arrived: int) -> None:
@@ -102,7 +121,7 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
             room = f"room-{index % rooms}"
             role = "writer" if mode == "seed" else "reader"
             sub = f"bench-{index}"
-            url = room_url(base, kind, room, role, sub)
+            url = room_url(bases[(index // rooms) % len(bases)], kind, room, role, sub)
             client = await open_light_client(url, on_frame, 120)
             future = synced[client] = loop.create_future()
             if mode == "seed":
@@ -163,10 +182,32 @@ def generators(
 # -- writes ----------------------------------------------------------------------------------
 
 
-async def write_cost(server: Server, kind: str, room: str, writes: int) -> float:
-    """Server CPU µs per write: each write waits until an observer in the room has it."""
+@dataclass
+class WriteCost:
+    """One writer's sequential writes, each waiting until an observer has it."""
+
+    cpu_us: float  # the measured server processes' CPU per write (relay nodes summed)
+    beside_us: float  # the processes measured beside them (NATS servers), CPU per write
+    ack_ms: list[float]  # send -> the relay's Ack (ext=ack: stored); empty for node
+    delivery_ms: list[float]  # send -> the observer has it
+
+
+async def write_cost(
+    writer_base: str,
+    observer_base: str,
+    kind: str,
+    room: str,
+    writes: int,
+    cpu: Callable[[], float],
+    beside_cpu: Callable[[], float] = lambda: 0.0,
+) -> WriteCost:
+    """Server CPU per write and its latencies: each write waits until an observer in the room
+    (on `observer_base`: another relay node, in a cluster) has it. Our relay's writer asks for
+    `ext=ack`, so the time to the durable point (send -> Ack) is split from the rest."""
     loop = asyncio.get_running_loop()
     seen: dict[int, asyncio.Future[None]] = {}
+    acked: dict[int, asyncio.Future[float]] = {}  # messages sent -> when the Ack covered them
+    sent = 1  # the writer's sync step 2 counts as its first acknowledged message
 
     def on_observer(client: LightClient, data: bytes, arrived: int) -> None:
         if data[:2] == b"\x00\x00":
@@ -183,24 +224,41 @@ async def write_cost(server: Server, kind: str, room: str, writes: int) -> float
     def on_writer(client: LightClient, data: bytes, arrived: int) -> None:
         if data[:2] == b"\x00\x00":
             client.send(STEP2_EMPTY)
+        elif data[:1] == ACK_TYPE:
+            for message in decode_frame(data):
+                if isinstance(message, Ack):
+                    for count, future in acked.items():
+                        if count <= message.seq and not future.done():
+                            future.set_result(time.perf_counter())
 
-    observer = await open_light_client(room_url(server.url, kind, room, "reader"), on_observer)
-    writer = await open_light_client(room_url(server.url, kind, room, "writer"), on_writer)
+    observer = await open_light_client(room_url(observer_base, kind, room, "reader"), on_observer)
+    writer_url = room_url(writer_base, kind, room, "writer")
+    if kind == "relay":
+        writer_url += "&ext=ack"
+    writer = await open_light_client(writer_url, on_writer)
     conversation = Conversation(author="bench")
     try:
         for warm in (True, False):
             count = max(1, writes // 10) if warm else writes
-            cpu_before = cpu_seconds(server.pid)
+            ack_ms: list[float] = []
+            delivery_ms: list[float] = []
+            cpu_before, beside_before = cpu(), beside_cpu()
             for index in range(count):
                 seq = index + (0 if warm else writes)
                 seen[seq] = loop.create_future()
                 before = conversation.state_vector()
                 conversation.append("user", f"{MARKER.decode()}{seq}# a short chat line")
                 update = conversation.update_since(before)
+                sent += 1
+                ack = acked[sent] = loop.create_future()
+                started = time.perf_counter()
                 writer.send(encode_message(SyncUpdate(update)))
                 await asyncio.wait_for(seen[seq], 60)
-            cpu = cpu_seconds(server.pid) - cpu_before
-        return cpu / writes * 1e6
+                delivery_ms.append((time.perf_counter() - started) * 1e3)
+                if kind == "relay":  # the Ack may come after the delivery
+                    ack_ms.append((await asyncio.wait_for(ack, 60) - started) * 1e3)
+            used, beside = cpu() - cpu_before, beside_cpu() - beside_before
+        return WriteCost(used / writes * 1e6, beside / writes * 1e6, ack_ms, delivery_ms)
     finally:
         conversation.close()
         observer.close()
@@ -240,7 +298,9 @@ def measure(server: Server, kind: str, args: argparse.Namespace) -> Result:
     print(f"{server.name}: warming up", flush=True)
     with generators(kind, server.url, "seed", 1, 1, 1):
         pass
-    write_one = asyncio.run(write_cost(server, kind, "room-0", args.writes))
+    write_one = asyncio.run(
+        write_cost(server.url, server.url, kind, "room-0", args.writes, server.cpu)
+    ).cpu_us
     base = settle(server.pid)
     print(f"{server.name}: loading {args.rooms} rooms", flush=True)
     with generators(kind, server.url, "seed", args.rooms, args.rooms, args.procs):
@@ -252,7 +312,9 @@ def measure(server: Server, kind: str, args: argparse.Namespace) -> Result:
         opened = time.monotonic() - started
         connected = settle(server.pid)
         print(f"{server.name}: writing with everything loaded", flush=True)
-        write_all = asyncio.run(write_cost(server, kind, "room-1", args.writes))
+        write_all = asyncio.run(
+            write_cost(server.url, server.url, kind, "room-1", args.writes, server.cpu)
+        ).cpu_us
     return Result(
         server=server.name,
         base_mib=base / 1024,
@@ -298,12 +360,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--writes", type=int, default=200)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument(
+        "--nats", action="store_true", help="relay nodes on NATS beside our single relay"
+    )
+    parser.add_argument(
+        "--setups",
+        default="0:1,1:1,1:2,3:2",
+        help="with --nats: NATS servers:relay nodes, comma-separated; 0 is our single relay",
+    )
+    parser.add_argument(
+        "--consumers", type=int, default=0, help="with --nats: then follow this many rooms"
+    )
+    parser.add_argument("--consumers-step", type=int, default=5000)
     parser.add_argument("--generate", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate:
         kind, base, mode, first, count, rooms = args.generate
         asyncio.run(generate(kind, base, mode, int(first), int(count), int(rooms)))
         return 0
+    if args.nats:
+        from benchmarks._connections_cluster import run_cluster  # imports this module
+
+        return run_cluster(args)
     load = os.getloadavg()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="crdtchat-connections-") as tmp:
