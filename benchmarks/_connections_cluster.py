@@ -208,7 +208,16 @@ def run_setup(servers: int, nodes: int, directory: Path, args: argparse.Namespac
         nats = stack.enter_context(nats_cluster(directory / "nats", size=servers))
         relays = cluster_nodes(stack, directory, nats, nodes, relay_args, "connections")
         pids = [relay.proc.pid for relay in relays if relay.proc is not None]
-        return measure_setup(name, [relay.ws_base for relay in relays], pids, nats, args)
+        try:
+            return measure_setup(name, [relay.ws_base for relay in relays], pids, nats, args)
+        except Exception:
+            for relay in relays:  # why a node let the load generator down
+                print(f"--- {relay.log_path}", "\n".join(tail(relay.log_path)), sep="\n")
+            raise
+
+
+def tail(path: Path, lines: int = 40) -> list[str]:
+    return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
 
 
 # -- one stream's consumers ---------------------------------------------------------------------

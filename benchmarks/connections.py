@@ -115,6 +115,22 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
 
     limiter = asyncio.Semaphore(64)
     opened: list[LightClient] = []
+    resets = 0
+
+    async def open_with_retries(
+        url: str, on_frame: Callable[[LightClient, bytes, int], None]
+    ) -> LightClient:
+        """A relay node loading many rooms at load 10+ now and then resets a handshake (seen
+        with --nats); the connection is opened again and the resets are reported."""
+        nonlocal resets
+        for attempt in range(5):
+            try:
+                return await open_light_client(url, on_frame, 120)
+            except ConnectionResetError:
+                if attempt == 4:
+                    raise
+                resets += 1
+        raise AssertionError("unreachable")
 
     async def one(index: int) -> None:
         async with limiter:
@@ -122,7 +138,7 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
             role = "writer" if mode == "seed" else "reader"
             sub = f"bench-{index}"
             url = room_url(bases[(index // rooms) % len(bases)], kind, room, role, sub)
-            client = await open_light_client(url, on_frame, 120)
+            client = await open_with_retries(url, on_frame)
             future = synced[client] = loop.create_future()
             if mode == "seed":
                 client.send(encode_message(SyncUpdate(message_update(f"hello {room}", sub))))
@@ -135,6 +151,8 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
                 opened.append(client)
 
     await asyncio.gather(*(one(index) for index in range(first, first + count)))
+    if resets:
+        print(f"generator {mode} {first}: {resets} handshakes reset, retried", file=sys.stderr)
     print("ready", flush=True)
     if mode == "idle":
         await loop.run_in_executor(None, sys.stdin.readline)
