@@ -46,14 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._fanout_cluster import cluster_nodes
 from benchmarks._support import cpu_seconds, percentile, rss_kib, running_relay
-from benchmarks.connections import WriteCost, generators, settle, write_cost
+from benchmarks.connections import WriteCost, generators, write_cost
 from crdtchat.cluster.connection import connect
 from crdtchat.cluster.local import NatsCluster, nats_cluster
 from crdtchat.cluster.names import Names
 from crdtchat.cluster.roomlog import Follower, RoomLog
 
 IDLE_WINDOW = 10.0  # seconds over which an idle loaded room's CPU is measured
-CONSUMER_PHASE_LIMIT = 240.0  # seconds: the consumer capacity stops there, as a finding
+CONSUMER_PHASE_LIMIT = 150.0  # seconds: the consumer capacity stops there, as a finding
 
 
 @dataclass
@@ -114,6 +114,20 @@ def consumers_of(nats: NatsCluster | None) -> int:
     return sum(int(node.monitor("/jsz")[1].get("consumers", 0)) for node in nats.nodes)
 
 
+def settle_all(pids: Sequence[int], seconds: float = 3.0) -> list[int]:
+    """Every process's RSS once none moves for a moment (connections.settle, for several at
+    once: settling them one after another cost up to 30 s each under load)."""
+    last = [rss_kib(pid) for pid in pids]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(seconds)
+        now = [rss_kib(pid) for pid in pids]
+        if all(abs(a - b) < 256 for a, b in zip(now, last, strict=True)):
+            return now
+        last = now
+    return last
+
+
 def idle_rate(pids: Sequence[int]) -> float:
     """CPU seconds per second of `pids` over IDLE_WINDOW, nothing being written."""
     before, started = total_cpu(pids), time.monotonic()
@@ -150,15 +164,15 @@ def measure_setup(
         with generators("relay", base, "seed", 1, 1, 1):
             pass
     write_one = write("room-0")
-    node_base = [settle(pid) for pid in node_pids]
-    nats_base = [settle(pid) for pid in nats_pids]
+    settled = settle_all([*node_pids, *nats_pids])
+    node_base, nats_base = settled[: len(node_pids)], settled[len(node_pids) :]
     node_idle_base, nats_idle_base = idle_rate(node_pids), idle_rate(nats_pids)
     print(f"{name}: loading {rooms} rooms on each of {len(bases)} node(s)", flush=True)
     for base in bases:
         with generators("relay", base, "seed", rooms, rooms, args.procs):
             pass
-    node_loaded = [settle(pid) for pid in node_pids]
-    nats_loaded = [settle(pid) for pid in nats_pids]
+    settled = settle_all([*node_pids, *nats_pids])
+    node_loaded, nats_loaded = settled[: len(node_pids)], settled[len(node_pids) :]
     # Idle CPU beyond the base's (one room), per further room.
     node_idle = (idle_rate(node_pids) - node_idle_base) / (rooms - 1) * 1e6
     nats_idle = (idle_rate(nats_pids) - nats_idle_base) / (rooms - 1) * 1e6
@@ -167,7 +181,7 @@ def measure_setup(
     started = time.monotonic()
     with generators("relay", ",".join(bases), "idle", args.connections, rooms, args.procs):
         opened = time.monotonic() - started
-        node_connected = [settle(pid) for pid in node_pids]
+        node_connected = settle_all(node_pids)
         print(f"{name}: writing with everything loaded", flush=True)
         write_all = write("room-1")
     per_node_connections = args.connections / len(bases)
