@@ -60,6 +60,8 @@ CONSUMER_PHASE_LIMIT = 150.0  # seconds: the consumer capacity stops there, as a
 class Write:
     relay_us: float  # CPU per write, relay processes summed
     nats_us: float  # CPU per write, NATS servers summed
+    relay_net_us: float  # relay_us less what the loaded rooms cost idle over the same time
+    nats_net_us: float
     ack_p50_ms: float
     ack_p99_ms: float
     ack_to_delivery_p50_ms: float  # what a peer on another node waits beyond the durable point
@@ -67,12 +69,15 @@ class Write:
     delivery_p99_ms: float
 
     @classmethod
-    def of(cls, cost: WriteCost) -> Write:
+    def of(cls, cost: WriteCost, relay_idle: float, nats_idle: float) -> Write:
+        """`relay_idle`, `nats_idle`: CPU seconds per second with nothing written."""
         acks, deliveries = sorted(cost.ack_ms), sorted(cost.delivery_ms)
         beyond = sorted(d - a for d, a in zip(cost.delivery_ms, cost.ack_ms, strict=True))
         return cls(
             relay_us=cost.cpu_us,
             nats_us=cost.beside_us,
+            relay_net_us=cost.cpu_us - relay_idle * cost.seconds / len(acks) * 1e6,
+            nats_net_us=cost.beside_us - nats_idle * cost.seconds / len(acks) * 1e6,
             ack_p50_ms=percentile(acks, 0.5),
             ack_p99_ms=percentile(acks, 0.99),
             ack_to_delivery_p50_ms=percentile(beyond, 0.5),
@@ -145,7 +150,7 @@ def measure_setup(
     nats_pids = [n.proc.pid for n in nats.nodes if n.proc is not None] if nats else []
     rooms = args.rooms
 
-    def write(room: str) -> Write:
+    def write(room: str, relay_idle: float, nats_idle: float) -> Write:
         cost = asyncio.run(
             write_cost(
                 bases[0],
@@ -157,16 +162,16 @@ def measure_setup(
                 lambda: total_cpu(nats_pids),
             )
         )
-        return Write.of(cost)
+        return Write.of(cost, relay_idle, nats_idle)
 
     print(f"{name}: warming up", flush=True)
     for base in bases:
         with generators("relay", base, "seed", 1, 1, 1):
             pass
-    write_one = write("room-0")
+    node_idle_base, nats_idle_base = idle_rate(node_pids), idle_rate(nats_pids)
+    write_one = write("room-0", node_idle_base, nats_idle_base)
     settled = settle_all([*node_pids, *nats_pids])
     node_base, nats_base = settled[: len(node_pids)], settled[len(node_pids) :]
-    node_idle_base, nats_idle_base = idle_rate(node_pids), idle_rate(nats_pids)
     print(f"{name}: loading {rooms} rooms on each of {len(bases)} node(s)", flush=True)
     for base in bases:
         with generators("relay", base, "seed", rooms, rooms, args.procs):
@@ -174,8 +179,9 @@ def measure_setup(
     settled = settle_all([*node_pids, *nats_pids])
     node_loaded, nats_loaded = settled[: len(node_pids)], settled[len(node_pids) :]
     # Idle CPU beyond the base's (one room), per further room.
-    node_idle = (idle_rate(node_pids) - node_idle_base) / (rooms - 1) * 1e6
-    nats_idle = (idle_rate(nats_pids) - nats_idle_base) / (rooms - 1) * 1e6
+    node_idle_loaded, nats_idle_loaded = idle_rate(node_pids), idle_rate(nats_pids)
+    node_idle = (node_idle_loaded - node_idle_base) / (rooms - 1) * 1e6
+    nats_idle = (nats_idle_loaded - nats_idle_base) / (rooms - 1) * 1e6
     consumers = consumers_of(nats)
     print(f"{name}: opening {args.connections} idle connections", flush=True)
     started = time.monotonic()
@@ -183,7 +189,7 @@ def measure_setup(
         opened = time.monotonic() - started
         node_connected = settle_all(node_pids)
         print(f"{name}: writing with everything loaded", flush=True)
-        write_all = write("room-1")
+        write_all = write("room-1", node_idle_loaded, nats_idle_loaded)
     per_node_connections = args.connections / len(bases)
     return SetupResult(
         setup=name,
@@ -335,8 +341,9 @@ def setup_tables(results: list[SetupResult]) -> list[str]:
         )
     lines += [
         "",
-        "| setup | rooms loaded | relay CPU µs/write | NATS µs/write | send→Ack p50 / p99 ms "
-        "| Ack→observer p50 ms | send→observer p50 / p99 ms | p50 vs anchor |",
+        "| setup | rooms loaded | relay CPU µs/write (less idle) | NATS µs/write (less idle) "
+        "| send→Ack p50 / p99 ms | Ack→observer p50 ms | send→observer p50 / p99 ms "
+        "| p50 vs anchor |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -345,7 +352,8 @@ def setup_tables(results: list[SetupResult]) -> list[str]:
             (r.rooms, r.write_all_loaded, anchor.write_all_loaded),
         ):
             lines.append(
-                f"| {r.setup} | {loaded} | {w.relay_us:.0f} | {w.nats_us:.0f} | "
+                f"| {r.setup} | {loaded} | {w.relay_us:.0f} ({w.relay_net_us:.0f}) | "
+                f"{w.nats_us:.0f} ({w.nats_net_us:.0f}) | "
                 f"{w.ack_p50_ms:.2f} / {w.ack_p99_ms:.2f} | {w.ack_to_delivery_p50_ms:.2f} | "
                 f"{w.delivery_p50_ms:.2f} / {w.delivery_p99_ms:.2f} | "
                 f"{w.delivery_p50_ms / a.delivery_p50_ms:.2f}x |"

@@ -206,6 +206,7 @@ class WriteCost:
 
     cpu_us: float  # the measured server processes' CPU per write (relay nodes summed)
     beside_us: float  # the processes measured beside them (NATS servers), CPU per write
+    seconds: float  # how long the timed writes took (idle CPU over it is in the figures)
     ack_ms: list[float]  # send -> the relay's Ack (ext=ack: stored); empty for node
     delivery_ms: list[float]  # send -> the observer has it
 
@@ -261,6 +262,7 @@ async def write_cost(
             ack_ms: list[float] = []
             delivery_ms: list[float] = []
             cpu_before, beside_before = cpu(), beside_cpu()
+            timed_from = time.perf_counter()
             for index in range(count):
                 seq = index + (0 if warm else writes)
                 seen[seq] = loop.create_future()
@@ -276,7 +278,8 @@ async def write_cost(
                 if kind == "relay":  # the Ack may come after the delivery
                     ack_ms.append((await asyncio.wait_for(ack, 60) - started) * 1e3)
             used, beside = cpu() - cpu_before, beside_cpu() - beside_before
-        return WriteCost(used / writes * 1e6, beside / writes * 1e6, ack_ms, delivery_ms)
+            seconds = time.perf_counter() - timed_from
+        return WriteCost(used / writes * 1e6, beside / writes * 1e6, seconds, ack_ms, delivery_ms)
     finally:
         conversation.close()
         observer.close()
