@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
 from benchmarks._fanout_cluster import cluster_nodes
 from benchmarks._support import cpu_seconds, percentile, rss_kib, running_relay
 from benchmarks.connections import WriteCost, generators, write_cost
@@ -301,10 +302,20 @@ async def consumer_capacity(nats: NatsCluster, target: int, step: int) -> list[C
             print(steps[-1], flush=True)
             if error:
                 break
+        slow = sum(
+            line.count("Slow Consumer")
+            for node in nats.nodes
+            for line in tail(node.log_path, 10**6)
+        )
+        if slow and steps:
+            steps[-1].error += f"; the servers logged {slow} slow-consumer disconnects"
     finally:
         for follower in followers:
             await follower.close()
-        await conn.close()
+        try:
+            await conn.close()
+        except nats.errors.Error:  # closing while reconnecting (after a slow-consumer cut)
+            await conn.nc.close()
     return steps
 
 
