@@ -45,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from nats.errors import Error as NatsError
+
 from benchmarks._fanout_cluster import cluster_nodes
 from benchmarks._support import cpu_seconds, percentile, rss_kib, running_relay
 from benchmarks.connections import WriteCost, generators, write_cost
@@ -309,12 +311,13 @@ async def consumer_capacity(nats: NatsCluster, target: int, step: int) -> list[C
         )
         if slow and steps:
             steps[-1].error += f"; the servers logged {slow} slow-consumer disconnects"
+            print(steps[-1].error, flush=True)
     finally:
         for follower in followers:
             await follower.close()
         try:
             await conn.close()
-        except nats.errors.Error:  # closing while reconnecting (after a slow-consumer cut)
+        except NatsError:  # closing while reconnecting (after a slow-consumer cut)
             await conn.nc.close()
     return steps
 
