@@ -21,7 +21,7 @@ relay and NATS CPU per write, send -> Ack (the durable point) and Ack -> observe
 `--consumers N` then measures one stream's consumer capacity on its own: one connection follows
 N rooms (one ordered consumer each, as a node does) on 1 server and on 3, reporting every
 `--consumers-step`: NATS memory per consumer, the time to create one, and the idle CPU of the
-servers and of the following process; it stops at the first refusal.
+servers and of the following process; it stops at the first failure or after 150 s.
 
 Latencies on a shared 2-core machine move with the load: compare within the run (ratios to the
 anchor); memory figures are robust to it.
@@ -317,7 +317,7 @@ async def consumer_capacity(nats: NatsCluster, target: int, step: int) -> list[C
             await follower.close()
         try:
             await conn.close()
-        except NatsError:  # closing while reconnecting (after a slow-consumer cut)
+        except NatsError:  # closing while reconnecting, after the connection was lost
             await conn.nc.close()
     return steps
 
