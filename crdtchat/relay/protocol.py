@@ -149,6 +149,7 @@ class Peer:
         "identity",
         "queue",
         "settled",
+        "shown_seq",
         "subject",
         "want_ack",
         "want_refresh",
@@ -175,6 +176,9 @@ class Peer:
         self.awareness_ids: set[int] = set()
         self.settled = 0  # SyncStep2/SyncUpdate messages stored or refused, in order
         self.acked = 0
+        # The last sequence committed (stored or not) when it was sent the room's state vector:
+        # its sync step 2 leaves out every write up to there (RoomProtocol.resubmit).
+        self.shown_seq = 0
         # Results waiting for the store, in message order: (sequence, what, payload). None
         # until first needed: most peers never have one.
         self.queue: deque[tuple[int, int, Any]] | None = None
@@ -354,6 +358,7 @@ class RoomProtocol:
     def join(self, peer: Peer) -> list[Action]:
         """A peer connected: it gets the room's state vector and everyone's presence."""
         self.peers[peer] = None
+        peer.shown_seq = self.last_seq
         actions: list[Action] = [Send(peer, encode_message(SyncStep1(self.live.state_vector())))]
         entries = self._awareness_entries()
         if entries:
@@ -626,16 +631,17 @@ class RoomProtocol:
         relay's own writes are applied again unjudged. Each sender's results stay in the
         order of its messages; acknowledgements wait for the new writes to be stored.
 
-        A no-op result held by `withdraw` rested on the withdrawn writes (a peer that
-        reconnected found its update already in the document). If one of them is not stored
-        again (refused, or its sender gone), acknowledging that result would promise a write
-        nobody stores: those peers are closed instead, and sync again. (Held replies were
+        A withdrawn write that is not stored again (refused, or its sender gone) was in the
+        state vector this room sent to every connection that joined after it was judged: a
+        connection of the same subject (the same device reconnecting, most often) then left
+        it out of its sync step 2, and acknowledging that step 2 would promise a write nobody
+        stores. Those connections are closed instead, and sync again. (Held replies were
         rebuilt from what is stored by `withdraw`.)"""
         withdrawn, self._withdrawn = self._withdrawn, []
         actions: list[Action] = []
         if self.failed:
             return actions
-        lost = False  # some withdrawn write is not committed again
+        lost: dict[str, int] = {}  # subject -> first sequence of its writes not committed again
         for old_seq, sender, delta in withdrawn:
             if sender is None and (local := self._local_writes.pop(old_seq, None)) is not None:
                 self._redo_local_write(local, actions)
@@ -647,7 +653,7 @@ class RoomProtocol:
                     self.commit_update(delta, None, actions)
                 continue
             if sender not in self.peers or sender.queue is None:
-                lost = True
+                lost.setdefault(sender.claims.sub, old_seq)
                 continue  # gone, or closed: its results were dropped
             try:
                 verdict = self.judge_update(sender, delta, now)
@@ -655,10 +661,10 @@ class RoomProtocol:
                 close = self.close_peer(sender, violation.code, violation.reason, violation.kind)
                 if close is not None:
                     actions.append(close)
-                lost = True
+                lost.setdefault(sender.claims.sub, old_seq)
                 continue
             if isinstance(verdict, Refused):
-                lost = True
+                lost.setdefault(sender.claims.sub, old_seq)
                 result: tuple[int, int, Any] = (0, _REFUSAL, verdict.reason)
             elif not verdict.delta:
                 result = (self.last_seq, _UPDATE, None)
@@ -666,16 +672,17 @@ class RoomProtocol:
                 result = (self.commit_update(verdict.delta, sender, actions), _UPDATE, None)
             queue = sender.queue
             queue[queue.index((_HELD, _WITHDRAWN, old_seq))] = result
-        for peer in list(self._queued):
-            queue = peer.queue
-            if queue is None:
-                continue
-            if lost and any(seq == _HELD and what == _WITHDRAWN for seq, what, _ in queue):
+        for peer in list(self.peers):
+            first = lost.get(peer.claims.sub)
+            if first is not None and peer.shown_seq >= first:  # its step 2 may be in flight
                 self._queued.pop(peer, None)
                 peer.queue = None
                 close = self.close_peer(peer, 1011, REJUDGED, CloseKind.UNAVAILABLE)
                 if close is not None:
                     actions.append(close)
+        for peer in list(self._queued):
+            queue = peer.queue
+            if queue is None:
                 continue
             for index, (seq, what, payload) in enumerate(queue):
                 if seq == _HELD:

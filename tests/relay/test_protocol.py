@@ -788,6 +788,25 @@ def test_a_reconnected_peer_is_closed_not_acknowledged_when_its_withdrawn_write_
     assert not [a for a in only(actions, Acknowledge) if a.peer is again]
 
 
+def test_a_connection_that_got_a_lost_write_in_its_state_vector_is_closed_before_its_step_2() -> (
+    None
+):
+    """The same, with the new connection's sync step 2 not yet arrived: it will leave the lost
+    write out, and its acknowledgement would cover it. Connections of other subjects, and
+    those that joined before the write, never had it in their state vector: they stay."""
+    h = Harness()
+    before = h.peer("alice")
+    first = h.peer("alice")
+    assert only(h.receive(first, Client("alice").write("kept?", message_id="m-1")), Append)
+    h.room.leave(first)
+    again, bob = h.peer("alice"), h.peer("bob")
+    h.room.withdraw()
+    h.room.apply_stored(Client("carol").write("far", message_id="m-far").update)
+    (close,) = closes(h.room.resubmit(NOW))
+    assert close.peer is again
+    assert not (before.closing or bob.closing)
+
+
 def test_a_withdrawn_update_of_a_peer_gone_meanwhile_is_dropped() -> None:
     h = Harness()
     alice, bob = h.peer("alice"), h.peer("bob")

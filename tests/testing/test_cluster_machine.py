@@ -21,7 +21,7 @@ from crdtchat.relay.config import RelayConfig
 from crdtchat.testing import ConversationMachine, CreateConversation, SimulatedNetwork
 from crdtchat.testing.invariants import open_update, raw_message_ids
 from crdtchat.testing.network import RELAY, ROOM, SECRET
-from crdtchat.testing.operations import AppendMessage, ForeignMapWrite
+from crdtchat.testing.operations import AppendMessage, DeleteText, ForeignMapWrite
 from tests.support import hypothesis_profiles
 
 NOW = 1_700_000_000.0
@@ -187,4 +187,36 @@ def test_a_write_whose_sender_reconnected_before_it_was_judged_again_is_not_lost
     assert net.replicas[1].sessions[RELAY].pending_ids, "acknowledged, and never stored"
     net.quiesce()
     assert stream_ids(net) == {"a", "b"}
+    assert all(r.sessions[RELAY].durable for r in net.replicas)
+
+
+def test_a_write_left_out_of_a_reconnected_replicas_step_2_is_not_acknowledged_with_it() -> None:
+    """Found by the long run: as above, but the replica deleted text while away, so the new
+    connection's sync step 2 is not a no-op: it carries the deletion (a delete set needs none
+    of the replica's earlier clocks) and leaves the waiting write out (the node's state vector
+    held it). Its acknowledgement covers both, so the node closes that connection when the
+    waiting write is lost, and the resync carries it."""
+    net = cluster()
+    append(net, 0, "m")
+    net.settle()
+    append(net, 0, "a")
+    append(net, 1, "b")
+    net.publish(1)
+    net.acknowledge(1)
+    net.partition(0, RELAY)
+    net.apply(0, DeleteText("m", 0, 1))  # while away
+    net.heal(0, RELAY)
+    net.deliver_all()  # the step 2 holds the deletion only
+    net.publish(0)  # refused: node 1 wrote first
+    net.consume(0)  # "a" (its sender's connection gone) is lost, the deletion judged again
+    node = net.nodes[0]
+    while node.can_publish() or node.can_acknowledge():
+        if node.can_acknowledge():
+            net.acknowledge(0)
+        else:
+            net.publish(0)
+    net.deliver_all()
+    assert net.replicas[0].sessions[RELAY].pending_ids, "acknowledged, and never stored"
+    net.quiesce()
+    assert stream_ids(net) == {"a", "b", "m"}
     assert all(r.sessions[RELAY].durable for r in net.replicas)
