@@ -79,8 +79,14 @@ class ClusterConnection:
         return self.nc.max_payload
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
+        """Drain (let in-flight replies land) and close; while NATS is away there is nothing to
+        drain, and nats-py refuses a drain while reconnecting, so close at once."""
+        if self.nc.is_closed:
+            return
+        try:
             await self.nc.drain()
+        except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError):
+            await self.nc.close()
 
 
 async def connect(

@@ -69,6 +69,19 @@ async def test_a_retry_after_a_restart_meets_its_own_write_and_is_stored_once(
             await conn.close()
 
 
+async def test_a_connection_closes_while_nats_is_away(tmp_path: Path) -> None:
+    """A node shutting down while its NATS server is gone closes at once: nats-py refuses to
+    drain while reconnecting, and that refusal used to escape `close()`."""
+    with nats_cluster(tmp_path / "away", size=1) as single:
+        conn = await connect(single.urls, names=Names("away"))
+        single.kill(0)
+        with anyio.fail_after(20):
+            while not conn.nc.is_reconnecting:  # nats-py's own state, set by its read loop
+                await anyio.sleep(0.01)
+        await conn.close()
+        assert conn.nc.is_closed
+
+
 async def test_sigkill_of_the_stream_leader_loses_no_acknowledged_write(
     cluster: NatsCluster, names: Names
 ) -> None:
