@@ -8,7 +8,10 @@ manager that started it.
 asyncio.Protocol: no task per connection and no queue, so one Python process can hold hundreds
 of observers and stamp each frame with the time its bytes arrived, which is what a fan-out
 latency needs (a task-per-connection client measures its own scheduling delay as much as the
-server's).
+server's). It carries bytes only: no sync logic.
+
+`SessionClient` is the one full client of the benchmarks: a websocket shell over the real client
+core (`crdtchat.sync.SyncSession`), so no benchmark carries its own copy of the sync exchange.
 """
 
 from __future__ import annotations
@@ -20,17 +23,23 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+from pycrdt import Doc
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from crdtchat.stack import RelaySubprocess, stop_process, wait_until_listening
+from crdtchat.sync import Denied, SyncSession
+from crdtchat.wire import WireMessage, decode_frame, encode_frame
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -282,3 +291,113 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
         return float("nan")
     rank = max(1, min(len(sorted_values), math.ceil(fraction * len(sorted_values))))
     return sorted_values[rank - 1]
+
+
+class SessionClient:
+    """A y-websocket client over `SyncSession`: the session answers the relay's step 1, applies
+    what arrives and counts what we send against the relay's Acks; this class only moves its
+    bytes. It counts websocket bytes both ways (frame headers included; client frames are
+    masked), collects refusals, and times the relay's step 2 (its arrival, and the
+    `SyncSession.receive` that applies it), which a join benchmark reports."""
+
+    def __init__(self, ws: ClientConnection, doc: Doc) -> None:
+        self.ws = ws
+        self.doc = doc
+        self.session = SyncSession(doc)
+        self.opened_ns = now_ns()  # the websocket handshake is done
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.denied: list[str] = []
+        self.closed = False
+        self.step2_arrived_ns = 0  # when the frame with the relay's step 2 was read
+        self.step2_apply_ns = 0  # time spent applying it (SyncSession.receive)
+        self.step2_update = b""
+        self._changed = anyio.Event()
+
+    @property
+    def sent_updates(self) -> int:
+        """SyncStep2/SyncUpdate messages sent on this connection (the Ack sequence)."""
+        return self.session.sent
+
+    @property
+    def acked(self) -> int:
+        return self.session.acked
+
+    async def run(self) -> None:
+        """Feed every frame to the session and send what it answers, until the socket closes."""
+        try:
+            async for frame in self.ws:
+                arrived = now_ns()
+                assert isinstance(frame, bytes), "the relay sends binary frames"
+                self.bytes_in += len(frame) + ws_frame_overhead(len(frame), masked=False)
+                for message in decode_frame(frame):
+                    self._receive(message, arrived)
+                await self.flush()
+                self._changed.set()
+                self._changed = anyio.Event()
+        except ConnectionClosed:
+            pass
+        self.closed = True
+        self._changed.set()
+
+    def _receive(self, message: WireMessage, arrived: int) -> None:
+        if self.session.synced:
+            self.session.receive(message)
+            return
+        start = now_ns()
+        self.session.receive(message)
+        if self.session.synced:  # this was the relay's step 2
+            self.step2_apply_ns = now_ns() - start
+            self.step2_arrived_ns = arrived
+            self.step2_update = getattr(message, "update", b"")
+
+    async def flush(self) -> int:
+        """Send what the session has to send, in one frame; returns its bytes on the wire."""
+        messages = self.session.data_to_send()
+        self.denied += [e.reason for e in self.session.events() if isinstance(e, Denied)]
+        if not messages or self.closed:
+            return 0
+        return await self._send_frame(encode_frame(messages))
+
+    async def send(self, *messages: WireMessage) -> int:
+        """Send `messages` as they are (e.g. a prepared update), counted against the Acks."""
+        self.session.sent_as_is(messages)
+        return await self._send_frame(encode_frame(list(messages)))
+
+    async def push(self, change: Callable[[], object]) -> int:
+        """Make a local change and send it now; returns the frame's bytes on the wire."""
+        change()
+        return await self.flush()
+
+    async def _send_frame(self, frame: bytes) -> int:
+        size = len(frame) + ws_frame_overhead(len(frame), masked=True)
+        self.bytes_out += size
+        await self.ws.send(frame)
+        return size
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        with anyio.fail_after(timeout):
+            while not condition():
+                if self.closed:
+                    raise RuntimeError("the connection closed while waiting")
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def session_client(
+    url: str, doc: Doc, *, timeout: float = 30.0
+) -> AsyncIterator[SessionClient]:
+    """A connected `SessionClient` that has the relay's state (its step 2 applied)."""
+    async with connect(url, max_size=None, compression=None, open_timeout=timeout) as ws:
+        client = SessionClient(ws, doc)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            client.session.connect()
+            await client.flush()
+            try:
+                await client.wait_for(lambda: client.session.synced, timeout)
+                yield client
+            finally:
+                await ws.close()
+                tg.cancel_scope.cancel()
+                client.session.close()

@@ -50,14 +50,14 @@ import anyio.to_thread
 import httpx
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from pycrdt import Array, Map, Text, merge_updates
-from websockets.asyncio.client import ClientConnection, connect
+from pycrdt import Array, Map, Text
 
 from benchmarks._support import (
     REPO,
     SECRET,
     LightClient,
     Server,
+    SessionClient,
     cpu_seconds,
     now_ns,
     open_light_client,
@@ -65,7 +65,7 @@ from benchmarks._support import (
     percentile,
     running_node_server,
     running_relay,
-    ws_frame_overhead,
+    session_client,
 )
 from crdtchat import schema
 from crdtchat.document import Conversation, new_doc
@@ -73,19 +73,13 @@ from crdtchat.relay.store import Store
 from crdtchat.schema import ModelRef, assistant_turn_id
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
-    Ack,
-    AuthDenied,
     SyncStep1,
-    SyncStep2,
     SyncUpdate,
-    WireMessage,
-    decode_frame,
     encode_message,
 )
 
 MARKER = b"fanout#"
 STEP1_EMPTY = encode_message(SyncStep1(b"\x00"))
-STEP2_EMPTY = encode_message(SyncStep2(b"\x00\x00"))
 MODEL = ModelRef(provider="local", api="local", model="bench")
 _TEXT = (
     "the relay keeps every replica of a conversation in sync while the model streams its "
@@ -114,7 +108,12 @@ def token(room: str, role: str, sub: str) -> str:
 
 async def observe(url: str, clients: int, last: int) -> None:
     """Hold `clients` connections; print "ready" when all are synced, "done" when all saw
-    update `last`, and the receipts as one JSON line once told "stop" on stdin."""
+    update `last`, and the receipts as one JSON line once told "stop" on stdin.
+
+    These observers are load, not clients: hundreds per process, and the measured side is the
+    server. So no SyncSession here: each sends a constant step 1 of an empty document and
+    stamps the frames that arrive; it neither answers the server's step 1 (an empty document
+    has nothing to send; neither server waits for it) nor applies anything."""
     synced: set[LightClient] = set()
     finished: set[LightClient] = set()
     receipts: list[int] = []  # seq, arrival ns, seq, arrival ns, ...
@@ -122,11 +121,8 @@ async def observe(url: str, clients: int, last: int) -> None:
     all_done = anyio.Event()
 
     def on_frame(client: LightClient, data: bytes, arrived: int) -> None:
-        if len(data) < 2 or data[0] != 0:
-            return  # awareness, auth: not ours to time
-        if data[1] == 0:  # the server's sync step 1: we hold nothing
-            client.send(STEP2_EMPTY)
-            return
+        if len(data) < 2 or data[0] != 0 or data[1] == 0:
+            return  # awareness, auth, the server's step 1 (we hold nothing to answer with)
         if data[1] == 1 and client not in synced:
             synced.add(client)
             if len(synced) == clients:
@@ -186,106 +182,15 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-# -- a full client over the websockets library --------------------------------------------
-
-
-class Peer:
-    """A y-websocket client holding a Conversation; counts the bytes it moves on the wire."""
-
-    def __init__(self, ws: ClientConnection, conversation: Conversation, apply_remote: bool):
-        self.ws = ws
-        self.conv = conversation
-        self.apply_remote = apply_remote
-        self.bytes_out = 0  # websocket frames incl. headers (client frames are masked)
-        self.bytes_in = 0
-        self.sent_updates = 0
-        self.acked = 0
-        self.denied: list[str] = []
-        self.synced = anyio.Event()
-        self._changed = anyio.Event()
-        # Each local transaction's own update, as a Yjs client sends it: doc.get_update(sv)
-        # would carry the document's whole delete set every time.
-        self._local: list[bytes] = []
-        self._remote = False
-        self._subscription = conversation.doc.observe(self._on_transaction)
-
-    def _on_transaction(self, event: Any) -> None:
-        if not self._remote:
-            self._local.append(event.update)
-
-    def apply(self, update: bytes) -> None:
-        self._remote = True
-        try:
-            self.conv.apply_update(update)
-        finally:
-            self._remote = False
-
-    async def receive(self) -> None:
-        async for frame in self.ws:
-            assert isinstance(frame, bytes)
-            self.bytes_in += len(frame) + ws_frame_overhead(len(frame), masked=False)
-            for message in decode_frame(frame):
-                await self._on_message(message)
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def _on_message(self, message: WireMessage) -> None:
-        if isinstance(message, SyncStep1):
-            await self.send(SyncStep2(self.conv.update_since(message.state_vector)))
-        elif isinstance(message, SyncStep2):
-            self.apply(message.update)
-            self.synced.set()
-        elif isinstance(message, SyncUpdate):
-            if self.apply_remote:
-                self.apply(message.update)
-        elif isinstance(message, Ack):
-            self.acked = message.seq
-        elif isinstance(message, AuthDenied):
-            self.denied.append(message.reason)
-            raise RuntimeError(f"the relay refused a benchmark write: {message.reason}")
-
-    async def send(self, message: WireMessage) -> int:
-        frame = encode_message(message)
-        if isinstance(message, SyncStep2 | SyncUpdate):
-            self.sent_updates += 1
-        size = len(frame) + ws_frame_overhead(len(frame), masked=True)
-        self.bytes_out += size
-        await self.ws.send(frame)
-        return size
-
-    def update_of(self, change: Callable[[], object]) -> bytes:
-        """The update of the local transactions `change` makes, merged if several."""
-        self._local.clear()
-        change()
-        updates, self._local = self._local, []
-        if not updates:
-            raise RuntimeError("the change made no transaction")
-        return updates[0] if len(updates) == 1 else merge_updates(*updates)
-
-    async def push(self, change: Callable[[], object]) -> int:
-        """Make one local change, send it as one update; returns the frame's bytes."""
-        return await self.send(SyncUpdate(self.update_of(change)))
-
-    async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-        with anyio.fail_after(timeout):
-            while not condition():
-                await self._changed.wait()
+# -- a full client: benchmarks._support.SessionClient over the real SyncSession -----------
 
 
 @asynccontextmanager
-async def peer(url: str, author: str, *, apply_remote: bool = True) -> AsyncIterator[Peer]:
-    async with connect(url, max_size=None, compression=None, open_timeout=30) as ws:
-        client = Peer(ws, Conversation(author=author), apply_remote)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(client.receive)
-            await client.send(SyncStep1(client.conv.state_vector()))
-            with anyio.fail_after(30):
-                await client.synced.wait()
-            try:
-                yield client
-            finally:
-                await ws.close()
-                tg.cancel_scope.cancel()
+async def peer(url: str, author: str) -> AsyncIterator[tuple[SessionClient, Conversation]]:
+    """A synced client holding a Conversation of `author` (the relay's state applied)."""
+    conversation = Conversation(author=author)
+    async with session_client(url, conversation.doc) as client:
+        yield client, conversation
 
 
 # -- 1. fan-out ---------------------------------------------------------------------------
@@ -358,7 +263,7 @@ async def observe_writes(
                 if (await _read_line(stream)).strip() != "ready":
                     raise RuntimeError("an observer process did not get ready")
         sent: dict[int, int] = {}
-        async with peer(writer_url, "alice", apply_remote=False) as writer:
+        async with peer(writer_url, "alice") as (writer, conversation):
             before = await measure()
             start = now_ns()
             for seq in range(updates):
@@ -366,9 +271,9 @@ async def observe_writes(
                 if wait > 0:
                     await anyio.sleep(wait)
                 text = f"fanout#{seq}# " + words(rng, rng.randint(80, 300))
-                update = writer.update_of(lambda text=text: writer.conv.append("user", text))
+                conversation.append("user", text)  # queued in the session, sent by flush
                 sent[seq] = now_ns()
-                await writer.send(SyncUpdate(update))
+                await writer.flush()
             with anyio.move_on_after(60):
                 for stream in lines:
                     while (await _read_line(stream)).strip() != "done":
@@ -508,7 +413,8 @@ async def seed_relay_store(data: Path, room: str, state: bytes) -> None:
 class JoinSample:
     connect_ms: float  # TCP + websocket handshake
     step2_ms: float  # from sending step 1 to having step 2's bytes
-    apply_ms: float  # applying step 2 to a fresh Doc
+    apply_ms: float  # pycrdt applying step 2 to a fresh Doc
+    receive_ms: float  # the client core (SyncSession.receive) applying it: what a device pays
     messages: int
     step2_bytes: int
 
@@ -518,32 +424,22 @@ class JoinSample:
 
 
 async def join_once(url: str) -> JoinSample:
+    """One new device's join through the client core (`SyncSession`), whose receive of the
+    step 2 is timed; the same bytes are then applied to a fresh Doc by pycrdt alone (the
+    `apply` figure, as measured before the benchmark used the client core)."""
+    doc = new_doc()
+    messages = doc.get(schema.MESSAGES, type=Array)
     t0 = now_ns()
-    async with connect(url, max_size=None, compression=None, open_timeout=30) as ws:
-        t1 = now_ns()
-        doc = new_doc()
-        messages = doc.get(schema.MESSAGES, type=Array)
-        await ws.send(encode_message(SyncStep1(doc.get_state())))
-        with anyio.fail_after(120):
-            while True:
-                frame = await ws.recv()
-                assert isinstance(frame, bytes)
-                for message in decode_frame(frame):
-                    if isinstance(message, SyncStep1):
-                        await ws.send(
-                            encode_message(SyncStep2(doc.get_update(message.state_vector)))
-                        )
-                    elif isinstance(message, SyncStep2):
-                        t2 = now_ns()
-                        doc.apply_update(message.update)
-                        t3 = now_ns()
-                        return JoinSample(
-                            (t1 - t0) / 1e6,
-                            (t2 - t1) / 1e6,
-                            (t3 - t2) / 1e6,
-                            len(messages),
-                            len(message.update),
-                        )
+    async with session_client(url, doc, timeout=120) as client:
+        step2 = client.step2_update
+        connect_ms = (client.opened_ns - t0) / 1e6
+        step2_ms = (client.step2_arrived_ns - client.opened_ns) / 1e6
+        receive_ms = client.step2_apply_ns / 1e6
+    fresh = new_doc()
+    t1 = now_ns()
+    fresh.apply_update(step2)
+    apply_ms = (now_ns() - t1) / 1e6
+    return JoinSample(connect_ms, step2_ms, apply_ms, receive_ms, len(messages), len(step2))
 
 
 async def _wait_unloaded(server: Server, before: float) -> None:
@@ -582,7 +478,7 @@ async def join_node(
     server: Server, room: str, state: bytes, messages: int, warm: int
 ) -> JoinResult:
     url = f"{server.url}/{room}?token={token(room, 'writer', 'bob')}"
-    async with peer(url, "seed", apply_remote=False) as seeder:
+    async with peer(url, "seed") as (seeder, _):
         await seeder.send(SyncUpdate(state))
     result = JoinResult(server.name)
     first = await join_once(url)  # also checks that the seed arrived
@@ -609,11 +505,12 @@ class TurnBytes:
     last_turn_baseline_up: int = 0
 
 
-async def worker_turn(worker: Peer, asked: str, reply: str, chunk: int) -> tuple[list[int], int]:
+async def worker_turn(
+    worker: SessionClient, conv: Conversation, asked: str, reply: str, chunk: int
+) -> tuple[list[int], int]:
     """Answer `asked` as the worker does (design §5): lease, stream, commit in one transaction.
 
     Returns the frame sizes of the lease and stream updates, and of the commit."""
-    conv = worker.conv
     turn_id = assistant_turn_id(asked, 1)
     await worker.wait_for(lambda: conv.view.get(asked) is not None)
     sizes = [
@@ -644,14 +541,17 @@ async def bytes_per_turn(server: Server, turns: int, chunk: int) -> TurnBytes:
     rng = random.Random(turns)
     result = TurnBytes(turns)
     history: list[dict[str, str]] = []
-    async with peer(user_url, "alice") as user, peer(worker_url, "worker") as worker:
+    async with (
+        peer(user_url, "alice") as (user, user_conv),
+        peer(worker_url, "worker") as (worker, worker_conv),
+    ):
         user_in_before = user.bytes_in
         for _ in range(turns):
             text = words(rng, rng.randint(50, 300))
             reply = words(rng, rng.randint(200, 1200))
             appended: list[Any] = []
             up = await user.push(
-                lambda text=text, out=appended: out.append(user.conv.append("user", text))
+                lambda text=text, out=appended: out.append(user_conv.append("user", text))
             )
             asked: str = appended[0].id
             history.append({"role": "user", "content": text})
@@ -661,7 +561,7 @@ async def bytes_per_turn(server: Server, turns: int, chunk: int) -> TurnBytes:
             result.baseline_up += baseline_up
             result.last_turn_up, result.last_turn_baseline_up = up, baseline_up
 
-            sizes, commit = await worker_turn(worker, asked, reply, chunk)
+            sizes, commit = await worker_turn(worker, worker_conv, asked, reply, chunk)
             # The relay forwards the worker's frames byte for byte, unmasked (4 bytes less).
             result.down_stream += sum(size - 4 for size in sizes)
             result.down_commit += commit - 4
@@ -673,7 +573,7 @@ async def bytes_per_turn(server: Server, turns: int, chunk: int) -> TurnBytes:
             turn_id = assistant_turn_id(asked, 1)
             await user.wait_for(
                 lambda turn_id=turn_id: (
-                    user.conv.view.get(turn_id) is not None and user.acked >= user.sent_updates
+                    user_conv.view.get(turn_id) is not None and user.acked >= user.sent_updates
                 )
             )
         result.down = user.bytes_in - user_in_before
@@ -768,17 +668,18 @@ def report(
     out.append(
         f"Join: {settings.join_messages} messages, {len(state)} bytes encoded; medians, ms "
         "(connect = TCP + websocket handshake; step 2 = send step 1 .. step 2 received; "
-        "apply = pycrdt apply_update)"
+        "apply = pycrdt apply_update; total = connect + step 2 + apply; "
+        "receive = SyncSession.receive of step 2, the client core's apply, not in total)"
     )
-    out.append("| server | room | samples | connect | step 2 | apply | total |")
-    out.append("|---|---|---:|---:|---:|---:|---:|")
+    out.append("| server | room | samples | connect | step 2 | apply | total | receive |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for j in joins:
         for label, samples in (("cold (loaded from the store)", j.cold), ("in memory", j.warm)):
             if samples:
                 out.append(
                     f"| {j.server} | {label} | {len(samples)} | {_ms(samples, 'connect_ms'):.1f} "
                     f"| {_ms(samples, 'step2_ms'):.1f} | {_ms(samples, 'apply_ms'):.1f} "
-                    f"| {_ms(samples, 'total_ms'):.1f} |"
+                    f"| {_ms(samples, 'total_ms'):.1f} | {_ms(samples, 'receive_ms'):.1f} |"
                 )
     ours_warm = _ms(joins[0].warm, "total_ms")
     node_warm = _ms(joins[1].warm, "total_ms")
