@@ -29,24 +29,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import SECRET, cpu_seconds, parse_metrics, rss_kib, running_relay
+from benchmarks._support import (
+    SECRET,
+    SessionClient,
+    cpu_seconds,
+    parse_metrics,
+    rss_kib,
+    running_relay,
+    session_client,
+)
 from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
-    Ack,
-    AuthDenied,
     AwarenessEntry,
     AwarenessMessage,
-    SyncStep1,
-    SyncStep2,
-    SyncUpdate,
-    decode_frame,
     encode_awareness,
-    encode_frame,
 )
 
 
@@ -66,61 +67,41 @@ def url_for(base: str, room: str, role: str, sub: str) -> str:
     return f"{base}/{room}?token={token}&ext=ack"
 
 
-async def _sync(ws: ClientConnection, conversation: Conversation) -> None:
-    """y-websocket handshake: answer the relay's step 1, ask for its state, apply step 2."""
-    await ws.send(encode_frame([SyncStep1(conversation.state_vector())]))
-    while True:
-        for message in decode_frame(await ws.recv()):  # type: ignore[arg-type]
-            if isinstance(message, SyncStep1):
-                await ws.send(encode_frame([SyncStep2(conversation.update_since(b"\x00"))]))
-            elif isinstance(message, SyncStep2):
-                conversation.apply_update(message.update)
-                return
-
-
-async def _until(ws: ClientConnection, settled: int) -> list[str]:
-    """Read until the relay acknowledges `settled` updates; returns the refusals seen."""
-    denied: list[str] = []
-    while True:
-        for message in decode_frame(await ws.recv()):  # type: ignore[arg-type]
-            if isinstance(message, AuthDenied):
-                denied.append(message.reason)
-            elif isinstance(message, Ack) and message.seq >= settled:
-                return denied
-
-
 async def visit(base: str, room: str, rng: random.Random, counts: Counts) -> None:
+    """One visit through the client core (`SessionClient` over `SyncSession`)."""
     sub = f"user{rng.randrange(50)}"
     kind = rng.random()
     role = "reader" if kind >= 0.8 else "writer"
     started = time.perf_counter()
     with Conversation(author=sub) as conversation:
-        async with connect(url_for(base, room, role, sub), compression=None) as ws:
-            await _sync(ws, conversation)
+        async with session_client(url_for(base, room, role, sub), conversation.doc) as client:
             presence = AwarenessEntry(rng.getrandbits(31), 1, json.dumps({"user": sub}))
-            await ws.send(encode_frame([AwarenessMessage(encode_awareness([presence]))]))
+            await client.send(AwarenessMessage(encode_awareness([presence])))
             if role == "writer":
-                before = conversation.state_vector()
                 conversation.append("user", f"soak line {rng.getrandbits(32):x}")
-                updates = [conversation.update_since(before)]
+                await _settled(client)
+                if client.denied:
+                    raise RuntimeError(f"an ordinary write was refused: {client.denied}")
                 if kind >= 0.55:  # a write the relay must refuse: writers do not answer
-                    before = conversation.state_vector()
                     conversation.append("assistant", "not yours to write")
-                    updates.append(conversation.update_since(before))
-                for index, update in enumerate(updates):
-                    # Step 2 (of our empty state) counts as settled message 1.
-                    await ws.send(encode_frame([SyncUpdate(update)]))
-                    denied = await _until(ws, index + 2)
-                    if index == 0 and denied:
-                        raise RuntimeError(f"an ordinary write was refused: {denied}")
-                    if index == 1 and not denied:
+                    await _settled(client)
+                    if not client.denied:
                         raise RuntimeError("a forged assistant message was accepted")
+                    counts.refusals += 1
                 counts.writes += 1
-                counts.refusals += len(updates) - 1
             else:
                 counts.reads += 1
     counts.visits += 1
     counts.latencies.append(time.perf_counter() - started)
+
+
+async def _settled(client: SessionClient) -> None:
+    """Send the local change and wait until the relay stored it (Ack) or refused it."""
+    refused = len(client.denied)
+    await client.flush()
+    await client.wait_for(
+        lambda: len(client.denied) > refused or client.acked >= client.sent_updates
+    )
 
 
 class Phases:
