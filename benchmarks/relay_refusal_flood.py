@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,10 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pycrdt import Array, Doc, Map, Text
 from websockets.asyncio.client import ClientConnection, connect
 
-from benchmarks._support import SECRET, Server, cpu_seconds, running_relay
+from benchmarks._support import (
+    SECRET,
+    Server,
+    SessionClient,
+    cpu_seconds,
+    running_relay,
+    session_client,
+)
 from crdtchat import schema
 from crdtchat.tokens import mint_token
-from crdtchat.wire import Ack, SyncUpdate, decode_frame, encode_message
+from crdtchat.wire import SyncUpdate, encode_message
 
 BIG = "big"
 OTHER = "other"
@@ -78,36 +86,33 @@ def refused_write(state: bytes, sub: str) -> bytes:
 
 
 class AckedWriter:
-    """A writer with ?ext=ack: `write()` returns once the relay acknowledged the update."""
+    """A writer with ?ext=ack over the client core (`SessionClient`): `write()` returns once
+    the relay acknowledged the update."""
 
-    def __init__(self, ws: ClientConnection, sub: str) -> None:
-        self.ws = ws
+    def __init__(self, client: SessionClient, messages: Array, sub: str) -> None:
+        self.client = client
+        self.messages = messages
         self.sub = sub
-        self.doc, self.messages = new_doc()
-        self.sent = 0
-        self.acked = 0
-        self._changed = asyncio.Event()
-
-    async def drain(self) -> None:
-        async for frame in self.ws:
-            assert isinstance(frame, bytes)
-            for msg in decode_frame(frame):
-                if isinstance(msg, Ack):
-                    self.acked = msg.seq
-                    self._changed.set()
+        self.written = 0
 
     async def write(self, update: bytes | None = None) -> float:
-        if update is None:
-            before = self.doc.get_state()
-            self.messages.append(message(f"{self.sub}-{self.sent}", self.sub, "hello"))
-            update = self.doc.get_update(before)
+        """Append a message (or send `update` as it is); seconds from sending to the Ack."""
         start = time.perf_counter()
-        self.sent += 1
-        await self.ws.send(encode_message(SyncUpdate(update)))
-        while self.acked < self.sent:
-            self._changed.clear()
-            await asyncio.wait_for(self._changed.wait(), 120)
+        if update is None:
+            self.written += 1
+            self.messages.append(message(f"{self.sub}-{self.written}", self.sub, "hello"))
+            await self.client.flush()
+        else:
+            await self.client.send(SyncUpdate(update))
+        target = self.client.sent_updates
+        await self.client.wait_for(lambda: self.client.acked >= target, 120)
         return time.perf_counter() - start
+
+
+async def acked_writer(stack: AsyncExitStack, url: str, sub: str) -> AckedWriter:
+    """An `AckedWriter` of `sub`, synced, closed with `stack`."""
+    doc, messages = new_doc()
+    return AckedWriter(await stack.enter_async_context(session_client(url, doc)), messages, sub)
 
 
 async def drain(ws: ClientConnection) -> None:
@@ -144,13 +149,19 @@ async def phase(
 
 async def measure(server: Server, state: bytes, readers: int, seconds: float) -> dict[str, object]:
     base = server.url
-    seed = await connect(f"{base}/{BIG}?token={token(BIG, 'writer', 'alice')}&ext=ack")
-    seeder = AckedWriter(seed, "alice")
-    seed_task = asyncio.create_task(seeder.drain())
+    async with AsyncExitStack() as stack:
+        return await _measure(stack, base, server, state, readers, seconds)
+
+
+async def _measure(
+    stack: AsyncExitStack, base: str, server: Server, state: bytes, readers: int, seconds: float
+) -> dict[str, object]:
+    url = f"{base}/{BIG}?token={token(BIG, 'writer', 'alice')}&ext=ack"
+    seeder = await acked_writer(stack, url, "alice")
     await seeder.write(state)
-    other = await connect(f"{base}/{OTHER}?token={token(OTHER, 'writer', 'bob')}&ext=ack")
-    writer = AckedWriter(other, "bob")
-    tasks = [seed_task, asyncio.create_task(writer.drain())]
+    url = f"{base}/{OTHER}?token={token(OTHER, 'writer', 'bob')}&ext=ack"
+    writer = await acked_writer(stack, url, "bob")
+    tasks: list[asyncio.Task[None]] = []
     for _ in range(5):
         await writer.write()  # warm up
     quiet, quiet_cpu = await phase(server, writer, seconds, [])
@@ -163,8 +174,6 @@ async def measure(server: Server, state: bytes, readers: int, seconds: float) ->
     flooded, flood_cpu = await phase(server, writer, seconds, flood)
     for ws, _ in flood:
         await ws.close()
-    await other.close()
-    await seed.close()
     for task in tasks:
         task.cancel()
     return {
