@@ -312,6 +312,7 @@ class SessionClient:
         self.step2_arrived_ns = 0  # when the frame with the relay's step 2 was read
         self.step2_apply_ns = 0  # time spent applying it (SyncSession.receive)
         self.step2_update = b""
+        self.ack_arrived_ns = 0  # when the frame that last advanced `acked` was read
         self._changed = anyio.Event()
 
     @property
@@ -342,7 +343,10 @@ class SessionClient:
 
     def _receive(self, message: WireMessage, arrived: int) -> None:
         if self.session.synced:
+            acked = self.session.acked
             self.session.receive(message)
+            if self.session.acked != acked:
+                self.ack_arrived_ns = arrived
             return
         start = now_ns()
         self.session.receive(message)
@@ -401,3 +405,17 @@ async def session_client(
                 await ws.close()
                 tg.cancel_scope.cancel()
                 client.session.close()
+
+
+async def write_acked(
+    url: str, doc: Doc, change: Callable[[], object], timeout: float = 60.0
+) -> None:
+    """Connect with `doc` (the URL asks for ext=ack), make `change` and return once the relay
+    has stored it; RuntimeError if the relay refuses it."""
+    async with session_client(url, doc, timeout=timeout) as client:
+        change()
+        await client.flush()
+        target = client.sent_updates
+        await client.wait_for(lambda: client.acked >= target or bool(client.denied), timeout)
+        if client.denied:
+            raise RuntimeError(f"the relay refused the write: {client.denied}")

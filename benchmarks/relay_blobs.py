@@ -27,14 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import anyio
 import httpx
 from pycrdt import Array, Doc, Map, Text
-from websockets.sync.client import connect
 
-from benchmarks._support import SECRET, Server, running_relay
+from benchmarks._support import SECRET, Server, running_relay, write_acked
 from crdtchat import schema
 from crdtchat.tokens import mint_token
-from crdtchat.wire import Ack, SyncUpdate, decode_frame, encode_message
 
 MIB = 1024 * 1024
 ROOM = "bench-blobs"
@@ -79,7 +78,6 @@ class Target:
 
     def reference(self, sha: str) -> None:
         """A message in the room that references `sha` (what the scoped relay serves by)."""
-        before = self.doc.get_state()
         self.referenced += 1
         item = Map(
             {
@@ -91,20 +89,14 @@ class Target:
                 "content": Text("file"),
             }
         )
-        with self.doc.transaction():
-            self.messages.append(item)
-            item["files"] = [{"sha256": sha, "name": "f", "mime": "x/y", "size": 1}]
-        update = self.doc.get_update(before)
+
+        def append() -> None:
+            with self.doc.transaction():
+                self.messages.append(item)
+                item["files"] = [{"sha256": sha, "name": "f", "mime": "x/y", "size": 1}]
+
         ws_url = f"{self.server.url}/{ROOM}?token={token()}&ext=ack"
-        with connect(ws_url, max_size=None, compression=None, open_timeout=60) as ws:
-            ws.send(encode_message(SyncUpdate(update)))
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                frame = ws.recv(timeout=60)
-                assert isinstance(frame, bytes)
-                if any(isinstance(m, Ack) for m in decode_frame(frame)):
-                    return
-        raise RuntimeError(f"{self.name}: the reference was not acknowledged")
+        anyio.run(write_acked, ws_url, self.doc, append)
 
     def get(self, sha: str) -> bytes:
         response = httpx.get(self.url(sha, token("reader")), timeout=600)
