@@ -76,7 +76,13 @@ def a_write() -> bytes:
 async def cold_open(port: int, pid: int) -> tuple[float, float, float]:
     """Seconds from the handshake to the relay's step 2, and to the ack of a first write; and
     the relay's CPU seconds (all its threads) until the step 2 arrived, which a loaded machine
-    changes much less than the wall times."""
+    changes much less than the wall times.
+
+    Not a client (no SyncSession): the measured side is the relay's cold load, so this sends
+    one constant frame (step 1 of an empty document and a prepared write, together, before
+    the relay has loaded the room, which a client core never does: it writes only after
+    answering the relay's step 1) and stamps what comes back. It answers nothing and applies
+    nothing: applying the >1 MB step 2 here would delay reading the Ack that follows it."""
     url = f"ws://127.0.0.1:{port}/{ROOM}?token={token()}&ext=ack"
     cpu_before = cpu_seconds(pid)
     start = time.perf_counter()
