@@ -48,27 +48,23 @@ from benchmarks._support import (
     SECRET,
     LightClient,
     Server,
+    now_ns,
     open_light_client,
     rss_kib,
     running_node_server,
     running_relay,
+    session_client,
 )
 from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
 from crdtchat.wire import (
-    MESSAGE_ACK,
-    Ack,
     SyncStep1,
-    SyncStep2,
     SyncUpdate,
-    decode_frame,
     encode_message,
 )
 
 STEP1_EMPTY = encode_message(SyncStep1(b"\x00"))
-STEP2_EMPTY = encode_message(SyncStep2(b"\x00\x00"))
 MARKER = b"conn#"
-ACK_TYPE = bytes([MESSAGE_ACK])
 
 
 def room_url(base: str, kind: str, room: str, role: str, sub: str = "bench") -> str:
@@ -97,6 +93,10 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
     connection leaves. mode "idle": connections first..first+count-1 join room i % rooms,
     sync and stay; prints "ready" once all are synced and holds them until stdin closes.
 
+    These are load, not clients (thousands per process; the measured side is the server), so
+    no SyncSession: each sends constant pre-encoded frames (a prepared message, a step 1 of
+    an empty document) and waits for the server's step 2; it answers and applies nothing.
+
     `base` may list several servers, comma-separated (relay nodes of one cluster): connection
     i goes to server (i // rooms) % servers, so every room has connections on every server."""
     loop = asyncio.get_running_loop()
@@ -104,11 +104,7 @@ async def generate(kind: str, base: str, mode: str, first: int, count: int, room
     synced: dict[LightClient, asyncio.Future[None]] = {}
 
     def on_frame(client: LightClient, data: bytes, arrived: int) -> None:
-        if len(data) < 2 or data[0] != 0:
-            return
-        if data[1] == 0:  # the server's sync step 1: we hold nothing
-            client.send(STEP2_EMPTY)
-        elif data[1] == 1:
+        if data[:2] == b"\x00\x01":  # the server's step 2: synced (its step 1 needs no answer)
             future = synced.get(client)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -225,13 +221,9 @@ async def write_cost(
     `ext=ack`, so the time to the durable point (send -> Ack) is split from the rest."""
     loop = asyncio.get_running_loop()
     seen: dict[int, asyncio.Future[None]] = {}
-    acked: dict[int, asyncio.Future[float]] = {}  # messages sent -> when the Ack covered them
-    sent = 1  # the writer's sync step 2 counts as its first acknowledged message
 
     def on_observer(client: LightClient, data: bytes, arrived: int) -> None:
-        if data[:2] == b"\x00\x00":
-            client.send(STEP2_EMPTY)
-            return
+        """A silent observer: it only looks for the writer's marker in the frames."""
         start = data.find(MARKER)
         if start >= 0:
             start += len(MARKER)
@@ -240,50 +232,39 @@ async def write_cost(
             if future is not None and not future.done():
                 future.set_result(None)
 
-    def on_writer(client: LightClient, data: bytes, arrived: int) -> None:
-        if data[:2] == b"\x00\x00":
-            client.send(STEP2_EMPTY)
-        elif data[:1] == ACK_TYPE:
-            for message in decode_frame(data):
-                if isinstance(message, Ack):
-                    for count, future in acked.items():
-                        if count <= message.seq and not future.done():
-                            future.set_result(time.perf_counter())
-
     observer = await open_light_client(room_url(observer_base, kind, room, "reader"), on_observer)
     writer_url = room_url(writer_base, kind, room, "writer")
     if kind == "relay":
         writer_url += "&ext=ack"
-    writer = await open_light_client(writer_url, on_writer)
     conversation = Conversation(author="bench")
     try:
-        for warm in (True, False):
-            count = max(1, writes // 10) if warm else writes
-            ack_ms: list[float] = []
-            delivery_ms: list[float] = []
-            cpu_before, beside_before = cpu(), beside_cpu()
-            timed_from = time.perf_counter()
-            for index in range(count):
-                seq = index + (0 if warm else writes)
-                seen[seq] = loop.create_future()
-                before = conversation.state_vector()
-                conversation.append("user", f"{MARKER.decode()}{seq}# a short chat line")
-                update = conversation.update_since(before)
-                sent += 1
-                ack = acked[sent] = loop.create_future()
-                started = time.perf_counter()
-                writer.send(encode_message(SyncUpdate(update)))
-                await asyncio.wait_for(seen[seq], 60)
-                delivery_ms.append((time.perf_counter() - started) * 1e3)
-                if kind == "relay":  # the Ack may come after the delivery
-                    ack_ms.append((await asyncio.wait_for(ack, 60) - started) * 1e3)
-            used, beside = cpu() - cpu_before, beside_cpu() - beside_before
-            seconds = time.perf_counter() - timed_from
-        return WriteCost(used / writes * 1e6, beside / writes * 1e6, seconds, ack_ms, delivery_ms)
+        async with session_client(writer_url, conversation.doc) as writer:
+            for warm in (True, False):
+                count = max(1, writes // 10) if warm else writes
+                ack_ms: list[float] = []
+                delivery_ms: list[float] = []
+                cpu_before, beside_before = cpu(), beside_cpu()
+                timed_from = time.perf_counter()
+                for index in range(count):
+                    seq = index + (0 if warm else writes)
+                    seen[seq] = loop.create_future()
+                    conversation.append("user", f"{MARKER.decode()}{seq}# a short chat line")
+                    started = now_ns()
+                    await writer.flush()
+                    await asyncio.wait_for(seen[seq], 60)
+                    delivery_ms.append((now_ns() - started) / 1e6)
+                    if kind == "relay":  # the Ack may come after the delivery
+                        target = writer.sent_updates
+                        await writer.wait_for(lambda target=target: writer.acked >= target, 60)
+                        ack_ms.append((writer.ack_arrived_ns - started) / 1e6)
+                used, beside = cpu() - cpu_before, beside_cpu() - beside_before
+                seconds = time.perf_counter() - timed_from
+            return WriteCost(
+                used / writes * 1e6, beside / writes * 1e6, seconds, ack_ms, delivery_ms
+            )
     finally:
         conversation.close()
         observer.close()
-        writer.close()
 
 
 # -- one server --------------------------------------------------------------------------------
