@@ -37,6 +37,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from crdtchat.document import Conversation
 from crdtchat.stack import RelaySubprocess, stop_process, wait_until_listening
 from crdtchat.sync import Denied, SyncSession
 from crdtchat.wire import WireMessage, decode_frame, encode_frame
@@ -47,6 +48,16 @@ NODE_SERVER = NODE_DIR / "node_modules" / "y-websocket" / "bin" / "server.cjs"
 SECRET = "benchmark-secret-for-the-relay-32-bytes"
 _NODE_LISTENING = re.compile(r"running at '([^']+)' on port (\d+)")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def long_chat(count: int) -> bytes:
+    """A chain of `count` user messages of a chat line's length, as one update: the long
+    conversation that the open benchmarks (browser_open.py, relay_cold_open.py) load."""
+    conversation = Conversation.create(author="alice", title="long")
+    with conversation.doc.transaction():
+        for n in range(count):
+            conversation.append("user", f"message {n}: " + "some words of a chat line " * 3)
+    return conversation.encode_state()
 
 
 def now_ns() -> int:

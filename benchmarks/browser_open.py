@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anyio
 from playwright.sync_api import CDPSession, Page, expect, sync_playwright
 
+from benchmarks._support import long_chat
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
 from crdtchat.stack import RelaySubprocess
@@ -44,15 +45,6 @@ from tests.support.browser import CHROMIUM, FLAGS
 from tests.support.relay import SECRET, token
 
 ROOM = "bench-open"
-
-
-def build(count: int) -> bytes:
-    """A chain of `count` user messages of a chat line's length, as one update."""
-    conversation = Conversation.create(author="alice", title="long")
-    with conversation.doc.transaction():
-        for n in range(count):
-            conversation.append("user", f"message {n}: " + "some words of a chat line " * 3)
-    return conversation.encode_state()
 
 
 async def upload(url: str, state: bytes) -> None:
@@ -135,7 +127,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-scroll", action="store_true", help="only the two opens")
     args = parser.parse_args()
-    state = build(args.messages)
+    state = long_chat(args.messages)
     last = f"message {args.messages - 1}:"
     relay = RelaySubprocess(Path(tempfile.mkdtemp()) / "data", SECRET, cwd=REPO).start()
     relay_times, idb_times, anchors, heaps = [], [], [], []

@@ -35,7 +35,7 @@ import anyio
 from pycrdt import Doc, Map, Text
 from websockets.asyncio.client import connect
 
-from benchmarks._support import REPO, SECRET, cpu_seconds
+from benchmarks._support import REPO, SECRET, cpu_seconds, long_chat
 from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.replica import Replica
@@ -44,15 +44,6 @@ from crdtchat.tokens import mint_token
 from crdtchat.wire import Ack, SyncStep1, SyncStep2, SyncUpdate, decode_frame, encode_frame
 
 ROOM = "bench-cold"
-
-
-def build(count: int) -> bytes:
-    """A chain of `count` user messages of a chat line's length (benchmarks/browser_open.py)."""
-    conversation = Conversation.create(author="alice", title="long")
-    with conversation.doc.transaction():
-        for n in range(count):
-            conversation.append("user", f"message {n}: " + "some words of a chat line " * 3)
-    return conversation.encode_state()
 
 
 def token(role: str = "writer") -> str:
@@ -113,7 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare", type=Path, help="another checkout to run alternately")
     args = parser.parse_args()
-    state = build(args.messages)
+    state = long_chat(args.messages)
     anchor = []
     for _ in range(3):
         start = time.perf_counter()
