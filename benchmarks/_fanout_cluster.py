@@ -86,8 +86,9 @@ async def _publish_totals(urls: Sequence[str]) -> tuple[float, float]:
 
 async def fanout(setup: Setup, observers: int, updates: int, rate: float, warmup: int) -> Result:
     room = f"fanout-{observers}-{now_ns()}"
-    shares = [observers // 2 + (i < observers % 2) for i in range(2)]
-    bases = [setup.observer_urls[i % len(setup.observer_urls)] for i in range(2)]
+    groups = max(2, len(setup.observer_urls))  # observer processes, one per node at least
+    shares = [observers // groups + (i < observers % groups) for i in range(groups)]
+    bases = [setup.observer_urls[i % len(setup.observer_urls)] for i in range(groups)]
     reader = token(room, "reader", "observer")
     writer_url = f"{setup.writer_url}/{room}?token={token(room, 'writer', 'alice')}"
 
@@ -152,8 +153,11 @@ def cluster_nodes(
     return nodes
 
 
-def run_cluster(quick: bool, observers: int, runs: int, updates: int) -> int:
-    """`fanout.py --nats`: the three setups, alternated over `runs` passes; prints the table."""
+def run_cluster(quick: bool, observers: int, runs: int, updates: int, count: int = 2) -> int:
+    """`fanout.py --nats`: the three setups, alternated over `runs` passes; prints the table.
+    `count` relay nodes share the observers (1 shows what a node costs without another)."""
+    if not 1 <= count <= 4:
+        raise SystemExit(f"--nodes must be 1 to 4, not {count}")
     if quick:
         observers, updates = 20, 30
     print(f"load average {os.getloadavg()}; {os.cpu_count()} cores", flush=True)
@@ -165,12 +169,12 @@ def run_cluster(quick: bool, observers: int, runs: int, updates: int) -> int:
         directory = Path(tmp)
         nats = stack.enter_context(nats_cluster(directory / "nats", size=1))
         nats_pid = nats.nodes[0].proc.pid  # type: ignore[union-attr]
-        nodes = cluster_nodes(stack, directory, nats)
+        nodes = cluster_nodes(stack, directory, nats, count=count)
         single = stack.enter_context(running_relay(directory / "single", RELAY_ARGS))
         node_server = stack.enter_context(running_node_server(directory))
         setups = [
             Setup(
-                "cluster: 2 relay nodes + 1 NATS",
+                f"cluster: {count} relay node{'s' if count > 1 else ''} + 1 NATS",
                 nodes[0].ws_base,
                 [node.ws_base for node in nodes],
                 lambda: sum(cpu_seconds(node.proc.pid) for node in nodes),  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ goes first, `--runs` times each with `--observers` observers, each run on a fres
 prints every run and the medians of new/old.
 
 A cluster (issue 13): `--nats` runs only the fan-out, with `--observers` observers spread over
-two relay nodes on one NATS server, side by side with our single relay and the node server,
+`--nodes` relay nodes (default 2) on one NATS server, side by side with our single relay and the node server,
 alternated over `--runs` passes (default 2; `--updates`, default 150): latency, relay CPU per
 delivery summed over the nodes, NATS CPU per delivery, publish-to-acknowledgement latency
 (benchmarks/_fanout_cluster.py).
@@ -793,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="with --old-src (5) or --nats (2): runs of each")
     parser.add_argument("--observers", type=int, default=500, help="with --old-src or --nats")
     parser.add_argument("--updates", type=int, default=150, help="with --nats")
+    parser.add_argument("--nodes", type=int, default=2, help="with --nats: relay nodes (1-4)")
     parser.add_argument("--observe", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--last", type=int, help=argparse.SUPPRESS)
@@ -803,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nats:
         from benchmarks._fanout_cluster import run_cluster  # imports this module: not at the top
 
-        return run_cluster(args.quick, args.observers, args.runs or 2, args.updates)
+        return run_cluster(args.quick, args.observers, args.runs or 2, args.updates, args.nodes)
     settings = Settings(
         observers=[100, 500],
         procs=2,
