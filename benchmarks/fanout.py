@@ -21,10 +21,10 @@ goes first, `--runs` times each with `--observers` observers, each run on a fres
 prints every run and the medians of new/old.
 
 A cluster (issue 13): `--nats` runs only the fan-out, with `--observers` observers spread over
-`--nodes` relay nodes (default 2) on one NATS server, side by side with our single relay and the node server,
-alternated over `--runs` passes (default 2; `--updates`, default 150): latency, relay CPU per
-delivery summed over the nodes, NATS CPU per delivery, publish-to-acknowledgement latency
-(benchmarks/_fanout_cluster.py).
+`--nodes` relay nodes (default 2) on one NATS server, side by side with our single relay and
+the node server, alternated over `--runs` passes (default 2; `--updates`, default 150):
+latency, relay CPU per delivery summed over the nodes, NATS CPU per delivery,
+publish-to-acknowledgement latency (benchmarks/_fanout_cluster.py).
 """
 
 from __future__ import annotations
