@@ -213,6 +213,35 @@ class StructureIndex:
             if depth > self.deepest:
                 self.deepest = depth
 
+    def text_continued(self, client: int, clock: int) -> tuple[_Where, str] | None:
+        """Where a string item at `client:clock`, whose origin is `client:clock - 1` and
+        that names no parent, lands, with its root, when that is a Text the index knows:
+        the clock continues the client's last known run, an item in a Text. None otherwise.
+
+        What `check` would find for the same item (its fast path for a struct continuing
+        its client's last item): a string in a Text is allowed, adds no type and no entry of
+        a Map or Array, so only the value's size is left to judge (the caller's).
+        """
+        if self._ends.get(client) != clock:
+            return None
+        last = self._where[client][-1]
+        parent = last.parent
+        if type(parent) is not tuple or last.keyed or self._types.get(parent) != TEXT:
+            return None
+        shape = self._shapes.get(parent)
+        if shape is None or shape[1] is None:
+            return None
+        return _Where(parent, False, _Class.ITEM), shape[1]
+
+    def extend(self, client: int, end: int, where: _Where) -> None:
+        """Record an item that `text_continued` placed, up to clock `end` (what `commit`
+        does with its plan)."""
+        wheres = self._where[client]
+        if wheres[-1] != where:
+            self._starts[client].append(self._ends[client])
+            wheres.append(where)
+        self._ends[client] = end
+
     def add(self, update: DecodedUpdate, *, judge: bool = True) -> None:
         """Check and record `update` in one step (e.g. a stored state, when loading)."""
         self.commit(self.check(update, judge=judge))

@@ -325,6 +325,50 @@ def decode_update(data: bytes) -> DecodedUpdate:
     return update
 
 
+_CONTINUING_STRING = _HAS_ORIGIN | STRING  # the info byte of text typed at its own end
+
+
+def continuing_string(data: bytes) -> tuple[int, int, int, int] | None:
+    """(client, clock, length, size) when `data` is one string item that continues its
+    client's own previous item and deletes nothing; None for anything else.
+
+    That is how a stream flush and a keystroke at the end of a text look: one client, one
+    struct with origin `client:clock - 1`, no right origin and no parent written. `length`
+    is in clock units (UTF-16), `size` the struct's encoded bytes (what the value limit
+    measures). Why: the relay judges one such update per flush of every streamed reply,
+    and `decode_update` builds objects it does not need for this shape. Bytes that are not
+    exactly this, malformed ones included, give None: the caller then decodes them in full,
+    which refuses what is malformed.
+    """
+    if len(data) < 8 or data[0] != 1 or data[1] != 1 or data[-1] != 0:
+        return None
+    reader = _Reader(data)
+    reader.pos = 2
+    try:
+        client = reader.uint()
+        clock = reader.uint()
+        start = reader.pos
+        if clock == 0 or reader.byte() != _CONTINUING_STRING:
+            return None
+        if reader.uint() != client or reader.uint() != clock - 1:
+            return None
+        raw = reader.buf()
+    except UpdateFormatError:
+        return None
+    if reader.pos != len(data) - 1:  # then the empty delete set, and nothing after it
+        return None
+    if raw.isascii():
+        length = len(raw)
+    else:
+        try:
+            length = _utf16_length(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+    if length == 0 or clock + length > _MAX_VAR_UINT:
+        return None
+    return client, clock, length, reader.pos - start
+
+
 def check_update(data: bytes) -> None:
     """Raise UpdateFormatError unless `data` is an update that is safe to apply and read.
 

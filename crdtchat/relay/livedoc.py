@@ -61,6 +61,7 @@ from crdtchat.updates import (
     MAP,
     DecodedUpdate,
     UpdateFormatError,
+    continuing_string,
     decode_update,
 )
 from crdtchat.wire import WireError, decode_state_vector
@@ -294,6 +295,9 @@ class LiveDoc(ClosesOnExit):
         structure = self._ensure_structure()
         if structure is None:
             return Refused(f"the relay cannot check writes to this room: {self.structure_error}")
+        streamed = self._apply_text_continued(update, structure, gate)
+        if streamed is not None:
+            return streamed
         try:
             decoded = decode_update(update)
             if partial:
@@ -356,6 +360,56 @@ class LiveDoc(ClosesOnExit):
         if not changed:
             return Accepted(b"")
         self._deleted = None  # a change may delete items, its own update's delete set or not
+        self._since.append(update)
+        self.since_bytes += len(update)
+        self.unstored += 1
+        return Accepted(update)
+
+    def _apply_text_continued(
+        self, update: bytes, structure: StructureIndex, gate: Callable[[int], None] | None
+    ) -> Outcome | None:
+        """Judge and apply the commonest update, text added at the end of the writer's own
+        last item in a root where the role may make any change; None for any other update.
+
+        One flush of a streamed reply (the worker's text in `transport.streams`) is such an
+        update, and the relay judges one per flush of every reply: the full path decodes it
+        into objects, checks it as a plan, and reads the document's state and roots again
+        after applying, none of which can change the verdict here. The same facts are
+        checked for it (`continuing_string`, `StructureIndex.text_continued`): the item
+        continues a known item of a Text whose root the role may change in any way (so no
+        event can be refused, and no root can be created), within the value limit, past the
+        growth gate; what it does not match goes the full way.
+        """
+        shape = continuing_string(update)
+        if shape is None:
+            return None
+        client, clock, length, size = shape
+        placed = structure.text_continued(client, clock)
+        if placed is None:
+            return None
+        where, root = placed
+        if self._rules.get(root) is not Access.FULL:
+            return None
+        max_bytes = self.limits.value_bytes
+        if max_bytes is not None and size > max_bytes:
+            return None  # the full path says why
+        if gate is not None:
+            gate(len(update))
+        try:
+            with self.doc.transaction():
+                self.doc.apply_update(update)
+        except BaseException as error:
+            if not isinstance(error, Exception) and not is_panic(error):
+                raise
+            self.rebuild()
+            raise UndecodableUpdate(f"update could not be decoded: {error}") from None
+        self._changes.clear()
+        if self._record_error is not None:
+            reason = self._record_error
+            self.rebuild()
+            return Refused(reason)
+        structure.extend(client, clock + length, where)
+        self._deleted = None
         self._since.append(update)
         self.since_bytes += len(update)
         self.unstored += 1

@@ -7,7 +7,7 @@ import contextlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pycrdt import Array, Doc, Map, Text
+from pycrdt import Array, Doc, Map, Text, merge_updates
 
 from crdtchat.updates import (
     ANY,
@@ -18,6 +18,7 @@ from crdtchat.updates import (
     TEXT,
     TYPE,
     UpdateFormatError,
+    continuing_string,
     decode_update,
     encode_update,
 )
@@ -91,6 +92,90 @@ def test_damaged_updates_decode_or_raise_one_error(
     cut = data.draw(st.integers(1, len(update)))
     with contextlib.suppress(UpdateFormatError):
         decode_update(bytes(update[:cut]))
+
+
+def _continuing_as_decoded(data: bytes) -> tuple[int, int, int, int] | None:
+    """What `continuing_string` must say of `data`, read from the full decoder."""
+    try:
+        decoded = decode_update(data)
+    except UpdateFormatError:
+        return None
+    if decoded.deletes or len(decoded.structs) != 1:
+        return None
+    [(client, runs)] = decoded.structs.items()
+    if len(runs) != 1:
+        return None
+    [struct] = runs
+    if (
+        struct.kind != STRING
+        or struct.origin != (client, struct.clock - 1)
+        or struct.right_origin is not None
+        or struct.parent is not None
+        or data[struct.span[0]] != 0x84  # no flag but the origin's
+    ):
+        return None
+    return client, struct.clock, struct.length, struct.span[1] - struct.span[0]
+
+
+def _text_flushes() -> list[bytes]:
+    """A writer's own text created, then continued flush by flush (ASCII, two-byte and
+    four-byte UTF-8, a long one)."""
+    doc = Doc(client_id=5)
+    text = doc.get("streams", type=Map)["t"] = Text("")
+    flushes = [doc.get_update()]
+    for part in ["first", " tokens", " é", " 😀 and", "x" * 300]:
+        before = doc.get_state()
+        text += part
+        flushes.append(doc.get_update(before))
+    return flushes
+
+
+def test_a_continued_text_is_recognised_as_the_full_decoder_reads_it() -> None:
+    flushes = _text_flushes()
+    created, first, *continued = flushes
+    assert continuing_string(created) is None
+    assert continuing_string(first) is None  # the text's first item: no origin
+    for flush in continued:
+        found = continuing_string(flush)
+        assert found is not None and found == _continuing_as_decoded(flush)
+    assert [continuing_string(flush)[2] for flush in continued] == [7, 2, 7, 300]  # type: ignore[index]
+    doc = Doc(client_id=5)
+    for flush in flushes[:3]:
+        doc.apply_update(flush)
+    text = doc.get("streams", type=Map)["t"]
+    before = doc.get_state()
+    del text[0:2]  # deletions: not the shape
+    assert continuing_string(doc.get_update(before)) is None
+    before = doc.get_state()
+    text.insert(0, "a")  # an insert at the start: a right origin, no origin
+    assert continuing_string(doc.get_update(before)) is None
+    joined = merge_updates(flushes[3], flushes[4])  # two flushes merged: the two agree
+    assert continuing_string(joined) == _continuing_as_decoded(joined)
+    for cut in range(len(flushes[2])):  # truncated: never recognised, never raises
+        assert continuing_string(flushes[2][:cut]) is None
+    assert continuing_string(flushes[2] + b"\x00") is None
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(_text_flushes()[2:]), st.data())
+def test_a_damaged_continued_text_is_recognised_only_if_it_decodes_the_same(
+    flush: bytes, data: st.DataObject
+) -> None:
+    update = bytearray(flush)
+    for _ in range(data.draw(st.integers(1, 2))):
+        update[data.draw(st.integers(0, len(update) - 1))] = data.draw(st.integers(0, 255))
+    damaged = bytes(update)
+    assert continuing_string(damaged) == _continuing_as_decoded(damaged)
+
+
+@settings(max_examples=150)
+@given(edited_docs())
+def test_continued_text_recognition_agrees_with_the_decoder(
+    case: tuple[Doc, list[bytes]],
+) -> None:
+    doc, updates = case
+    for data in [*updates, doc.get_update()]:
+        assert continuing_string(data) == _continuing_as_decoded(data)
 
 
 def test_trailing_bytes_and_truncation_are_errors() -> None:
