@@ -32,6 +32,7 @@ class ClusterMetrics:
     presence_nodes: int = 0  # other nodes whose heartbeat this node hears
     quota_batches_sent: int = 0  # batches of subjects' spending told to the other nodes
     quota_batches_heard: int = 0  # ... and heard from them
+    quota_batches_repeated: int = 0  # ... heard again (sent again after an outage): ignored
     quota_bytes_heard: float = 0.0  # bytes written through other nodes, charged here
     quota_remote_connections: int = 0  # subjects' connections on the other nodes, as told
 
@@ -106,6 +107,12 @@ class ClusterMetrics:
             "counter",
             "Batches of subjects' spending heard from the other nodes.",
             self.quota_batches_heard,
+        )
+        metric(
+            "quota_batches_repeated_total",
+            "counter",
+            "Batches of spending heard again (resent after an outage), not charged twice.",
+            self.quota_batches_repeated,
         )
         metric(
             "quota_bytes_heard_total",

@@ -11,8 +11,18 @@ judges against the sum of all nodes' spending. What is told travels on one plain
   spend at most one interval (plus a network hop) after it: the cluster may let a subject
   overshoot a quota by what it spends on each of the other nodes within one interval, and by at
   most 1/16 of the quota per node for large spends;
+- spending survives NATS being away, told exactly once. While this node is disconnected it
+  forms no batch: the spending stays in `Subjects`, and goes out in the first batch after the
+  reconnection. Every spending message carries the node's epoch (one per start) and a sequence
+  number, and the node keeps the messages it sent in the last `resend_window` (60 s; at most
+  `RESEND_MAX` messages). It publishes them all again when
+  it reconnects (one may have died in a socket with the server) and when another node says
+  hello, which a node does when it starts and whenever it reconnects (it may have missed some
+  while away, as every node does when the one NATS server restarts: the nodes come back one
+  after the other, and core NATS keeps nothing for a subscriber that is not there). A receiver
+  applies each (epoch, sequence) once and ignores the repeats;
 - connection counts are told as absolute numbers per subject: those that changed, in the next
-  batch; every node's whole table to a node that says hello (it just started), and again every
+  batch; every node's whole table to a node that says hello (it started or reconnected), and every
   `full_every` seconds, so a batch lost in a reconnect heals. A node whose heartbeat stopped
   (presence, `PresenceBus.nodes`) and that told nothing for as long is forgotten, and its
   connections no longer count.
@@ -27,7 +37,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -44,6 +57,40 @@ QUOTA_INTERVAL = 0.25  # seconds between batches of spending
 FULL_TABLE_EVERY = 10.0  # seconds between whole connection tables
 IDLE_SWEEP_EVERY = 30.0  # seconds between dropping subjects with nothing left to refill
 SUBJECTS_PER_MESSAGE = 2000  # keeps a batch well under NATS's 1 MiB max_payload
+RESEND_WINDOW = 60.0  # seconds a spending message is kept to be published again
+RESEND_MAX = 1024  # ... and at most this many: a receiver remembers as many sequences per node
+
+
+@dataclass
+class _Sent:
+    """One spending message as published, kept to publish again (same epoch and sequence)."""
+
+    seq: int
+    data: bytes
+    sent_at: float  # time.monotonic() it was formed
+    published: bool = False  # handed to the NATS client without an error
+
+
+@dataclass
+class _Applied:
+    """Which of one node epoch's spending messages this node has charged."""
+
+    epoch: str
+    heard: float  # time.monotonic() of the last spending message of the node
+    seqs: set[int] = field(default_factory=set)
+    highest: int = 0
+
+    def first_time(self, seq: int) -> bool:
+        """Whether `seq` is new; remembers it. Sequences more than `RESEND_MAX` below the
+        highest are never sent again (the sender keeps no more), so they are forgotten."""
+        if seq in self.seqs or seq <= self.highest - RESEND_MAX:
+            return False
+        self.seqs.add(seq)
+        if seq > self.highest:
+            self.highest = seq
+            if len(self.seqs) > RESEND_MAX:
+                self.seqs = {s for s in self.seqs if s > seq - RESEND_MAX}
+        return True
 
 
 class QuotaExchange:
@@ -58,6 +105,7 @@ class QuotaExchange:
         *,
         interval: float = QUOTA_INTERVAL,
         full_every: float = FULL_TABLE_EVERY,
+        resend_window: float = RESEND_WINDOW,
     ) -> None:
         if not subjects.shared:
             raise ValueError("a QuotaExchange needs Subjects(..., shared=True)")
@@ -68,7 +116,13 @@ class QuotaExchange:
         self.presence = presence
         self.interval = interval
         self.full_every = full_every
+        self.resend_window = resend_window
         self.metrics = connection.metrics
+        self.epoch = secrets.token_hex(8)  # this start: a restarted node's sequences start over
+        self._seq = 0
+        self._sent: deque[_Sent] = deque()
+        self._reconnects = connection.metrics.reconnects
+        self._applied: dict[str, _Applied] = {}  # node -> which of its spending was charged
         self._heard: dict[str, float] = {}  # node -> time.monotonic() of its last message
         self._urgent = asyncio.Event()
         self._send_full = asyncio.Event()
@@ -110,15 +164,23 @@ class QuotaExchange:
                 await asyncio.wait_for(self._urgent.wait(), self.interval)
             self._urgent.clear()
             now = time.monotonic()
-            try:
-                if self._send_full.is_set() or now >= next_full:
-                    self._send_full.clear()
-                    next_full = now + self.full_every
-                    self.subjects.take_connection_changes()  # the full table has them
-                    await self._send_table()
-                await self._send_batch()
-            except nats.errors.Error as error:  # at most once, like presence
-                log.warning("quota batch not sent: %s", error)
+            if self.connection.nc.is_connected:  # else the spending waits in `Subjects`
+                try:
+                    if self.metrics.reconnects != self._reconnects:
+                        self._reconnects = self.metrics.reconnects
+                        await self._publish({"node": self.node_id, "hello": True})
+                        self._send_full.set()  # what this node sent just before may be lost
+                    if self._send_full.is_set() or now >= next_full:
+                        resend = self._send_full.is_set()
+                        self._send_full.clear()
+                        next_full = now + self.full_every
+                        self.subjects.take_connection_changes()  # the full table has them
+                        await self._send_table()
+                        if resend:
+                            await self._send_again(now)
+                    await self._send_batch()
+                except nats.errors.Error as error:  # spending is kept; counts heal by table
+                    log.warning("quota batch not sent: %s", error)
             self._forget_silent_nodes(now)
             if now >= next_sweep:
                 next_sweep = now + IDLE_SWEEP_EVERY
@@ -127,14 +189,39 @@ class QuotaExchange:
     async def _send_batch(self) -> None:
         spends = self.subjects.take_spends()
         connections = self.subjects.take_connection_changes()
-        if not spends and not connections:
-            return
         spent = [[sub, s.write_bytes, s.rooms, s.refusals] for sub, s in spends.items()]
-        for part in _chunks(spent):
-            await self._publish({"node": self.node_id, "spends": part})
+        for part in _chunks(spent):  # numbered and kept before publishing: a failure is resent
+            self._seq += 1
+            body = {"node": self.node_id, "epoch": self.epoch, "seq": self._seq, "spends": part}
+            self._keep(_encode(body))
+        unpublished = [sent for sent in self._sent if not sent.published]
+        if not unpublished and not connections:
+            return
+        for sent in unpublished:  # in order; one that failed before goes first
+            await self.connection.nc.publish(self.subject, sent.data)
+            sent.published = True
         for part in _chunks(list(connections.items())):
             await self._publish({"node": self.node_id, "connections": dict(part)})
         self.metrics.quota_batches_sent += 1
+
+    def _keep(self, data: bytes) -> None:
+        now = time.monotonic()
+        self._sent.append(_Sent(self._seq, data, now))
+        self._drop_old(now)
+
+    def _drop_old(self, now: float) -> None:
+        while self._sent and (
+            len(self._sent) > RESEND_MAX or now - self._sent[0].sent_at > self.resend_window
+        ):
+            self._sent.popleft()
+
+    async def _send_again(self, now: float) -> None:
+        """Every spending message of the last `resend_window`, published again: for a node
+        that was away, or because one was lost with a server."""
+        self._drop_old(now)
+        for sent in list(self._sent):
+            if sent.published:
+                await self.connection.nc.publish(self.subject, sent.data)
 
     async def _send_table(self) -> None:
         """Every connection count of this node: the first message replaces what the other
@@ -146,8 +233,7 @@ class QuotaExchange:
             )
 
     async def _publish(self, body: dict[str, Any]) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        await self.connection.nc.publish(self.subject, data)
+        await self.connection.nc.publish(self.subject, _encode(body))
 
     # Receiving
 
@@ -164,6 +250,9 @@ class QuotaExchange:
             self._send_full.set()  # a node that has just started: tell it every count
             self._urgent.set()
             return
+        if "spends" in body and not self._first_time(node, body):
+            self.metrics.quota_batches_repeated += 1
+            return
         try:
             for sub, write_bytes, rooms, refusals in body.get("spends", ()):
                 spend = Spend(float(write_bytes), float(rooms), float(refusals))
@@ -178,7 +267,29 @@ class QuotaExchange:
         self.metrics.quota_batches_heard += 1
         self.metrics.quota_remote_connections = self.subjects.remote_connections()
 
+    def _first_time(self, node: str, body: dict[str, Any]) -> bool:
+        """Whether this spending message of `node` has not been charged yet (a resent one has
+        the epoch and sequence of the first sending)."""
+        try:
+            epoch, seq = str(body["epoch"]), int(body["seq"])
+        except KeyError:
+            return True  # a node of an earlier version, which never sends a message twice
+        except (ValueError, TypeError):
+            return False
+        applied = self._applied.get(node)
+        now = time.monotonic()
+        if applied is None or applied.epoch != epoch:  # a new node, or the node restarted
+            applied = self._applied[node] = _Applied(epoch, now)
+        applied.heard = now
+        return applied.first_time(seq)
+
     def _forget_silent_nodes(self, now: float) -> None:
+        """A node silent for its presence timeout: its connections stop counting. Which of its
+        spending was charged is kept for longer than it resends anything (it may have been
+        away from NATS and send its last messages again when it comes back)."""
+        for node, applied in list(self._applied.items()):
+            if now - applied.heard > 2 * self.resend_window:
+                del self._applied[node]
         alive = self.presence.nodes()
         for node, heard in list(self._heard.items()):
             if node not in alive and now - heard > self.presence.timeout:
@@ -186,6 +297,10 @@ class QuotaExchange:
                 self.subjects.forget_node(node)
                 self.metrics.quota_remote_connections = self.subjects.remote_connections()
                 log.info("node %s silent: its subjects' connections no longer count", node)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _chunks(items: list[Any]) -> list[list[Any]]:

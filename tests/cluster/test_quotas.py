@@ -1,20 +1,23 @@
 """The quota exchange between nodes (crdtchat/cluster/quotas.py) on the real NATS cluster,
-in-process: every kind of spending crosses, net of refunds, and a node that starts later
-learns the connection counts the others hold. The relay processes' side is
-tests/cluster/test_relay_quotas.py."""
+in-process: every kind of spending crosses, net of refunds, a node that starts later learns
+the connection counts the others hold, and spending survives NATS going away, charged once.
+The relay processes' side is tests/cluster/test_relay_quotas.py."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import anyio
 import pytest
 
-from crdtchat.cluster.connection import ClusterConnection
+from crdtchat.cluster.connection import ClusterConnection, connect
+from crdtchat.cluster.names import Names
 from crdtchat.cluster.presence import PresenceBus
 from crdtchat.cluster.quotas import QuotaExchange
 from crdtchat.relay.ratelimit import SubjectQuotas, Subjects
+from tests.support.nats import TcpGate, nats_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -35,9 +38,12 @@ async def stack() -> AsyncIterator[AsyncExitStack]:
 
 
 async def start_node(
-    stack: AsyncExitStack, connection: ClusterConnection, node_id: str
+    stack: AsyncExitStack,
+    connection: ClusterConnection,
+    node_id: str,
+    quotas: SubjectQuotas = QUOTAS,
 ) -> Subjects:
-    subjects = Subjects(QUOTAS, shared=True)
+    subjects = Subjects(quotas, shared=True)
     presence = PresenceBus(connection, node_id)
     await presence.start()
     stack.push_async_callback(presence.close)
@@ -93,3 +99,59 @@ def test_connection_counts_of_other_nodes_add_up_replace_and_are_forgotten() -> 
     subjects.forget_node("c")
     assert subjects.connections("octopus") == 2 and subjects.remote_connections() == 1
     assert subjects.take_connection_changes() == {"octopus": 1}, "this node's own, to tell"
+
+
+# Nothing refills during the test, so what a node was charged is exactly what was told.
+NO_REFILL = SubjectQuotas(
+    connections=4, rooms=10, write_bytes=100_000, interval=1e12, refusal_rate=1e-12
+)
+
+
+async def test_spending_while_nats_is_away_reaches_the_other_node_once_when_it_returns(
+    tmp_path: Path, stack: AsyncExitStack
+) -> None:
+    """The one NATS server dies; node A records spending meanwhile. The server comes back and
+    node A reconnects first (node B's way back, a TCP gate, stays shut until A has told what
+    it spent): core NATS keeps nothing for B, yet B is charged when it returns, because it
+    says hello and A publishes its recent spending again. A's messages from before the outage
+    are sent again too, and B charges none of them twice; the sum then crosses the quota on
+    B, which B alone would not."""
+    single = stack.enter_context(nats_cluster(tmp_path / "outage", size=1))
+    gate = TcpGate(single.nodes[0].port)
+    await gate.open()
+    stack.push_async_callback(gate.shut)
+    names = Names("outage")
+    node_a = await connect(single.urls, names=names)
+    stack.push_async_callback(node_a.close)
+    node_b = await connect([gate.url], names=names)
+    stack.push_async_callback(node_b.close)
+    here = await start_node(stack, node_a, "node-a", NO_REFILL)
+    there = await start_node(stack, node_b, "node-b", NO_REFILL)
+    alice, far = here.get("alice"), there.get("alice")
+
+    far.spend_bytes(50_000)  # on B itself
+    alice.spend_bytes(30_000)
+    await until(lambda: far.write_bytes.tokens < 20_001)
+    assert far.write_bytes.can_take(1), "80,000 of 100,000 bytes spent: B takes more"
+
+    single.kill(0)
+    await gate.shut()  # B stays away until A has told what it spends during the outage
+    await until(lambda: not node_a.nc.is_connected and not node_b.nc.is_connected)
+    sent = node_a.metrics.quota_batches_sent
+    alice.spend_bytes(30_000)
+    alice.spend_room()
+    assert alice.take_refusal()
+    await anyio.to_thread.run_sync(single.restart, 0)
+    await until(lambda: node_a.nc.is_connected and node_a.metrics.quota_batches_sent > sent)
+    await node_a.nc.flush()  # the server has it: anyone subscribed got it
+    await gate.open()
+
+    await until(lambda: far.write_bytes.tokens < -9_999)
+    assert far.rooms.tokens == pytest.approx(NO_REFILL.rooms - 1)
+    alice.take_refusal()  # a last message from A: everything before it has been heard
+    await until(lambda: far.refusals.tokens < NO_REFILL.refusal_burst - 1.5)
+    assert far.write_bytes.tokens == pytest.approx(100_000 - 50_000 - 30_000 - 30_000)
+    assert far.rooms.tokens == pytest.approx(NO_REFILL.rooms - 1), "charged once"
+    assert node_b.metrics.quota_batches_repeated >= 1, "A's earlier messages came again"
+    assert not far.write_bytes.can_take(1), "the sum is over the quota: B refuses"
+    assert alice.write_bytes.tokens == pytest.approx(far.write_bytes.tokens)
