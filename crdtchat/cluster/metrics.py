@@ -15,6 +15,19 @@ from dataclasses import dataclass, field
 
 from crdtchat.relay.metrics import Histogram
 
+# Seconds. Fine where publishes land (a JetStream ack on loopback takes 0.5-20 ms), so that a
+# quantile read from the buckets by linear interpolation (Prometheus `histogram_quantile`, or
+# benchmarks/fanout.py --nats) is off by at most a third of its value there.
+PUBLISH_BUCKETS = (
+    0.0002, 0.0003, 0.0004, 0.0005, 0.0006, 0.0008, 0.001, 0.00125, 0.0015, 0.00175, 0.002,
+    0.0025, 0.003, 0.0035, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+
+def _publish_histogram() -> Histogram:
+    return Histogram(PUBLISH_BUCKETS, [0] * len(PUBLISH_BUCKETS))
+
 
 @dataclass
 class ClusterMetrics:
@@ -26,7 +39,7 @@ class ClusterMetrics:
     publish_conflicts: int = 0  # conditional publishes refused: the node's copy lagged
     publish_duplicates: int = 0  # retries JetStream recognised by their Nats-Msg-Id
     publish_failures: int = 0  # no acknowledgement (NATS down, timeout): nothing was promised
-    publish_seconds: Histogram = field(default_factory=Histogram)
+    publish_seconds: Histogram = field(default_factory=_publish_histogram)
     consumer_lag: dict[str, int] = field(default_factory=dict)  # room -> messages not delivered
     compactions: int = 0
     presence_nodes: int = 0  # other nodes whose heartbeat this node hears
@@ -130,3 +143,37 @@ class ClusterMetrics:
             "nats_publish_seconds", "From publish to JetStream's acknowledgement."
         )
         return "\n".join(lines) + "\n"
+
+
+def histogram_buckets(text: str, metric: str) -> dict[float, float]:
+    """The cumulative bucket counts of histogram `metric` in Prometheus text: upper bound
+    (`+Inf` as infinity) -> count. Several series of the same name (one per node) add up."""
+    buckets: dict[float, float] = {}
+    prefix = f'{metric}_bucket{{le="'
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            bound, _, value = line[len(prefix) :].partition('"} ')
+            upper = float("inf") if bound == "+Inf" else float(bound)
+            buckets[upper] = buckets.get(upper, 0.0) + float(value)
+    return buckets
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The q-quantile estimated from cumulative buckets as Prometheus's `histogram_quantile`
+    does: linear interpolation within the bucket the rank falls in (from 0 in the lowest; the
+    highest finite bound when it falls in +Inf). None without observations."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    below, lower = 0.0, 0.0
+    for upper in bounds:
+        count = buckets[upper]
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        below, lower = count, upper
+    return lower
