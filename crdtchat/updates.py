@@ -18,6 +18,7 @@ was decoded from, so a subset of an update can be written back without re-encodi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -379,7 +380,181 @@ def check_update(data: bytes) -> None:
     nested ~20,000 deep kills a reader with SIGSEGV and ~100,000 kills `apply_update` itself
     (design §7.1); no exception handler catches that, so it must be refused before applying.
     """
-    _walk(data, check_only=True)
+    if not _plainly_safe(data):
+        _walk(data, check_only=True)  # says what is wrong, or finds nothing after all
+
+
+class _Unusual(Exception):
+    """Something `_plainly_safe` leaves to the full walk (rare, or wrong)."""
+
+
+def _uint_at(data: bytes, pos: int) -> tuple[int, int]:
+    """A varUint at `pos` and the position after it; _Unusual where `_Reader.uint` raises."""
+    value = 0
+    shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            raise _Unusual
+    if value > _MAX_VAR_UINT:
+        raise _Unusual
+    return value, pos
+
+
+# Two varUints (an id: client, clock), each at most 2**53 - 1 as written: seven bytes or
+# fewer, or eight whose last holds no more than the top four bits. A match is a valid id as
+# `_Reader.uint` reads it; no match (a longer or larger one, bytes running out) is left to
+# `_uint_at`, which says whether it is valid.
+_ID = re.compile(rb"(?:[\x80-\xff]{0,6}[\x00-\x7f]|[\x80-\xff]{7}[\x00-\x0f]){2}")
+
+
+def _id_end(data: bytes, pos: int) -> int:
+    """Where the id at `pos` ends: client ids are long varUints, read here in one match."""
+    match = _ID.match(data, pos)
+    if match is not None:
+        return match.end()
+    _, pos = _uint_at(data, pos)
+    _, pos = _uint_at(data, pos)
+    return pos
+
+
+def _any_end(data: bytes, pos: int, depth: int) -> int:
+    """Where the lib0 `Any` value at `pos` ends (what `_Reader.skip_any` steps over)."""
+    if depth > MAX_ANY_DEPTH:
+        raise _Unusual
+    tag = data[pos]
+    pos += 1
+    if tag in (119, 116):  # a string (its UTF-8 is checked when applied), a buffer
+        size = data[pos]
+        if size < 0x80:
+            return pos + 1 + size
+        size, pos = _uint_at(data, pos)
+        return pos + size
+    if 120 <= tag <= 127:
+        if tag == 125:  # a varInt: at most 10 bytes
+            for _ in range(10):
+                pos += 1
+                if data[pos - 1] < 0x80:
+                    return pos
+            raise _Unusual
+        if tag == 124:
+            return pos + 4
+        if tag in (123, 122):
+            return pos + 8
+        return pos  # 127, 126, 121, 120
+    if tag == 118:
+        count, pos = _uint_at(data, pos)
+        for _ in range(count):
+            size, pos = _uint_at(data, pos)
+            pos = _any_end(data, pos + size, depth + 1)
+        return pos
+    if tag == 117:
+        count, pos = _uint_at(data, pos)
+        for _ in range(count):
+            pos = _any_end(data, pos, depth + 1)
+        return pos
+    raise _Unusual
+
+
+def _plainly_safe(data: bytes) -> bool:
+    """Whether `data` is an update the full check-only walk accepts, found the short way:
+    True only then; False when it is not, or holds anything this walk leaves to it.
+
+    `check_update` runs on every update applied whole (a client's join, a stored room), so
+    this is its hot loop: positions are local integers, one-byte varUints are read inline,
+    ids and clocks are stepped over (a check keeps none), and only the kinds a conversation
+    is made of are handled (strings, JSON values, types, deleted runs, GC); anything else
+    (JSON strings, embeds, formats, subdocuments, XML names, weak links, a varUint written
+    long, a value nested past MAX_ANY_DEPTH, bytes that run out) goes to the full walk,
+    which then refuses it or finds it fine.
+    """
+    end = len(data)
+    try:
+        clients, pos = _uint_at(data, 0)
+        seen: set[int] = set()
+        for _ in range(clients):
+            count, pos = _uint_at(data, pos)
+            client, pos = _uint_at(data, pos)
+            if client in seen:
+                return False
+            seen.add(client)
+            _, pos = _uint_at(data, pos)  # the first clock
+            for _ in range(count):
+                info = data[pos]
+                pos += 1
+                if info in (GC, SKIP):
+                    _, pos = _uint_at(data, pos)
+                    continue
+                if info & (_HAS_ORIGIN | _HAS_RIGHT_ORIGIN):
+                    if info & _HAS_ORIGIN:
+                        pos = _id_end(data, pos)
+                    if info & _HAS_RIGHT_ORIGIN:
+                        pos = _id_end(data, pos)
+                else:
+                    named = data[pos]
+                    if named >= 0x80:
+                        return False  # a varUint written long
+                    if named == 1:  # a root's name
+                        size = data[pos + 1]
+                        if size >= 0x80:
+                            size, pos = _uint_at(data, pos + 1)
+                            pos += size
+                        else:
+                            pos += 2 + size
+                    else:  # the id of the item holding the parent type
+                        pos = _id_end(data, pos + 1)
+                    if info & _HAS_PARENT_SUB:
+                        size = data[pos]
+                        if size >= 0x80:
+                            size, pos = _uint_at(data, pos)
+                            pos += size
+                        else:
+                            pos += 1 + size
+                kind = info & 0x1F
+                if kind == ANY:
+                    count_values = data[pos]
+                    if count_values >= 0x80:
+                        count_values, pos = _uint_at(data, pos)
+                    else:
+                        pos += 1
+                    for _ in range(count_values):
+                        tag = data[pos]  # the commonest values inline: a short string, a float
+                        if tag == 119 and data[pos + 1] < 0x80:
+                            pos += 2 + data[pos + 1]
+                        elif tag == 123:
+                            pos += 9
+                        else:
+                            pos = _any_end(data, pos, 0)
+                elif kind == STRING:
+                    size = data[pos]
+                    if size >= 0x80:
+                        size, pos = _uint_at(data, pos)
+                        pos += size
+                    else:
+                        pos += 1 + size
+                elif kind == TYPE:
+                    type_ref, pos = _uint_at(data, pos)
+                    if type_ref in (XML_ELEMENT, XML_HOOK, WEAK_LINK):
+                        return False
+                elif kind == DELETED:
+                    _, pos = _uint_at(data, pos)
+                else:
+                    return False
+        deletes, pos = _uint_at(data, pos)
+        for _ in range(deletes):
+            _, pos = _uint_at(data, pos)
+            ranges, pos = _uint_at(data, pos)
+            for _ in range(ranges):
+                _, pos = _uint_at(data, pos)
+                _, pos = _uint_at(data, pos)
+    except (IndexError, _Unusual):
+        return False
+    return pos == end
 
 
 def _walk(data: bytes, *, check_only: bool) -> DecodedUpdate | None:

@@ -14,10 +14,14 @@ from crdtchat.updates import (
     ARRAY,
     DELETED,
     GC,
+    MAX_ANY_DEPTH,
     STRING,
     TEXT,
     TYPE,
     UpdateFormatError,
+    _plainly_safe,
+    _walk,
+    check_update,
     continuing_string,
     decode_update,
     encode_update,
@@ -176,6 +180,81 @@ def test_continued_text_recognition_agrees_with_the_decoder(
     doc, updates = case
     for data in [*updates, doc.get_update()]:
         assert continuing_string(data) == _continuing_as_decoded(data)
+
+
+def _full_check_passes(data: bytes) -> bool:
+    try:
+        _walk(data, check_only=True)
+    except UpdateFormatError:
+        return False
+    return True
+
+
+@settings(max_examples=150)
+@given(edited_docs())
+def test_the_short_check_takes_what_pycrdt_writes(case: tuple[Doc, list[bytes]]) -> None:
+    """Every update of these documents (strings, JSON values of every tag nested a few deep,
+    binaries, Maps, Arrays, Texts, deletions) is found safe the short way, as in full."""
+    doc, updates = case
+    for data in [*updates, doc.get_update()]:
+        assert _plainly_safe(data)
+        assert _full_check_passes(data)
+
+
+@settings(max_examples=300)
+@given(edited_docs(), st.data())
+def test_the_short_check_passes_nothing_the_full_walk_refuses(
+    case: tuple[Doc, list[bytes]], data: st.DataObject
+) -> None:
+    update = bytearray(case[0].get_update())
+    for _ in range(data.draw(st.integers(1, 3))):
+        update[data.draw(st.integers(0, len(update) - 1))] = data.draw(st.integers(0, 255))
+    damaged = bytes(update[: data.draw(st.integers(1, len(update)))])
+    if _plainly_safe(damaged):
+        assert _full_check_passes(damaged)
+    try:
+        check_update(damaged)
+    except UpdateFormatError:
+        assert not _full_check_passes(damaged)
+    else:
+        assert _full_check_passes(damaged)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=64))
+def test_the_short_check_passes_no_bytes_the_full_walk_refuses(data: bytes) -> None:
+    if _plainly_safe(data):
+        assert _full_check_passes(data)
+
+
+def _nested(depth: int) -> bytes:
+    """A root Map entry holding a JSON list nested `depth` deep, as lib0 writes it."""
+    value = b"\x7e"  # null
+    for _ in range(depth):
+        value = b"\x75\x01" + value  # a list of one
+    entry = b"\x28\x01\x01m\x01k\x01" + value  # Any, keyed, parent root "m", key "k"
+    return b"\x01\x01\x07\x00" + entry + b"\x00"
+
+
+def test_the_short_check_leaves_what_it_does_not_read_to_the_full_walk() -> None:
+    """Values nested past the limit, weak links, varUints written long or too large, and the
+    rare kinds: the short way says no, and the full walk decides."""
+    assert _plainly_safe(_nested(MAX_ANY_DEPTH)) and _full_check_passes(_nested(MAX_ANY_DEPTH))
+    too_deep = _nested(MAX_ANY_DEPTH + 1)
+    assert not _plainly_safe(too_deep) and not _full_check_passes(too_deep)
+    weak = b"\x01\x01\x07\x00\x27\x01\x01m\x01k\x07\x00"  # a WeakLink type under "m"
+    assert not _plainly_safe(weak) and not _full_check_passes(weak)
+    long_one = b"\x01\x01\x07\x00\x28\x81\x00\x01m\x01k\x01\x7e\x00"  # "a root" as 2 bytes
+    assert not _plainly_safe(long_one) and _full_check_passes(long_one)
+    # The same "a root", two bytes long, read as an id instead would find a whole update:
+    misread = b"\x01\x01\x07\x00\x08\x81\x00\x01\x01\x7e\x00"
+    assert not _plainly_safe(misread) and not _full_check_passes(misread)
+    unknown_tag = b"\x01\x01\x07\x00\x28\x01\x01m\x01k\x01\x80\x00"
+    assert not _plainly_safe(unknown_tag) and not _full_check_passes(unknown_tag)
+    too_large = b"\x01\x01" + b"\xff" * 7 + b"\x7f" + b"\x00\x28\x01\x01m\x01k\x01\x7e\x00"
+    assert not _plainly_safe(too_large) and not _full_check_passes(too_large)
+    embedded = b"\x01\x01\x07\x00\x25\x01\x01m\x01k\x02{}\x00"  # an embed (not Yjs's today)
+    assert not _plainly_safe(embedded) and _full_check_passes(embedded)
 
 
 def test_trailing_bytes_and_truncation_are_errors() -> None:
