@@ -309,6 +309,10 @@ class HostedProvider:
         self.retry = retry or RetryPolicy()
         self.client = client
         self.timeout = timeout
+        if client is None:
+            # Built now, once per process, not in a worker's first turns: its ~70 ms would
+            # stall every reply streaming beside them.
+            _ssl_context()
 
     def config_error(self) -> str | None:
         """Why a call cannot work at all, or None. A custom base URL may need no key."""
