@@ -64,6 +64,7 @@ from _support import (
 from crdtchat.document import Conversation
 from crdtchat.tokens import mint_token
 from crdtchat.wire import SyncStep1, SyncUpdate, encode_message
+from crdtchat.worker.titles import TITLE_PROMPT
 
 MODEL = "gpt-4.1"
 KEY = "sk-bench"
@@ -72,6 +73,7 @@ FLUSH_SECONDS = 0.1  # the worker's TurnSettings.flush_interval; the floor batch
 STAMP = re.compile(rb"<(\d{1,9}\.\d{6})>")
 PLACEHOLDER = "@"
 P99_LIMIT_MS = 250.0
+TITLE_PROMPT_START = TITLE_PROMPT.split("{", 1)[0]
 
 
 # ---------------------------------------------------------------- the stamping loopback
@@ -79,10 +81,20 @@ P99_LIMIT_MS = 250.0
 
 def serve_loopback(rate: float) -> None:
     """`--serve-loopback`: the loopback OpenAI server, stamping each `@` delta as it goes."""
-    from crdtchat.loopback.http import SSEEventSpec, run_until_interrupted
+    from crdtchat.loopback.http import ScriptedReply, SSEEventSpec, run_until_interrupted
     from crdtchat.loopback.openai_server import OpenAILoopback
 
     class Stamping(OpenAILoopback):
+        @staticmethod
+        def _script(context: list[dict[str, Any]], tool_names: list[str]) -> Any:
+            # The worker's title request (crdtchat.worker.titles) quotes the question: the
+            # echo rule would stream those 100 placeholders back, paced, as a second reply.
+            # A model answers it in a few words, and so does this server.
+            users = [i for i in context if i["type"] == "message" and i["role"] == "user"]
+            if users and users[-1]["text"].startswith(TITLE_PROMPT_START):
+                return ScriptedReply(text="Placeholders in a row")
+            return OpenAILoopback._script(context, tool_names)
+
         def outgoing_event(self, name: str | None, data: Any) -> SSEEventSpec:
             if (
                 isinstance(data, dict)

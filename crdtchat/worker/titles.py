@@ -19,7 +19,7 @@ from crdtchat.schema import DerivedEntry, Message
 
 MAX_WORDS = 6
 MAX_CHARS = 60
-_PROMPT = (
+TITLE_PROMPT = (
     "Write a title of at most six words for a conversation that starts with the message "
     "below. Answer with the title only, no quotes, no final period.\n\n{question}"
 )
@@ -54,7 +54,7 @@ def _clean(text: str) -> str:
 async def ask_title(provider: Provider, model: str, question: str, conversation_id: str) -> str:
     """A title from the provider; the fallback when it fails or answers nothing usable."""
     prompt = Message(
-        id="title", role="user", author="worker", content=_PROMPT.format(question=question)
+        id="title", role="user", author="worker", content=TITLE_PROMPT.format(question=question)
     )
     request = TurnRequest(
         conversation_id=f"{conversation_id}:title",
