@@ -23,7 +23,7 @@ observer; floor: the proxy said so) / tokens delivered. The two phases run one a
 other in the same run (`--rounds` alternates them), with the same questions and pacing.
 
     .venv/bin/python benchmarks/concurrent_replies.py [--conversations 200] [--tokens 100]
-        [--rate 20] [--rounds 1] [--limit 100,200,300,400]
+        [--rate 20] [--rounds 1] [--limit 100,200,300,400] [--profile-worker FILE]
 
 `--limit` runs the crdtchat phase alone at each number of conversations and reports p99,
 to find where it passes 250 ms.
@@ -337,6 +337,7 @@ async def crdtchat_phase(
             command += ["--provider", "openai", "--model", MODEL, "--idle-after", "5"]
             # Several workers share the rooms through leases: each claims, waits until the
             # relay stored its lease, and only the holder streams.
+            joined = feed_connections(work / "worker.log")
             workers = [
                 subprocess.Popen(
                     [*command, "--lease-ttl", "30"],
@@ -347,27 +348,30 @@ async def crdtchat_phase(
                 )
                 for i in range(worker_count)
             ]
-            # py-spy must be installed (pip install py-spy); the relay's profile includes
-            # its store thread, where SQLite commits run.
-            spies = [
-                subprocess.Popen(
-                    [
-                        *("py-spy", "record", "--pid", str(pid), "--threads"),
-                        *("--output", str(output), "--format", "raw", "--rate", "250"),
-                        "--nonblocking",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for pid, output in ((workers[0].pid, profile), (relay.pid, profile_relay))
-                if output is not None
-            ]
+            spies: list[subprocess.Popen[bytes]] = []
 
             def worker_cpu() -> float:
                 return sum(cpu_seconds(w.pid) for w in workers)
 
             try:
-                await asyncio.sleep(1.0)  # the workers connect to the feed (nothing waits yet)
+                # Until every worker is on the feed: its start-up (imports) is not per token.
+                await feeds_connected(work / "worker.log", joined + worker_count, timeout)
+                # py-spy must be installed (pip install py-spy), started here so the profiles
+                # cover the measured phase only; the relay's includes its store thread, where
+                # SQLite commits run.
+                spies = [
+                    subprocess.Popen(
+                        [
+                            *("py-spy", "record", "--pid", str(pid), "--threads"),
+                            *("--output", str(output), "--format", "raw", "--rate", "250"),
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    for pid, output in ((workers[0].pid, profile), (relay.pid, profile_relay))
+                    if output is not None
+                ]
                 before = {"worker": worker_cpu(), "relay": relay.cpu()}
                 started = time.monotonic()
                 for writer, conversation in writers:
@@ -432,6 +436,22 @@ def read_store_wait(ws_url: str) -> str:
 
 def open_log(work: Path) -> Any:
     return open(work / "worker.log", "a")  # handed to the child; closed when we exit
+
+
+FEED_CONNECTED = "connected to the room feed"  # crdtchat/worker/feed.py logs it
+
+
+def feed_connections(log: Path) -> int:
+    """How many times the workers writing `log` (shared by every phase) joined the feed."""
+    return log.read_text().count(FEED_CONNECTED) if log.exists() else 0
+
+
+async def feeds_connected(log: Path, count: int, timeout: float) -> None:
+    """Until the workers' log shows `count` feed connections. Polled: the children write the
+    file, nothing here can wait on it."""
+    async with asyncio.timeout(timeout):
+        while feed_connections(log) < count:
+            await asyncio.sleep(0.05)
 
 
 async def floor_phase(n: int, tokens: int, proxy_url: str, proxy_pid: int, timeout: float) -> Phase:
@@ -578,7 +598,14 @@ async def run(args: argparse.Namespace) -> None:
                     n, k = args.conversations, args.tokens
                     print(f"round {round_ + 1}: crdtchat, load {load()}", file=sys.stderr)
                     ours = await crdtchat_phase(
-                        n, k, openai_url, work, args.timeout, worker_count=args.workers
+                        n,
+                        k,
+                        openai_url,
+                        work,
+                        args.timeout,
+                        args.profile,
+                        args.workers,
+                        args.profile_relay,
                     )
                     print(f"round {round_ + 1}: floor, load {load()}", file=sys.stderr)
                     floor = await floor_phase(n, k, proxy_url, proxy.pid, args.timeout)
@@ -624,8 +651,16 @@ def cli() -> None:
         default="uvloop",
         help="the floor proxy's event loop (the worker and the relay run on uvloop)",
     )
-    parser.add_argument("--profile", type=Path, help="--limit runs: py-spy the worker to FILE")
-    parser.add_argument("--profile-relay", type=Path, help="--limit runs: py-spy the relay to FILE")
+    parser.add_argument(
+        "--profile-worker",
+        "--profile",
+        dest="profile",
+        type=Path,
+        help="py-spy the (first) worker during the measured phase to FILE (raw format)",
+    )
+    parser.add_argument(
+        "--profile-relay", type=Path, help="py-spy the relay during the measured phase to FILE"
+    )
     parser.add_argument(
         "--over-time", action="store_true", help="latency by send time, per phase: the tail's when"
     )
