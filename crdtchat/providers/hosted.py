@@ -162,6 +162,9 @@ async def stream_call(
         "user-agent": USER_AGENT,
         **headers,
     }
+    # A client made for this call is closed with it: reading past the final event to give
+    # its connection back to a pool would only delay that.
+    pooled = client is not None
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(
@@ -197,7 +200,8 @@ async def stream_call(
                             for sse in decoder.feed(chunk):
                                 for event in parser.feed(sse):
                                     if isinstance(event, Finished):
-                                        await _drain(chunks)
+                                        if pooled:
+                                            await _drain(chunks)
                                         yield event
                                         return
                                     yield event
