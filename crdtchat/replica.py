@@ -254,10 +254,11 @@ class Replica:
         self._token_answered = anyio.Event()
         self._fresh_refused = False
         self._attempt = 0
-        # Set and cleared again by the two tasks that wait on them, once per edit or ack: plain
-        # asyncio events, since building an anyio Event each time cost more than the wake-up.
-        self._dirty = asyncio.Event()
+        # Set and cleared again by the sender, once per edit: a plain asyncio event, since
+        # building an anyio Event each time cost more than the wake-up.
         self._send_wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the replica opened in
+        self._pump_scheduled = False
         self._retry_now = anyio.Event()
         self._stopping = anyio.Event()
         self._exit_stack: AsyncExitStack | None = None
@@ -499,6 +500,7 @@ class Replica:
             self.doc.apply_update(stored)
         if self.opening_snapshot is not None:
             self.opening_snapshot_matched = self.opening_snapshot.matches(self.doc)
+        self._loop = asyncio.get_running_loop()
         session = SyncSession(
             self.doc,
             self.awareness,
@@ -571,21 +573,28 @@ class Replica:
     # -- tasks ---------------------------------------------------------------------------
 
     async def _background(self) -> None:
-        """Awareness renewal/expiry, and moving session events out of document commits."""
+        """Awareness renewal/expiry, and the view snapshots of a replica with a file."""
         assert self._background_scope is not None
         with self._background_scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.awareness.start)
                 if self._store is not None:
                     tg.start_soon(self._snapshot_loop)
-                while True:
-                    await self._dirty.wait()
-                    self._dirty.clear()
-                    self._pump()
 
     def _mark_dirty(self) -> None:
-        # Called inside pycrdt commits: only schedule, never do the work here.
-        self._dirty.set()
+        """Move the session's events out of the document commit that made them, soon after.
+
+        Called inside pycrdt commits: only schedule, never do the work here. A loop callback
+        (one per burst of edits), not a task woken by an event: a worker's flush of each of
+        its streamed replies lands here, and a task's wake-up costs several times a call."""
+        if self._pump_scheduled or self._loop is None:
+            return
+        self._pump_scheduled = True
+        self._loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
 
     async def _store_writer(self, ops: MemoryObjectReceiveStream[StoreOp]) -> None:
         # Shielded as a whole: even when the owner is cancelled, every edit queued before the
