@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import nats
@@ -68,9 +70,14 @@ class ClusterConnection:
     names: Names
     replicas: int
     metrics: ClusterMetrics = field(default_factory=ClusterMetrics)
+    # Called once when the connection is closed for good (not on a reconnect): followers wake
+    # their readers, which nats-py's callback subscriptions would otherwise leave waiting.
+    on_close: set[Callable[[], None]] = field(default_factory=set)
 
-    @property
+    @cached_property
     def js(self) -> JetStreamContext:
+        """One JetStream context for the connection (it holds nothing but the client); made
+        once, not per publish."""
         return self.nc.jetstream()
 
     @property
@@ -116,6 +123,12 @@ async def connect(
     async def error(exc: Exception) -> None:
         metrics.last_error = f"{type(exc).__name__}: {exc}"
 
+    on_close: set[Callable[[], None]] = set()
+
+    async def closed() -> None:
+        for wake in list(on_close):
+            wake()
+
     try:
         nc = await nats.connect(
             servers=servers,
@@ -126,6 +139,7 @@ async def connect(
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
+            closed_cb=closed,
             **options,
         )
     except (OSError, nats.errors.Error) as exc:
@@ -136,7 +150,7 @@ async def connect(
     except BaseException:
         await nc.close()
         raise
-    return ClusterConnection(nc=nc, names=names, replicas=got, metrics=metrics)
+    return ClusterConnection(nc=nc, names=names, replicas=got, metrics=metrics, on_close=on_close)
 
 
 async def ensure_stream(js: JetStreamContext, names: Names, replicas: int | None) -> int:

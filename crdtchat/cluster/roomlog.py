@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -207,13 +208,21 @@ class RoomLog:
 
 
 class Follower:
-    """An ordered consumer of one room's subject; `async with` it, then iterate."""
+    """An ordered consumer of one room's subject; `async with` it, then iterate.
+
+    nats-py hands each message to `_deliver` (a callback subscription), which queues it here:
+    its `next_msg` would start a task, a timer and a uuid per message, a good part of a node's
+    CPU per update (docs/cluster.md, fan-out). Flow control, heartbeats and re-creating the
+    consumer after a gap stay nats-py's ordered consumer's."""
 
     def __init__(self, log: RoomLog, room: str, after_seq: int) -> None:
         self.log = log
         self.room = room
         self.seq = after_seq  # the last sequence delivered
         self._subscription: nats.js.JetStreamContext.PushSubscription | None = None
+        self._ready: deque[LogEntry] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False  # the connection closed under it
 
     async def __aenter__(self) -> Follower:
         await self.start()
@@ -229,11 +238,14 @@ class Follower:
             config = ConsumerConfig(opt_start_seq=self.seq + 1)
         else:
             policy, config = DeliverPolicy.ALL, ConsumerConfig()
-        js = self.log.connection.js
+        connection = self.log.connection
+        js = connection.js
+        connection.on_close.add(self._connection_closed)
         self._subscription = await retry_transient(
             lambda: js.subscribe(
                 names.room_subject(self.room),
                 stream=names.stream,
+                cb=self._deliver,
                 ordered_consumer=True,
                 idle_heartbeat=FOLLOW_HEARTBEAT,
                 deliver_policy=policy,
@@ -244,26 +256,43 @@ class Follower:
 
     async def close(self) -> None:
         self.log.metrics.consumer_lag.pop(self.room, None)
+        self.log.connection.on_close.discard(self._connection_closed)
         if self._subscription is not None:
             subscription, self._subscription = self._subscription, None
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
 
+    async def _deliver(self, msg: Msg) -> None:
+        entry = self._entry(msg)
+        if entry is not None:
+            self._ready.append(entry)
+            self._wake()
+
+    def _connection_closed(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def next(self, timeout: float | None = None) -> LogEntry:
         """The next message; TimeoutError when none comes within `timeout` seconds."""
         assert self._subscription is not None, "start() first"
-        give_up = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if give_up is None else max(give_up - time.monotonic(), 0.0)
-            try:
-                msg = await self._subscription.next_msg(timeout=left)
-            except nats.errors.TimeoutError as exc:
-                raise TimeoutError(f"room {self.room}: nothing after {self.seq}") from exc
-            except nats.errors.ConnectionClosedError as exc:
-                raise ClusterError(f"room {self.room}: the NATS connection is closed") from exc
-            entry = self._entry(msg)
-            if entry is not None:
-                return entry
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._ready:
+                    if self._closed or self.log.connection.nc.is_closed:
+                        raise ClusterError(f"room {self.room}: the NATS connection is closed")
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+        except TimeoutError as exc:
+            raise TimeoutError(f"room {self.room}: nothing after {self.seq}") from exc
+        return self._ready.popleft()
 
     def _entry(self, msg: Msg) -> LogEntry | None:
         metadata = msg.metadata
