@@ -58,6 +58,7 @@ FOLLOW_HEARTBEAT = 1.0
 RETRY_PAUSE = 0.1
 # How long a read waits out an election or a restarting server before giving up.
 READ_DEADLINE = 15.0
+_V1_ACK_TOKENS = 9  # a JetStream reply subject without a domain
 T = TypeVar("T")
 
 
@@ -157,11 +158,13 @@ class RoomLog:
         give_up = started + deadline
         while True:
             try:
+                # No `stream=` (Nats-Expected-Stream): the room subjects are the room stream's
+                # alone (JetStream refuses overlapping streams), and the header would be stored
+                # with every update and parsed again by every follower on every node.
                 ack = await self.connection.js.publish(
                     subject,
                     data,
                     timeout=min(self.publish_timeout, max(give_up - time.monotonic(), 0.1)),
-                    stream=self.names.stream,
                     headers=dict(headers),
                 )
             except nats.js.errors.APIError as exc:
@@ -280,24 +283,32 @@ class Follower:
     async def next(self, timeout: float | None = None) -> LogEntry:
         """The next message; TimeoutError when none comes within `timeout` seconds."""
         assert self._subscription is not None, "start() first"
-        try:
-            async with asyncio.timeout(timeout):
-                while not self._ready:
-                    if self._closed or self.log.connection.nc.is_closed:
-                        raise ClusterError(f"room {self.room}: the NATS connection is closed")
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
-        except TimeoutError as exc:
-            raise TimeoutError(f"room {self.room}: nothing after {self.seq}") from exc
+        if self._ready:
+            return self._ready.popleft()
+        if timeout is None:
+            await self._arrival()
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._arrival()
+            except TimeoutError as exc:
+                raise TimeoutError(f"room {self.room}: nothing after {self.seq}") from exc
         return self._ready.popleft()
 
+    async def _arrival(self) -> None:
+        """Until a message is queued; ClusterError once the connection is closed for good."""
+        while not self._ready:
+            if self._closed or self.log.connection.nc.is_closed:
+                raise ClusterError(f"room {self.room}: the NATS connection is closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
     def _entry(self, msg: Msg) -> LogEntry | None:
-        metadata = msg.metadata
-        seq = metadata.sequence.stream
-        self.log.metrics.consumer_lag[self.room] = metadata.num_pending
+        seq, pending = _position(msg)
+        self.log.metrics.consumer_lag[self.room] = pending
         if seq <= self.seq:  # delivered again after the consumer was re-created
             return None
         self.seq = seq
@@ -314,6 +325,18 @@ class Follower:
     async def _iterate(self) -> AsyncIterator[LogEntry]:
         while True:
             yield await self.next()
+
+
+def _position(msg: Msg) -> tuple[int, int]:
+    """A delivered message's stream sequence and the consumer's pending count, read from its
+    reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`)
+    without nats-py's `metadata`, which also builds a datetime per message; other forms
+    (a domain in the subject) go through `metadata`."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == _V1_ACK_TOKENS and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5]), int(tokens[8])
+    metadata = msg.metadata
+    return metadata.sequence.stream, metadata.num_pending
 
 
 async def retry_transient(
