@@ -9,16 +9,18 @@ whose `error` is one readable line, as `base.Provider` promises.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
+import httpcore
 import httpx
 
 from crdtchat.providers.base import (
@@ -37,8 +39,11 @@ __all__ = [
     "HttpFailure",
     "Recovery",
     "StreamParser",
+    "TimedReadBackend",
+    "TimedReadStream",
     "describe_failure",
     "env_setting",
+    "new_client",
     "stream_call",
 ]
 
@@ -114,6 +119,86 @@ def _ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+class TimedReadStream(httpcore.AsyncNetworkStream):
+    """httpcore's anyio stream with each read timed by `asyncio.timeout` instead.
+
+    httpcore enters two context managers per read, an exception map and `anyio.fail_after`
+    (a cancel scope and its timer): with one read per streamed token, ~24 µs of a worker's
+    CPU per token at 200 replies, more than parsing the event (py-spy, docs/performance.md).
+    `asyncio.timeout` times the same read for about half of that; the exceptions are
+    httpcore's, so httpx maps them as before. Crdtchat runs on asyncio (uvloop) only.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        # httpcore's AnyIOStream keeps the anyio byte stream here; pinned by
+        # tests/providers/test_hosted_transport.py.
+        self._receive = inner._stream.receive  # type: ignore[attr-defined]
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            if timeout is None:
+                return await self._receive(max_bytes)
+            async with asyncio.timeout(timeout):
+                return await self._receive(max_bytes)
+        except anyio.EndOfStream:
+            return b""
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(exc) from exc
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise httpcore.ReadError(exc) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return TimedReadStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class TimedReadBackend(httpcore.AnyIOBackend):
+    """httpcore's anyio backend whose TCP streams are `TimedReadStream`s."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await super().connect_tcp(host, port, timeout, local_address, socket_options)
+        return TimedReadStream(stream)
+
+
+def new_client(timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.AsyncClient:
+    """A client for one call, its reads timed by `TimedReadStream`.
+
+    httpx has no public way to choose httpcore's network backend: its transport's pool is
+    replaced by one built the same way (httpx's default limits) with ours. Proxies from the
+    environment keep httpx's own transports."""
+    transport = httpx.AsyncHTTPTransport(verify=_ssl_context())
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=_ssl_context(),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=TimedReadBackend(),
+    )
+    return httpx.AsyncClient(timeout=timeout, transport=transport)
+
+
 def env_setting(env: Mapping[str, str] | None, name: str) -> str | None:
     """An environment variable, empty counted as unset (like the SDKs)."""
     source = os.environ if env is None else env
@@ -167,9 +252,7 @@ async def stream_call(
     pooled = client is not None
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=timeout, verify=_ssl_context())
-            )
+            client = await stack.enter_async_context(new_client(timeout))
         failures = 0
         recoveries = 0
         while True:
