@@ -343,23 +343,25 @@ def continuing_string(data: bytes) -> tuple[int, int, int, int] | None:
     """
     if len(data) < 8 or data[0] != 1 or data[1] != 1 or data[-1] != 0:
         return None
-    reader = _Reader(data)
-    reader.pos = 2
     try:
-        client = reader.uint()
-        clock = reader.uint()
-        start = reader.pos
-        if clock == 0 or reader.byte() != _CONTINUING_STRING:
+        client, pos = _uint_at(data, 2)
+        clock, pos = _uint_at(data, pos)
+        start = pos
+        if clock == 0 or data[pos] != _CONTINUING_STRING:
             return None
-        if reader.uint() != client or reader.uint() != clock - 1:
+        origin_client, pos = _uint_at(data, pos + 1)
+        origin_clock, pos = _uint_at(data, pos)
+        if origin_client != client or origin_clock != clock - 1:
             return None
-        raw = reader.buf()
-    except UpdateFormatError:
+        size, pos = _uint_at(data, pos)
+    except (IndexError, _Unusual):
         return None
-    if reader.pos != len(data) - 1:  # then the empty delete set, and nothing after it
+    end = pos + size
+    if end != len(data) - 1:  # then the empty delete set, and nothing after it
         return None
+    raw = data[pos:end]
     if raw.isascii():
-        length = len(raw)
+        length = size
     else:
         try:
             length = _utf16_length(raw.decode("utf-8"))
@@ -367,7 +369,7 @@ def continuing_string(data: bytes) -> tuple[int, int, int, int] | None:
             return None
     if length == 0 or clock + length > _MAX_VAR_UINT:
         return None
-    return client, clock, length, reader.pos - start
+    return client, clock, length, end - start
 
 
 def check_update(data: bytes) -> None:

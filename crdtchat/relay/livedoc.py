@@ -396,8 +396,7 @@ class LiveDoc(ClosesOnExit):
         if gate is not None:
             gate(len(update))
         try:
-            with self.doc.transaction():
-                self.doc.apply_update(update)
+            self.doc.apply_update(update)  # its own transaction: the events fire as it ends
         except BaseException as error:
             if not isinstance(error, Exception) and not is_panic(error):
                 raise
