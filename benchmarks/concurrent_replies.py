@@ -252,6 +252,9 @@ class Phase:
     # (seconds from the questions going out to the token's send stamp, latency ms)
     timeline: list[tuple[float, float]] = field(default_factory=list)
     store_wait: str = ""  # crdtchat: the relay's queue-to-commit time of its writes
+    # crdtchat: updates the relay stored during the phase. A loaded worker packs more tokens
+    # into each flush, so the relay's CPU per token moves with the load; per update it does not.
+    updates: int = 0
 
     def over_time(self, bucket: float = 0.5) -> str:
         """p50/p99/max of the tokens sent in each `bucket` seconds: where the tail comes from."""
@@ -373,6 +376,7 @@ async def crdtchat_phase(
                     if output is not None
                 ]
                 before = {"worker": worker_cpu(), "relay": relay.cpu()}
+                stored_before = read_counter(relay.url, "crdtchat_updates_stored_total")
                 started = time.monotonic()
                 for writer, conversation in writers:
                     vector = conversation.state_vector()
@@ -387,6 +391,7 @@ async def crdtchat_phase(
                     "relay": relay.cpu() - before["relay"],
                 }
                 store_wait = read_store_wait(relay.url)
+                stored = read_counter(relay.url, "crdtchat_updates_stored_total") - stored_before
             finally:
                 for spy in spies:
                     spy.send_signal(signal.SIGINT)
@@ -404,7 +409,18 @@ async def crdtchat_phase(
                 client.close()
     phase = collect("crdtchat", n, tokens, observed, cpu, seconds, started)
     phase.store_wait = store_wait
+    phase.updates = stored
     return phase
+
+
+def read_counter(ws_url: str, name: str) -> int:
+    """One counter of the relay's `/metrics`."""
+    url = ws_url.replace("ws://", "http://", 1).rstrip("/") + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return int(float(line.split()[-1]))
+    raise RuntimeError(f"the relay's /metrics has no {name}")
 
 
 def read_store_wait(ws_url: str) -> str:
@@ -522,6 +538,9 @@ def report(pairs: list[tuple[Phase, Phase]]) -> None:
             parts = ", ".join(
                 f"{process} {phase.cpu_us_per_token(process):.1f}" for process in phase.cpu
             )
+            if phase.updates and "relay" in phase.cpu:
+                per_update = phase.cpu["relay"] / phase.updates * 1e6
+                parts += f" (relay {per_update:.1f} µs per stored update, {phase.updates})"
             print(
                 f"{phase.name:<9} {phase.conversations:>5} {phase.tokens:>7} "
                 f"{phase.seconds:>6.1f} {phase.p50:>7.1f} {phase.p99:>7.1f} "
@@ -572,7 +591,9 @@ async def run(args: argparse.Namespace) -> None:
                         f"p50 {phase.p50:.1f} ms, p99 "
                         f"{phase.p99:.1f} ms ({verdict} {P99_LIMIT_MS:.0f} ms), worker "
                         f"{phase.cpu_us_per_token('worker'):.1f} µs/token, relay "
-                        f"{phase.cpu_us_per_token('relay'):.1f} µs/token, {phase.seconds:.1f} s; "
+                        f"{phase.cpu_us_per_token('relay'):.1f} µs/token "
+                        f"({phase.cpu['relay'] / max(phase.updates, 1) * 1e6:.1f} µs per stored "
+                        f"update, {phase.updates}), {phase.seconds:.1f} s; "
                         f"{phase.store_wait}; load {load()}",
                         flush=True,
                     )
