@@ -12,6 +12,11 @@ pycrdt `apply_update` of the same updates as the anchor, in the same run.
     .venv/bin/python benchmarks/relay_stream_judge.py [--rooms 50] [--flushes 60] [--rounds 5]
         [--profile FILE]
 
+Then a turn's other updates, each judged by `LiveDoc.apply` in a room of its own (the
+question, the worker's lease, its stream's start with the first words, its commit: the
+message appended and the stream and lease deleted), beside the same reply's flushes: what a
+whole turn costs the relay's judging, per kind (median µs).
+
 `--profile FILE` writes a cProfile of the core's loop (pstats format) for one round. The
 code measured is the one imported: run with `PYTHONPATH=<a worktree>` to compare two trees.
 """
@@ -28,7 +33,7 @@ from pycrdt import Doc
 
 from crdtchat.document import Conversation
 from crdtchat.relay.config import RelayConfig
-from crdtchat.relay.livedoc import Accepted, LiveDoc
+from crdtchat.relay.livedoc import Accepted, LiveDoc, build_structure
 from crdtchat.relay.protocol import Peer, RoomProtocol
 from crdtchat.relay.ratelimit import Subjects
 from crdtchat.tokens import TokenClaims
@@ -118,6 +123,66 @@ def plain_round(docs: list[Doc], flushes: list[list[bytes]]) -> float:
     return time.perf_counter() - started
 
 
+def turn_updates(live: LiveDoc, index: int, flushes: int) -> dict[str, list[float]]:
+    """One whole turn in `live` (an empty room), each update timed as `LiveDoc.apply`."""
+    times: dict[str, list[float]] = {}
+
+    def judge(kind: str, update: bytes, role: str, sub: str) -> None:
+        started = time.perf_counter()
+        outcome = live.apply(update, role, sub)
+        times.setdefault(kind, []).append((time.perf_counter() - started) * 1e6)
+        assert isinstance(outcome, Accepted) and outcome.delta, (kind, outcome)
+        live.stored(1)
+
+    person = f"person-{index}"
+    user = Conversation(Doc(), author=person, role="writer")
+    user.doc.apply_update(live.doc.get_update())
+    before = user.doc.get_state()
+    question = user.append("user", "a question " * 20).id
+    judge("question", user.doc.get_update(before), "writer", person)
+    worker = Conversation(Doc(), author=WORKER, role="worker")
+    worker.doc.apply_update(live.doc.get_update())
+    before = worker.doc.get_state()
+    worker.claim_lease(question, "turn-1", holder=WORKER, ttl=30.0)
+    judge("lease", worker.doc.get_update(before), "worker", WORKER)
+    before = worker.doc.get_state()
+    worker.start_stream("turn-1", parent=question)
+    worker.append_stream("turn-1", "Once")
+    judge("stream start", worker.doc.get_update(before), "worker", WORKER)
+    for flush in range(flushes):
+        before = worker.doc.get_state()
+        worker.append_stream("turn-1", f" word<{flush:06d}.000000> word<{flush:06d}.500000>")
+        judge("flush", worker.doc.get_update(before), "worker", WORKER)
+    before = worker.doc.get_state()
+    with worker.doc.transaction():
+        text = worker.stream_text("turn-1") or ""
+        worker.append("assistant", text, parent=question, status="complete")
+        del worker.streams["turn-1"]
+        del worker.leases[question]
+    judge("commit", worker.doc.get_update(before), "worker", WORKER)
+    return times
+
+
+def turn_table(rooms: int, flushes: int) -> None:
+    times: dict[str, list[float]] = {}
+    for index in range(rooms):
+        settings = Conversation(author=f"person-{index}", role="writer")
+        settings.set_settings(provider="openai", model="gpt-4.1")
+        live = LiveDoc(settings.doc.get_update())
+        live.adopt_structure(build_structure(live.doc.get_update()))  # the relay's, off the loop
+        for kind, values in turn_updates(live, index, flushes).items():
+            times.setdefault(kind, []).extend(values)
+        live.close()
+    print(f"a turn's updates, {rooms} rooms, {flushes} flushes each (median µs per update):")
+    whole = 0.0
+    for kind, values in times.items():
+        median = statistics.median(values)
+        per_turn = len(values) / rooms
+        whole += median * per_turn
+        print(f"  {kind:<12} {median:7.1f}  x {per_turn:g} per turn")
+    print(f"  a whole turn {whole:7.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rooms", type=int, default=50)
@@ -156,6 +221,7 @@ def main() -> None:
     print(f"  plain apply_update (anchor) {anchor:7.1f}")
     print(f"  LiveDoc.apply               {live:7.1f}  {live / anchor:5.2f}x")
     print(f"  RoomProtocol receive+stored {core:7.1f}  {core / anchor:5.2f}x")
+    turn_table(args.rooms, args.flushes)
 
 
 if __name__ == "__main__":
