@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from crdtchat.errors import RemoteProtocolError
+from crdtchat.errors import CrdtchatError, RemoteProtocolError
 from crdtchat.wire import write_var_uint
 
 MAX_ANY_DEPTH = 64
@@ -386,8 +386,8 @@ def check_update(data: bytes) -> None:
         _walk(data, check_only=True)  # says what is wrong, or finds nothing after all
 
 
-class _Unusual(Exception):
-    """Something `_plainly_safe` leaves to the full walk (rare, or wrong)."""
+class _Unusual(CrdtchatError):
+    """Something the short ways leave to the full walk (rare, or wrong); never escapes."""
 
 
 def _uint_at(data: bytes, pos: int) -> tuple[int, int]:
