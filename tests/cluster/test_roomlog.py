@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import pytest
+from nats.aio.msg import Msg
 from pycrdt import Doc, Text
 
-from crdtchat.cluster.connection import ClusterConnection
-from crdtchat.cluster.errors import SequenceConflict
-from crdtchat.cluster.roomlog import RoomLog
+from crdtchat.cluster.connection import ClusterConnection, connect
+from crdtchat.cluster.errors import ClusterError, SequenceConflict
+from crdtchat.cluster.names import Names
+from crdtchat.cluster.roomlog import RoomLog, _position
+from tests.support.nats import NatsCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -118,6 +123,27 @@ async def test_follow_delivers_in_stream_order_from_a_sequence_then_live(
             await follower.next(0.2)
 
 
+async def test_a_follower_waiting_for_the_next_message_ends_when_its_connection_closes(
+    cluster: NatsCluster, names: Names, connection: ClusterConnection
+) -> None:
+    """nats-py hands the follower its messages through a callback subscription, which it just
+    cancels on close: a reader waiting for the next message must hear of it, not hang."""
+    own = await connect(cluster.urls, names=names)
+    appended = await RoomLog(connection).append(
+        ROOM, Writer(5).type("x"), expected_seq=0, msg_id="c1"
+    )
+    follower = RoomLog(own).follow(ROOM)
+    await follower.start()
+    assert (await follower.next(5)).seq == appended.seq
+    waiting = asyncio.ensure_future(follower.next())
+    await asyncio.sleep(0)  # one turn: the reader runs until it waits for a message
+    assert not waiting.done()
+    await own.close()
+    with anyio.fail_after(5), pytest.raises(ClusterError, match="connection is closed"):
+        await waiting
+    await follower.close()
+
+
 async def test_compaction_while_another_node_writes_loses_nothing(
     connection: ClusterConnection, second: ClusterConnection
 ) -> None:
@@ -157,3 +183,16 @@ async def test_compaction_while_another_node_writes_loses_nothing(
     assert state.snapshot is not None and not state.updates
     assert text_of(state.merged()) == "".join(acknowledged)
     assert connection.metrics.compactions >= 2
+
+
+def test_a_messages_position_is_read_from_its_reply_subject_as_nats_py_reads_it() -> None:
+    """The follower reads the stream sequence and pending count itself (nats-py's `metadata`
+    builds a datetime per message); with and without a JetStream domain in the subject it
+    must agree with nats-py."""
+    for reply in (
+        "$JS.ACK.ROOMS.consumer1.1.4217.12.1796064260563496756.3",
+        "$JS.ACK.hub.ACCHASH.ROOMS.consumer1.1.4217.12.1796064260563496756.3.token",
+    ):
+        msg = Msg(_client=None, subject="inbox", reply=reply)  # type: ignore[arg-type]
+        metadata = msg.metadata
+        assert _position(msg) == (metadata.sequence.stream, metadata.num_pending) == (4217, 3)
