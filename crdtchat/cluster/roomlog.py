@@ -308,7 +308,8 @@ class Follower:
 
     def _entry(self, msg: Msg) -> LogEntry | None:
         seq, pending = _position(msg)
-        self.log.metrics.consumer_lag[self.room] = pending
+        # not yet in the stream's hands to this node, plus queued here and not yet taken
+        self.log.metrics.consumer_lag[self.room] = pending + len(self._ready)
         if seq <= self.seq:  # delivered again after the consumer was re-created
             return None
         self.seq = seq
