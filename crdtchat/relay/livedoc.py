@@ -219,6 +219,9 @@ class LiveDoc(ClosesOnExit):
                 doc.apply_update(update)
         self._changes: list[tuple[str, Change | None]] = []
         self._rules: Mapping[str, Access] = {}
+        # Whether the last `apply_stored` changed the membership: only then need a node look
+        # again at every connection's role (`RoomProtocol.enforce_access`, O(peers)).
+        self.members_changed = False
         self._record_error: str | None = None
         # Raw (unwrapped) deep observers: wrapping an event in pycrdt's Python classes costs
         # more than applying the update, and is only needed where the role's rights on that
@@ -458,8 +461,10 @@ class LiveDoc(ClosesOnExit):
             self.structure = None
             self.structure_error = f"a stored update could not be indexed: {error}"
             plan = None
+        self._rules = {}  # judged elsewhere: the observers only note which roots changed
         with self.doc.transaction():
             self.doc.apply_update(update)
+        self.members_changed = any(root == schema.MEMBERS for root, _ in self._changes)
         self._changes.clear()
         changed = self.doc.get_state() != before or bool(decoded.deletes)
         if not changed:

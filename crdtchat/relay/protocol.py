@@ -552,8 +552,10 @@ class RoomProtocol:
             return self.store_failed("a stored update arrived before this node's own write")
         if not self.live.apply_stored(update):
             return []
-        self._members = None
-        actions = self.enforce_access()
+        actions: list[Action] = []
+        if self.live.members_changed:  # another node's membership change (`local_write`)
+            self._members = None
+            actions = self.enforce_access()
         if self.watches_feed:
             actions.append(CheckWaiting())
         seq = self.next_seq
@@ -648,8 +650,9 @@ class RoomProtocol:
                 continue
             if sender is None:
                 if self.live.apply_stored(delta, unstored=True):
-                    self._members = None
-                    actions.extend(self.enforce_access())
+                    if self.live.members_changed:
+                        self._members = None
+                        actions.extend(self.enforce_access())
                     self.commit_update(delta, None, actions)
                 continue
             if sender not in self.peers or sender.queue is None:

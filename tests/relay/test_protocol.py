@@ -733,6 +733,24 @@ def test_a_write_judged_again_after_a_conflict_is_charged_once() -> None:
     assert subject.rooms.tokens == quotas.rooms, "the other node's write created the room"
 
 
+def test_a_membership_change_stored_elsewhere_revokes_a_connection_here() -> None:
+    """Another node's membership change reaches this one as a stored update: an identity
+    connected here that lost access is closed, as for this relay's own change. (Other
+    stored updates skip that look at every connection: only membership changes roles.)"""
+    h = Harness()
+    seq, _ = h.room.local_write(claim_owner("owner@x"))
+    h.room.stored(seq)
+    owner = h.peer("owner@x", "writer", identity=True)
+    assert not closes(h.room.apply_stored(Client("dave").write("from another node").update))
+    far = Doc()
+    far.apply_update(h.room.live.doc.get_update())
+    before = far.get_state()
+    del far.get(MEMBERS, type=Map)["owner@x"]
+    (revoked,) = closes(h.room.apply_stored(far.get_update(before)))
+    assert revoked.peer is owner and revoked.kind is CloseKind.REVOKED
+    assert h.room.role_for("owner@x") is None
+
+
 def test_a_withdrawn_membership_change_of_the_relay_is_decided_again() -> None:
     """The relay's own change (an owner's HTTP call) withdrawn after a conflict is decided
     again against the document with the other node's write: made under a new number when it
