@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -44,6 +45,7 @@ __all__ = [
     "describe_failure",
     "env_setting",
     "new_client",
+    "reused_connections",
     "stream_call",
 ]
 
@@ -199,6 +201,30 @@ def new_client(timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, transport=transport)
 
 
+_shared_client: contextvars.ContextVar[httpx.AsyncClient | None] = contextvars.ContextVar(
+    "crdtchat_shared_http_client", default=None
+)
+
+
+@contextlib.asynccontextmanager
+async def reused_connections() -> AsyncIterator[httpx.AsyncClient]:
+    """Calls made in this block, and in the tasks it starts, share one client and so reuse its
+    kept-alive connections; a provider given its own client keeps it.
+
+    A worker holds one per room it serves: a reply is followed by its title request and by the
+    room's next turn, each of which would otherwise set up a client and a connection (with
+    TLS, against a hosted API) while other replies stream. One client per room, not per
+    worker: httpcore's pool looks at every connection it holds at each request and close, so
+    one pool for hundreds of replies at once costs more than it saves.
+    """
+    async with new_client() as client:
+        token = _shared_client.set(client)
+        try:
+            yield client
+        finally:
+            _shared_client.reset(token)
+
+
 def env_setting(env: Mapping[str, str] | None, name: str) -> str | None:
     """An environment variable, empty counted as unset (like the SDKs)."""
     source = os.environ if env is None else env
@@ -249,7 +275,12 @@ async def stream_call(
     }
     # A client made for this call is closed with it: reading past the final event to give
     # its connection back to a pool would only delay that.
+    shared = client is None and _shared_client.get() is not None
+    if client is None:
+        client = _shared_client.get()
     pooled = client is not None
+    # A shared client was made with the default timeouts: this provider's go with each request.
+    per_request: dict[str, Any] = {"timeout": timeout} if shared else {}
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(new_client(timeout))
@@ -262,7 +293,9 @@ async def stream_call(
             got_stream = False
             streamed = False
             try:
-                async with client.stream("POST", url, headers=request_headers, json=body) as resp:
+                async with client.stream(
+                    "POST", url, headers=request_headers, json=body, **per_request
+                ) as resp:
                     if not 200 <= resp.status_code < 300:
                         failure = HttpFailure(resp.status_code, resp.headers, await resp.aread())
                     elif not _is_event_stream(resp.headers.get("content-type", "")):

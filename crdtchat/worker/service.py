@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from crdtchat.document import Conversation
+from crdtchat.providers.hosted import reused_connections
 from crdtchat.relays import starting_at
 from crdtchat.replica import Replica
 from crdtchat.worker.feed import waiting_rooms
@@ -45,7 +46,11 @@ async def serve_remote_room(
     """Serve one room through a replica until idle; returns the turns committed."""
     # Closed when the room is done: a worker opens conversations all day (issue 12).
     with Conversation(author=config.identity, role="worker") as conversation:
-        return await _serve_with_replica(conversation, room, config, providers, on_foreign_leases)
+        # The room's provider calls (each turn, then its title) reuse one connection.
+        async with reused_connections():
+            return await _serve_with_replica(
+                conversation, room, config, providers, on_foreign_leases
+            )
 
 
 async def _serve_with_replica(

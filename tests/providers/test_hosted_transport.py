@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from crdtchat.providers.hosted import TimedReadStream, new_client
+from crdtchat.providers.hosted import TimedReadStream, new_client, reused_connections
 from crdtchat.providers.openai_responses import OpenAIResponsesProvider
 from tests.support.providers import Thread, openai_server, policy, request, run_turn
 
@@ -41,7 +41,10 @@ async def test_a_streamed_turn_reads_to_its_end() -> None:
     assert turn.text == "[turn 1] You said: one two three four"
 
 
-async def test_a_read_that_waits_past_the_read_timeout_cuts_the_stream() -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["own client", "reused_connections"])
+async def test_a_read_that_waits_past_the_read_timeout_cuts_the_stream(shared: bool) -> None:
+    """Also through a shared client, made with the default timeouts: the provider's own
+    go with each of its requests."""
     with openai_server(event_delay=1.0) as server:
         provider = OpenAIResponsesProvider(
             model=MODEL,
@@ -52,6 +55,28 @@ async def test_a_read_that_waits_past_the_read_timeout_cuts_the_stream() -> None
         )
         thread = Thread()
         thread.user("hello")
-        turn = await run_turn(provider, request(thread))
+        if shared:
+            async with reused_connections():
+                turn = await run_turn(provider, request(thread))
+        else:
+            turn = await run_turn(provider, request(thread))
     assert turn.finished.status == "incomplete"
     assert "ReadTimeout" in (turn.finished.error or "")
+
+
+async def test_calls_inside_reused_connections_share_one_connection() -> None:
+    """A worker's room: the reply, then the title request, over one kept-alive connection;
+    outside the block each call has a client and a connection of its own."""
+    with openai_server() as server:
+        provider = OpenAIResponsesProvider(
+            model=MODEL, api_key="sk-loop", base_url=server.base_url, retry=policy()[0]
+        )
+        thread = Thread()
+        thread.user("hello")
+        async with reused_connections():
+            for _ in range(2):
+                assert (await run_turn(provider, request(thread))).finished.status == "complete"
+        for _ in range(2):
+            assert (await run_turn(provider, request(thread))).finished.status == "complete"
+        ports = [post.client_port for post in server.posts("/responses")]
+    assert ports[0] == ports[1] and len({*ports[1:]}) == 3

@@ -21,6 +21,7 @@ from crdtchat.schema import assistant_turn_id
 from crdtchat.worker.feed import FEED_PATH, decode_room_names
 from crdtchat.worker.room import ProviderPool, RoomSettings
 from crdtchat.worker.service import WorkerConfig, run_worker
+from crdtchat.worker.titles import title_of
 from tests.support.relay import running_relay, token
 from tests.support.replica import person, wait_for, watch_all
 from tests.support.worker import WorkerProcess
@@ -47,6 +48,7 @@ async def test_room_feed_is_for_workers_and_lists_rooms_that_wait(tmp_path: Path
                 assert decode_room_names(await feed.recv()) == ["r1"]
 
             changes = watch_all(alice)
+            alice.derived.observe_deep(changes.notify)  # the title entry
             providers = ProviderPool(
                 "openai-chat",
                 make=lambda name, model: OpenAIChatProvider(
@@ -63,10 +65,16 @@ async def test_room_feed_is_for_workers_and_lists_rooms_that_wait(tmp_path: Path
                 workers.start_soon(run_worker, config, providers)
                 answer_id = assistant_turn_id(question.id, 1)
                 await wait_for(lambda: alice.view.get(answer_id) is not None, changes, 20)
+                await wait_for(lambda: title_of(alice) is not None, changes, 20)
                 workers.cancel_scope.cancel()
             answer = alice.message(answer_id)
             assert answer.author == "worker-1" and answer.status == "complete"
             assert "hello there" in answer.content
+            # The reply and its title request went over one kept-alive connection: the
+            # room's calls share a client (`reused_connections`), no new one per call.
+            posts = server.posts("/chat/completions")
+            assert len(posts) == 2
+            assert len({post.client_port for post in posts}) == 1
 
         # The answered room is no longer listed, also after a restart: the first room a new
         # subscriber hears of is one that waits now.
