@@ -129,6 +129,8 @@ async def serve_turn(
     conversation.start_stream(turn_id, parent=answered)
     progress = _Progress()
     cancelled = False
+    lost = False  # the lease went to another worker: the reply is theirs to finish
+    work = anyio.CancelScope()
 
     def flush() -> None:
         if progress.unflushed:
@@ -143,9 +145,17 @@ async def serve_turn(
                 flush()
 
         async def renewer() -> None:
+            nonlocal lost
             while True:
                 await anyio.sleep(settings.lease_ttl / 3)
-                conversation.renew_lease(answered, holder=holder, ttl=settings.lease_ttl)
+                if not conversation.renew_lease(answered, holder=holder, ttl=settings.lease_ttl):
+                    # Two workers can both pass the claim before their claims cross (the
+                    # relay stored the other's after ours), or ours expired while stalled and
+                    # was taken over: the lease now names the other, who streams and commits.
+                    # Stop rather than stream into its reply and leave a second turn running.
+                    lost = True
+                    work.cancel()
+                    return
 
         async def generate(scope: anyio.CancelScope) -> None:
             request = build_request(conversation, waiting, provider, model, conversation_id)
@@ -175,12 +185,15 @@ async def serve_turn(
 
         helpers.start_soon(flusher)
         helpers.start_soon(renewer)
-        with anyio.CancelScope() as work:
+        with work:
             async with anyio.create_task_group() as turn:
                 turn.start_soon(generate, work)
                 turn.start_soon(watch_cancel, work)
         helpers.cancel_scope.cancel()
 
+    if lost:
+        log.info("turn %s: the lease is another worker's now; leaving the reply to it", turn_id)
+        return None
     finished = progress.finished
     if cancelled:
         finished = Finished(status="cancelled", usage=finished.usage if finished else Usage())

@@ -168,6 +168,38 @@ async def test_live_lease_is_respected_and_expired_lease_is_taken_over() -> None
     assert person.streams_in_flight() == {}
 
 
+async def test_a_turn_whose_lease_goes_to_another_worker_stops_and_leaves_the_reply() -> None:
+    """Two workers can both pass the claim before their claims cross; once the lease names
+    the other (or ours expired and was taken over), this turn stops streaming at its next
+    renewal and commits nothing: one turn streams into the reply, not two."""
+    person = Conversation.create(author="alice")
+    question = person.append("user", "hi")
+    worker = Conversation(person.doc, author="worker-1")
+    [waiting] = worker.waiting_for_reply()
+    model = ScriptedModel(["a long ", "answer"], hang=anyio.Event())  # never finishes
+    settings = TurnSettings(flush_interval=0.01, lease_ttl=0.3, titles="off")
+
+    async def take_the_lease_once_streaming() -> None:
+        await model.started.wait()
+        other = Conversation(person.doc, author="worker-2")
+        other.leases[question.id] = {
+            "holder": "worker-2",
+            "turn_id": waiting.turn_id,
+            "expires_at": other.clock() + 30,
+        }
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take_the_lease_once_streaming)
+            turn = await serve_turn(
+                worker, waiting, model, model="m", changes=Changes(), settings=settings
+            )
+    assert turn is None
+    assert person.assistant_answers(question.id) == []
+    lease = person.lease(question.id)
+    assert lease is not None and lease.holder == "worker-2"  # left as the other holds it
+
+
 async def test_two_workers_racing_on_two_replicas_leave_one_visible_reply() -> None:
     person = Conversation.create(author="alice")
     person.append("user", "hi")
