@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import re
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -223,9 +222,8 @@ class Follower:
         self.room = room
         self.seq = after_seq  # the last sequence delivered
         self._subscription: nats.js.JetStreamContext.PushSubscription | None = None
-        self._ready: deque[LogEntry] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._closed = False  # the connection closed under it
+        # What nats-py delivered, in order; None once the connection is closed for good.
+        self._ready: asyncio.Queue[LogEntry | None] = asyncio.Queue()
 
     async def __aenter__(self) -> Follower:
         await self.start()
@@ -268,48 +266,34 @@ class Follower:
     async def _deliver(self, msg: Msg) -> None:
         entry = self._entry(msg)
         if entry is not None:
-            self._ready.append(entry)
-            self._wake()
+            self._ready.put_nowait(entry)
 
     def _connection_closed(self) -> None:
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._ready.put_nowait(None)
 
     async def next(self, timeout: float | None = None) -> LogEntry:
-        """The next message; TimeoutError when none comes within `timeout` seconds."""
+        """The next message; TimeoutError when none comes within `timeout` seconds,
+        ClusterError once the connection is closed for good."""
         assert self._subscription is not None, "start() first"
-        if self._ready:
-            return self._ready.popleft()
+        if self._ready.empty() and self.log.connection.nc.is_closed:
+            self._ready.put_nowait(None)  # closed before this follower heard of it
         if timeout is None:
-            await self._arrival()
+            entry = await self._ready.get()
         else:
             try:
                 async with asyncio.timeout(timeout):
-                    await self._arrival()
+                    entry = await self._ready.get()
             except TimeoutError as exc:
                 raise TimeoutError(f"room {self.room}: nothing after {self.seq}") from exc
-        return self._ready.popleft()
-
-    async def _arrival(self) -> None:
-        """Until a message is queued; ClusterError once the connection is closed for good."""
-        while not self._ready:
-            if self._closed or self.log.connection.nc.is_closed:
-                raise ClusterError(f"room {self.room}: the NATS connection is closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        if entry is None:
+            self._ready.put_nowait(None)  # and so for every later call
+            raise ClusterError(f"room {self.room}: the NATS connection is closed")
+        return entry
 
     def _entry(self, msg: Msg) -> LogEntry | None:
         seq, pending = _position(msg)
         # not yet in the stream's hands to this node, plus queued here and not yet taken
-        self.log.metrics.consumer_lag[self.room] = pending + len(self._ready)
+        self.log.metrics.consumer_lag[self.room] = pending + self._ready.qsize()
         if seq <= self.seq:  # delivered again after the consumer was re-created
             return None
         self.seq = seq
