@@ -273,14 +273,14 @@ async def stream_call(
         "user-agent": USER_AGENT,
         **headers,
     }
+    shared = _shared_client.get() if client is None else None
+    # A shared client was made with the default timeouts: this provider's go with each request.
+    per_request: dict[str, Any] = {} if shared is None else {"timeout": timeout}
+    if shared is not None:
+        client = shared
     # A client made for this call is closed with it: reading past the final event to give
     # its connection back to a pool would only delay that.
-    shared = client is None and _shared_client.get() is not None
-    if client is None:
-        client = _shared_client.get()
     pooled = client is not None
-    # A shared client was made with the default timeouts: this provider's go with each request.
-    per_request: dict[str, Any] = {"timeout": timeout} if shared else {}
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(new_client(timeout))
