@@ -37,6 +37,10 @@ class RelayConfig:
     max_in_flight: int = 1024  # updates of one connection waiting for their commit
     max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed
     ping_interval: float = 30.0
+    # Connections the kernel queues before the relay accepts them. asyncio's default of 100
+    # overflows when a worker opens hundreds of rooms at once: the excess SYNs are dropped
+    # and retried a second later (issue 16). The kernel caps it at net.core.somaxconn.
+    listen_backlog: int = 4096
     open_timeout: float = 60.0  # a websocket handshake (blob transfers: blob_stall_timeout)
     # The shape of stored values (design §7.1); 0 turns a bound off.
     max_depth: int = 32  # shared types nested below a root (a message's content Text is 2)

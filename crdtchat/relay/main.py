@@ -200,6 +200,7 @@ async def _serve(
             process_request=relay.process_request,
             create_connection=connection_class(endpoints),
             max_size=config.max_frame,
+            backlog=config.listen_backlog,
             ping_interval=None,  # one keepalive loop for all (crdtchat/relay/keepalive.py)
             ping_timeout=None,
             open_timeout=None,  # RelayConnection applies it to websocket handshakes only

@@ -17,6 +17,11 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
         "seconds between giving freed memory back to the system after room unloads (0: never)",
     ),
     "ping_interval": ("ping_interval", float, "seconds between keepalive pings"),
+    "listen_backlog": (
+        "listen_backlog",
+        int,
+        "connections the kernel queues until the relay accepts them (capped by somaxconn)",
+    ),
     "compact_updates": ("compact_updates", int, "compact a room's log after this many updates"),
     "compact_bytes": ("compact_min_bytes", int, "... or after this many bytes"),
     "max_blob": ("max_blob", int, "largest blob upload, bytes"),
