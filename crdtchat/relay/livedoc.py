@@ -67,6 +67,8 @@ from crdtchat.updates import (
 from crdtchat.wire import WireError, decode_state_vector
 
 DEFAULT_LIMITS = ShapeLimits()  # the relay's defaults (crdtchat.relay.config.RelayConfig)
+# Stored updates a node may hold unindexed (`LiveDoc.apply_stored`) before it drops the index.
+MAX_UNINDEXED_BYTES = 1024 * 1024
 
 
 class UndecodableUpdate(RemoteProtocolError, ValueError):
@@ -166,22 +168,50 @@ class LiveDoc(ClosesOnExit):
         self._loaded: tuple[bytes, Sequence[bytes]] = (state, log)
         self.structure = structure
         self.structure_error: str | None = None
+        # Stored updates applied but not indexed yet (`apply_stored`), oldest first.
+        self._unindexed: list[bytes] = []
+        self._unindexed_bytes = 0
+        self._index_from_document = False  # the index was dropped: build it from `doc`
         self.ids = MessageIds()  # the state never changes on a rebuild, so neither do they
         self._build(state, log)
 
     def _ensure_structure(self) -> StructureIndex | None:
+        """The structure index of the whole document as it is now."""
         if self.structure is None and self.structure_error is None:
-            state, log = self._loaded
+            if self._index_from_document:
+                state, log = self.doc.get_update(), ()
+            else:
+                state, log = self._loaded
             try:  # nobody built it off the loop: build it now
                 self.structure = build_structure(state, self.limits, log)
             except ValueError as error:
                 self.structure_error = str(error)
             self._loaded = (b"", ())
+            self._index_from_document = False
+        if self._unindexed:
+            self._index_stored()
         return self.structure
+
+    def _index_stored(self) -> None:
+        """Index the stored updates `apply_stored` left for later, in the order applied."""
+        updates, self._unindexed, self._unindexed_bytes = self._unindexed, [], 0
+        structure = self.structure
+        if structure is None:
+            return  # it cannot judge writes anyway (`structure_error`)
+        for update in updates:
+            try:
+                structure.add(decode_update(update))
+            except (ShapeError, UpdateFormatError, StructureError, MissingDependency) as error:
+                # judged on another node against the same state: this copy cannot index
+                # it, so it stops accepting writes rather than judge them against a wrong index
+                self.structure = None
+                self.structure_error = f"a stored update could not be indexed: {error}"
+                return
 
     def shape_checked(self) -> bool:
         """Whether every shared type of the document is within the depth limit (design §7.1):
         then it can be read without checking first."""
+        self._ensure_structure()
         structure, depth = self.structure, self.limits.depth
         return (
             structure is not None
@@ -192,8 +222,8 @@ class LiveDoc(ClosesOnExit):
 
     def adopt_structure(self, structure: StructureIndex) -> None:
         """Take the index `build_structure` made of the state this document was loaded from."""
-        if self.structure is None:
-            self.structure = structure
+        if self.structure is None and not self._index_from_document:
+            self.structure = structure  # the stored updates applied meanwhile wait unindexed
         self._loaded = (b"", ())
 
     def close(self) -> None:
@@ -441,36 +471,35 @@ class LiveDoc(ClosesOnExit):
 
     def apply_stored(self, update: bytes, *, unstored: bool = False) -> bool:
         """Apply an update that was judged elsewhere and is stored (a cluster node's stream
-        hands back another node's write, design §3): unjudged, indexed and kept for rebuilds
-        like an accepted one. Returns whether it changed the document.
+        hands back another node's write, design §3): unjudged and kept for rebuilds like an
+        accepted one. Returns whether it changed the document.
 
-        The message id index is read again before the next judged write: the update may carry
-        messages whose ids it must know. `unstored`: a withdrawn write of the relay's own
-        (membership) applied again, which the store does not hold yet.
+        It is indexed only when this copy next needs the index (`_ensure_structure`): a node
+        whose peers only watch what another node's writer sends never does, and decoding and
+        checking every update was most of what relaying one cost it (issue 13). Past
+        `MAX_UNINDEXED_BYTES` the index is dropped instead, to be built from the document
+        when needed. The message id index is read again before the next judged write: the
+        update may carry messages whose ids it must know. `unstored`: a withdrawn write of
+        the relay's own (membership) applied again, which the store does not hold yet.
         """
         if self.closed:
             raise RuntimeError("this room document was closed")
-        structure = self._ensure_structure()
         before = self.doc.get_state()
-        decoded = decode_update(update)
-        try:
-            plan = None if structure is None else structure.check(decoded)
-        except (ShapeError, UpdateFormatError, StructureError, MissingDependency) as error:
-            # judged on another node against the same state: this copy cannot index it, so it
-            # stops accepting writes rather than judge them against a wrong index
-            self.structure = None
-            self.structure_error = f"a stored update could not be indexed: {error}"
-            plan = None
+        self._changes.clear()
         self._rules = {}  # judged elsewhere: the observers only note which roots changed
         with self.doc.transaction():
             self.doc.apply_update(update)
-        self.members_changed = any(root == schema.MEMBERS for root, _ in self._changes)
-        self._changes.clear()
-        changed = self.doc.get_state() != before or bool(decoded.deletes)
-        if not changed:
+        changes, self._changes = self._changes, []
+        # A deletion of a live item is an event; one of a deleted item changes nothing.
+        if not changes and self.doc.get_state() == before:
+            self.members_changed = False
             return False
-        if structure is not None and plan is not None and self.structure is structure:
-            structure.commit(plan)
+        self.members_changed = any(root == schema.MEMBERS for root, _ in changes)
+        if self.structure is not None or not (self.structure_error or self._index_from_document):
+            self._unindexed.append(update)
+            self._unindexed_bytes += len(update)
+            if self._unindexed_bytes > MAX_UNINDEXED_BYTES:
+                self._drop_structure()
         self.ids.forget()
         self._deleted = None
         self._since.append(update)
@@ -478,6 +507,14 @@ class LiveDoc(ClosesOnExit):
         if unstored:
             self.unstored += 1
         return True
+
+    def _drop_structure(self) -> None:
+        """Forget the index and what waits to be indexed: built from the document as it is
+        when next needed (a build decodes the whole state once; the backlog cost as much)."""
+        self.structure = None
+        self._unindexed, self._unindexed_bytes = [], 0
+        self._loaded = (b"", ())
+        self._index_from_document = True
 
     def _unwritable_root(self, roots: set[str], role: str) -> str | None:
         """Why new items may not land in `roots`, judged by the root alone.
@@ -571,6 +608,8 @@ class LiveDoc(ClosesOnExit):
         self.rebuild()
         self.structure = None  # it indexed the withdrawn updates too: built again when needed
         self.structure_error = None
+        self._unindexed, self._unindexed_bytes = [], 0  # the snapshot holds them
+        self._index_from_document = False
         self._loaded = (self.snapshot_source(), ())
         self.ids.forget()
         self._deleted = None

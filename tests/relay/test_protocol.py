@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from pycrdt import Doc, Map
 
+import crdtchat.relay.livedoc as livedoc_module
 import crdtchat.relay.protocol as protocol_module
+from crdtchat import schema
 from crdtchat.document import Conversation
 from crdtchat.relay.config import RelayConfig
 from crdtchat.relay.membership import (
@@ -622,6 +624,38 @@ def test_an_update_stored_elsewhere_is_applied_and_broadcast_to_everyone_at_once
     # its message id is known to the next judgement here
     (denied,) = messages_to(h.receive(writer, Client().write("again", message_id="m-far")), writer)
     assert isinstance(denied, AuthDenied) and "m-far" in denied.reason
+
+
+@pytest.mark.parametrize("backlog", ["indexed when needed", "index dropped and rebuilt"])
+def test_updates_stored_elsewhere_are_indexed_before_this_node_judges_the_next_write(
+    backlog: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node indexes another node's writes only when it next judges one of its own peers'
+    (`LiveDoc.apply_stored`), or drops the index past a bound and builds it from the
+    document. Either way the judgement sees them: a worker that streamed the start of a reply
+    through another node continues it here, which only an index that knows where the
+    earlier text lives can place."""
+    if backlog == "index dropped and rebuilt":
+        monkeypatch.setattr(livedoc_module, "MAX_UNINDEXED_BYTES", 1)
+    h = Harness()
+    worker = h.peer("w", "worker")
+    far = Conversation(author="w", role="worker")
+    before = far.doc.get_state()
+    far.start_stream("t1", parent="m1")
+    far.append_stream("t1", "The start of the reply, ")
+    assert only(h.room.apply_stored(far.doc.get_update(before)), Broadcast)
+    for words in ("streamed elsewhere, ", "and then more"):
+        before = far.doc.get_state()
+        far.append_stream("t1", words)
+        assert only(h.room.apply_stored(far.doc.get_update(before)), Broadcast)
+    before = far.doc.get_state()
+    far.append_stream("t1", " continued here.")
+    actions = h.receive(worker, SyncUpdate(far.doc.get_update(before)))
+    assert only(actions, Append), [messages_to(actions, worker)]
+    streamed = h.room.live.doc.get(schema.STREAMS, type=Map)["t1"]["text"]
+    assert (
+        str(streamed) == "The start of the reply, streamed elsewhere, and then more continued here."
+    )
 
 
 def test_an_update_stored_elsewhere_while_a_local_write_is_unstored_fails_the_room() -> None:
