@@ -264,7 +264,12 @@ class VerifyToken:
 
 @dataclass(frozen=True, slots=True)
 class CheckWaiting:
-    """An accepted update may have changed whether the room waits for a worker (the feed)."""
+    """An accepted update may have changed whether the room waits for a worker (the feed).
+
+    `judged_here` is False for a cluster node's update stored by another node: that node
+    records whether the room waits, and this one only forgets what it recorded last."""
+
+    judged_here: bool = True
 
 
 Action = Send | Broadcast | Acknowledge | Close | Append | Compact | VerifyToken | CheckWaiting
@@ -557,7 +562,7 @@ class RoomProtocol:
             self._members = None
             actions = self.enforce_access()
         if self.watches_feed:
-            actions.append(CheckWaiting())
+            actions.append(CheckWaiting(judged_here=False))
         seq = self.next_seq
         self.next_seq += 1
         self.durable_seq = seq

@@ -380,7 +380,10 @@ class Room:
             elif isinstance(action, Close):
                 self._close(action)
             elif isinstance(action, CheckWaiting) and self.waiting is not None:
-                self.waiting.check(self.live.doc, shape_checked=self.live.shape_checked())
+                if action.judged_here:
+                    self.waiting.check(self.live.doc, shape_checked=self.live.shape_checked)
+                else:
+                    self.waiting.stored_elsewhere()
 
     def _append(self, action: Append) -> None:
         future = self.store.append(self.name, action.seq, action.update)
