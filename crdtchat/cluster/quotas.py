@@ -6,8 +6,10 @@ judges against the sum of all nodes' spending. What is told travels on one plain
 (`<prefix>.nodes.quotas`, core NATS: at most once, never stored in the stream), like presence:
 
 - spending (bytes written, rooms created, refused writes; net of the refunds of withdrawn
-  writes) is batched per subject and published every `interval` (250 ms), or at once when one
-  subject's untold spending passes 1/16 of its byte or room quota. So another node learns of a
+  writes) is batched per subject and published `interval` (250 ms) after the first spend of a
+  batch, or at once when one subject's untold spending passes 1/16 of its byte or room quota;
+  a node with nothing to tell sleeps until it spends (waking once a second to look for silent
+  nodes and for a reconnection). So another node learns of a
   spend at most one interval (plus a network hop) after it: the cluster may let a subject
   overshoot a quota by what it spends on each of the other nodes within one interval, and by at
   most 1/16 of the quota per node for large spends;
@@ -56,6 +58,10 @@ log = logging.getLogger("crdtchat.cluster.quotas")
 QUOTA_INTERVAL = 0.25  # seconds between batches of spending
 FULL_TABLE_EVERY = 10.0  # seconds between whole connection tables
 IDLE_SWEEP_EVERY = 30.0  # seconds between dropping subjects with nothing left to refill
+# With nothing to tell, how often a node looks for silent nodes and a reconnection: spending
+# wakes it at once, so an idle node need not wake every QUOTA_INTERVAL (issue 13: an idle
+# node's wake-ups were a tenth of its CPU per update at 20 updates a second).
+IDLE_WAKE_EVERY = 1.0
 SUBJECTS_PER_MESSAGE = 2000  # keeps a batch well under NATS's 1 MiB max_payload
 RESEND_WINDOW = 60.0  # seconds a spending message is kept to be published again
 RESEND_MAX = 1024  # ... and at most this many: a receiver remembers as many sequences per node
@@ -125,6 +131,7 @@ class QuotaExchange:
         self._applied: dict[str, _Applied] = {}  # node -> which of its spending was charged
         self._heard: dict[str, float] = {}  # node -> time.monotonic() of its last message
         self._urgent = asyncio.Event()
+        self._wake = asyncio.Event()  # something to tell after a quiet spell
         self._send_full = asyncio.Event()
         self._subscription: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -133,7 +140,8 @@ class QuotaExchange:
         nc = self.connection.nc
         self._subscription = await nc.subscribe(self.subject, cb=self._on_message)
         await nc.flush()
-        self.subjects.urgent = self._urgent.set
+        self.subjects.urgent = self._hurry
+        self.subjects.untold = self._wake.set
         self._task = asyncio.create_task(self._run(), name=f"quota exchange {self.node_id}")
         await self._publish({"node": self.node_id, "hello": True})
 
@@ -141,6 +149,7 @@ class QuotaExchange:
         """Tell what is left, then stop (the other nodes forget this node's connections when
         its heartbeat stops)."""
         self.subjects.urgent = None
+        self.subjects.untold = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -160,8 +169,15 @@ class QuotaExchange:
         next_full = time.monotonic() + self.full_every
         next_sweep = time.monotonic() + IDLE_SWEEP_EVERY
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._urgent.wait(), self.interval)
+            if not self._has_work():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_WAKE_EVERY):
+                        await self._wake.wait()
+                self._wake.clear()
+            if self._has_work() and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):  # the batch: what is spent meanwhile
+                    async with asyncio.timeout(self.interval):
+                        await self._urgent.wait()
             self._urgent.clear()
             now = time.monotonic()
             if self.connection.nc.is_connected:  # else the spending waits in `Subjects`
@@ -185,6 +201,19 @@ class QuotaExchange:
             if now >= next_sweep:
                 next_sweep = now + IDLE_SWEEP_EVERY
                 self.subjects.forget_idle()
+
+    def _hurry(self) -> None:
+        """Send at once (a subject near its quota, a node that said hello)."""
+        self._urgent.set()
+        self._wake.set()
+
+    def _has_work(self) -> bool:
+        return (
+            self.subjects.has_untold()
+            or self._send_full.is_set()
+            or self._urgent.is_set()
+            or bool(self._sent and not self._sent[-1].published)  # published in order
+        )
 
     async def _send_batch(self) -> None:
         spends = self.subjects.take_spends()
@@ -248,7 +277,7 @@ class QuotaExchange:
         self._heard[node] = time.monotonic()
         if body.get("hello"):
             self._send_full.set()  # a node that has just started: tell it every count
-            self._urgent.set()
+            self._hurry()
             return
         if "spends" in body and not self._first_time(node, body):
             self.metrics.quota_batches_repeated += 1

@@ -186,6 +186,9 @@ class Subjects:
         self.quotas = quotas
         self.shared = shared
         self.urgent: Callable[[], None] | None = None
+        # Called when there is something to tell again after `take_spends` and
+        # `take_connection_changes` took everything: the teller may sleep until then.
+        self.untold: Callable[[], None] | None = None
         self._urgent_bytes = quotas.write_bytes * urgent_share
         self._urgent_rooms = quotas.rooms * urgent_share
         self._subjects: dict[str, Subject] = {}
@@ -219,7 +222,7 @@ class Subjects:
         subject = self.get(sub)
         subject.connections += 1
         if self.shared:
-            self._changed_connections.add(sub)
+            self._connection_changed(sub)
         return subject
 
     def disconnect(self, subject: Subject) -> None:
@@ -227,7 +230,7 @@ class Subjects:
         and those whose last connection left while they still owed something)."""
         subject.connections -= 1
         if self.shared:
-            self._changed_connections.add(subject.sub)
+            self._connection_changed(subject.sub)
         if subject.idle() and self._subjects.get(subject.sub) is subject:
             del self._subjects[subject.sub]
 
@@ -236,10 +239,23 @@ class Subjects:
 
     # -- sharing with the other nodes of a cluster ----------------------------------------
 
+    def has_untold(self) -> bool:
+        """Whether spending or connection changes wait to be told to the other nodes."""
+        return bool(self._spends or self._changed_connections)
+
+    def _first_untold(self) -> None:
+        if self.untold is not None and not self.has_untold():
+            self.untold()
+
+    def _connection_changed(self, sub: str) -> None:
+        self._first_untold()
+        self._changed_connections.add(sub)
+
     def note(self, sub: str, write_bytes: float = 0, rooms: float = 0, refusals: float = 0) -> None:
         """Spending of `sub` on this node, to be told to the other nodes."""
         spend = self._spends.get(sub)
         if spend is None:
+            self._first_untold()
             spend = self._spends[sub] = Spend()
         spend.write_bytes += write_bytes
         spend.rooms += rooms

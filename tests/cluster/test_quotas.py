@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import crdtchat.cluster.quotas as quotas_module
 from crdtchat.cluster.connection import ClusterConnection, connect
 from crdtchat.cluster.names import Names
 from crdtchat.cluster.presence import PresenceBus
@@ -69,6 +70,24 @@ async def test_spending_on_one_node_is_charged_on_the_other(
     assert far.write_bytes.tokens == pytest.approx(QUOTAS.write_bytes - 30_000, abs=5)
     assert far.rooms.tokens == pytest.approx(QUOTAS.rooms - 1, abs=0.01)
     assert here.get("alice").write_bytes.tokens == pytest.approx(far.write_bytes.tokens, abs=5)
+
+
+async def test_a_quiet_node_sleeps_until_it_has_something_to_tell(
+    connection: ClusterConnection,
+    second: ClusterConnection,
+    stack: AsyncExitStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With nothing to tell, a node does not wake every interval (only once in a long while,
+    here an hour): its first spending, or a connection, wakes it, and goes out as before."""
+    monkeypatch.setattr(quotas_module, "IDLE_WAKE_EVERY", 3600.0)
+    here = await start_node(stack, connection, "node-a")
+    there = await start_node(stack, second, "node-b")
+    here.get("alice").spend_bytes(20_000)
+    far = there.get("alice")
+    await until(lambda: far.write_bytes.tokens <= QUOTAS.write_bytes - 19_000)
+    assert not isinstance(here.connect("bob"), str)
+    await until(lambda: there.connections("bob") == 1)
 
 
 async def test_a_node_that_starts_later_learns_the_connection_counts(
