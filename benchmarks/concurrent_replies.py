@@ -431,7 +431,7 @@ def read_store_wait(ws_url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     buckets: list[tuple[float, int]] = []
-    total = count = 0.0
+    total = count = commits = 0.0
     for line in text.splitlines():
         if line.startswith('crdtchat_store_write_seconds_bucket{le="'):
             bound = line.split('"')[1]
@@ -442,11 +442,14 @@ def read_store_wait(ws_url: str) -> str:
             total = float(line.split()[-1])
         elif line.startswith("crdtchat_store_write_seconds_count "):
             count = float(line.split()[-1])
+        elif line.startswith("crdtchat_store_commits_total "):
+            commits = float(line.split()[-1])
     if not count:
         return "store wait: no writes"
     p99 = next(bound for bound, cumulative in buckets if cumulative >= 0.99 * count)
     return (
         f"store wait mean {total / count * 1e3:.2f} ms, p99 <= {p99 * 1e3:g} ms, {count:.0f} writes"
+        f" in {commits:.0f} commits"
     )
 
 

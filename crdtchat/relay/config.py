@@ -35,6 +35,9 @@ class RelayConfig:
     blob_downloads_total: int = 64  # ... and in all (503)
     blob_stall_timeout: float = 30.0  # a blob transfer with no byte moving this long is cut
     max_in_flight: int = 1024  # updates of one connection waiting for their commit
+    # Under load (the last commit held several writes) the store waits this long for more
+    # writes before committing: fewer commits, each an fsync (crdtchat.relay.store).
+    store_commit_delay: float = 0.002
     max_write_buffer: int = 64 * MIB  # a connection that lags this far behind is closed
     ping_interval: float = 30.0
     # Connections the kernel queues before the relay accepts them. asyncio's default of 100

@@ -81,7 +81,9 @@ async def run_relay(
     blobs = BlobStore(config.data / "blobs", config.max_blob)
     await anyio.to_thread.run_sync(blobs.prepare)
     async with (
-        Store(config.data, on_write_latency=metrics.store_write_seconds.observe) as store,
+        Store(
+            config.data, on_commit=metrics.store_committed, commit_delay=config.store_commit_delay
+        ) as store,
         anyio.create_task_group() as tg,
     ):
         feed = WaitingFeed(store)

@@ -64,6 +64,13 @@ class Metrics:
     # by `crdtchat.relay.protocol.CloseKind` value: what closed them, for machines
     closed_connections: Counter[str] = field(default_factory=Counter)
     store_write_seconds: Histogram = field(default_factory=Histogram)
+    store_commits: int = 0  # transactions that stored updates: group commit's groups
+
+    def store_committed(self, latencies: list[float]) -> None:
+        """One commit of the store (`Store(on_commit=...)`): each update's queue-to-commit time."""
+        self.store_commits += 1
+        for seconds in latencies:
+            self.store_write_seconds.observe(seconds)
 
     def render(self) -> str:
         lines: list[str] = []
@@ -121,6 +128,12 @@ class Metrics:
             "counter",
             "Joins refused at the room limit (every loaded room in use).",
             self.room_limit_refusals,
+        )
+        metric(
+            "store_commits_total",
+            "counter",
+            "Store transactions that stored updates (each one fsync; a group commit's groups).",
+            self.store_commits,
         )
         metric(
             "compactions_total",

@@ -17,6 +17,11 @@ EXTRA_OPTIONS: dict[str, tuple[str, type, str]] = {
         "seconds between giving freed memory back to the system after room unloads (0: never)",
     ),
     "ping_interval": ("ping_interval", float, "seconds between keepalive pings"),
+    "store_commit_delay": (
+        "store_commit_delay",
+        float,
+        "seconds the store waits for more writes before a commit, under load (0: never)",
+    ),
     "listen_backlog": (
         "listen_backlog",
         int,

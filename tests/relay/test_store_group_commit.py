@@ -72,3 +72,29 @@ async def test_a_failed_group_commit_acknowledges_none_of_its_writes(tmp_path: P
         # Acknowledged exactly when stored: a failed group leaves none of its rows behind.
         assert (outcome is None) == ((room, 1) in stored), (room, outcome)
     assert ("a", 1) in stored  # the first one, untouched
+
+
+@pytest.mark.anyio
+async def test_under_load_a_commit_waits_for_the_writes_about_to_come(tmp_path: Path) -> None:
+    """After a commit that held several writes, the store waits `commit_delay` before the next
+    one: a write that comes meanwhile shares its commit (one fsync for both)."""
+    commits: list[int] = []  # updates per commit, as /metrics counts them
+    async with Store(
+        tmp_path, commit_delay=0.5, on_commit=lambda s: commits.append(len(s))
+    ) as store:
+        await store.append("a", 1, b"a1")
+        # Writes piled up behind a held lock are committed together: the store is under load.
+        blocker = sqlite3.connect(tmp_path / "relay.sqlite3", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        piled = [store.append(room, 1, room.encode()) for room in ("b", "c", "d")]
+        blocker.execute("COMMIT")
+        blocker.close()
+        await asyncio.gather(*piled)
+        assert max(commits[1:]) >= 2
+        before = len(commits)
+        first = store.append("e", 1, b"e1")
+        await asyncio.sleep(0.05)  # the next write comes 50 ms later, within the delay
+        second = store.append("f", 1, b"f1")
+        await asyncio.gather(first, second)
+        assert commits[before:] == [2], "the second write was not in the first one's commit"
+    assert {("e", 1), ("f", 1)} <= _rows(tmp_path)
