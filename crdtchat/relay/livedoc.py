@@ -495,7 +495,8 @@ class LiveDoc(ClosesOnExit):
             self.members_changed = False
             return False
         self.members_changed = any(root == schema.MEMBERS for root, _ in changes)
-        if self.structure is not None or not (self.structure_error or self._index_from_document):
+        # (an index to be built from the document, or none at all, needs no backlog)
+        if self.structure_error is None and not self._index_from_document:
             self._unindexed.append(update)
             self._unindexed_bytes += len(update)
             if self._unindexed_bytes > MAX_UNINDEXED_BYTES:

@@ -299,7 +299,8 @@ class Store:
                     continue
             if self._read_only_connection:  # busy rooms' retries may leave no idle probe
                 self._reopen()
-            waited = grouped < 2 or self.commit_delay <= 0 or self._write_error is not None
+            # under load: the writes about to come share the commit
+            may_wait = grouped > 1 and self.commit_delay > 0 and self._write_error is None
             while True:
                 if item is _STOP:
                     stopping = True
@@ -309,9 +310,9 @@ class Store:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
-                    if waited:
+                    if not may_wait:
                         break
-                    waited = True  # under load: the writes about to come share the commit
+                    may_wait = False
                     time.sleep(self.commit_delay)
                     try:
                         item = self._queue.get_nowait()
